@@ -1,0 +1,281 @@
+"""What one checkpoint costs as a task's history grows: longhaul against the seed's design.
+
+Prints the mean cost of `TaskStore.record_checkpoint` (milliseconds) when the
+task already holds 10, 100, 1,000 and 5,000 messages, and the 5,000/10 ratio.
+Each step appends 2 messages of ~400 bytes and 1 checkpoint item. As a
+baseline from the same run, it times the seed's design at the same lengths:
+the whole history serialised to JSON and upserted into one row per step (raw
+sqlite3, WAL, ``synchronous=NORMAL``). Last, the time to `load` a task of
+5,000 messages.
+
+Each length is measured on several tasks prefilled to that length, a few
+consecutive steps each, so "10 prior messages" means 10 to 10 + 2 x (steps - 1).
+Nothing here asserts on timings; it prints figures for a reader to judge.
+
+    python bench/checkpoint_cost.py            # about a minute
+    python bench/checkpoint_cost.py --quick    # a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sqlite3
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+
+from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
+
+HISTORY_LENGTHS = (10, 100, 1_000, 5_000)
+MESSAGE_BYTES = 400
+#: Run after each prefill, off the clock, so that SQLite's automatic WAL
+#: checkpoint (every ~4 MB written) does not land on one sample by chance.
+WAL_CHECKPOINT = "PRAGMA wal_checkpoint(TRUNCATE)"
+
+
+@dataclass(frozen=True)
+class Plan:
+    tasks_per_length: int  # tasks prefilled to each length
+    steps_per_task: int  # timed checkpoints on each of them
+    loads: int  # timed loads of the 5,000-message task
+
+
+FULL = Plan(tasks_per_length=40, steps_per_task=10, loads=20)
+QUICK = Plan(tasks_per_length=10, steps_per_task=8, loads=5)
+
+
+def message_text(n: int) -> str:
+    return f"message {n}: ".ljust(MESSAGE_BYTES, "x")
+
+
+def history(count: int, start: int = 0) -> list[ChatMessage]:
+    return [ChatMessage(role="user" if n % 2 == 0 else "assistant", content=message_text(n))
+            for n in range(start, start + count)]
+
+
+def step_update(task_id: str, step_index: int, prior_messages: int) -> CheckpointUpdate:
+    return CheckpointUpdate(
+        task_id=task_id, thread_id=f"thread-{task_id}", channel="bench", provider="stub", model="m",
+        step_index=step_index, new_messages=history(2, start=prior_messages),
+        checkpoint_note=f"after step {step_index}",
+        items=[CheckpointItem(tool_name="shell", arguments={"command": f"echo {step_index}"},
+                              success=True, output="ok")],
+    )
+
+
+def timed_ms(call: Callable[[], object]) -> float:
+    started = time.perf_counter_ns()
+    call()
+    return (time.perf_counter_ns() - started) / 1e6
+
+
+# -- longhaul ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cost:
+    mean_ms: float
+    median_ms: float
+
+    @classmethod
+    def of(cls, samples_ms: list[float]) -> Cost:
+        return cls(statistics.fmean(samples_ms), statistics.median(samples_ms))
+
+
+def longhaul_costs(store: TaskStore, plan: Plan) -> dict[int, Cost]:
+    """record_checkpoint cost at each history length."""
+    costs: dict[int, Cost] = {}
+    for length in HISTORY_LENGTHS:
+        task_ids = [f"longhaul-{length}-{n}" for n in range(plan.tasks_per_length)]
+        for task_id in task_ids:
+            prefill = step_update(task_id, 0, 0).model_copy(update={"new_messages": history(length)})
+            store.record_checkpoint(prefill)
+        store.db.execute_sql(WAL_CHECKPOINT)
+        # Build the updates first: validating input is the caller's cost, not the store's.
+        steps = [(step, [step_update(task_id, step, length + 2 * (step - 1)) for task_id in task_ids])
+                 for step in range(1, plan.steps_per_task + 1)]
+        samples = [timed_ms(lambda u=update: store.record_checkpoint(u))
+                   for _step, updates in steps for update in updates]
+        costs[length] = Cost.of(samples)
+    return costs
+
+
+def load_ms(store: TaskStore, plan: Plan) -> tuple[int, float]:
+    """(messages, mean ms) of loading the first 5,000-message task."""
+    task_id = f"longhaul-{HISTORY_LENGTHS[-1]}-0"
+    messages = len(store.load(task_id).execution_history)
+    return messages, statistics.fmean(timed_ms(lambda: store.load(task_id)) for _ in range(plan.loads))
+
+
+# -- the seed's design, in raw sqlite3 ------------------------------------------
+
+SEED_SCHEMA = """
+CREATE TABLE IF NOT EXISTS task_records (
+    task_id TEXT PRIMARY KEY, thread_id TEXT NOT NULL, channel TEXT NOT NULL, provider TEXT NOT NULL,
+    model TEXT NOT NULL, status TEXT NOT NULL, execution_history_json TEXT NOT NULL,
+    resumable_history_json TEXT NOT NULL, latest_checkpoint_note TEXT,
+    checkpoint_count INTEGER NOT NULL DEFAULT 0, final_response TEXT, last_error TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL, completed_at TEXT
+);
+CREATE INDEX IF NOT EXISTS idx_task_records_thread ON task_records(thread_id, updated_at DESC);
+CREATE TABLE IF NOT EXISTS task_checkpoints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, task_id TEXT NOT NULL, step_index INTEGER NOT NULL,
+    checkpoint_note TEXT, items_json TEXT NOT NULL, created_at TEXT NOT NULL,
+    FOREIGN KEY(task_id) REFERENCES task_records(task_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS idx_task_checkpoints_task_step ON task_checkpoints(task_id, step_index);
+"""
+
+# The seed's record_checkpoint statements, verbatim but for parameter style.
+SEED_UPSERT_TASK = """
+INSERT INTO task_records (task_id, thread_id, channel, provider, model, status, execution_history_json,
+    resumable_history_json, latest_checkpoint_note, checkpoint_count, created_at, updated_at)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7,
+    COALESCE((SELECT resumable_history_json FROM task_records WHERE task_id = ?1), '[]'), ?8, 1, ?9, ?9)
+ON CONFLICT(task_id) DO UPDATE SET
+    thread_id = excluded.thread_id, channel = excluded.channel, provider = excluded.provider,
+    model = excluded.model, status = excluded.status,
+    execution_history_json = excluded.execution_history_json,
+    latest_checkpoint_note = excluded.latest_checkpoint_note,
+    checkpoint_count = task_records.checkpoint_count + 1, updated_at = excluded.updated_at
+"""
+SEED_INSERT_CHECKPOINT = """
+INSERT INTO task_checkpoints (task_id, step_index, checkpoint_note, items_json, created_at)
+VALUES (?1, ?2, ?3, ?4, ?5)
+"""
+
+
+class SeedStore:
+    """The seed's SqliteTaskStore.record_checkpoint: the caller passes the whole history."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.conn.executescript(SEED_SCHEMA)
+
+    def record_checkpoint(self, task_id: str, step_index: int, execution_history: list[dict[str, str]],
+                          note: str, items: list[dict[str, object]]) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+        history_json = orjson.dumps(execution_history).decode()
+        items_json = orjson.dumps(items).decode()
+        self.conn.execute("BEGIN")
+        try:
+            self.conn.execute(SEED_UPSERT_TASK, (task_id, f"thread-{task_id}", "bench", "stub", "m", "running",
+                                                 history_json, note, now))
+            self.conn.execute(SEED_INSERT_CHECKPOINT, (task_id, step_index, note, items_json, now))
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def seed_costs(seed: SeedStore, plan: Plan) -> dict[int, Cost]:
+    """The seed's checkpoint cost at each history length."""
+    costs: dict[int, Cost] = {}
+    for length in HISTORY_LENGTHS:
+        histories = {f"seed-{length}-{n}": [m.model_dump(exclude_none=True) for m in history(length)]
+                     for n in range(plan.tasks_per_length)}
+        for task_id, messages in histories.items():
+            seed.record_checkpoint(task_id, 0, messages, "prefill", [])
+        seed.conn.execute(WAL_CHECKPOINT)
+        samples: list[float] = []
+        for step in range(1, plan.steps_per_task + 1):
+            for task_id, messages in histories.items():
+                update = step_update(task_id, step, len(messages))
+                new = [m.model_dump(exclude_none=True) for m in update.new_messages]
+                items = [item.model_dump() for item in update.items]
+
+                def record(messages: list[dict[str, str]] = messages) -> None:
+                    # The caller's history grows by the step's messages; the store rewrites it all.
+                    messages.extend(new)
+                    seed.record_checkpoint(task_id, step, messages, update.checkpoint_note or "", items)
+
+                samples.append(timed_ms(record))
+        costs[length] = Cost.of(samples)
+    return costs
+
+
+# -- report --------------------------------------------------------------------
+
+
+def run(plan: Plan) -> dict[str, object]:
+    """Measure both designs in one temporary folder; returns the figures as plain data."""
+    with tempfile.TemporaryDirectory(prefix="longhaul-bench-") as root:
+        store = TaskStore(Path(root) / "longhaul.db")
+        seed = SeedStore(Path(root) / "seed.db")
+        # Warm up both (connections, statement caches, page cache) off the clock.
+        for step in range(1, 21):
+            store.record_checkpoint(step_update("warm-up", step, 2 * step))
+            seed.record_checkpoint("warm-up", step, [], "", [])
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a collection landing in one sample is noise, not checkpoint cost
+        try:
+            longhaul = longhaul_costs(store, plan)
+            seed_design = seed_costs(seed, plan)
+            loaded_messages, load_mean_ms = load_ms(store, plan)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+            store.close()
+            seed.close()
+    shortest, longest = HISTORY_LENGTHS[0], HISTORY_LENGTHS[-1]
+
+    def ratio(costs: dict[int, Cost]) -> dict[str, float]:
+        return {"mean": costs[longest].mean_ms / costs[shortest].mean_ms,
+                "median": costs[longest].median_ms / costs[shortest].median_ms}
+
+    return {
+        "samples_per_length": plan.tasks_per_length * plan.steps_per_task,
+        "longhaul": {length: vars(cost) for length, cost in longhaul.items()},
+        "seed": {length: vars(cost) for length, cost in seed_design.items()},
+        "longhaul_ratio": ratio(longhaul),
+        "seed_ratio": ratio(seed_design),
+        "load_messages": loaded_messages,
+        "load_mean_ms": load_mean_ms,
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    longhaul, seed = result["longhaul"], result["seed"]
+    print(f"record_checkpoint cost in ms over {result['samples_per_length']} steps per length "
+          f"(each step: 2 messages of ~{MESSAGE_BYTES} B + 1 item)")
+    print()
+    print(f"{'prior messages':>14}  {'longhaul mean':>13}  {'median':>6}  {'seed rewrite mean':>17}  {'median':>6}")
+    for length in HISTORY_LENGTHS:
+        ours, theirs = longhaul[length], seed[length]
+        print(f"{length:>14,}  {ours['mean_ms']:>13.3f}  {ours['median_ms']:>6.3f}"
+              f"  {theirs['mean_ms']:>17.3f}  {theirs['median_ms']:>6.3f}")
+    ratio_label = f"{HISTORY_LENGTHS[-1]:,}/{HISTORY_LENGTHS[0]:,} ratio"
+    ours, theirs = result["longhaul_ratio"], result["seed_ratio"]
+    print(f"{ratio_label:>14}  {ours['mean']:>12.2f}x  {ours['median']:>5.2f}x"
+          f"  {theirs['mean']:>16.2f}x  {theirs['median']:>5.1f}x")
+    print()
+    print(f"store.load at {result['load_messages']:,} messages: {result['load_mean_ms']:.2f} ms (mean)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples; finishes in a few seconds")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    args = parser.parse_args(argv)
+    result = run(QUICK if args.quick else FULL)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""longhaul's durable task store: schemas, the store, and resumable turns."""
+
+from __future__ import annotations
+
+from .db import DEFAULT_DATABASE_URL, open_database
+from .errors import (
+    CorruptRecord,
+    InvalidDatabaseUrl,
+    InvalidInput,
+    LeaseLost,
+    LonghaulError,
+    SchemaTooNew,
+    TaskNotFound,
+    TaskNotResumable,
+)
+from .leases import Claim, Claimant, LeaseBook, LeaseRow
+from .schemas import (
+    ChatMessage,
+    CheckpointItem,
+    CheckpointUpdate,
+    LeaseInfo,
+    TaskCheckpointRecord,
+    TaskRecord,
+    TaskSnapshot,
+    TaskSpec,
+    TaskStatus,
+    TaskSummary,
+    ToolCall,
+)
+from .store import TaskStore
+from .turns import (
+    TOOL_CALL_TAGS,
+    load_resumable_state,
+    normalize_resumable_turns,
+    parse_tool_call_tags,
+    resumable_turns,
+    resumable_turns_from_task_record,
+    strip_tool_call_tags,
+)
+
+__all__ = [
+    # Errors
+    "LonghaulError", "CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "SchemaTooNew",
+    "TaskNotFound", "TaskNotResumable",
+    # Schemas
+    "ChatMessage", "CheckpointItem", "CheckpointUpdate", "LeaseInfo", "TaskCheckpointRecord",
+    "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall",
+    # Store
+    "DEFAULT_DATABASE_URL", "TaskStore", "open_database",
+    # Leases
+    "Claim", "Claimant", "LeaseBook", "LeaseRow",
+    # Turns
+    "TOOL_CALL_TAGS", "load_resumable_state", "normalize_resumable_turns", "parse_tool_call_tags",
+    "resumable_turns", "resumable_turns_from_task_record", "strip_tool_call_tags",
+]

@@ -1,0 +1,200 @@
+"""Leases: which worker runs a task, claimed and renewed atomically.
+
+A claim is one conditional ``UPDATE`` (inside ``BEGIN IMMEDIATE`` on
+SQLite): it succeeds only while nobody holds a live lease, so a boot scan, a
+redelivered message and an operator's resume can race freely and exactly one
+of them runs the task. Every claim gets a fresh token; checkpoints and the
+final status are written only by the token's holder.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from peewee import Case, fn
+
+from .schemas import TaskStatus
+
+if TYPE_CHECKING:
+    from .store import TaskStore
+
+_CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+_NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
+                 lease_pid_started_at=None, lease_expires_at=None)
+
+
+@dataclass(frozen=True)
+class Claimant:
+    """The worker process asking for a lease."""
+
+    owner: str  # unique per worker process: "host:pid:random"
+    host: str
+    pid: int
+    pid_started_at: Optional[float] = None  # guards against a recycled pid
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A lease this process now holds."""
+
+    task_id: str
+    token: str
+    expires_at: float
+    recovery_count: int
+    resumed: bool  # the task had run before (crash, shutdown or takeover)
+
+
+@dataclass(frozen=True)
+class LeaseRow:
+    """A non-terminal task as the recovery scan sees it."""
+
+    task_id: str
+    status: TaskStatus
+    token: Optional[str]
+    host: Optional[str]
+    pid: Optional[int]
+    pid_started_at: Optional[float]
+    expires_at: Optional[float]
+    delivery_due_at: Optional[float]
+
+
+class LeaseBook:
+    """Lease operations on a `TaskStore`'s tasks."""
+
+    def __init__(self, store: TaskStore) -> None:
+        self.store = store
+        self.db = store.db
+        self.Task = store.tables.Task
+
+    def claim(
+        self, task_id: str, claimant: Claimant, *, lease_s: float, steal_token: Optional[str] = None
+    ) -> Optional[Claim]:
+        """Take the task's lease, or None if a live lease (other than `steal_token`) holds it.
+
+        Only `queued` and `running` tasks can be claimed. A claim of a task
+        that was already `running` counts as a recovery.
+        """
+        Task = self.Task
+        now = self.store.clock()
+        token = uuid.uuid4().hex
+        free = Task.lease_token.is_null() | (Task.lease_expires_at <= now)
+        if steal_token is not None:
+            free = free | (Task.lease_token == steal_token)
+        with self.db.atomic():
+            claimed = (
+                Task.update(
+                    lease_token=token,
+                    lease_owner=claimant.owner,
+                    lease_host=claimant.host,
+                    lease_pid=claimant.pid,
+                    lease_pid_started_at=claimant.pid_started_at,
+                    lease_expires_at=now + lease_s,
+                    status=TaskStatus.RUNNING.value,
+                    started_at=fn.COALESCE(Task.started_at, now),
+                    recovery_count=Case(
+                        None, [(Task.status == TaskStatus.RUNNING.value, Task.recovery_count + 1)],
+                        Task.recovery_count,
+                    ),
+                    updated_at=now,
+                )
+                .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free)
+                .execute()
+            )
+            if not claimed:
+                return None
+            row = Task.select(Task.recovery_count, Task.checkpoint_count).where(Task.task_id == task_id).get()
+        resumed = row.recovery_count > 0 or row.checkpoint_count > 0
+        return Claim(task_id=task_id, token=token, expires_at=now + lease_s,
+                     recovery_count=row.recovery_count, resumed=resumed)
+
+    def renew(self, tokens: Iterable[str], *, lease_s: float) -> int:
+        """Extend the leases with these tokens; returns how many are still held."""
+        tokens = list(tokens)
+        if not tokens:
+            return 0
+        Task = self.Task
+        with self.db.atomic():
+            return (
+                Task.update(lease_expires_at=self.store.clock() + lease_s)
+                .where(Task.lease_token.in_(tokens))
+                .execute()
+            )
+
+    def release(self, task_id: str, token: str, *, redeliver_at: Optional[float] = None) -> bool:
+        """Give up a lease; the task stays `running`, to be resumed.
+
+        With `redeliver_at` None the recovery scan of any worker picks the
+        task up at once (graceful shutdown); otherwise a message (a Dramatiq
+        retry) is due then, and recovery waits for it.
+        """
+        Task = self.Task
+        with self.db.atomic():
+            return bool(
+                Task.update(delivery_due_at=redeliver_at, updated_at=self.store.clock(), **_NO_LEASE)
+                .where((Task.task_id == task_id) & (Task.lease_token == token))
+                .execute()
+            )
+
+    def holder(self, task_id: str) -> Optional[LeaseRow]:
+        """The task's status and lease as stored now, or None if there is no such task."""
+        row = self._lease_rows().where(self.Task.task_id == task_id).first()
+        return None if row is None else _lease_row(row)
+
+    def holds(self, task_id: str, token: str) -> bool:
+        Task = self.Task
+        return Task.select().where((Task.task_id == task_id) & (Task.lease_token == token)).exists()
+
+    def unfinished(self, *, limit: int = 1000) -> list[LeaseRow]:
+        """Queued and running tasks, oldest update first: what recovery inspects."""
+        rows = self._lease_rows().where(self.Task.status.in_(_CLAIMABLE)).order_by(self.Task.updated_at)
+        return [_lease_row(row) for row in rows.limit(limit)]
+
+    def _lease_rows(self):  # type: ignore[no-untyped-def]
+        Task = self.Task
+        return Task.select(
+            Task.task_id, Task.status, Task.lease_token, Task.lease_host, Task.lease_pid,
+            Task.lease_pid_started_at, Task.lease_expires_at, Task.delivery_due_at,
+        ).tuples()
+
+    def take_for_redelivery(self, row: LeaseRow) -> bool:
+        """Mark an interrupted task as "a message is on its way", clearing any dead lease.
+
+        A compare-and-set against what the recovery scan read (the lease
+        token, else the delivery time), so when every worker process scans
+        at boot exactly one of them wins and re-sends the task. Returns
+        False if the task changed in between.
+        """
+        Task = self.Task
+        if row.token is not None:
+            same = Task.lease_token == row.token
+        elif row.delivery_due_at is None:
+            same = Task.lease_token.is_null() & Task.delivery_due_at.is_null()
+        else:
+            same = Task.lease_token.is_null() & (Task.delivery_due_at == row.delivery_due_at)
+        with self.db.atomic():
+            return bool(
+                Task.update(delivery_due_at=self.store.clock(), **_NO_LEASE)
+                .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & same)
+                .execute()
+            )
+
+    def _lease_rows(self):  # type: ignore[no-untyped-def]
+        Task = self.Task
+        return Task.select(
+            Task.task_id, Task.status, Task.lease_token, Task.lease_host, Task.lease_pid,
+            Task.lease_pid_started_at, Task.lease_expires_at, Task.delivery_due_at,
+        ).tuples()
+
+    def note_sent(self, task_id: str) -> None:
+        """Record that a message for an unleased task was just sent (recovery then waits for it)."""
+        Task = self.Task
+        with self.db.atomic():
+            Task.update(delivery_due_at=self.store.clock()).where(
+                (Task.task_id == task_id) & Task.lease_token.is_null()).execute()
+
+
+def _lease_row(row: tuple) -> LeaseRow:  # type: ignore[type-arg]
+    task_id, status, token, host, pid, started, expires, due = row
+    return LeaseRow(task_id, TaskStatus(status), token, host, pid, started, expires, due)

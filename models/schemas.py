@@ -1,0 +1,191 @@
+"""Pydantic models: everything that enters or leaves the task store.
+
+Inputs (`TaskSnapshot`, `CheckpointUpdate`, `TaskSpec`, ...) forbid unknown
+fields and validate types, so a bad value fails with a `ValidationError` that
+names the field *before* anything is written.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+
+#: An identifier: non-empty, no whitespace, short enough to index.
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
+#: A short label (channel, provider, model name).
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class TaskStatus(str, Enum):
+    """Lifecycle of a task, stored as text."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the task will not run again unless it is rerun."""
+        return self in _TERMINAL
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMED_OUT})
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", revalidate_instances="subclass-instances")
+
+
+class ToolCall(_Input):
+    """One tool invocation requested by the assistant."""
+
+    id: str = Field(default="", max_length=200)
+    name: Label
+    arguments: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class ChatMessage(_Input):
+    """One message of a conversation, in the chat-completions shape."""
+
+    role: Role
+    content: str
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+
+    @classmethod
+    def user(cls, content: str) -> ChatMessage:
+        return cls(role="user", content=content)
+
+    @classmethod
+    def assistant(cls, content: str, tool_calls: Optional[list[ToolCall]] = None) -> ChatMessage:
+        return cls(role="assistant", content=content, tool_calls=tool_calls or None)
+
+    @classmethod
+    def system(cls, content: str) -> ChatMessage:
+        return cls(role="system", content=content)
+
+
+class CheckpointItem(_Input):
+    """The outcome of one tool call within a step."""
+
+    tool_name: Label
+    arguments: dict[str, JsonValue] = Field(default_factory=dict)
+    success: bool
+    output: str
+
+
+class TaskSpec(_Input):
+    """What to run: everything a worker needs, stored with the task.
+
+    The spec lives in the store, not in the broker message, so a lost
+    message never means a lost task.
+    """
+
+    prompt: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+    #: Safety stop: the task fails if it would take more tool steps than this.
+    max_steps: Optional[int] = Field(default=None, ge=1, le=1_000_000)
+    #: Wall-clock budget from the first step, across resumes, in seconds.
+    time_limit_s: Optional[float] = Field(default=None, gt=0)
+    #: Provider and tool options (e.g. the scripted provider's ``steps``).
+    options: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+class _TaskIdentity(_Input):
+    task_id: Identifier
+    thread_id: Identifier
+    channel: Label
+    provider: Label
+    model: Label
+
+
+class TaskSnapshot(_TaskIdentity):
+    """The whole visible state of a task, upserted by `TaskStore.save_snapshot`."""
+
+    status: TaskStatus
+    execution_history: list[ChatMessage] = Field(default_factory=list)
+    resumable_history: list[ChatMessage] = Field(default_factory=list)
+    latest_checkpoint_note: Optional[str] = None
+    final_response: Optional[str] = None
+    last_error: Optional[str] = None
+
+
+class CheckpointUpdate(_TaskIdentity):
+    """One completed step: the messages it appended and what its tools did."""
+
+    step_index: int = Field(ge=0)
+    new_messages: list[ChatMessage] = Field(default_factory=list)
+    checkpoint_note: Optional[str] = None
+    items: list[CheckpointItem] = Field(default_factory=list)
+
+
+class TaskCheckpointRecord(BaseModel):
+    """A stored checkpoint, as loaded."""
+
+    step_index: int
+    checkpoint_note: Optional[str]
+    items: list[CheckpointItem]
+    created_at: datetime
+
+
+class LeaseInfo(BaseModel):
+    """Who holds a running task, and until when."""
+
+    owner: str
+    host: str
+    pid: int
+    expires_at: datetime
+
+
+class TaskSummary(BaseModel):
+    """A task without its histories: what listings show."""
+
+    task_id: str
+    thread_id: str
+    channel: str
+    provider: str
+    model: str
+    status: TaskStatus
+    checkpoint_count: int
+    message_count: int
+    recovery_count: int
+    final_response: Optional[str]
+    last_error: Optional[str]
+    created_at: datetime
+    updated_at: datetime
+    started_at: Optional[datetime]
+    completed_at: Optional[datetime]
+    lease: Optional[LeaseInfo] = None
+
+
+class TaskRecord(TaskSummary):
+    """Everything stored about a task, histories rebuilt in order."""
+
+    spec: Optional[TaskSpec]
+    execution_history: list[ChatMessage]
+    resumable_history: list[ChatMessage]
+    latest_checkpoint_note: Optional[str]
+    cancel_requested: bool
+    checkpoints: list[TaskCheckpointRecord]
+
+    @property
+    def last_step_index(self) -> int:
+        """The highest checkpointed step, 0 before the first."""
+        return self.checkpoints[-1].step_index if self.checkpoints else 0
+
+
+def dump_json_safe(model: BaseModel) -> dict[str, Any]:
+    """A JSON-ready dict (datetimes as ISO strings, enums as values)."""
+    return model.model_dump(mode="json")

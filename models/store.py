@@ -1,0 +1,596 @@
+"""`TaskStore`: durable task records, append-only histories, step checkpoints.
+
+History is append-only: a checkpoint inserts only the messages its step
+added (positions come from a counter on the task row), so step N of a long
+task costs the same as step 1. The hot path (`record_checkpoint`) runs SQL
+text built once per store from peewee queries, skipping per-call query
+building; everything else uses the peewee models directly.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import orjson
+from peewee import Database, fn
+from pydantic import ValidationError
+
+from .db import DEFAULT_BUSY_TIMEOUT_MS, open_database
+from .errors import CorruptRecord, LeaseLost, SchemaTooNew, TaskNotFound, TaskNotResumable
+from .schemas import (
+    ChatMessage,
+    CheckpointItem,
+    CheckpointUpdate,
+    LeaseInfo,
+    TaskCheckpointRecord,
+    TaskRecord,
+    TaskSnapshot,
+    TaskSpec,
+    TaskStatus,
+    TaskSummary,
+    ToolCall,
+)
+from .tables import EXECUTION, RESUMABLE, SCHEMA_VERSION, Tables, bind_tables
+
+Clock = Callable[[], float]
+_TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
+
+
+def to_datetime(epoch_s: Optional[float]) -> Optional[datetime]:
+    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+
+
+def _message_rows(task_pk: int, history: int, first_position: int, messages: Sequence[ChatMessage],
+                  step_index: Optional[int]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            task_pk,
+            history,
+            first_position + offset,
+            step_index,
+            message.role,
+            message.content,
+            message.tool_call_id,
+            message.name,
+            None if message.tool_calls is None
+            else orjson.dumps([call.model_dump() for call in message.tool_calls]).decode(),
+        )
+        for offset, message in enumerate(messages)
+    ]
+
+
+class TaskStore:
+    """The durable state of every task.
+
+    Safe to share between threads (each thread gets its own connection) and
+    between processes opening the same database. Every write is one
+    transaction; a call that raises has changed nothing.
+    """
+
+    def __init__(
+        self,
+        url_or_path: Union[str, Path],
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        clock: Clock = time.time,
+    ) -> None:
+        self.url = str(url_or_path)
+        self.db: Database = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms)
+        self.tables: Tables = bind_tables(self.db)
+        self.clock = clock
+        self._migrate()
+        self._sql = _HotPathSql(self.db, self.tables)
+        # Connections are opened per thread on first use; do not hand this
+        # one to a process that forks after construction.
+        self.close()
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def _migrate(self) -> None:
+        """Create the schema if missing (idempotent) and record its version."""
+        SchemaVersion = self.tables.SchemaVersion
+        with self.db.atomic():
+            self.db.create_tables(self.tables.all, safe=True)
+            found = SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
+            if found > SCHEMA_VERSION:
+                raise SchemaTooNew(found, SCHEMA_VERSION)
+            if found < SCHEMA_VERSION:
+                SchemaVersion.insert(version=SCHEMA_VERSION, applied_at=self.clock()).on_conflict_ignore().execute()
+
+    def schema_version(self) -> int:
+        SchemaVersion = self.tables.SchemaVersion
+        return SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
+
+    def close(self) -> None:
+        """Close this thread's connection (other threads close their own)."""
+        if not self.db.is_closed():
+            self.db.close()
+
+    def __enter__(self) -> TaskStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes --------------------------------------------------------------
+
+    def create_task(
+        self,
+        *,
+        task_id: str,
+        thread_id: str,
+        channel: str,
+        provider: str,
+        model: str,
+        spec: TaskSpec,
+    ) -> bool:
+        """Store a new `queued` task with its spec. False if the id exists (nothing changes)."""
+        ident = TaskSnapshot(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
+                             model=model, status=TaskStatus.QUEUED)
+        Task = self.tables.Task
+        now = self.clock()
+        with self.db.atomic():
+            if Task.select(Task.id).where(Task.task_id == ident.task_id).exists():
+                return False
+            Task.insert(
+                task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
+                provider=ident.provider, model=ident.model, status=TaskStatus.QUEUED.value,
+                spec=spec.model_dump_json(), created_at=now, updated_at=now, delivery_due_at=now,
+            ).execute()
+        return True
+
+    def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
+        """Upsert a task's visible state.
+
+        Histories are append-only: messages beyond those already stored are
+        appended. A shorter history replaces the stored one, and so does any
+        *rerun*: a `running` snapshot over a terminal task deletes its old
+        checkpoints, zeroes `checkpoint_count`, clears `final_response` and
+        `completed_at`, and starts the histories afresh. A terminal snapshot
+        sets `completed_at` and releases the lease.
+        """
+        snapshot = TaskSnapshot.model_validate(snapshot)
+        Task, Checkpoint, Message = self.tables.Task, self.tables.Checkpoint, self.tables.Message
+        now = self.clock()
+        with self.db.atomic():
+            row = Task.get_or_none(Task.task_id == snapshot.task_id)
+            if row is not None and lease_token is not None and row.lease_token != lease_token:
+                raise LeaseLost(snapshot.task_id)
+            rerun = (
+                row is not None
+                and snapshot.status is TaskStatus.RUNNING
+                and TaskStatus(row.status).is_terminal
+            )
+            fields: dict[str, Any] = dict(
+                thread_id=snapshot.thread_id, channel=snapshot.channel, provider=snapshot.provider,
+                model=snapshot.model, status=snapshot.status.value,
+                latest_checkpoint_note=snapshot.latest_checkpoint_note,
+                final_response=snapshot.final_response, last_error=snapshot.last_error, updated_at=now,
+                completed_at=now if snapshot.status.is_terminal else None,
+            )
+            if snapshot.status.is_terminal:
+                fields.update(_released_lease())
+            if row is None:
+                task_pk = Task.insert(task_id=snapshot.task_id, created_at=now, **fields).execute()
+                counts = {EXECUTION: 0, RESUMABLE: 0}
+            else:
+                task_pk = row.id
+                counts = {EXECUTION: row.execution_count, RESUMABLE: row.resumable_count}
+                if rerun:
+                    Checkpoint.delete().where(Checkpoint.task == task_pk).execute()
+                    fields.update(checkpoint_count=0, recovery_count=0, cancel_requested=False)
+            for history, messages in ((EXECUTION, snapshot.execution_history),
+                                      (RESUMABLE, snapshot.resumable_history)):
+                stored = counts[history]
+                if rerun or len(messages) < stored:
+                    Message.delete().where((Message.task == task_pk) & (Message.history == history)).execute()
+                    stored = 0
+                self._insert_messages(_message_rows(task_pk, history, stored, messages[stored:], None))
+                counts[history] = len(messages)
+            fields.update(execution_count=counts[EXECUTION], resumable_count=counts[RESUMABLE])
+            Task.update(**fields).where(Task.id == task_pk).execute()
+
+    def record_checkpoint(
+        self,
+        update: CheckpointUpdate,
+        *,
+        lease_token: Optional[str] = None,
+        lease_expires_at: Optional[float] = None,
+    ) -> bool:
+        """Append one step's messages and checkpoint, in one transaction.
+
+        Creates the task if missing, increments `checkpoint_count` and sets
+        status `running`. Idempotent per ``(task, step_index)``: recording a
+        step that is already stored (a redelivered message) changes nothing
+        and returns False; the first write wins. A None `checkpoint_note`
+        keeps the previous note.
+
+        With `lease_token`, the write happens only while that lease is held
+        (else `LeaseLost`), and `lease_expires_at` renews it in the same
+        statement. Cost does not grow with the history already stored.
+        """
+        if not isinstance(update, CheckpointUpdate):
+            update = CheckpointUpdate.model_validate(update)
+        sql = self._sql
+        now = self.clock()
+        items_json = orjson.dumps([item.model_dump() for item in update.items]).decode()
+        with self.db.atomic():
+            row = self.db.execute_sql(sql.select_task, (update.task_id,)).fetchone()
+            if row is None:
+                if lease_token is not None:
+                    raise LeaseLost(update.task_id)
+                task_pk = self.tables.Task.insert(
+                    task_id=update.task_id, thread_id=update.thread_id, channel=update.channel,
+                    provider=update.provider, model=update.model, status=TaskStatus.RUNNING.value,
+                    created_at=now, updated_at=now,
+                ).execute()
+                execution_count = 0
+            else:
+                task_pk, execution_count, stored_token = row
+                if lease_token is not None and stored_token != lease_token:
+                    raise LeaseLost(update.task_id)
+            inserted = self.db.execute_sql(
+                sql.insert_checkpoint,
+                (task_pk, update.step_index, update.checkpoint_note, items_json, now),
+            ).rowcount
+            if inserted == 0:
+                return False
+            self._insert_messages(
+                _message_rows(task_pk, EXECUTION, execution_count, update.new_messages, update.step_index)
+            )
+            self.db.execute_sql(
+                sql.update_task_after_checkpoint,
+                (
+                    update.thread_id, update.channel, update.provider, update.model,
+                    len(update.new_messages), update.checkpoint_note, now, lease_expires_at, task_pk,
+                ),
+            )
+        return True
+
+    def append_messages(
+        self,
+        task_id: str,
+        messages: Sequence[ChatMessage],
+        *,
+        history: str = "execution",
+        lease_token: Optional[str] = None,
+    ) -> None:
+        """Append messages to a task's execution or resumable history."""
+        which = {"execution": EXECUTION, "resumable": RESUMABLE}[history]
+        Task = self.tables.Task
+        counter = Task.execution_count if which == EXECUTION else Task.resumable_count
+        with self.db.atomic():
+            row = self._task_row(task_id)
+            if lease_token is not None and row.lease_token != lease_token:
+                raise LeaseLost(task_id)
+            start = row.execution_count if which == EXECUTION else row.resumable_count
+            self._insert_messages(_message_rows(row.id, which, start, list(messages), None))
+            Task.update({counter: counter + len(messages), Task.updated_at: self.clock()}).where(
+                Task.id == row.id
+            ).execute()
+
+    def finish(
+        self,
+        task_id: str,
+        status: TaskStatus,
+        *,
+        final_response: Optional[str] = None,
+        last_error: Optional[str] = None,
+        new_messages: Sequence[ChatMessage] = (),
+        resumable_messages: Sequence[ChatMessage] = (),
+        lease_token: Optional[str] = None,
+    ) -> None:
+        """Move a task to a terminal status, appending its last messages.
+
+        Releases the lease. With `lease_token`, only the lease holder may
+        finish the task (else `LeaseLost`, nothing written).
+        """
+        status = TaskStatus(status)
+        if not status.is_terminal:
+            raise ValueError(f"status: finish() needs a terminal status, got {status.value!r}")
+        Task = self.tables.Task
+        now = self.clock()
+        with self.db.atomic():
+            row = self._task_row(task_id)
+            if lease_token is not None and row.lease_token != lease_token:
+                raise LeaseLost(task_id)
+            self._insert_messages(
+                _message_rows(row.id, EXECUTION, row.execution_count, list(new_messages), None)
+                + _message_rows(row.id, RESUMABLE, row.resumable_count, list(resumable_messages), None)
+            )
+            Task.update(
+                status=status.value, final_response=final_response, last_error=last_error,
+                updated_at=now, completed_at=now,
+                execution_count=row.execution_count + len(new_messages),
+                resumable_count=row.resumable_count + len(resumable_messages),
+                **_released_lease(),
+            ).where(Task.id == row.id).execute()
+
+    def reset_for_rerun(self, task_id: str) -> None:
+        """Make a finished task `queued` again, to run from step 1.
+
+        Its stale checkpoints and histories are deleted (the rerun semantics
+        of `save_snapshot`); its spec is kept. Raises `TaskNotResumable` if
+        the task has not finished (cancel it first).
+        """
+        Task = self.tables.Task
+        with self.db.atomic():
+            row = self._task_row(task_id)
+            if not TaskStatus(row.status).is_terminal:
+                raise TaskNotResumable(task_id, row.status)
+            self.save_snapshot(TaskSnapshot(
+                task_id=row.task_id, thread_id=row.thread_id, channel=row.channel, provider=row.provider,
+                model=row.model, status=TaskStatus.RUNNING,
+            ))
+            Task.update(status=TaskStatus.QUEUED.value, started_at=None, last_error=None,
+                        delivery_due_at=self.clock()).where(Task.id == row.id).execute()
+
+    def request_cancel(self, task_id: str) -> TaskStatus:
+        """Cancel a task: at once if nobody runs it, else between its steps.
+
+        Returns the status after the call: `cancelled` when no live lease
+        held it, `running` when the running worker will stop after its
+        current step, or the terminal status it already had.
+        """
+        Task = self.tables.Task
+        now = self.clock()
+        with self.db.atomic():
+            row = self._task_row(task_id)
+            status = TaskStatus(row.status)
+            if status.is_terminal:
+                return status
+            if row.lease_token is None or (row.lease_expires_at or 0) <= now:
+                Task.update(status=TaskStatus.CANCELLED.value, completed_at=now, updated_at=now,
+                            last_error="cancelled before it ran", **_released_lease()).where(
+                    Task.id == row.id).execute()
+                return TaskStatus.CANCELLED
+            Task.update(cancel_requested=True, updated_at=now).where(Task.id == row.id).execute()
+            return status
+
+    def is_cancel_requested(self, task_id: str) -> bool:
+        Task = self.tables.Task
+        return bool(Task.select(Task.cancel_requested).where(Task.task_id == task_id).scalar())
+
+    def delete_by_thread_id(self, thread_id: str) -> int:
+        """Delete every task of a thread with its checkpoints and messages; returns how many tasks."""
+        Task = self.tables.Task
+        with self.db.atomic():
+            return Task.delete().where(Task.thread_id == thread_id).execute()
+
+    def delete_task(self, task_id: str) -> bool:
+        Task = self.tables.Task
+        with self.db.atomic():
+            return Task.delete().where(Task.task_id == task_id).execute() > 0
+
+    # -- reads ---------------------------------------------------------------
+
+    def load(self, task_id: str) -> Optional[TaskRecord]:
+        """The whole record of a task, or None if no such task is stored."""
+        Task = self.tables.Task
+        with self.db.atomic("DEFERRED") if self._is_sqlite else self.db.atomic():
+            row = Task.get_or_none(Task.task_id == task_id)
+            return None if row is None else self._record_from_row(row)
+
+    def get(self, task_id: str) -> TaskRecord:
+        """Like `load`, but raises `TaskNotFound`."""
+        record = self.load(task_id)
+        if record is None:
+            raise TaskNotFound(task_id)
+        return record
+
+    def load_by_thread_id(self, thread_id: str, *, exclude_task_id: Optional[str] = None) -> Optional[TaskRecord]:
+        """The thread's most recently updated task, or None."""
+        Task = self.tables.Task
+        query = Task.select(Task.task_id).where(Task.thread_id == thread_id)
+        if exclude_task_id is not None:
+            query = query.where(Task.task_id != exclude_task_id)
+        task_id = query.order_by(Task.updated_at.desc(), Task.id.desc()).limit(1).scalar()
+        return None if task_id is None else self.load(task_id)
+
+    def summary(self, task_id: str) -> TaskSummary:
+        """A task without its histories (cheap to poll); `TaskNotFound` if missing."""
+        return TaskSummary(**self._summary_fields(self._task_row(task_id)))
+
+    def latest_checkpoint(self, task_id: str) -> Optional[TaskCheckpointRecord]:
+        """The checkpoint with the highest step index, or None."""
+        Task, Checkpoint = self.tables.Task, self.tables.Checkpoint
+        row = (
+            Checkpoint.select(Checkpoint)
+            .join(Task, on=(Checkpoint.task == Task.id))
+            .where(Task.task_id == task_id)
+            .order_by(Checkpoint.step_index.desc())
+            .first()
+        )
+        return None if row is None else self._checkpoint_from_row(task_id, row)
+
+    def list_tasks(
+        self,
+        status: Union[TaskStatus, str, None] = None,
+        thread_id: Optional[str] = None,
+        limit: int = 100,
+        *,
+        offset: int = 0,
+        order_by: str = "updated",
+    ) -> list[TaskSummary]:
+        """Tasks without their histories, newest first."""
+        if limit < 0 or offset < 0:
+            raise ValueError("limit/offset: must not be negative")
+        Task = self.tables.Task
+        query = Task.select()
+        if status is not None:
+            query = query.where(Task.status == TaskStatus(status).value)
+        if thread_id is not None:
+            query = query.where(Task.thread_id == thread_id)
+        column = {"updated": Task.updated_at, "created": Task.created_at}.get(order_by)
+        if column is None:
+            raise ValueError(f"order_by: expected 'updated' or 'created', got {order_by!r}")
+        rows = query.order_by(column.desc(), Task.id.desc()).limit(limit).offset(offset)
+        return [TaskSummary(**self._summary_fields(row)) for row in rows]
+
+    def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:
+        Task = self.tables.Task
+        query = Task.select()
+        if status is not None:
+            query = query.where(Task.status == TaskStatus(status).value)
+        return query.count()
+
+    def task_spec(self, task_id: str) -> TaskSpec:
+        """The spec a task was created with (`CorruptRecord` if it cannot be read)."""
+        Task = self.tables.Task
+        row = Task.select(Task.spec).where(Task.task_id == task_id).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return self._decode_spec(task_id, row.spec) or TaskSpec(prompt="(no prompt stored)")
+
+    def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
+        """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""
+        Task = self.tables.Task
+        row = Task.select(Task.spec, Task.started_at).where(Task.task_id == task_id).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        spec = self._decode_spec(task_id, row.spec)
+        return (spec.time_limit_s if spec else None), row.started_at
+
+    # -- internals -----------------------------------------------------------
+
+    @property
+    def _is_sqlite(self) -> bool:
+        return self.db.__class__.__name__.startswith("Sqlite")
+
+    def _task_row(self, task_id: str) -> Any:
+        Task = self.tables.Task
+        row = Task.get_or_none(Task.task_id == task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return row
+
+    def _insert_messages(self, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            cursor = self.db.cursor()
+            cursor.executemany(self._sql.insert_message, rows)
+
+    def _summary_fields(self, row: Any) -> dict[str, Any]:
+        lease = None
+        if row.lease_token is not None:
+            lease = LeaseInfo(owner=row.lease_owner or "", host=row.lease_host or "", pid=row.lease_pid or 0,
+                              expires_at=to_datetime(row.lease_expires_at or 0))
+        return dict(
+            task_id=row.task_id, thread_id=row.thread_id, channel=row.channel, provider=row.provider,
+            model=row.model, status=TaskStatus(row.status), checkpoint_count=row.checkpoint_count,
+            message_count=row.execution_count, recovery_count=row.recovery_count,
+            final_response=row.final_response, last_error=row.last_error,
+            created_at=to_datetime(row.created_at), updated_at=to_datetime(row.updated_at),
+            started_at=to_datetime(row.started_at), completed_at=to_datetime(row.completed_at), lease=lease,
+        )
+
+    def _record_from_row(self, row: Any) -> TaskRecord:
+        Checkpoint = self.tables.Checkpoint
+        histories: dict[int, list[ChatMessage]] = {EXECUTION: [], RESUMABLE: []}
+        construct = ChatMessage.model_construct
+        # Raw rows and model_construct: these were validated on the way in,
+        # and resuming a long task must not pay for re-validating thousands.
+        for history, role, content, tool_call_id, name, tool_calls in self.db.execute_sql(
+            self._sql.select_messages, (row.id,)
+        ):
+            calls = None if tool_calls is None else self._decode_tool_calls(row.task_id, tool_calls)
+            histories[history].append(
+                construct(role=role, content=content, tool_call_id=tool_call_id, name=name, tool_calls=calls)
+            )
+        checkpoints = [
+            self._checkpoint_from_row(row.task_id, cp)
+            for cp in Checkpoint.select().where(Checkpoint.task == row.id).order_by(Checkpoint.step_index)
+        ]
+        return TaskRecord(
+            **self._summary_fields(row),
+            spec=self._decode_spec(row.task_id, row.spec),
+            execution_history=histories[EXECUTION],
+            resumable_history=histories[RESUMABLE],
+            latest_checkpoint_note=row.latest_checkpoint_note,
+            cancel_requested=bool(row.cancel_requested),
+            checkpoints=checkpoints,
+        )
+
+    @staticmethod
+    def _decode_spec(task_id: str, raw: Optional[str]) -> Optional[TaskSpec]:
+        if raw is None:
+            return None
+        try:
+            return TaskSpec.model_validate_json(raw)
+        except ValidationError as exc:
+            raise CorruptRecord(task_id, "spec", _first_error(exc)) from None
+
+    @staticmethod
+    def _decode_tool_calls(task_id: str, raw: str) -> list[ToolCall]:
+        try:
+            return [ToolCall.model_validate(call) for call in orjson.loads(raw)]
+        except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
+            raise CorruptRecord(task_id, "message.tool_calls", str(exc).splitlines()[0]) from None
+
+    @staticmethod
+    def _checkpoint_from_row(task_id: str, row: Any) -> TaskCheckpointRecord:
+        try:
+            items = [CheckpointItem.model_validate(item) for item in orjson.loads(row.items)]
+        except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
+            raise CorruptRecord(task_id, f"checkpoint[{row.step_index}].items", str(exc).splitlines()[0]) from None
+        return TaskCheckpointRecord(step_index=row.step_index, checkpoint_note=row.checkpoint_note,
+                                    items=items, created_at=to_datetime(row.created_at))
+
+
+def _released_lease() -> dict[str, Any]:
+    from .leases import _NO_LEASE
+
+    return dict(_NO_LEASE)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(part) for part in err["loc"]) or "value"
+    return f"{where}: {err['msg']}"
+
+
+class _HotPathSql:
+    """SQL text for the per-step statements, rendered once per store.
+
+    Rendering a peewee query costs more than executing it on SQLite, so the
+    statements are rendered once (with dummy values, which peewee turns into
+    parameters in column order) and reused with real parameters.
+    """
+
+    def __init__(self, db: Database, tables: Tables) -> None:
+        Task, Message, Checkpoint = tables.Task, tables.Message, tables.Checkpoint
+        self.select_task = _render(
+            Task.select(Task.id, Task.execution_count, Task.lease_token).where(Task.task_id == "")
+        )
+        self.insert_checkpoint = _render(
+            Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0)
+            .on_conflict_ignore()
+        )
+        self.select_messages = _render(
+            Message.select(Message.history, Message.role, Message.content, Message.tool_call_id,
+                           Message.name, Message.tool_calls)
+            .where(Message.task == 0)
+            .order_by(Message.history, Message.position)
+        )
+        self.insert_message = _render(
+            Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
+                           tool_call_id="", name="", tool_calls="")
+        )
+        # Counter increments and COALESCEs: written out, parameters in the
+        # order record_checkpoint passes them.
+        p = db.param
+        self.update_task_after_checkpoint = (
+            f'UPDATE "task" SET "thread_id" = {p}, "channel" = {p}, "provider" = {p}, "model" = {p}, '
+            f'"status" = \'running\', "checkpoint_count" = "checkpoint_count" + 1, '
+            f'"execution_count" = "execution_count" + {p}, '
+            f'"latest_checkpoint_note" = COALESCE({p}, "latest_checkpoint_note"), '
+            f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at") '
+            f'WHERE "id" = {p}'
+        )
+
+
+def _render(query: Any) -> str:
+    sql, _params = query.sql()
+    return sql

@@ -1,0 +1,134 @@
+"""Peewee table definitions, bound to one database per store.
+
+Tables are declared inside :func:`bind_tables` so that two stores opened on
+two databases in one process never share (and silently re-bind) model
+classes.
+
+Time columns hold seconds since the epoch as floats: comparable on every
+backend, cheap to write on the hot path, converted to ``datetime`` on load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peewee import (
+    AutoField,
+    BooleanField,
+    CharField,
+    Database,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    SmallIntegerField,
+    TextField,
+)
+
+#: The schema this code writes. Bump it with a migration in `models.migrations`.
+SCHEMA_VERSION = 1
+
+#: `Message.history` values: the full execution log, or the user-visible turns.
+EXECUTION = 0
+RESUMABLE = 1
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The model classes of one database."""
+
+    Task: type[Model]
+    Message: type[Model]
+    Checkpoint: type[Model]
+    SchemaVersion: type[Model]
+
+    @property
+    def all(self) -> list[type[Model]]:
+        return [self.Task, self.Message, self.Checkpoint, self.SchemaVersion]
+
+
+def bind_tables(db: Database) -> Tables:
+    """Declare longhaul's tables on `db`."""
+
+    class Base(Model):
+        class Meta:
+            database = db
+            legacy_table_names = False
+
+    class Task(Base):
+        id = AutoField()
+        task_id = CharField(max_length=200, unique=True)
+        thread_id = CharField(max_length=200)
+        channel = CharField(max_length=200)
+        provider = CharField(max_length=200)
+        model = CharField(max_length=200)
+        status = CharField(max_length=16)
+        spec = TextField(null=True)  # TaskSpec as JSON
+        latest_checkpoint_note = TextField(null=True)
+        checkpoint_count = IntegerField(default=0)
+        # Next free `Message.position` per history: appends never count rows.
+        execution_count = IntegerField(default=0)
+        resumable_count = IntegerField(default=0)
+        final_response = TextField(null=True)
+        last_error = TextField(null=True)
+        created_at = FloatField()
+        updated_at = FloatField()
+        completed_at = FloatField(null=True)
+        started_at = FloatField(null=True)  # first claim: the time limit counts from here
+        # When the latest message sent for this task should reach a worker;
+        # recovery leaves the task alone until then (plus a grace period).
+        delivery_due_at = FloatField(null=True)
+        # The lease: who runs the task now. `lease_token` is unique per claim.
+        lease_token = CharField(max_length=64, null=True)
+        lease_owner = CharField(max_length=200, null=True)
+        lease_host = CharField(max_length=200, null=True)
+        lease_pid = IntegerField(null=True)
+        lease_pid_started_at = FloatField(null=True)
+        lease_expires_at = FloatField(null=True)
+        recovery_count = IntegerField(default=0)
+        cancel_requested = BooleanField(default=False)
+
+        class Meta:
+            table_name = "task"
+            indexes = (
+                (("thread_id", "updated_at"), False),
+                (("status", "lease_expires_at"), False),
+                (("status", "updated_at"), False),
+            )
+
+    class Message(Base):
+        id = AutoField()
+        task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
+        history = SmallIntegerField()
+        position = IntegerField()
+        step_index = IntegerField(null=True)
+        role = CharField(max_length=16)
+        content = TextField()
+        tool_call_id = CharField(max_length=200, null=True)
+        name = CharField(max_length=200, null=True)
+        tool_calls = TextField(null=True)  # list[ToolCall] as JSON
+
+        class Meta:
+            table_name = "message"
+            indexes = ((("task", "history", "position"), True),)
+
+    class Checkpoint(Base):
+        id = AutoField()
+        task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
+        step_index = IntegerField()
+        checkpoint_note = TextField(null=True)
+        items = TextField()  # list[CheckpointItem] as JSON
+        created_at = FloatField()
+
+        class Meta:
+            table_name = "checkpoint"
+            indexes = ((("task", "step_index"), True),)
+
+    class SchemaVersion(Base):
+        version = IntegerField(primary_key=True)
+        applied_at = FloatField()
+
+        class Meta:
+            table_name = "schema_version"
+
+    return Tables(Task=Task, Message=Message, Checkpoint=Checkpoint, SchemaVersion=SchemaVersion)

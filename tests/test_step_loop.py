@@ -1,0 +1,633 @@
+"""The agent step loop, in-process: an embedded (StubBroker) runtime and `worker.api`.
+
+Everything here runs in this process: the scripted provider and its ledger
+tool show which steps ran and how often; fake providers registered by name
+inject errors; the store's clock is a `FakeClock` wherever leases expire.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+
+import worker
+from models import (
+    ChatMessage,
+    Claimant,
+    TaskNotFound,
+    TaskNotResumable,
+    TaskRecord,
+    TaskStatus,
+    ToolCall,
+    load_resumable_state,
+)
+from worker import Runtime
+from worker.execute import execute_task
+from worker.providers import (
+    PROVIDERS,
+    AssistantTurn,
+    PermanentProviderError,
+    StepContext,
+    TransientProviderError,
+)
+from worker.providers.scripted import ScriptedProvider
+from worker.recovery import find_interrupted, interruption, resend_interrupted
+
+from .conftest import FakeClock, ledger_counts, wait_until
+
+#: A worker process on another host: its liveness cannot be checked from here.
+ELSEWHERE = Claimant(owner="other", host="elsewhere", pid=1)
+
+
+# -- fake providers (module level, so every worker thread finds the same ones) --
+
+
+class AlwaysTransient:
+    """Every call fails in a way worth retrying; counts the calls."""
+
+    name = "always-transient"
+    calls = 0
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        type(self).calls += 1
+        raise TransientProviderError("upstream answered 503; try again later")
+
+
+class AlwaysPermanent:
+    name = "always-permanent"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        raise PermanentProviderError("401: the API key was rejected")
+
+
+class Crashing:
+    """A provider with a bug: raises something that is not a provider error."""
+
+    name = "crashing"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        raise RuntimeError("provider bug: unexpected response shape")
+
+
+class BadArgumentsOnce:
+    """Step 1 calls the ledger tool without its `line` argument; step 2 answers."""
+
+    name = "bad-arguments"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        if ctx.step_index == 1:
+            return AssistantTurn("Writing to the ledger.", [ToolCall(id="call_0", name="ledger", arguments={})])
+        return AssistantTurn(f"Finished; the ledger said: {ctx.history[-1].content}")
+
+
+class TaggedFinal(ScriptedProvider):
+    """The scripted provider, but its final answer also carries a tool-call tag (and no call)."""
+
+    name = "tagged-final"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        turn = super().next_turn(ctx)
+        if turn.tool_calls:
+            return turn
+        tag = '<tool_call>{"name": "ledger", "arguments": {"line": "never run"}}</tool_call>'
+        return AssistantTurn(f"{turn.content}\n{tag}")
+
+
+FAKE_PROVIDERS = (AlwaysTransient, AlwaysPermanent, Crashing, BadArgumentsOnce, TaggedFinal)
+
+
+@pytest.fixture(autouse=True)
+def fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    for provider in FAKE_PROVIDERS:
+        monkeypatch.setitem(PROVIDERS, provider.name, provider)
+    AlwaysTransient.calls = 0
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Path:
+    return tmp_path / "ledger.txt"
+
+
+@pytest.fixture
+def clocked_runtime(make_runtime: Callable[..., Runtime], clock: FakeClock) -> Callable[..., Runtime]:
+    """Build an embedded runtime whose store (and so every lease) follows `clock`."""
+
+    def make(**overrides: object) -> Runtime:
+        rt = make_runtime(**overrides)
+        rt.store.clock = clock
+        return rt
+
+    return make
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# -- helpers --------------------------------------------------------------------
+
+
+def steps_of(record: TaskRecord) -> list[int]:
+    return [checkpoint.step_index for checkpoint in record.checkpoints]
+
+
+def each_step(task_id: str, steps: int, times: int = 1) -> Counter[str]:
+    """The ledger of a task whose steps 1..`steps` each ran `times` times."""
+    return Counter({f"{task_id} step {i}": times for i in range(1, steps + 1)})
+
+
+def checkpoint_count(rt: Runtime, task_id: str) -> int:
+    """Checkpoints stored so far (0 while the task does not exist yet)."""
+    try:
+        return rt.store.summary(task_id).checkpoint_count
+    except TaskNotFound:
+        return 0
+
+
+def deliver_and_wait(rt: Runtime, task_id: str, *, timeout_s: float = 10) -> TaskRecord:
+    """Send a stored task to the embedded worker and wait (with a deadline) for it to finish."""
+    rt.start_embedded_worker()
+    rt.send(task_id)
+    wait_until(lambda: rt.store.summary(task_id).status.is_terminal, timeout_s=timeout_s,
+               what=f"task {task_id} to finish")
+    return rt.store.get(task_id)
+
+
+def run_in_thread(**run_inline_kwargs: Any) -> tuple[threading.Thread, dict[str, TaskRecord]]:
+    """Start `worker.run_inline` in a thread; its record lands in the dict under 'record'."""
+    result: dict[str, TaskRecord] = {}
+    thread = threading.Thread(target=lambda: result.update(record=worker.run_inline(**run_inline_kwargs)),
+                              daemon=True)
+    thread.start()
+    return thread, result
+
+
+# -- running steps ----------------------------------------------------------------
+
+
+def test_a_task_runs_every_planned_step_once_and_completes_with_a_final_response(embedded_runtime, ledger):
+    record = worker.run_inline("count to five", task_id="five", steps=5, ledger_path=str(ledger))
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    assert record.final_response and record.final_response.startswith("Done: 5 steps")
+    assert steps_of(record) == [1, 2, 3, 4, 5]
+    assert all(len(c.items) == 1 and c.items[0].tool_name == "ledger" and c.items[0].success
+               for c in record.checkpoints)
+    assert ledger_counts(ledger) == each_step("five", 5)
+    assert record.lease is None
+
+    history = record.execution_history
+    assert len(history) == 1 + 2 * 5 + 1
+    assert (history[0].role, history[0].content) == ("user", "count to five")
+    for step in range(1, 6):
+        assistant, tool = history[2 * step - 1], history[2 * step]
+        assert assistant.role == "assistant" and assistant.tool_calls is not None
+        [call] = assistant.tool_calls
+        assert (call.name, call.arguments) == ("ledger", {"line": f"five step {step}"})
+        assert (tool.role, tool.name, tool.tool_call_id) == ("tool", "ledger", call.id)
+        assert f"five step {step}" in tool.content
+    assert (history[-1].role, history[-1].content, history[-1].tool_calls) == (
+        "assistant", record.final_response, None)
+
+
+def test_a_transient_provider_error_retries_from_the_latest_checkpoint_not_from_step_one(
+    embedded_runtime, ledger, tmp_path
+):
+    marker = tmp_path / "failed-once"
+    record = worker.run_inline("flaky upstream", task_id="flaky", steps=5, ledger_path=str(ledger),
+                               fail_once_at_step=3, fail_once_marker=str(marker))
+
+    assert marker.exists(), "the injected failure never fired"
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    assert steps_of(record) == [1, 2, 3, 4, 5]
+    assert ledger_counts(ledger) == each_step("flaky", 5)
+    assert record.recovery_count == 1  # the retry resumed the task once
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: worker/broker.py lists LonghaulMiddleware after Retries, but Dramatiq runs after_* hooks in "
+    "reverse order, so LonghaulMiddleware.after_process_message runs before Retries marks the message "
+    "failed; the task is never failed and stays `running` (run_inline hangs)"))
+def test_a_transient_error_that_outlasts_max_retries_fails_the_task_saying_it_gave_up(make_runtime):
+    rt = make_runtime(max_retries=1)
+    task_id = worker.submit(rt, "upstream is down", provider="always-transient")
+
+    record = deliver_and_wait(rt, task_id)
+
+    assert AlwaysTransient.calls == 2  # the first delivery and one retry
+    assert record.status is TaskStatus.FAILED
+    assert record.last_error is not None
+    assert "gave up" in record.last_error and "upstream answered 503" in record.last_error
+    assert record.lease is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: worker/middleware.py after_process_message reports message.options['retries'] after Retries "
+    "incremented it (attempts, not retries): with max_retries=1 it says 'gave up after 2 retries'; "
+    "also blocked by the middleware-order bug above"))
+def test_the_gave_up_message_counts_the_retries_that_actually_ran(make_runtime):
+    rt = make_runtime(max_retries=1)
+    task_id = worker.submit(rt, "upstream is down", provider="always-transient")
+
+    record = deliver_and_wait(rt, task_id)
+
+    assert record.last_error is not None and "after 1 retr" in record.last_error
+
+
+def test_a_permanent_provider_error_fails_the_task_with_its_message(embedded_runtime):
+    record = worker.run_inline("bad credentials", provider="always-permanent")
+
+    assert record.status is TaskStatus.FAILED
+    assert record.last_error == "401: the API key was rejected"
+    assert record.checkpoints == []
+    assert record.lease is None
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: worker/loop.py run_claimed_task catches only listed errors; any other exception from a "
+    "provider or the loop escapes with the lease still held (never released, never failed), so the "
+    "task stays `running` until its lease expires and run_inline waits forever"))
+def test_an_unexpected_provider_exception_fails_the_task_instead_of_leaving_it_leased(embedded_runtime):
+    task_id = worker.submit(embedded_runtime, "buggy provider", provider="crashing")
+
+    record = deliver_and_wait(embedded_runtime, task_id, timeout_s=5)
+
+    assert record.status is TaskStatus.FAILED
+    assert record.last_error is not None and "RuntimeError" in record.last_error
+    assert record.lease is None
+
+
+# -- cancel, rerun, shutdown ----------------------------------------------------------
+
+
+def test_cancel_stops_a_running_task_between_steps(embedded_runtime, ledger):
+    thread, result = run_in_thread(prompt="a long job", task_id="to-cancel", steps=30, step_delay_s=0.05,
+                                   ledger_path=str(ledger))
+    wait_until(lambda: checkpoint_count(embedded_runtime, "to-cancel") >= 2, timeout_s=10,
+               what="two checkpoints before cancelling")
+
+    assert worker.cancel("to-cancel") is TaskStatus.RUNNING  # it stops after its current step
+    thread.join(timeout=10)
+
+    assert not thread.is_alive()
+    record = result["record"]
+    assert record.status is TaskStatus.CANCELLED
+    done = record.checkpoint_count
+    assert 2 <= done < 30
+    assert steps_of(record) == list(range(1, done + 1))
+    assert ledger_counts(ledger) == each_step("to-cancel", done)  # no step half-run after the cancel
+    assert record.last_error is not None and f"step {done}" in record.last_error
+
+
+def test_cancel_of_a_queued_task_cancels_it_at_once_and_it_never_runs(embedded_runtime, ledger):
+    task_id = worker.submit(embedded_runtime, "never mind", steps=3, ledger_path=str(ledger))
+
+    assert worker.cancel(task_id) is TaskStatus.CANCELLED
+    assert embedded_runtime.store.summary(task_id).status is TaskStatus.CANCELLED
+    assert execute_task(embedded_runtime, task_id) is None  # a late delivery runs nothing
+    assert not ledger.exists()
+
+
+def test_rerun_resets_checkpoints_and_runs_the_task_again_from_step_one(embedded_runtime, ledger):
+    first = worker.run_inline("twice", task_id="again", steps=4, ledger_path=str(ledger))
+    assert first.status is TaskStatus.COMPLETED
+
+    second = worker.rerun("again")
+
+    assert second.status is TaskStatus.COMPLETED, second.last_error
+    assert steps_of(second) == [1, 2, 3, 4]  # not 8: the stale checkpoints were reset
+    assert len(second.execution_history) == len(first.execution_history)
+    assert ledger_counts(ledger) == each_step("again", 4, times=2)
+
+
+def test_rerun_of_an_unfinished_task_raises_task_not_resumable(embedded_runtime, ledger):
+    rt = embedded_runtime
+    queued = worker.submit(rt, "still queued", steps=2, ledger_path=str(ledger))
+    running = worker.submit(rt, "running now", steps=2, ledger_path=str(ledger))
+    assert rt.leases.claim(running, ELSEWHERE, lease_s=30) is not None
+
+    for task_id, status in ((queued, "queued"), (running, "running")):
+        with pytest.raises(TaskNotResumable) as raised:
+            worker.rerun(task_id)
+        assert raised.value.status == status
+        assert rt.store.summary(task_id).status.value == status  # untouched
+    assert not ledger.exists()
+
+
+def test_stopping_the_worker_finishes_the_current_step_and_the_task_resumes_from_there(make_runtime, ledger):
+    rt = make_runtime()
+    thread, result = run_in_thread(prompt="interrupted", task_id="stopped", steps=20, step_delay_s=0.05,
+                                   ledger_path=str(ledger))
+    wait_until(lambda: checkpoint_count(rt, "stopped") >= 2, timeout_s=10, what="two checkpoints")
+
+    rt.stop_embedded_worker()  # what SIGTERM does to a worker
+    thread.join(timeout=10)
+
+    stopped = result["record"]
+    assert stopped.status is TaskStatus.RUNNING and stopped.lease is None
+    done = stopped.checkpoint_count
+    assert ledger_counts(ledger) == each_step("stopped", done)  # the step in flight finished and checkpointed
+
+    make_runtime()  # a new process, as it were
+    resumed = worker.resume("stopped")
+
+    assert resumed.status is TaskStatus.COMPLETED, resumed.last_error
+    assert steps_of(resumed) == list(range(1, 21))
+    assert ledger_counts(ledger) == each_step("stopped", 20)
+
+
+# -- threads ------------------------------------------------------------------------
+
+
+def test_a_second_task_on_a_thread_starts_from_the_first_task_s_normalized_turns(embedded_runtime, ledger):
+    first = worker.run_inline("what is in the ledger?", thread_id="chat-1", task_id="turn-1",
+                              provider="tagged-final", steps=2, ledger_path=str(ledger))
+    assert first.status is TaskStatus.COMPLETED
+    assert first.final_response and "<tool_call>" in first.final_response
+
+    second = worker.run_inline("and now?", thread_id="chat-1", task_id="turn-2", steps=1,
+                               ledger_path=str(ledger))
+
+    assert second.status is TaskStatus.COMPLETED, second.last_error
+    state = load_resumable_state(embedded_runtime.store, "chat-1", exclude_task_id="turn-2")
+    assert state is not None
+    turns, note = state
+    assert [(t.role, t.content) for t in turns] == [
+        ("user", "what is in the ledger?"),
+        ("assistant", "Done: 2 steps recorded in the ledger for turn-1."),  # the tag is stripped
+    ]
+    assert note is not None and note == first.latest_checkpoint_note
+
+    opening = [(m.role, m.content) for m in second.execution_history[:4]]
+    assert opening[:2] == [(t.role, t.content) for t in turns]
+    assert opening[2][0] == "system" and note in opening[2][1]
+    assert opening[3] == ("user", "and now?")
+    assert ledger_counts(ledger) == each_step("turn-1", 2) + each_step("turn-2", 1)
+
+
+def test_a_task_on_a_new_thread_starts_from_its_prompt_alone(embedded_runtime):
+    record = worker.run_inline("fresh start", thread_id="chat-new", steps=1)
+
+    assert record.execution_history[0].role == "user"
+    assert record.execution_history[0].content == "fresh start"
+    assert not any(m.role == "system" for m in record.execution_history)
+
+
+# -- leases -------------------------------------------------------------------------
+
+
+def test_a_live_lease_held_elsewhere_blocks_the_task_until_it_expires(clocked_runtime, clock, ledger):
+    rt = clocked_runtime(lease_s=30)
+    task_id = worker.submit(rt, "contested", steps=2, ledger_path=str(ledger))
+    assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30) is not None
+
+    assert execute_task(rt, task_id) is None
+    assert not ledger.exists()
+    summary = rt.store.summary(task_id)
+    assert summary.checkpoint_count == 0 and summary.lease is not None and summary.lease.owner == "other"
+
+    clock.advance(31)
+    assert execute_task(rt, task_id) is TaskStatus.COMPLETED
+
+    record = rt.store.get(task_id)
+    assert record.recovery_count == 1
+    assert steps_of(record) == [1, 2]
+    assert ledger_counts(ledger) == each_step(task_id, 2)
+
+
+def test_the_same_task_delivered_to_two_threads_at_once_runs_once(embedded_runtime, ledger):
+    rt = embedded_runtime
+    task_id = worker.submit(rt, "delivered twice", steps=4, step_delay_s=0.02, ledger_path=str(ledger))
+    barrier = threading.Barrier(2)
+    results: list[Optional[TaskStatus]] = []
+
+    def deliver() -> None:
+        barrier.wait()
+        results.append(execute_task(rt, task_id))
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert Counter(results) == Counter({TaskStatus.COMPLETED: 1, None: 1})
+    assert steps_of(rt.store.get(task_id)) == [1, 2, 3, 4]
+    assert ledger_counts(ledger) == each_step(task_id, 4)
+
+
+@pytest.mark.parametrize("interruptions, expected", [(2, TaskStatus.COMPLETED), (3, TaskStatus.FAILED)])
+def test_a_task_interrupted_more_often_than_max_recoveries_is_failed_as_poison(
+    clocked_runtime, clock, ledger, interruptions, expected
+):
+    rt = clocked_runtime(max_recoveries=2, lease_s=30)
+    task_id = worker.submit(rt, "poison", steps=2, ledger_path=str(ledger))
+    for _ in range(interruptions):  # a worker claims it, then dies without a checkpoint
+        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30) is not None
+        clock.advance(31)
+
+    assert execute_task(rt, task_id) is expected
+
+    record = rt.store.get(task_id)
+    assert record.status is expected
+    if expected is TaskStatus.FAILED:
+        assert record.last_error is not None and "LONGHAUL_MAX_RECOVERIES" in record.last_error
+        assert not ledger.exists()
+    else:
+        assert ledger_counts(ledger) == each_step(task_id, 2)
+
+
+def test_a_dead_owner_on_this_host_is_taken_over_at_once(embedded_runtime, ledger, dead_pid):
+    rt = embedded_runtime
+    task_id = worker.submit(rt, "orphaned", steps=2, ledger_path=str(ledger))
+    dead = Claimant(owner="dead-local", host=rt.claimant.host, pid=dead_pid)
+    assert rt.leases.claim(task_id, dead, lease_s=3600) is not None
+
+    assert execute_task(rt, task_id) is TaskStatus.COMPLETED
+    assert ledger_counts(ledger) == each_step(task_id, 2)
+
+
+def test_a_live_owner_on_this_host_is_not_taken_over(embedded_runtime, ledger):
+    rt = embedded_runtime
+    task_id = worker.submit(rt, "busy", steps=2, ledger_path=str(ledger))
+    alive = Claimant(owner="live-local", host=rt.claimant.host, pid=os.getpid())
+    assert rt.leases.claim(task_id, alive, lease_s=3600) is not None
+
+    assert execute_task(rt, task_id) is None
+    assert not ledger.exists()
+
+
+# -- recovery -------------------------------------------------------------------------
+
+
+def test_find_interrupted_lists_exactly_the_tasks_nobody_runs_and_no_message_is_coming_for(
+    clocked_runtime, clock, dead_pid
+):
+    rt = clocked_runtime(lease_s=30, redelivery_grace_s=60)
+    here = rt.claimant.host
+
+    def task(name: str) -> str:
+        return worker.submit(rt, name, task_id=name)
+
+    overdue = task("queued-overdue")
+    clock.advance(61)  # its message should have arrived a minute ago
+    fresh = task("queued-fresh")
+    released = task("released")
+    claim = rt.leases.claim(released, rt.claimant, lease_s=30)
+    assert claim is not None and rt.leases.release(released, claim.token, redeliver_at=None)
+    retrying = task("released-for-retry")
+    claim = rt.leases.claim(retrying, rt.claimant, lease_s=30)
+    assert claim is not None
+    assert rt.leases.release(retrying, claim.token, redeliver_at=clock() + 10)  # its retry is due soon
+    expired = task("lease-expired")
+    assert rt.leases.claim(expired, Claimant(owner="gone", host="elsewhere", pid=2), lease_s=5)
+    live_elsewhere = task("live-elsewhere")
+    assert rt.leases.claim(live_elsewhere, ELSEWHERE, lease_s=3600)
+    dead_local = task("dead-local")
+    assert rt.leases.claim(dead_local, Claimant(owner="dead", host=here, pid=dead_pid), lease_s=3600)
+    live_local = task("live-local")
+    assert rt.leases.claim(live_local, Claimant(owner="me", host=here, pid=os.getpid()), lease_s=3600)
+    finished = task("cancelled")
+    worker.cancel(finished)
+    clock.advance(6)  # the 5 s lease expires; nothing else is due yet
+
+    found = {row.task_id: reason for row, reason in find_interrupted(rt)}
+
+    assert set(found) == {overdue, released, expired, dead_local}
+    assert "overdue" in found[overdue]
+    assert "released" in found[released]
+    assert "expired" in found[expired]
+    assert str(dead_pid) in found[dead_local]
+    for row, reason in find_interrupted(rt):
+        assert interruption(row, host=here, now=clock(), grace_s=60) == reason
+
+
+def test_resend_interrupted_sends_each_interrupted_task_once_even_when_called_twice(
+    clocked_runtime, clock, dead_pid
+):
+    rt = clocked_runtime(lease_s=30, redelivery_grace_s=60)
+    queue = rt.broker.queues[rt.settings.queue_name]
+    expired = worker.submit(rt, "expired", task_id="expired")
+    assert rt.leases.claim(expired, ELSEWHERE, lease_s=30)
+    dead_local = worker.submit(rt, "dead", task_id="dead-local")
+    assert rt.leases.claim(dead_local, Claimant(owner="dead", host=rt.claimant.host, pid=dead_pid),
+                           lease_s=3600)
+    released = worker.submit(rt, "released", task_id="released")
+    claim = rt.leases.claim(released, rt.claimant, lease_s=30)
+    assert claim is not None and rt.leases.release(released, claim.token, redeliver_at=None)
+    clock.advance(31)
+    overdue = worker.submit(rt, "overdue", task_id="overdue")
+    clock.advance(61)
+    assert queue.qsize() == 0
+
+    first = resend_interrupted(rt)
+    second = resend_interrupted(rt)
+
+    assert sorted(first) == sorted([expired, dead_local, released, overdue])
+    assert second == []
+    assert queue.qsize() == 4
+    assert find_interrupted(rt) == []
+
+
+def test_concurrent_recovery_scans_send_each_interrupted_task_once(clocked_runtime, clock):
+    rt = clocked_runtime(lease_s=30)
+    queue = rt.broker.queues[rt.settings.queue_name]
+    task_ids = [worker.submit(rt, f"job {i}", task_id=f"job-{i}") for i in range(6)]
+    for task_id in task_ids:
+        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
+    clock.advance(31)
+    barrier = threading.Barrier(4)
+    sent: list[str] = []
+
+    def scan() -> None:
+        barrier.wait()
+        sent.extend(resend_interrupted(rt))
+
+    threads = [threading.Thread(target=scan) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+
+    assert sorted(sent) == sorted(task_ids)
+    assert queue.qsize() == len(task_ids)
+
+
+# -- limits and bad input -------------------------------------------------------------
+
+
+def test_a_task_past_its_time_limit_ends_timed_out(embedded_runtime, ledger):
+    started = time.monotonic()
+    record = worker.run_inline("slow", task_id="slow", steps=50, step_delay_s=0.1, time_limit_s=1,
+                               ledger_path=str(ledger))
+
+    assert record.status is TaskStatus.TIMED_OUT
+    assert time.monotonic() - started < 10
+    assert record.checkpoint_count < 50
+    assert steps_of(record) == list(range(1, record.checkpoint_count + 1))
+    assert sum(ledger_counts(ledger).values()) <= record.checkpoint_count + 1  # at most the step in flight
+    assert record.lease is None
+
+
+def test_a_task_that_needs_more_steps_than_max_steps_fails_naming_max_steps(embedded_runtime, ledger):
+    record = worker.run_inline("too long", task_id="capped", steps=5, max_steps=3, ledger_path=str(ledger))
+
+    assert record.status is TaskStatus.FAILED
+    assert record.last_error is not None and "max_steps" in record.last_error
+    assert steps_of(record) == [1, 2, 3]
+    assert ledger_counts(ledger) == each_step("capped", 3)
+
+
+def test_a_tool_call_with_invalid_arguments_becomes_a_failed_result_and_the_task_goes_on(embedded_runtime):
+    record = worker.run_inline("call a tool badly", provider="bad-arguments")
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    [checkpoint] = record.checkpoints
+    [item] = checkpoint.items
+    assert item.tool_name == "ledger" and item.success is False
+    assert "line" in item.output
+    tool_message = record.execution_history[2]
+    assert tool_message.role == "tool" and "line" in tool_message.content
+    assert record.final_response is not None and "line" in record.final_response  # the model saw the error
+
+
+def test_a_corrupt_stored_spec_fails_that_task_naming_the_field_and_others_still_run(embedded_runtime, ledger):
+    rt = embedded_runtime
+    broken = worker.submit(rt, "will be corrupted", task_id="broken", steps=2, ledger_path=str(ledger))
+    rt.store.db.execute_sql("UPDATE task SET spec = '{bad' WHERE task_id = ?", (broken,))
+
+    assert execute_task(rt, broken) is TaskStatus.FAILED
+    record = rt.store.summary(broken)
+    assert record.status is TaskStatus.FAILED
+    assert record.last_error is not None and "spec" in record.last_error
+    assert not ledger.exists()
+
+    healthy = worker.run_inline("unaffected", task_id="healthy", steps=2, ledger_path=str(ledger))
+    assert healthy.status is TaskStatus.COMPLETED
+    assert ledger_counts(ledger) == each_step("healthy", 2)
+
+
+def test_resuming_every_interrupted_task_is_not_blocked_by_one_with_a_corrupt_spec(clocked_runtime, clock, ledger):
+    rt = clocked_runtime(lease_s=30)
+    broken = worker.submit(rt, "corrupt", task_id="broken", steps=2, ledger_path=str(ledger))
+    healthy = worker.submit(rt, "fine", task_id="healthy", steps=2, ledger_path=str(ledger))
+    for task_id in (broken, healthy):
+        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
+    rt.store.db.execute_sql("UPDATE task SET spec = '{bad' WHERE task_id = ?", (broken,))
+    clock.advance(31)
+
+    sent = resend_interrupted(rt)
+
+    assert healthy in sent

@@ -1,0 +1,211 @@
+"""The Python API: enqueue, run inline, resume, cancel, rerun, wait.
+
+Every CLI command is a thin shell over one function here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from models import (
+    InvalidInput,
+    LonghaulError,
+    TaskNotFound,
+    TaskNotResumable,
+    TaskRecord,
+    TaskSnapshot,
+    TaskSpec,
+    TaskStatus,
+)
+
+from .recovery import find_interrupted
+from .runtime import BrokerRequired, Runtime, get_runtime
+
+logger = logging.getLogger(__name__)
+
+
+class TaskExists(InvalidInput):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"task_id: a task {task_id!r} already exists; "
+                         f"use `longhaul rerun {task_id}` to run it again, or choose another id")
+        self.task_id = task_id
+
+
+class TaskBusy(LonghaulError):
+    def __init__(self, task_id: str, host: Optional[str], pid: Optional[int]) -> None:
+        super().__init__(f"task {task_id!r} is running now (leased by {host} pid {pid}); "
+                         "it needs no resume. `longhaul show` shows its progress")
+        self.task_id = task_id
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A running task as `wait_for` reports it."""
+
+    task_id: str
+    status: TaskStatus
+    step: int
+    planned_steps: Optional[int]
+    last_tool: Optional[str]
+    elapsed_s: float
+
+
+def submit(
+    rt: Runtime,
+    prompt: str,
+    *,
+    thread_id: Optional[str] = None,
+    task_id: Optional[str] = None,
+    channel: str = "api",
+    provider: Optional[str] = None,
+    model: Optional[str] = None,
+    max_steps: Optional[int] = None,
+    time_limit_s: Optional[float] = None,
+    **provider_options: Any,
+) -> str:
+    """Validate and store a new `queued` task (not yet sent); returns its id."""
+    from .providers import create_provider
+
+    spec = TaskSpec(prompt=prompt, max_steps=max_steps, time_limit_s=time_limit_s, options=provider_options)
+    provider = provider or rt.settings.default_provider
+    create_provider(provider)  # unknown provider: fail now, not in a worker
+    task_id = task_id or f"task-{uuid.uuid4().hex[:16]}"
+    # Validate the identity fields before anything is written.
+    ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
+                         model=model or rt.settings.default_model, status=TaskStatus.QUEUED)
+    if not rt.store.create_task(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
+                                provider=ident.provider, model=ident.model, spec=spec):
+        raise TaskExists(task_id)
+    return task_id
+
+
+def enqueue(prompt: str, **kwargs: Any) -> str:
+    """Store a task and send it to the Redis workers; returns its id at once.
+
+    Takes the arguments of `submit`. Raises `BrokerRequired` without Redis:
+    use `run_inline` to run a task in this process instead.
+    """
+    rt = get_runtime()
+    if rt.embedded:
+        raise BrokerRequired("enqueue")
+    task_id = submit(rt, prompt, **kwargs)
+    rt.send(task_id)
+    return task_id
+
+
+def run_inline(prompt: str, *, on_progress: Optional[Callable[[Progress], None]] = None, **kwargs: Any) -> TaskRecord:
+    """Run one task to its end: in this process without Redis, else via the workers.
+
+    Takes the arguments of `submit`; returns the finished record.
+    """
+    rt = get_runtime()
+    task_id = submit(rt, prompt, **kwargs)
+    return _drive(rt, [task_id], on_progress=on_progress, wait=True)[0]
+
+
+def resume(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = None) -> TaskRecord:
+    """Resume an interrupted task from its latest checkpoint.
+
+    With Redis this re-sends its message and returns; without, it runs the
+    task here until it ends. `TaskNotResumable` if the task has finished.
+    """
+    rt = get_runtime()
+    holder = rt.leases.holder(task_id)
+    if holder is None:
+        raise TaskNotFound(task_id)
+    if holder.status.is_terminal:
+        raise TaskNotResumable(task_id, holder.status.value)
+    if holder.token is not None and not any(row.task_id == task_id for row, _ in find_interrupted(rt)):
+        raise TaskBusy(task_id, holder.host, holder.pid)
+    return _drive(rt, [task_id], on_progress=on_progress)[0]
+
+
+def resume_interrupted(*, on_progress: Optional[Callable[[Progress], None]] = None) -> list[TaskRecord]:
+    """Resume every task that was interrupted (dead worker, expired lease, released)."""
+    rt = get_runtime()
+    task_ids = [row.task_id for row, _reason in find_interrupted(rt)]
+    return _drive(rt, task_ids, on_progress=on_progress) if task_ids else []
+
+
+def rerun(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = None) -> TaskRecord:
+    """Run a finished task again from step 1 (its stale checkpoints are reset)."""
+    rt = get_runtime()
+    rt.store.reset_for_rerun(task_id)
+    return _drive(rt, [task_id], on_progress=on_progress)[0]
+
+
+def cancel(task_id: str) -> TaskStatus:
+    """Cancel a task; a running one stops after its current step. Returns the status now."""
+    return get_runtime().store.request_cancel(task_id)
+
+
+def _drive(rt: Runtime, task_ids: list[str], *, on_progress: Optional[Callable[[Progress], None]],
+           wait: bool = False) -> list[TaskRecord]:
+    """Send the tasks; without Redis, run them here and wait for their ends.
+
+    With Redis, `wait` waits for the workers to finish them; otherwise the
+    records are returned as they are right after sending.
+    """
+    if not rt.embedded:
+        for task_id in task_ids:
+            rt.send(task_id)
+        if not wait:
+            return [rt.store.get(task_id) for task_id in task_ids]
+        return [wait_for(task_id, on_progress=on_progress) for task_id in task_ids]
+    rt.start_embedded_worker()
+    try:
+        for task_id in task_ids:
+            rt.send(task_id)
+        return [wait_for(task_id, on_progress=on_progress, while_running=True) for task_id in task_ids]
+    except KeyboardInterrupt:
+        rt.stop_embedded_worker()  # loops stop after their current step, leases released
+        raise
+
+
+def wait_for(
+    task_id: str,
+    *,
+    on_progress: Optional[Callable[[Progress], None]] = None,
+    timeout_s: Optional[float] = None,
+    poll_s: float = 0.1,
+    while_running: bool = False,
+) -> TaskRecord:
+    """Poll the store until the task finishes (or, with `while_running`, stops running here).
+
+    `while_running` also returns when the task is interrupted and released
+    (e.g. the embedded worker was stopped), so a caller never hangs on a
+    task nobody is running.
+    """
+    rt = get_runtime()
+    started = time.monotonic()
+    last_step = -1
+    while True:
+        summary = rt.store.summary(task_id)
+        if on_progress is not None and summary.checkpoint_count != last_step:
+            last_step = summary.checkpoint_count
+            on_progress(_progress(rt, task_id, summary.status, time.monotonic() - started))
+        if summary.status.is_terminal:
+            return rt.store.get(task_id)
+        if while_running and rt.stopping.is_set():
+            return rt.store.get(task_id)
+        if timeout_s is not None and time.monotonic() - started > timeout_s:
+            return rt.store.get(task_id)
+        time.sleep(poll_s)
+
+
+def _progress(rt: Runtime, task_id: str, status: TaskStatus, elapsed_s: float) -> Progress:
+    latest = rt.store.latest_checkpoint(task_id)
+    spec = rt.store.task_spec(task_id)
+    planned = spec.options.get("steps")
+    return Progress(
+        task_id=task_id,
+        status=status,
+        step=latest.step_index if latest else 0,
+        planned_steps=int(planned) if isinstance(planned, int) else spec.max_steps,
+        last_tool=latest.items[-1].tool_name if latest and latest.items else None,
+        elapsed_s=elapsed_s,
+    )

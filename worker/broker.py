@@ -1,0 +1,92 @@
+"""The Dramatiq broker and longhaul's actor, with every option set on purpose.
+
+Dramatiq's defaults suit short jobs: a 10-minute time limit and 20 retries
+spread over days. An agent task runs for hours and is retried only for
+errors that a later attempt can fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from dramatiq import Actor, Broker
+from dramatiq.brokers.stub import StubBroker
+from dramatiq.middleware import (
+    AgeLimit,
+    Callbacks,
+    CurrentMessage,
+    Pipelines,
+    Retries,
+    ShutdownNotifications,
+    TimeLimit,
+)
+
+from .middleware import LonghaulMiddleware
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: The one actor: run (or resume) a task by id.
+RUN_TASK = "longhaul.run_task"
+
+
+def build_broker(rt: Runtime) -> tuple[Broker, Actor]:
+    """A Redis broker (or the embedded StubBroker) with longhaul's actor declared."""
+    settings = rt.settings
+    middleware = [
+        AgeLimit(),
+        TimeLimit(time_limit=settings.default_time_limit_s * 1000, interval=1000),
+        ShutdownNotifications(notify_shutdown=False),
+        Callbacks(),
+        Pipelines(),
+        Retries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
+                max_backoff=settings.max_backoff_ms),
+        CurrentMessage(),
+        LonghaulMiddleware(rt),  # after Retries: sees message.failed once Retries gives up
+    ]
+    broker: Broker
+    if rt.embedded:
+        broker = StubBroker(middleware=middleware)
+    else:
+        from .redis_broker import LonghaulRedisBroker
+
+        broker = LonghaulRedisBroker(url=settings.redis_url, middleware=middleware)
+    return broker, declare_run_task(broker, rt)
+
+
+def declare_run_task(broker: Broker, rt: Runtime) -> Actor:
+    from .execute import execute_task
+    from .loop import TRANSIENT_ERRORS
+
+    settings = rt.settings
+
+    def run_task(*args: Any, **kwargs: Any) -> None:
+        """Run or resume one task. The message body is only its id: the rest is in the store."""
+        if kwargs or len(args) != 1 or not isinstance(args[0], str) or not args[0].strip():
+            logger.error("%s: malformed message (expected one task id string, got args=%r kwargs=%r); "
+                         "dropping it", RUN_TASK, args[:3], sorted(kwargs)[:3])
+            return
+        execute_task(rt, args[0])
+
+    def retry_when(retries: int, exception: BaseException) -> bool:
+        return isinstance(exception, TRANSIENT_ERRORS) and retries < settings.max_retries
+
+    return Actor(
+        run_task,
+        broker=broker,
+        actor_name=RUN_TASK,
+        queue_name=settings.queue_name,
+        priority=0,
+        options=dict(
+            max_retries=settings.max_retries,
+            min_backoff=settings.min_backoff_ms,
+            max_backoff=settings.max_backoff_ms,
+            retry_when=retry_when,
+            time_limit=settings.default_time_limit_s * 1000,
+            notify_shutdown=False,
+            max_age=None,
+        ),
+    )

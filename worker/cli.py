@@ -1,0 +1,288 @@
+"""The ``longhaul`` command: a thin shell over `worker.api`.
+
+Exit codes: 0 success, 1 a failed task or a missing object, 2 bad usage,
+130 interrupted (the task stays resumable). Errors are one clear line on
+stderr, never a traceback (``LONGHAUL_DEBUG=1`` shows one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from models import InvalidInput, LonghaulError, TaskRecord, TaskStatus, TaskSummary
+
+from . import api
+from .runtime import BrokerRequired, get_runtime
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class LonghaulGroup(click.Group):
+    """Turns longhaul's errors into one line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ValidationError as exc:
+            for err in exc.errors():
+                where = ".".join(str(part) for part in err["loc"]) or "input"
+                click.echo(f"error: {where}: {err['msg']}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except InvalidInput as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_USAGE)
+        except LonghaulError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_FAILED)
+        except KeyboardInterrupt:
+            click.echo("interrupted: running tasks stopped after their current step and stay resumable "
+                       "(`longhaul resume --interrupted`)", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader went away (`longhaul tasks | head`): not an error.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(0)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("LONGHAUL_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(exc).__name__}: {exc} (set LONGHAUL_DEBUG=1 for a traceback)",
+                       err=True)
+            ctx.exit(EXIT_FAILED)
+
+
+def _dump(value: Any) -> None:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, list):
+        value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+def _print_progress(progress: api.Progress) -> None:
+    total = f"/{progress.planned_steps}" if progress.planned_steps else ""
+    tool = f" · {progress.last_tool}" if progress.last_tool else ""
+    click.echo(f"[{progress.task_id}] step {progress.step}{total}{tool} · {progress.elapsed_s:.1f}s", err=True)
+
+
+def _report(records: list[TaskRecord], as_json: bool) -> None:
+    """Print finished records; exit 1 unless every one completed."""
+    if as_json:
+        _dump(records[0] if len(records) == 1 else records)
+    else:
+        for record in records:
+            line = f"{record.task_id}: {record.status.value} after {record.checkpoint_count} steps"
+            if record.final_response:
+                line += f"\n{record.final_response}"
+            if record.last_error and record.status is not TaskStatus.COMPLETED:
+                line += f"\nerror: {record.last_error}"
+            click.echo(line)
+    if any(r.status is not TaskStatus.COMPLETED for r in records):
+        running = [r.task_id for r in records if not r.status.is_terminal]
+        if running:
+            click.echo(f"still running or interrupted: {', '.join(running)}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `enqueue` share."""
+    options = [
+        click.option("--thread", "thread_id", help="Thread id: continue this conversation's history."),
+        click.option("--task-id", help="Use this task id instead of a generated one."),
+        click.option("--channel", default="cli", show_default=True, help="Where the task came from."),
+        click.option("--provider", help="Model provider (default: LONGHAUL_DEFAULT_PROVIDER, 'scripted')."),
+        click.option("--model", help="Model name for the provider."),
+        click.option("--steps", type=click.IntRange(min=1), help="Scripted provider: how many steps to plan."),
+        click.option("--step-delay", type=click.FloatRange(min=0), help="Ledger tool: seconds to wait per step."),
+        click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Ledger tool: file that records every executed step."),
+        click.option("--max-steps", type=click.IntRange(min=1), help="Fail the task past this many steps."),
+        click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds the task may run in all, across resumes."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _submit_kwargs(steps: Optional[int], step_delay: Optional[float], ledger: Optional[Path],
+                   **kwargs: Any) -> dict[str, Any]:
+    if steps is not None:
+        kwargs["steps"] = steps
+    if step_delay is not None:
+        kwargs["step_delay_s"] = step_delay
+    if ledger is not None:
+        kwargs["ledger_path"] = str(ledger.resolve())
+    return kwargs
+
+
+@click.group(cls=LonghaulGroup)
+@click.version_option(package_name="longhaul")
+def cli() -> None:
+    """longhaul: durable long-horizon agent tasks on Dramatiq."""
+    logging.basicConfig(level=os.environ.get("LONGHAUL_LOG_LEVEL", "WARNING").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("LONGHAUL_DEBUG"):
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_without_traceback)
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """Log lines, not tracebacks: a retried provider error is news, not a crash."""
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        record.args = ()
+    record.exc_info = None
+    record.exc_text = None
+    return True
+
+
+@cli.command()
+@click.argument("prompt")
+@task_options
+@click.option("--json", "as_json", is_flag=True, help="Print the finished task as JSON.")
+def run(prompt: str, as_json: bool, **options: Any) -> None:
+    """Run one task to its end (in-process without Redis), showing progress."""
+    record = api.run_inline(prompt, on_progress=None if as_json else _print_progress, **_submit_kwargs(**options))
+    _report([record], as_json)
+
+
+@cli.command()
+@click.argument("prompt")
+@task_options
+def enqueue(prompt: str, **options: Any) -> None:
+    """Send a task to the Redis workers and print its id."""
+    click.echo(api.enqueue(prompt, **_submit_kwargs(**options)))
+
+
+@cli.command()
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
+def worker(processes: int, threads: int) -> None:
+    """Run Dramatiq worker processes for longhaul (needs Redis)."""
+    settings = get_runtime().settings
+    if settings.redis_url is None:
+        raise BrokerRequired("`longhaul worker`")
+    argv = [sys.executable, "-m", "dramatiq", "worker.actors", "--processes", str(processes),
+            "--threads", str(threads)]
+    # Prefetch no more messages than the threads can run: a killed worker then
+    # strands no queued message in its Redis ack set for the broker's 60 s+.
+    os.environ.setdefault("dramatiq_queue_prefetch", str(threads))
+    os.execvp(argv[0], argv)
+
+
+@cli.command()
+@click.option("--status", type=click.Choice([s.value for s in TaskStatus]))
+@click.option("--thread", "thread_id")
+@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--order-by", type=click.Choice(["updated", "created"]), default="updated", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def tasks(status: Optional[str], thread_id: Optional[str], limit: int, offset: int, order_by: str,
+          as_json: bool) -> None:
+    """List tasks, newest first."""
+    rows = get_runtime().store.list_tasks(status=status, thread_id=thread_id, limit=limit, offset=offset,
+                                          order_by=order_by)
+    if as_json:
+        _dump(rows)
+        return
+    click.echo(f"{'TASK':<24} {'THREAD':<24} {'STATUS':<10} {'STEPS':>5} {'MSGS':>5} {'UPDATED':<19} WORKER")
+    for row in rows:
+        click.echo(f"{row.task_id:<24} {row.thread_id:<24} {row.status.value:<10} {row.checkpoint_count:>5} "
+                   f"{row.message_count:>5} {row.updated_at:%Y-%m-%d %H:%M:%S} {_lease_text(row)}")
+
+
+def _lease_text(row: TaskSummary) -> str:
+    return f"{row.lease.host} pid {row.lease.pid}" if row.lease else "-"
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True)
+def show(task_id: str, as_json: bool) -> None:
+    """Show a task: record, checkpoints and lease."""
+    record = get_runtime().store.get(task_id)
+    if as_json:
+        _dump(record)
+        return
+    for label, value in [
+        ("task", record.task_id), ("thread", record.thread_id), ("status", record.status.value),
+        ("provider", f"{record.provider} / {record.model}"), ("steps", record.checkpoint_count),
+        ("messages", record.message_count), ("recoveries", record.recovery_count),
+        ("lease", _lease_text(record) + (f" until {record.lease.expires_at:%H:%M:%S}" if record.lease else "")),
+        ("created", f"{record.created_at:%Y-%m-%d %H:%M:%S}"),
+        ("finished", f"{record.completed_at:%Y-%m-%d %H:%M:%S}" if record.completed_at else "-"),
+        ("note", record.latest_checkpoint_note or "-"), ("error", record.last_error or "-"),
+        ("response", record.final_response or "-"),
+    ]:
+        click.echo(f"{label:<11}{value}")
+    for checkpoint in record.checkpoints[-10:]:
+        tools = ", ".join(f"{i.tool_name}{'' if i.success else ' (failed)'}" for i in checkpoint.items)
+        click.echo(f"  step {checkpoint.step_index:>4} {checkpoint.created_at:%H:%M:%S} {tools}")
+
+
+@cli.command()
+@click.argument("task_id", required=False)
+@click.option("--interrupted", is_flag=True, help="Resume every interrupted task.")
+@click.option("--json", "as_json", is_flag=True)
+def resume(task_id: Optional[str], interrupted: bool, as_json: bool) -> None:
+    """Resume a task (or --interrupted: all of them) from the latest checkpoint."""
+    if bool(task_id) == interrupted:
+        raise click.UsageError("give a TASK_ID or --interrupted (one of them)")
+    progress = None if as_json else _print_progress
+    if interrupted:
+        records = api.resume_interrupted(on_progress=progress)
+        if not records:
+            click.echo("no interrupted tasks", err=True)
+            return
+    else:
+        records = [api.resume(task_id or "", on_progress=progress)]
+    _report_or_sent(records, as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True)
+def rerun(task_id: str, as_json: bool) -> None:
+    """Run a finished task again from step 1 (its old checkpoints are reset)."""
+    _report_or_sent([api.rerun(task_id, on_progress=None if as_json else _print_progress)], as_json)
+
+
+def _report_or_sent(records: list[TaskRecord], as_json: bool) -> None:
+    if get_runtime().embedded:
+        _report(records, as_json)
+    else:
+        for record in records:
+            click.echo(f"{record.task_id}: sent to the workers")
+
+
+@cli.command()
+@click.argument("task_id")
+def cancel(task_id: str) -> None:
+    """Cancel a task: at once if idle, after its current step if running."""
+    status = api.cancel(task_id)
+    click.echo(f"{task_id}: {'cancelled' if status is TaskStatus.CANCELLED else status.value}"
+               + (" (stops after its current step)" if status is TaskStatus.RUNNING else ""))
+
+
+@cli.command()
+@click.option("--thread", "thread_id", required=True, help="Delete every task of this thread.")
+def delete(thread_id: str) -> None:
+    """Delete a thread's tasks with their checkpoints and messages."""
+    count = get_runtime().store.delete_by_thread_id(thread_id)
+    click.echo(f"deleted {count} task(s) of thread {thread_id}")
+
+
+def main() -> None:
+    cli(prog_name="longhaul")

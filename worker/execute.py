@@ -1,0 +1,58 @@
+"""One delivery of a task message: claim the lease, run the loop, let go."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from models import Claim, TaskStatus
+
+from .identity import is_process_alive
+from .loop import run_claimed_task
+from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def execute_task(rt: Runtime, task_id: str) -> Optional[TaskStatus]:
+    """Run the task if this delivery wins its lease; None if it is not ours to run.
+
+    A duplicate delivery (a redelivered message, a recovery re-send racing an
+    operator's resume) finds the lease taken and returns at once.
+    """
+    claim = acquire_lease(rt, task_id)
+    if claim is None:
+        return None
+    rt.track(claim)
+    try:
+        return run_claimed_task(rt, claim)
+    finally:
+        rt.untrack(claim)
+
+
+def acquire_lease(rt: Runtime, task_id: str) -> Optional[Claim]:
+    """Claim the task, taking it over from a dead process on this host if need be."""
+    lease_s = rt.settings.lease_s
+    claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s)
+    if claim is not None:
+        return claim
+    holder = rt.leases.holder(task_id)
+    if holder is None:
+        logger.error("task %r: no such task in the store; dropping the message", task_id)
+        return None
+    if holder.status.is_terminal:
+        logger.info("task %r is already %s; dropping duplicate delivery", task_id, holder.status.value)
+        return None
+    if (
+        holder.token is not None
+        and holder.host == rt.claimant.host
+        and holder.pid is not None
+        and not is_process_alive(holder.pid, holder.pid_started_at)
+    ):
+        claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s, steal_token=holder.token)
+        if claim is not None:
+            logger.info("task %r: took over from dead process %d on this host", task_id, holder.pid)
+            return claim
+    logger.info("task %r is leased by a live worker (%s pid %s); dropping duplicate delivery",
+                task_id, holder.host, holder.pid)
+    return None

@@ -1,0 +1,60 @@
+"""The provider interface: given the history so far, produce the next assistant turn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from models import ChatMessage, InvalidInput, LonghaulError, ToolCall
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a provider sees when asked for step `step_index` of a task."""
+
+    task_id: str
+    step_index: int  # 1-based: the step about to run
+    history: list[ChatMessage]
+    model: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssistantTurn:
+    """The model's answer: text, and the tools it wants called (none = final answer)."""
+
+    content: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+
+
+class Provider(Protocol):
+    """One module per provider; `create_provider` looks them up by name."""
+
+    name: str
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        """The next assistant turn.
+
+        Raises `TransientProviderError` for failures worth retrying later
+        (rate limits, 5xx, lost connections) and `PermanentProviderError`
+        for those that will fail again (bad credentials, bad request).
+        """
+        ...
+
+
+class ProviderError(LonghaulError):
+    """A provider could not produce the next turn."""
+
+
+class TransientProviderError(ProviderError):
+    """Worth retrying: the task resumes from its latest checkpoint after a backoff."""
+
+
+class PermanentProviderError(ProviderError):
+    """Will fail again: the task is marked failed with this message."""
+
+
+class UnknownProvider(InvalidInput):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"provider: unknown provider {name!r}; known providers: {', '.join(sorted(known))}")
+        self.name = name

@@ -1,0 +1,52 @@
+"""The deterministic `scripted` provider, for demos and exactly-once tests.
+
+With ``steps=N`` it plans N steps. In step i the assistant calls the
+``ledger`` tool (as a ``<tool_call>`` tag in its text, the way many models
+write tool calls) to append ``<task_id> step <i>``; after step N it answers.
+Its answer depends only on the step index, so a resumed task asks for
+exactly the step after its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models import parse_tool_call_tags
+
+from .base import AssistantTurn, StepContext, TransientProviderError
+
+DEFAULT_STEPS = 3
+
+
+class ScriptedProvider:
+    name = "scripted"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        steps = int(ctx.options.get("steps", DEFAULT_STEPS))
+        self._maybe_fail(ctx)
+        if ctx.step_index > steps:
+            return AssistantTurn(content=f"Done: {steps} steps recorded in the ledger for {ctx.task_id}.")
+        payload = {"name": "ledger", "arguments": {"line": f"{ctx.task_id} step {ctx.step_index}"}}
+        text = (
+            f"Step {ctx.step_index}/{steps}: appending to the ledger.\n"
+            f"<tool_call>{json.dumps(payload)}</tool_call>"
+        )
+        return AssistantTurn(content=text, tool_calls=parse_tool_call_tags(text))
+
+    @staticmethod
+    def _maybe_fail(ctx: StepContext) -> None:
+        """Fault injection: ``fail_once_at_step=i`` with ``fail_once_marker=PATH``.
+
+        Raises one transient error at step i; the marker file records that
+        it happened, so the retry (in any process) goes through.
+        """
+        fail_at = ctx.options.get("fail_once_at_step")
+        marker = ctx.options.get("fail_once_marker")
+        if fail_at is None or marker is None or ctx.step_index != int(fail_at):
+            return
+        path = Path(str(marker))
+        if path.exists():
+            return
+        path.write_text(f"{ctx.task_id} failed at step {ctx.step_index}\n")
+        raise TransientProviderError(f"scripted provider: injected transient failure at step {ctx.step_index}")

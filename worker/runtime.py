@@ -1,0 +1,160 @@
+"""`Runtime`: what one process needs to run tasks, built once from settings.
+
+A runtime owns the task store, the lease book, the Dramatiq broker (Redis,
+or the embedded in-process broker) with longhaul's actor declared on it,
+and the maintenance thread that renews leases and resumes interrupted tasks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Optional
+
+from dramatiq import Actor, Broker, Worker
+
+from models import Claim, Claimant, InvalidInput, LeaseBook, TaskStore
+
+from .identity import current_claimant
+from .settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from .recovery import Maintenance
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerRequired(InvalidInput):
+    """The call needs a shared broker, and none is configured."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} needs Redis: set LONGHAUL_REDIS_URL (e.g. redis://localhost:6379/0), "
+            "or use `longhaul run`, which runs the task in-process"
+        )
+
+
+class Runtime:
+    """Settings, store, broker and leases of one process.
+
+    `embedded` runtimes use Dramatiq's in-process StubBroker (run by a worker
+    thread in the same process) and do not resume other tasks on boot: a
+    `longhaul run` runs its own task, not whatever else is interrupted.
+    """
+
+    def __init__(self, settings: Settings, *, embedded: Optional[bool] = None) -> None:
+        from .broker import build_broker
+
+        self.settings = settings
+        self.embedded = settings.redis_url is None if embedded is None else embedded
+        self.store = TaskStore(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms)
+        self.leases = LeaseBook(self.store)
+        #: Set when the worker is shutting down: running loops stop after their current step.
+        self.stopping = threading.Event()
+        self._claimant: Optional[Claimant] = None
+        self._active: dict[str, Claim] = {}
+        self._active_lock = threading.Lock()
+        self._maintenance: Optional[Maintenance] = None
+        self._embedded_worker: Optional[Worker] = None
+        self.broker: Broker
+        self.actor: Actor
+        self.broker, self.actor = build_broker(self)
+
+    # -- identity and held leases ---------------------------------------------
+
+    @property
+    def claimant(self) -> Claimant:
+        """This process as a lease holder (recomputed after a fork)."""
+        if self._claimant is None or self._claimant.pid != os.getpid():
+            self._claimant = current_claimant(self.settings.worker_host)
+        return self._claimant
+
+    def track(self, claim: Claim) -> None:
+        with self._active_lock:
+            self._active[claim.token] = claim
+
+    def untrack(self, claim: Claim) -> None:
+        with self._active_lock:
+            self._active.pop(claim.token, None)
+
+    def held_tokens(self) -> list[str]:
+        with self._active_lock:
+            return list(self._active)
+
+    # -- sending ----------------------------------------------------------------
+
+    def send(self, task_id: str) -> None:
+        """Put a message for the task on the broker.
+
+        The message carries only the task id; its time limit is what is left
+        of the task's budget, so a resumed task does not get a fresh one.
+        """
+        self.actor.send_with_options(args=(task_id,), time_limit=self.remaining_time_limit_ms(task_id))
+        self.leases.note_sent(task_id)
+
+    def remaining_time_limit_ms(self, task_id: str) -> int:
+        """The task's time budget left (at least 1 s), or the default per-delivery limit."""
+        limit_s, started_at = self.store.time_budget(task_id)
+        if limit_s is None:
+            return int(self.settings.default_time_limit_s * 1000)
+        used_s = 0.0 if started_at is None else max(0.0, self.store.clock() - started_at)
+        return max(1000, int((limit_s - used_s) * 1000))
+
+    # -- the embedded worker -----------------------------------------------------
+
+    def start_embedded_worker(self, *, worker_threads: int = 8) -> None:
+        """Run Dramatiq's in-process worker on this runtime's StubBroker (once per runtime).
+
+        It runs until `stop_embedded_worker` or process exit; stopping lets
+        each running loop finish its current step and release its lease.
+        """
+        if self._embedded_worker is not None:
+            return
+        if not self.embedded:
+            raise RuntimeError("only an embedded runtime runs an in-process worker")
+        self.broker.emit_after("process_boot")
+        self._embedded_worker = Worker(self.broker, worker_threads=worker_threads, worker_timeout=100)
+        self._embedded_worker.start()
+        atexit.register(self.stop_embedded_worker)
+
+    def stop_embedded_worker(self) -> None:
+        worker, self._embedded_worker = self._embedded_worker, None
+        if worker is not None:
+            worker.stop(timeout=600_000)
+            self.broker.close()
+
+    # -- maintenance thread ------------------------------------------------------
+
+    def start_maintenance(self, *, recover: bool) -> None:
+        from .recovery import Maintenance
+
+        if self._maintenance is None or not self._maintenance.is_alive():
+            self._maintenance = Maintenance(self, recover=recover)
+            self._maintenance.start()
+
+    def stop_maintenance(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.stop()
+            self._maintenance = None
+
+
+_default: Optional[Runtime] = None
+_default_lock = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime, built from the environment on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Runtime(load_settings())
+        return _default
+
+
+def set_runtime(runtime: Optional[Runtime]) -> None:
+    """Replace the process-wide runtime (tests, embedders)."""
+    global _default
+    with _default_lock:
+        _default = runtime

@@ -1,0 +1,43 @@
+"""The `ledger` tool: append a line to a file, durably, then wait.
+
+It is the scripted provider's only tool. Because every line is fsync'd
+before the step's checkpoint is written, the ledger shows exactly which
+steps ran, and how often, through any number of kills.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from pydantic import BaseModel, Field
+
+from .base import Tool, ToolContext
+
+
+class LedgerArguments(BaseModel):
+    line: str = Field(min_length=1, max_length=10_000)
+
+
+def append_to_ledger(args: LedgerArguments, ctx: ToolContext) -> str:
+    path = ctx.options.get("ledger_path")
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(str(path))), exist_ok=True)
+        fd = os.open(str(path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (args.line.replace("\n", " ") + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    delay_s = float(ctx.options.get("step_delay_s", 0) or 0)
+    if delay_s > 0:
+        time.sleep(delay_s)
+    return f"appended {args.line!r}" + (f" to {path}" if path else " (no ledger file configured)")
+
+
+LEDGER = Tool(
+    name="ledger",
+    description="Append one line to the task's ledger file.",
+    arguments=LedgerArguments,
+    run=append_to_ledger,
+)
