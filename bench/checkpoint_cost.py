@@ -1,7 +1,7 @@
 """What one checkpoint costs as a task's history grows: longhaul against the seed's design.
 
-Prints the mean cost of `TaskStore.record_checkpoint` (milliseconds) when the
-task already holds 10, 100, 1,000 and 5,000 messages, and the 5,000/10 ratio.
+Prints the mean (and median) cost of `TaskStore.record_checkpoint`, in
+milliseconds, when the task already holds 10, 100, 1,000 and 5,000 messages, and the 5,000/10 ratio.
 Each step appends 2 messages of ~400 bytes and 1 checkpoint item. As a
 baseline from the same run, it times the seed's design at the same lengths:
 the whole history serialised to JSON and upserted into one row per step (raw
@@ -12,8 +12,9 @@ Each length is measured on several tasks prefilled to that length, a few
 consecutive steps each, so "10 prior messages" means 10 to 10 + 2 x (steps - 1).
 Nothing here asserts on timings; it prints figures for a reader to judge.
 
-    python bench/checkpoint_cost.py            # about a minute
-    python bench/checkpoint_cost.py --quick    # a few seconds
+    python bench/checkpoint_cost.py            # about 20 s
+    python bench/checkpoint_cost.py --quick    # about 5 s
+    python bench/checkpoint_cost.py --json     # the figures, for scripts
 """
 
 from __future__ import annotations
@@ -194,13 +195,14 @@ def seed_costs(seed: SeedStore, plan: Plan) -> dict[int, Cost]:
         for step in range(1, plan.steps_per_task + 1):
             for task_id, messages in histories.items():
                 update = step_update(task_id, step, len(messages))
-                new = [m.model_dump(exclude_none=True) for m in update.new_messages]
-                items = [item.model_dump() for item in update.items]
 
-                def record(messages: list[dict[str, str]] = messages) -> None:
+                def record(task_id: str = task_id, step: int = step, messages: list[dict[str, str]] = messages,
+                           new: list[dict[str, str]] = [m.model_dump(exclude_none=True) for m in update.new_messages],
+                           items: list[dict[str, Any]] = [item.model_dump() for item in update.items],
+                           note: str = update.checkpoint_note or "") -> None:
                     # The caller's history grows by the step's messages; the store rewrites it all.
                     messages.extend(new)
-                    seed.record_checkpoint(task_id, step, messages, update.checkpoint_note or "", items)
+                    seed.record_checkpoint(task_id, step, messages, note, items)
 
                 samples.append(timed_ms(record))
         costs[length] = Cost.of(samples)

@@ -35,7 +35,9 @@ def sqlite_path_from_url(url_or_path: Union[str, Path]) -> Path | None:
         return None
     # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy and
     # playhouse.db_url read them.
-    return Path(text[len("sqlite:///"):]) if text.startswith("sqlite:///") else Path(parsed.path)
+    if text.startswith("sqlite:///"):
+        return Path(text[len("sqlite:///"):])
+    return Path(text[len("sqlite://"):])  # sqlite://:memory: and other two-slash forms
 
 
 def open_database(url_or_path: Union[str, Path], *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> Database:

@@ -42,7 +42,7 @@ _TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCE
 
 
 class _Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", revalidate_instances="subclass-instances")
+    model_config = ConfigDict(extra="forbid", revalidate_instances="subclass-instances", allow_inf_nan=False)
 
 
 class ToolCall(_Input):

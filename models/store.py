@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import orjson
-from peewee import Database, fn
+from peewee import Database, OperationalError, __exception_wrapper__, fn
 from pydantic import ValidationError
 
 from .db import DEFAULT_BUSY_TIMEOUT_MS, open_database
@@ -81,13 +81,32 @@ class TaskStore:
         self.db: Database = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms)
         self.tables: Tables = bind_tables(self.db)
         self.clock = clock
-        self._migrate()
+        self._migrate_waiting_for_writers(busy_timeout_ms / 1000)
         self._sql = _HotPathSql(self.db, self.tables)
         # Connections are opened per thread on first use; do not hand this
         # one to a process that forks after construction.
         self.close()
 
     # -- lifecycle -----------------------------------------------------------
+
+    def _migrate_waiting_for_writers(self, timeout_s: float) -> None:
+        """`_migrate`, retried while another process holds the lock.
+
+        Switching a fresh file to WAL (a pragma run at connect) gets
+        SQLITE_BUSY at once, without the busy handler, while another
+        connection writes it: workers opening a new database together would
+        crash at start-up. Retry until the busy timeout runs out instead.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self._migrate()
+            except OperationalError as exc:
+                locked = "locked" in str(exc) or "busy" in str(exc)
+                self.close()
+                if not locked or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
 
     def _migrate(self) -> None:
         """Create the schema if missing (idempotent) and record its version."""
@@ -469,17 +488,22 @@ class TaskStore:
 
     def _insert_messages(self, rows: list[tuple[Any, ...]]) -> None:
         if rows:
-            cursor = self.db.cursor()
-            cursor.executemany(self._sql.insert_message, rows)
+            # Raw executemany, translated to peewee's exceptions like every other statement.
+            with __exception_wrapper__:
+                self.db.cursor().executemany(self._sql.insert_message, rows)
 
     def _summary_fields(self, row: Any) -> dict[str, Any]:
         lease = None
         if row.lease_token is not None:
             lease = LeaseInfo(owner=row.lease_owner or "", host=row.lease_host or "", pid=row.lease_pid or 0,
                               expires_at=to_datetime(row.lease_expires_at or 0))
+        try:
+            status = TaskStatus(row.status)
+        except ValueError:
+            raise CorruptRecord(row.task_id, "status", f"{row.status!r} is not a task status") from None
         return dict(
             task_id=row.task_id, thread_id=row.thread_id, channel=row.channel, provider=row.provider,
-            model=row.model, status=TaskStatus(row.status), checkpoint_count=row.checkpoint_count,
+            model=row.model, status=status, checkpoint_count=row.checkpoint_count,
             message_count=row.execution_count, recovery_count=row.recovery_count,
             final_response=row.final_response, last_error=row.last_error,
             created_at=to_datetime(row.created_at), updated_at=to_datetime(row.updated_at),

@@ -40,11 +40,20 @@ def _first_open_tag(text: str, start: int) -> tuple[int, str] | None:
     return best
 
 
+#: How many ``{``/``[`` positions to try as a JSON start: bounds the work on
+#: adversarial text (thousands of brackets) to linear; real payloads start early.
+MAX_JSON_CANDIDATES = 64
+
+
 def _json_value_end(text: str, start: int) -> tuple[int, object] | None:
     """End offset (and value) of the first JSON object/array at or after `start`."""
+    tried = 0
     for idx in range(start, len(text)):
         if text[idx] not in "{[":
             continue
+        tried += 1
+        if tried > MAX_JSON_CANDIDATES:
+            return None
         try:
             value, end = _DECODER.raw_decode(text, idx)
         except (ValueError, RecursionError):

@@ -170,8 +170,6 @@ def test_tool_calls_and_specs_are_validated_too():
     assert {error["loc"] for error in raised.value.errors()} == {("prompt",), ("max_steps",)}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: NaN/inf tool arguments pass validation and are stored as null "
-                                       "(orjson); models/schemas.py _Input needs allow_inf_nan=False")
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
 def test_a_non_finite_tool_argument_is_refused_and_changes_nothing(store, stored, update_fields, value):
     before = stored()
@@ -244,8 +242,6 @@ def test_a_corrupt_spec_cell_raises_corrupt_record_naming_the_field(two_tasks):
     assert two_tasks.load("task-2") is not None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unknown stored status raises a bare ValueError from "
-                                       "TaskStatus(row.status) in models/store.py _summary_fields, not CorruptRecord")
 def test_a_corrupt_status_cell_raises_corrupt_record_naming_the_field(two_tasks):
     two_tasks.db.execute_sql('UPDATE "task" SET "status" = ? WHERE "task_id" = ?', ("paused", "task-1"))
 

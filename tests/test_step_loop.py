@@ -20,8 +20,8 @@ import pytest
 
 import worker
 from models import (
-    ChatMessage,
     Claimant,
+    LeaseInfo,
     TaskNotFound,
     TaskNotResumable,
     TaskRecord,
@@ -156,6 +156,14 @@ def checkpoint_count(rt: Runtime, task_id: str) -> int:
         return 0
 
 
+def lease_of(rt: Runtime, task_id: str) -> Optional[LeaseInfo]:
+    """The task's lease now (None while it has none or does not exist yet)."""
+    try:
+        return rt.store.summary(task_id).lease
+    except TaskNotFound:
+        return None
+
+
 def deliver_and_wait(rt: Runtime, task_id: str, *, timeout_s: float = 10) -> TaskRecord:
     """Send a stored task to the embedded worker and wait (with a deadline) for it to finish."""
     rt.start_embedded_worker()
@@ -216,15 +224,11 @@ def test_a_transient_provider_error_retries_from_the_latest_checkpoint_not_from_
     assert record.recovery_count == 1  # the retry resumed the task once
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: worker/broker.py lists LonghaulMiddleware after Retries, but Dramatiq runs after_* hooks in "
-    "reverse order, so LonghaulMiddleware.after_process_message runs before Retries marks the message "
-    "failed; the task is never failed and stays `running` (run_inline hangs)"))
 def test_a_transient_error_that_outlasts_max_retries_fails_the_task_saying_it_gave_up(make_runtime):
     rt = make_runtime(max_retries=1)
     task_id = worker.submit(rt, "upstream is down", provider="always-transient")
 
-    record = deliver_and_wait(rt, task_id)
+    record = deliver_and_wait(rt, task_id, timeout_s=2)
 
     assert AlwaysTransient.calls == 2  # the first delivery and one retry
     assert record.status is TaskStatus.FAILED
@@ -233,15 +237,11 @@ def test_a_transient_error_that_outlasts_max_retries_fails_the_task_saying_it_ga
     assert record.lease is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: worker/middleware.py after_process_message reports message.options['retries'] after Retries "
-    "incremented it (attempts, not retries): with max_retries=1 it says 'gave up after 2 retries'; "
-    "also blocked by the middleware-order bug above"))
 def test_the_gave_up_message_counts_the_retries_that_actually_ran(make_runtime):
     rt = make_runtime(max_retries=1)
     task_id = worker.submit(rt, "upstream is down", provider="always-transient")
 
-    record = deliver_and_wait(rt, task_id)
+    record = deliver_and_wait(rt, task_id, timeout_s=2)
 
     assert record.last_error is not None and "after 1 retr" in record.last_error
 
@@ -255,14 +255,10 @@ def test_a_permanent_provider_error_fails_the_task_with_its_message(embedded_run
     assert record.lease is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: worker/loop.py run_claimed_task catches only listed errors; any other exception from a "
-    "provider or the loop escapes with the lease still held (never released, never failed), so the "
-    "task stays `running` until its lease expires and run_inline waits forever"))
 def test_an_unexpected_provider_exception_fails_the_task_instead_of_leaving_it_leased(embedded_runtime):
     task_id = worker.submit(embedded_runtime, "buggy provider", provider="crashing")
 
-    record = deliver_and_wait(embedded_runtime, task_id, timeout_s=5)
+    record = deliver_and_wait(embedded_runtime, task_id, timeout_s=2)
 
     assert record.status is TaskStatus.FAILED
     assert record.last_error is not None and "RuntimeError" in record.last_error
@@ -469,6 +465,73 @@ def test_a_live_owner_on_this_host_is_not_taken_over(embedded_runtime, ledger):
     assert not ledger.exists()
 
 
+def test_a_worker_whose_lease_was_taken_over_stops_at_its_next_checkpoint(embedded_runtime, ledger):
+    rt = embedded_runtime
+    task_id = worker.submit(rt, "taken over", steps=10, step_delay_s=0.1, ledger_path=str(ledger))
+    results: list[Optional[TaskStatus]] = []
+    thread = threading.Thread(target=lambda: results.append(execute_task(rt, task_id)))
+    thread.start()
+    wait_until(lambda: checkpoint_count(rt, task_id) >= 1, timeout_s=10, what="the first checkpoint")
+
+    holder = rt.leases.holder(task_id)
+    assert holder is not None and holder.token is not None
+    assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30, steal_token=holder.token) is not None
+    at_takeover = checkpoint_count(rt, task_id)
+    thread.join(timeout=10)
+
+    assert results == [TaskStatus.RUNNING]  # interrupted, left to the new owner
+    summary = rt.store.summary(task_id)
+    assert summary.lease is not None and summary.lease.owner == "other"
+    assert summary.checkpoint_count <= at_takeover + 1  # at most the step already being written
+    assert sum(ledger_counts(ledger).values()) <= summary.checkpoint_count + 1
+
+
+def test_resuming_a_task_whose_time_budget_is_spent_ends_it_timed_out_without_a_step(clocked_runtime, clock, ledger):
+    rt = clocked_runtime(lease_s=5)
+    task_id = worker.submit(rt, "out of time", steps=3, time_limit_s=10, ledger_path=str(ledger))
+    assert rt.leases.claim(task_id, ELSEWHERE, lease_s=5)  # it started, then its worker died
+    clock.advance(30)
+
+    assert execute_task(rt, task_id) is TaskStatus.TIMED_OUT
+    assert not ledger.exists()
+
+
+def test_resume_of_a_task_that_a_live_worker_holds_raises_task_busy(embedded_runtime):
+    task_id = worker.submit(embedded_runtime, "busy elsewhere", steps=2)
+    assert embedded_runtime.leases.claim(task_id, ELSEWHERE, lease_s=3600)
+
+    with pytest.raises(worker.TaskBusy):
+        worker.resume(task_id)
+
+
+def test_run_inline_reports_progress_step_by_step(embedded_runtime):
+    seen: list[worker.Progress] = []
+
+    record = worker.run_inline("watch me", task_id="watched", steps=3, step_delay_s=0.15, on_progress=seen.append)
+
+    assert record.status is TaskStatus.COMPLETED
+    steps_seen = [p.step for p in seen]
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] == 3
+    assert len(set(steps_seen)) >= 2  # it reported while running, not only at the end
+    assert all(p.task_id == "watched" and p.planned_steps == 3 for p in seen)
+    assert seen[-1].last_tool == "ledger"
+
+
+def test_the_heartbeat_keeps_a_long_step_s_lease_alive(make_runtime):
+    rt = make_runtime(lease_s=0.6)  # renewed every 0.2 s
+    thread, result = run_in_thread(prompt="one long step", task_id="long-step", steps=1, step_delay_s=1.5)
+    wait_until(lambda: lease_of(rt, "long-step"), timeout_s=5, what="the task to be leased")
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # well past lease_s, still in step 1 (no checkpoint renews it)
+        lease = lease_of(rt, "long-step")
+        assert lease is not None and lease.expires_at.timestamp() > time.time(), "the lease lapsed mid-step"
+        assert find_interrupted(rt) == []
+        time.sleep(0.1)
+    thread.join(timeout=10)
+
+    assert result["record"].status is TaskStatus.COMPLETED
+
+
 # -- recovery -------------------------------------------------------------------------
 
 
@@ -619,15 +682,34 @@ def test_a_corrupt_stored_spec_fails_that_task_naming_the_field_and_others_still
     assert ledger_counts(ledger) == each_step("healthy", 2)
 
 
-def test_resuming_every_interrupted_task_is_not_blocked_by_one_with_a_corrupt_spec(clocked_runtime, clock, ledger):
+@pytest.fixture
+def broken_and_healthy_interrupted(clocked_runtime, clock, ledger) -> tuple[Runtime, str, str]:
+    """Two interrupted tasks (expired leases); the older one's stored spec is corrupt."""
     rt = clocked_runtime(lease_s=30)
     broken = worker.submit(rt, "corrupt", task_id="broken", steps=2, ledger_path=str(ledger))
     healthy = worker.submit(rt, "fine", task_id="healthy", steps=2, ledger_path=str(ledger))
-    for task_id in (broken, healthy):
-        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
+    assert rt.leases.claim(broken, ELSEWHERE, lease_s=30)
+    clock.advance(1)  # the recovery scan meets the broken task first
+    assert rt.leases.claim(healthy, ELSEWHERE, lease_s=30)
     rt.store.db.execute_sql("UPDATE task SET spec = '{bad' WHERE task_id = ?", (broken,))
     clock.advance(31)
+    return rt, broken, healthy
+
+
+def test_a_recovery_pass_is_not_blocked_by_a_task_with_a_corrupt_spec(broken_and_healthy_interrupted):
+    rt, _broken, healthy = broken_and_healthy_interrupted
 
     sent = resend_interrupted(rt)
 
     assert healthy in sent
+    assert rt.broker.queues[rt.settings.queue_name].qsize() >= 1
+
+
+def test_resume_interrupted_is_not_blocked_by_a_task_with_a_corrupt_spec(broken_and_healthy_interrupted, ledger):
+    rt, broken, healthy = broken_and_healthy_interrupted
+
+    records = {record.task_id: record for record in worker.resume_interrupted()}
+
+    assert records[healthy].status is TaskStatus.COMPLETED
+    assert ledger_counts(ledger) == each_step(healthy, 2)
+    assert rt.store.summary(broken).status is not TaskStatus.COMPLETED

@@ -612,6 +612,16 @@ def test_a_checkpoint_under_a_lease_can_renew_it(leased, clock, make_update):
     assert store.load("task-1").lease.expires_at == at(renewed_until)
 
 
+def test_a_terminal_snapshot_from_the_lease_holder_releases_the_lease(leased, make_snapshot):
+    store, book, claim = leased
+
+    store.save_snapshot(make_snapshot(TaskStatus.FAILED, last_error="gave up"), lease_token=claim.token)
+
+    record = store.load("task-1")
+    assert (record.status, record.lease) == (TaskStatus.FAILED, None)
+    assert not book.holds("task-1", claim.token)
+
+
 def test_a_claim_is_refused_while_a_live_lease_exists(leased, clock):
     store, book, claim = leased
     clock.advance(LEASE_S - 1)
@@ -668,12 +678,14 @@ def test_a_steal_token_takes_over_a_live_lease(leased):
 def test_renew_extends_only_the_leases_still_held(leased, clock, make_snapshot):
     store, book, claim = leased
     store.save_snapshot(make_snapshot(TaskStatus.RUNNING, task_id="task-2"))
-    other = book.claim("task-2", WORKER_A, lease_s=LEASE_S)
+    other = book.claim("task-2", WORKER_B, lease_s=LEASE_S)
     now = clock.advance(20)
 
-    assert book.renew([claim.token, other.token, "lost-token"], lease_s=LEASE_S) == 2
+    assert book.renew([claim.token, "lost-token"], lease_s=LEASE_S) == 1
+
     assert store.load("task-1").lease.expires_at == at(now + LEASE_S)
-    assert store.load("task-2").lease.expires_at == at(now + LEASE_S)
+    assert store.load("task-2").lease.expires_at == at(other.expires_at)  # not ours: untouched
+    assert book.renew([claim.token, other.token], lease_s=LEASE_S) == 2
     assert book.renew([], lease_s=LEASE_S) == 0
 
 

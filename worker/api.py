@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from models import (
+    CorruptRecord,
     InvalidInput,
     LonghaulError,
     TaskNotFound,
@@ -20,6 +21,7 @@ from models import (
     TaskSnapshot,
     TaskSpec,
     TaskStatus,
+    TaskSummary,
 )
 
 from .recovery import find_interrupted
@@ -104,7 +106,8 @@ def run_inline(prompt: str, *, on_progress: Optional[Callable[[Progress], None]]
     """
     rt = get_runtime()
     task_id = submit(rt, prompt, **kwargs)
-    return _drive(rt, [task_id], on_progress=on_progress, wait=True)[0]
+    _drive(rt, [task_id], on_progress=on_progress, wait=True)
+    return rt.store.get(task_id)
 
 
 def resume(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = None) -> TaskRecord:
@@ -121,11 +124,16 @@ def resume(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = 
         raise TaskNotResumable(task_id, holder.status.value)
     if holder.token is not None and not any(row.task_id == task_id for row, _ in find_interrupted(rt)):
         raise TaskBusy(task_id, holder.host, holder.pid)
-    return _drive(rt, [task_id], on_progress=on_progress)[0]
+    _drive(rt, [task_id], on_progress=on_progress)
+    return rt.store.get(task_id)
 
 
-def resume_interrupted(*, on_progress: Optional[Callable[[Progress], None]] = None) -> list[TaskRecord]:
-    """Resume every task that was interrupted (dead worker, expired lease, released)."""
+def resume_interrupted(*, on_progress: Optional[Callable[[Progress], None]] = None) -> list[TaskSummary]:
+    """Resume every task that was interrupted (dead worker, expired lease, released).
+
+    Returns summaries, not whole records: one task whose stored record is
+    corrupt (failed by the worker, naming the field) must not hide the rest.
+    """
     rt = get_runtime()
     task_ids = [row.task_id for row, _reason in find_interrupted(rt)]
     return _drive(rt, task_ids, on_progress=on_progress) if task_ids else []
@@ -135,7 +143,8 @@ def rerun(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = N
     """Run a finished task again from step 1 (its stale checkpoints are reset)."""
     rt = get_runtime()
     rt.store.reset_for_rerun(task_id)
-    return _drive(rt, [task_id], on_progress=on_progress)[0]
+    _drive(rt, [task_id], on_progress=on_progress)
+    return rt.store.get(task_id)
 
 
 def cancel(task_id: str) -> TaskStatus:
@@ -144,7 +153,7 @@ def cancel(task_id: str) -> TaskStatus:
 
 
 def _drive(rt: Runtime, task_ids: list[str], *, on_progress: Optional[Callable[[Progress], None]],
-           wait: bool = False) -> list[TaskRecord]:
+           wait: bool = False) -> list[TaskSummary]:
     """Send the tasks; without Redis, run them here and wait for their ends.
 
     With Redis, `wait` waits for the workers to finish them; otherwise the
@@ -154,7 +163,7 @@ def _drive(rt: Runtime, task_ids: list[str], *, on_progress: Optional[Callable[[
         for task_id in task_ids:
             rt.send(task_id)
         if not wait:
-            return [rt.store.get(task_id) for task_id in task_ids]
+            return [rt.store.summary(task_id) for task_id in task_ids]
         return [wait_for(task_id, on_progress=on_progress) for task_id in task_ids]
     rt.start_embedded_worker()
     try:
@@ -173,7 +182,7 @@ def wait_for(
     timeout_s: Optional[float] = None,
     poll_s: float = 0.1,
     while_running: bool = False,
-) -> TaskRecord:
+) -> TaskSummary:
     """Poll the store until the task finishes (or, with `while_running`, stops running here).
 
     `while_running` also returns when the task is interrupted and released
@@ -188,24 +197,25 @@ def wait_for(
         if on_progress is not None and summary.checkpoint_count != last_step:
             last_step = summary.checkpoint_count
             on_progress(_progress(rt, task_id, summary.status, time.monotonic() - started))
-        if summary.status.is_terminal:
-            return rt.store.get(task_id)
-        if while_running and rt.stopping.is_set():
-            return rt.store.get(task_id)
+        if summary.status.is_terminal or (while_running and rt.stopping.is_set()):
+            return summary
         if timeout_s is not None and time.monotonic() - started > timeout_s:
-            return rt.store.get(task_id)
+            return summary
         time.sleep(poll_s)
 
 
 def _progress(rt: Runtime, task_id: str, status: TaskStatus, elapsed_s: float) -> Progress:
     latest = rt.store.latest_checkpoint(task_id)
-    spec = rt.store.task_spec(task_id)
-    planned = spec.options.get("steps")
+    try:
+        spec: Optional[TaskSpec] = rt.store.task_spec(task_id)
+    except CorruptRecord:
+        spec = None
+    planned = spec.options.get("steps") if spec else None
     return Progress(
         task_id=task_id,
         status=status,
         step=latest.step_index if latest else 0,
-        planned_steps=int(planned) if isinstance(planned, int) else spec.max_steps,
+        planned_steps=int(planned) if isinstance(planned, int) else (spec.max_steps if spec else None),
         last_tool=latest.items[-1].tool_name if latest and latest.items else None,
         elapsed_s=elapsed_s,
     )

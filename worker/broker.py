@@ -42,10 +42,12 @@ def build_broker(rt: Runtime) -> tuple[Broker, Actor]:
         ShutdownNotifications(notify_shutdown=False),
         Callbacks(),
         Pipelines(),
+        # Dramatiq runs after_* hooks in reverse order: listed before Retries,
+        # LonghaulMiddleware.after_process_message sees message.failed once Retries gives up.
+        LonghaulMiddleware(rt),
         Retries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
                 max_backoff=settings.max_backoff_ms),
         CurrentMessage(),
-        LonghaulMiddleware(rt),  # after Retries: sees message.failed once Retries gives up
     ]
     broker: Broker
     if rt.embedded:

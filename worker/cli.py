@@ -11,13 +11,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import click
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from models import InvalidInput, LonghaulError, TaskRecord, TaskStatus, TaskSummary
+from models import InvalidInput, LonghaulError, TaskStatus, TaskSummary
 
 from . import api
 from .runtime import BrokerRequired, get_runtime
@@ -76,7 +76,7 @@ def _print_progress(progress: api.Progress) -> None:
     click.echo(f"[{progress.task_id}] step {progress.step}{total}{tool} · {progress.elapsed_s:.1f}s", err=True)
 
 
-def _report(records: list[TaskRecord], as_json: bool) -> None:
+def _report(records: Sequence[TaskSummary], as_json: bool) -> None:
     """Print finished records; exit 1 unless every one completed."""
     if as_json:
         _dump(records[0] if len(records) == 1 else records)
@@ -259,7 +259,7 @@ def rerun(task_id: str, as_json: bool) -> None:
     _report_or_sent([api.rerun(task_id, on_progress=None if as_json else _print_progress)], as_json)
 
 
-def _report_or_sent(records: list[TaskRecord], as_json: bool) -> None:
+def _report_or_sent(records: Sequence[TaskSummary], as_json: bool) -> None:
     if get_runtime().embedded:
         _report(records, as_json)
     else:

@@ -93,6 +93,9 @@ def run_claimed_task(rt: Runtime, claim: Claim) -> TaskStatus:
     except (DatabaseError, InterfaceError) as exc:
         _release(rt, claim, redeliver_at=_retry_due_at(rt))
         raise StoreUnavailable(task_id, f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # a bug in a provider or tool: fail the task, never leave it leased
+        logger.exception("task %r: unexpected error", task_id)
+        return _finish(rt, claim, TaskStatus.FAILED, last_error=f"{type(exc).__name__}: {exc}")
 
 
 def _check_startable(rt: Runtime, claim: Claim, record: TaskRecord) -> None:

@@ -53,7 +53,8 @@ class LonghaulMiddleware(Middleware):
         if exception is None or not message.failed or not message.args or not isinstance(message.args[0], str):
             return
         task_id = message.args[0]
-        retries = message.options.get("retries", 0)
+        # Retries has already counted this failed attempt; the retries that ran are one fewer.
+        retries = max(0, int(message.options.get("retries", 1)) - 1)
         reason = f"gave up after {retries} retries: {type(exception).__name__}: {exception}"
         try:
             claim = self.rt.leases.claim(task_id, self.rt.claimant, lease_s=self.rt.settings.lease_s)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 
 from dramatiq import Actor, Broker, Worker
 
-from models import Claim, Claimant, InvalidInput, LeaseBook, TaskStore
+from models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, TaskStore
 
 from .identity import current_claimant
 from .settings import Settings, load_settings
@@ -96,7 +96,11 @@ class Runtime:
 
     def remaining_time_limit_ms(self, task_id: str) -> int:
         """The task's time budget left (at least 1 s), or the default per-delivery limit."""
-        limit_s, started_at = self.store.time_budget(task_id)
+        try:
+            limit_s, started_at = self.store.time_budget(task_id)
+        except CorruptRecord:
+            # Send it anyway: the worker fails the task with a message naming the field.
+            return int(self.settings.default_time_limit_s * 1000)
         if limit_s is None:
             return int(self.settings.default_time_limit_s * 1000)
         used_s = 0.0 if started_at is None else max(0.0, self.store.clock() - started_at)
