@@ -20,6 +20,7 @@ Nothing here asserts on timings; it prints figures for a reader to judge.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import sqlite3
@@ -182,6 +183,13 @@ class SeedStore:
         self.conn.close()
 
 
+def _seed_step(seed: SeedStore, task_id: str, step: int, messages: list[dict[str, str]],
+               new: list[dict[str, str]], items: list[dict[str, Any]], note: str) -> None:
+    # The caller's history grows by the step's messages; the seed design rewrites it all.
+    messages.extend(new)
+    seed.record_checkpoint(task_id, step, messages, note, items)
+
+
 def seed_costs(seed: SeedStore, plan: Plan) -> dict[int, Cost]:
     """The seed's checkpoint cost at each history length."""
     costs: dict[int, Cost] = {}
@@ -195,15 +203,10 @@ def seed_costs(seed: SeedStore, plan: Plan) -> dict[int, Cost]:
         for step in range(1, plan.steps_per_task + 1):
             for task_id, messages in histories.items():
                 update = step_update(task_id, step, len(messages))
-
-                def record(task_id: str = task_id, step: int = step, messages: list[dict[str, str]] = messages,
-                           new: list[dict[str, str]] = [m.model_dump(exclude_none=True) for m in update.new_messages],
-                           items: list[dict[str, Any]] = [item.model_dump() for item in update.items],
-                           note: str = update.checkpoint_note or "") -> None:
-                    # The caller's history grows by the step's messages; the store rewrites it all.
-                    messages.extend(new)
-                    seed.record_checkpoint(task_id, step, messages, note, items)
-
+                new = [m.model_dump(exclude_none=True) for m in update.new_messages]
+                items = [item.model_dump() for item in update.items]
+                record = functools.partial(_seed_step, seed, task_id, step, messages, new, items,
+                                           update.checkpoint_note or "")
                 samples.append(timed_ms(record))
         costs[length] = Cost.of(samples)
     return costs

@@ -118,7 +118,8 @@ def main() -> None:
                 rows.append(("  ratio longhaul steps / bare Redis messages", f"{step_rate / redis_rate:.2f}x"))
                 latency = resume_latency_s(workdir, redis, tasks=4)
                 rows.append(("resume latency after SIGKILL, same host (s)", f"{latency:.2f}"))
-                rows.append(("  vs Dramatiq's own redelivery (>= 60 s heartbeat timeout)", f"{60 / latency:.0f}x sooner"))
+                rows.append(("  vs Dramatiq's own redelivery (>= 60 s heartbeat timeout)",
+                             f"{60 / latency:.0f}x sooner"))
             finally:
                 redis.stop()
         else:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import pytest
 
-from models import TaskStore
+from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskSnapshot, TaskStatus, TaskStore
+from worker.testing import IN_CI, FakeClock, RedisServer, WorkerProcess
+
+if TYPE_CHECKING:
+    from worker import Runtime
+
 
 
 @pytest.fixture
@@ -24,28 +32,10 @@ def store(db_url: str):
 
 # -- Models test suite: a fixed clock, record factories, row counts ----------
 
-from typing import Any, Callable, Optional  # noqa: E402
-
-from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskSnapshot, TaskStatus  # noqa: E402
-
 #: The identity fields the seed's tests use for every task.
 TASK_IDENTITY: dict[str, str] = dict(
     task_id="task-1", thread_id="thread-1", channel="telegram", provider="openai", model="gpt-test"
 )
-
-
-class FakeClock:
-    """A clock (seconds since the epoch) that moves only when a test moves it."""
-
-    def __init__(self, start_s: float = 1_700_000_000.0) -> None:
-        self.now_s = start_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> float:
-        self.now_s += seconds
-        return self.now_s
 
 
 @pytest.fixture
@@ -122,78 +112,6 @@ def count_rows() -> Callable[..., int]:
 
 # -- real servers and worker processes ----------------------------------------
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections import Counter
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
-
-if TYPE_CHECKING:
-    from worker import Runtime
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], object], *, timeout_s: float, what: str, poll_s: float = 0.05) -> object:
-    """Poll `predicate` until it returns something truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(poll_s)
-
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.workdir = workdir
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis.from_url(self.url)
-        wait_until(lambda: _pings(client), timeout_s=10, what="redis-server to answer PING")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def restart_empty(self) -> None:
-        """Lose every queued message, as a crashed broker without persistence does."""
-        self.stop()
-        self.start()
-
-
-def _pings(client) -> bool:  # type: ignore[no-untyped-def]
-    try:
-        return bool(client.ping())
-    except Exception:
-        return False
-
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
@@ -202,51 +120,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         if IN_CI:
             pytest.fail("redis-server is not installed; .ci/run must install it")
         pytest.skip("redis-server not installed")
-    server = RedisServer(tmp_path)
-    server.start()
+    server = RedisServer(tmp_path).start()
     yield server
     server.stop()
-
-
-class WorkerProcess:
-    """`dramatiq worker.actors` in its own process group, killable as a whole."""
-
-    def __init__(self, env: dict[str, str], *, processes: int, threads: int, log_path: Path) -> None:
-        self.env = env
-        self.processes = processes
-        self.threads = threads
-        self.log_path = log_path
-        self.proc: Optional[subprocess.Popen[bytes]] = None
-        self.started_at = 0.0
-
-    def start(self) -> WorkerProcess:
-        log = open(self.log_path, "ab")
-        self.started_at = time.monotonic()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "worker.actors", "--processes", str(self.processes),
-             "--threads", str(self.threads)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        log.close()
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: the main process and its worker processes."""
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-    def terminate(self, *, timeout_s: float = 60) -> int:
-        """SIGTERM, as a deploy does, and wait for a graceful exit."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout_s)
-        self.proc = None
-        return code
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture
@@ -282,13 +158,6 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     yield start
     for worker in started:
         worker.kill()
-
-
-def ledger_counts(path: Path) -> Counter[str]:
-    """How often each ledger line (``<task_id> step <i>``) was written."""
-    if not path.exists():
-        return Counter()
-    return Counter(line for line in path.read_text().splitlines() if line)
 
 
 @pytest.fixture

@@ -24,8 +24,7 @@ from worker.broker import RUN_TASK, declare_run_task
 from worker.loop import StoreUnavailable
 from worker.providers import PermanentProviderError, TransientProviderError
 from worker.recovery import find_interrupted
-
-from .conftest import IN_CI, FakeClock, wait_until
+from worker.testing import IN_CI, FakeClock, wait_until
 
 fakeredis = pytest.importorskip("fakeredis")
 

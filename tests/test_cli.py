@@ -20,8 +20,7 @@ import pytest
 
 import worker
 from models import TaskStatus, TaskStore
-
-from .conftest import ledger_counts, wait_until
+from worker.testing import ledger_counts, wait_until
 
 LONGHAUL = [sys.executable, "-c", "from worker.cli import main; main()"]
 

@@ -40,8 +40,7 @@ from worker.providers import (
 )
 from worker.providers.scripted import ScriptedProvider
 from worker.recovery import find_interrupted, interruption, resend_interrupted
-
-from .conftest import FakeClock, ledger_counts, wait_until
+from worker.testing import FakeClock, ledger_counts, wait_until
 
 #: A worker process on another host: its liveness cannot be checked from here.
 ELSEWHERE = Claimant(owner="other", host="elsewhere", pid=1)
@@ -546,7 +545,7 @@ def test_find_interrupted_lists_exactly_the_tasks_nobody_runs_and_no_message_is_
 
     overdue = task("queued-overdue")
     clock.advance(61)  # its message should have arrived a minute ago
-    fresh = task("queued-fresh")
+    task("queued-fresh")  # sent moments ago: not interrupted
     released = task("released")
     claim = rt.leases.claim(released, rt.claimant, lease_s=30)
     assert claim is not None and rt.leases.release(released, claim.token, redeliver_at=None)

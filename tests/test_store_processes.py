@@ -10,8 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from models import TaskStore
 
 #: Reads a task in a fresh interpreter and prints what it saw as JSON.
@@ -34,7 +32,8 @@ import json, sys, threading, time
 from pathlib import Path
 from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
 
-db_url, process, threads, steps, go = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+db_url, go = sys.argv[1], Path(sys.argv[5])
+process, threads, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 (go.parent / f"ready-{process}").touch()
 deadline = time.monotonic() + 30
 while not go.exists():
@@ -160,7 +159,7 @@ def test_processes_and_threads_write_checkpoints_concurrently_without_lock_error
     assert [cp.step_index for cp in shared.checkpoints] == list(range(1, writers * steps + 1))
     contents = [m.content for m in shared.execution_history]
     assert len(contents) == 2 * writers * steps
-    assert all(said.replace(" said", " ran") == ran for said, ran in zip(contents[::2], contents[1::2]))
+    assert all(said.replace(" said", " ran") == ran for said, ran in zip(contents[::2], contents[1::2], strict=True))
     assert sorted(contents[::2]) == sorted(
         f"p{p}t{t}s{s} said" for p in range(processes) for t in range(threads) for s in range(steps))
 

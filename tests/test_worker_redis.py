@@ -9,8 +9,7 @@ import pytest
 
 import worker
 from models import TaskStatus
-
-from .conftest import ledger_counts, wait_until
+from worker.testing import ledger_counts, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.crash]
 
@@ -99,7 +98,8 @@ def test_sigterm_lets_the_current_step_finish_and_checkpoint(client_runtime, sta
     assert first.terminate() == 0
     interrupted = store.get(task_id)
     assert interrupted.status is TaskStatus.RUNNING and interrupted.lease is None
-    assert interrupted.checkpoint_count == sum(ledger_counts(ledger).values()), "the in-flight step was not checkpointed"
+    ran = sum(ledger_counts(ledger).values())
+    assert interrupted.checkpoint_count == ran, "the in-flight step was not checkpointed"
     assert interrupted.checkpoint_count < steps
 
     start_worker(processes=1, threads=2)

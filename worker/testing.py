@@ -18,6 +18,27 @@ from typing import Callable, Optional, TypeVar
 
 T = TypeVar("T")
 
+#: True under CI: a missing real server is then a failure, not a skip.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+class FakeClock:
+    """A clock (seconds since the epoch) that moves only when a test moves it.
+
+    Pass it as ``TaskStore(url, clock=FakeClock())``: leases expire when the
+    test says so, not after a sleep.
+    """
+
+    def __init__(self, start_s: float = 1_700_000_000.0) -> None:
+        self.now_s = start_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> float:
+        self.now_s += seconds
+        return self.now_s
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
