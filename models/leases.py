@@ -180,13 +180,6 @@ class LeaseBook:
                 .execute()
             )
 
-    def _lease_rows(self):  # type: ignore[no-untyped-def]
-        Task = self.Task
-        return Task.select(
-            Task.task_id, Task.status, Task.lease_token, Task.lease_host, Task.lease_pid,
-            Task.lease_pid_started_at, Task.lease_expires_at, Task.delivery_due_at,
-        ).tuples()
-
     def note_sent(self, task_id: str) -> None:
         """Record that a message for an unleased task was just sent (recovery then waits for it)."""
         Task = self.Task
