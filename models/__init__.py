@@ -26,6 +26,7 @@ from .schemas import (
     TaskStatus,
     TaskSummary,
     ToolCall,
+    Usage,
 )
 from .store import TaskStore
 from .turns import (
@@ -44,7 +45,7 @@ __all__ = [
     "TaskNotFound", "TaskNotResumable",
     # Schemas
     "ChatMessage", "CheckpointItem", "CheckpointUpdate", "LeaseInfo", "TaskCheckpointRecord",
-    "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall",
+    "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",
     # Store
     "DEFAULT_DATABASE_URL", "TaskStore", "open_database",
     # Leases

@@ -131,6 +131,25 @@ class CheckpointUpdate(_TaskIdentity):
     items: list[CheckpointItem] = Field(default_factory=list)
 
 
+class Usage(BaseModel):
+    """Tokens, requests and cost, per model answer or summed over a task."""
+
+    input_tokens: int = Field(default=0, ge=0)
+    output_tokens: int = Field(default=0, ge=0)
+    cache_read_tokens: int = Field(default=0, ge=0)
+    cache_creation_tokens: int = Field(default=0, ge=0)
+    reasoning_tokens: int = Field(default=0, ge=0)
+    request_count: int = Field(default=0, ge=0)
+    cost_usd: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(**{name: getattr(self, name) + getattr(other, name) for name in Usage.model_fields})
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
 class TaskCheckpointRecord(BaseModel):
     """A stored checkpoint, as loaded."""
 

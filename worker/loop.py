@@ -38,7 +38,7 @@ from .providers import (
     create_provider,
 )
 from .runtime import Runtime
-from .tools import ToolContext, checkpoint_item, run_tool_call
+from .tools import ToolContext, allowed_tools, checkpoint_item, run_tool_call
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def _step_until_done(
 ) -> TaskStatus:
     store, task_id = rt.store, claim.task_id
     options: dict[str, Any] = dict(spec.options)
+    tools = allowed_tools(options)
     step = record.last_step_index
     while True:
         if rt.stopping.is_set():
@@ -146,7 +147,7 @@ def _step_until_done(
             return _finish(rt, claim, TaskStatus.CANCELLED, last_error=f"cancelled after step {step}")
         step += 1
         turn = provider.next_turn(StepContext(task_id=task_id, step_index=step, history=history,
-                                              model=record.model, options=options))
+                                              model=record.model, options=options, tools=tools))
         assistant = ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls)
         if not turn.tool_calls:
             return _finish(rt, claim, TaskStatus.COMPLETED, final_response=turn.content,

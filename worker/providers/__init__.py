@@ -6,6 +6,7 @@ from typing import Callable
 
 from .base import (
     AssistantTurn,
+    EmitEvent,
     PermanentProviderError,
     Provider,
     ProviderError,
@@ -29,6 +30,6 @@ def create_provider(name: str) -> Provider:
 
 
 __all__ = [
-    "AssistantTurn", "PermanentProviderError", "Provider", "ProviderError", "StepContext",
+    "AssistantTurn", "EmitEvent", "PermanentProviderError", "Provider", "ProviderError", "StepContext",
     "TransientProviderError", "UnknownProvider", "PROVIDERS", "create_provider",
 ]

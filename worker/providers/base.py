@@ -3,20 +3,36 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Optional, Protocol, Sequence
 
-from models import ChatMessage, InvalidInput, LonghaulError, ToolCall
+from models import ChatMessage, InvalidInput, LonghaulError, ToolCall, Usage
+
+from ..tools.base import Tool
+
+#: Receives trace events as they happen: ``emit("content", {"text": chunk})``.
+EmitEvent = Callable[[str, dict[str, Any]], None]
+
+
+def ignore_event(event_type: str, data: dict[str, Any]) -> None:
+    """The default `EmitEvent`: tracing off."""
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a provider sees when asked for step `step_index` of a task."""
+    """What a provider sees when asked for step `step_index` of a task.
+
+    A streaming provider reports each chunk through `emit` (event types
+    ``content`` and ``reasoning``, data ``{"text": chunk}``); consecutive
+    chunks are consolidated into one trace row.
+    """
 
     task_id: str
     step_index: int  # 1-based: the step about to run
     history: list[ChatMessage]
     model: str
     options: dict[str, Any] = field(default_factory=dict)
+    tools: Sequence[Tool] = ()  # the tools this task may call, with their JSON schemas
+    emit: EmitEvent = ignore_event
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,7 @@ class AssistantTurn:
 
     content: str
     tool_calls: list[ToolCall] = field(default_factory=list)
+    usage: Optional[Usage] = None  # what this answer cost, if the provider reports it
 
 
 class Provider(Protocol):

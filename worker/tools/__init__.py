@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import ValidationError
 
 from models import CheckpointItem, ToolCall
@@ -35,8 +37,18 @@ def run_tool_call(call: ToolCall, ctx: ToolContext) -> ToolResult:
         return ToolResult(False, f"{call.name} failed: {type(exc).__name__}: {exc}")
 
 
+def allowed_tools(options: dict[str, Any]) -> list[Tool]:
+    """The tools a task may call: ``options["tools"]`` (names), else every registered tool."""
+    names = options.get("tools")
+    if names is None:
+        return list(TOOLS.values())
+    return [TOOLS[name] for name in names if name in TOOLS]
+
+
 def checkpoint_item(call: ToolCall, result: ToolResult) -> CheckpointItem:
     return CheckpointItem(tool_name=call.name, arguments=call.arguments, success=result.success,
                           output=result.output)
 
-__all__ = ["TOOLS", "Tool", "ToolContext", "ToolResult", "checkpoint_item", "register_tool", "run_tool_call"]
+
+__all__ = ["TOOLS", "Tool", "ToolContext", "ToolResult", "allowed_tools", "checkpoint_item", "register_tool",
+           "run_tool_call"]
