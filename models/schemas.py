@@ -187,6 +187,9 @@ class TaskSummary(BaseModel):
     started_at: Optional[datetime]
     completed_at: Optional[datetime]
     lease: Optional[LeaseInfo] = None
+    turn_count: int = 0
+    tool_call_count: int = 0
+    usage: Usage = Field(default_factory=Usage)
 
 
 class TaskRecord(TaskSummary):

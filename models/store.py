@@ -18,8 +18,10 @@ import orjson
 from peewee import Database, OperationalError, __exception_wrapper__, fn
 from pydantic import ValidationError
 
+from . import migrations
 from .db import DEFAULT_BUSY_TIMEOUT_MS, open_database
 from .errors import CorruptRecord, LeaseLost, SchemaTooNew, TaskNotFound, TaskNotResumable
+from .redact import redact_text
 from .schemas import (
     ChatMessage,
     CheckpointItem,
@@ -32,8 +34,10 @@ from .schemas import (
     TaskStatus,
     TaskSummary,
     ToolCall,
+    Usage,
 )
 from .tables import EXECUTION, RESUMABLE, SCHEMA_VERSION, Tables, bind_tables
+from .traces import TraceEventRecord, TraceRow
 
 Clock = Callable[[], float]
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
@@ -109,13 +113,16 @@ class TaskStore:
                 time.sleep(0.02)
 
     def _migrate(self) -> None:
-        """Create the schema if missing (idempotent) and record its version."""
+        """Create the schema if missing and migrate an older one (idempotent); record the version."""
         SchemaVersion = self.tables.SchemaVersion
         with self.db.atomic():
             self.db.create_tables(self.tables.all, safe=True)
             found = SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
             if found > SCHEMA_VERSION:
                 raise SchemaTooNew(found, SCHEMA_VERSION)
+            for version, migration in migrations.pending(found, SCHEMA_VERSION):
+                migration(self.db, self.tables)
+                SchemaVersion.insert(version=version, applied_at=self.clock()).on_conflict_ignore().execute()
             if found < SCHEMA_VERSION:
                 SchemaVersion.insert(version=SCHEMA_VERSION, applied_at=self.clock()).on_conflict_ignore().execute()
 
@@ -218,6 +225,8 @@ class TaskStore:
         *,
         lease_token: Optional[str] = None,
         lease_expires_at: Optional[float] = None,
+        traces: Sequence[TraceRow] = (),
+        usage: Optional[Usage] = None,
     ) -> bool:
         """Append one step's messages and checkpoint, in one transaction.
 
@@ -229,7 +238,10 @@ class TaskStore:
 
         With `lease_token`, the write happens only while that lease is held
         (else `LeaseLost`), and `lease_expires_at` renews it in the same
-        statement. Cost does not grow with the history already stored.
+        statement. `traces` (from a `TraceWriter`) and the step's `usage` are
+        written in the same transaction: a checkpoint and its trace events
+        are stored together or not at all. Cost does not grow with the
+        history already stored.
         """
         if not isinstance(update, CheckpointUpdate):
             update = CheckpointUpdate.model_validate(update)
@@ -260,11 +272,13 @@ class TaskStore:
             self._insert_messages(
                 _message_rows(task_pk, EXECUTION, execution_count, update.new_messages, update.step_index)
             )
+            self._insert_traces(task_pk, traces)
             self.db.execute_sql(
                 sql.update_task_after_checkpoint,
                 (
                     update.thread_id, update.channel, update.provider, update.model,
-                    len(update.new_messages), update.checkpoint_note, now, lease_expires_at, task_pk,
+                    len(update.new_messages), *_counters(update.new_messages), *_usage_params(usage),
+                    update.checkpoint_note, now, lease_expires_at, task_pk,
                 ),
             )
         return True
@@ -301,11 +315,14 @@ class TaskStore:
         new_messages: Sequence[ChatMessage] = (),
         resumable_messages: Sequence[ChatMessage] = (),
         lease_token: Optional[str] = None,
+        traces: Sequence[TraceRow] = (),
+        usage: Optional[Usage] = None,
     ) -> None:
-        """Move a task to a terminal status, appending its last messages.
+        """Move a task to a terminal status, appending its last messages, traces and usage.
 
         Releases the lease. With `lease_token`, only the lease holder may
-        finish the task (else `LeaseLost`, nothing written).
+        finish the task (else `LeaseLost`, nothing written). `last_error` is
+        stored with secrets redacted.
         """
         status = TaskStatus(status)
         if not status.is_terminal:
@@ -320,13 +337,53 @@ class TaskStore:
                 _message_rows(row.id, EXECUTION, row.execution_count, list(new_messages), None)
                 + _message_rows(row.id, RESUMABLE, row.resumable_count, list(resumable_messages), None)
             )
+            self._insert_traces(row.id, traces)
+            turns, tool_calls = _counters(new_messages)
+            added = usage or Usage()
             Task.update(
-                status=status.value, final_response=final_response, last_error=last_error,
+                status=status.value, final_response=final_response,
+                last_error=None if last_error is None else redact_text(last_error),
                 updated_at=now, completed_at=now,
                 execution_count=row.execution_count + len(new_messages),
                 resumable_count=row.resumable_count + len(resumable_messages),
+                turn_count=Task.turn_count + turns, tool_call_count=Task.tool_call_count + tool_calls,
+                **{name: getattr(Task, name) + getattr(added, name) for name in _USAGE_FIELDS},
                 **_released_lease(),
             ).where(Task.id == row.id).execute()
+
+    def append_traces(self, task_id: str, traces: Sequence[TraceRow], *, lease_token: Optional[str] = None) -> None:
+        """Write trace rows outside a checkpoint (a resume, a shutdown); fenced like checkpoints."""
+        if not traces:
+            return
+        with self.db.atomic():
+            row = self._task_row(task_id)
+            if lease_token is not None and row.lease_token != lease_token:
+                raise LeaseLost(task_id)
+            self._insert_traces(row.id, traces)
+
+    def next_trace_sequence(self, task_id: str) -> int:
+        """The sequence number after the highest stored for the task (0 if none)."""
+        Task, TraceEvent = self.tables.Task, self.tables.TraceEvent
+        highest = (TraceEvent.select(fn.MAX(TraceEvent.sequence))
+                   .join(Task, on=(TraceEvent.task == Task.id)).where(Task.task_id == task_id).scalar())
+        return 0 if highest is None else highest + 1
+
+    def traces(self, task_id: str, *, after_sequence: int = -1, limit: Optional[int] = None) -> list[TraceEventRecord]:
+        """The task's trace events in sequence order, those after `after_sequence` only."""
+        Task, TraceEvent = self.tables.Task, self.tables.TraceEvent
+        task_pk = Task.select(Task.id).where(Task.task_id == task_id).scalar()
+        if task_pk is None:
+            raise TaskNotFound(task_id)
+        query = (TraceEvent.select().where((TraceEvent.task == task_pk) & (TraceEvent.sequence > after_sequence))
+                 .order_by(TraceEvent.sequence))
+        if limit is not None:
+            query = query.limit(limit)
+        return [
+            TraceEventRecord(task_id=task_id, sequence=row.sequence, recorded_at=to_datetime(row.recorded_at),
+                             elapsed_ms=row.elapsed_ms, agent=row.agent, model=row.model, job_type=row.job_type,
+                             event_type=row.event_type, data=self._decode_trace_data(task_id, row))
+            for row in query
+        ]
 
     def reset_for_rerun(self, task_id: str) -> None:
         """Make a finished task `queued` again, to run from step 1.
@@ -486,6 +543,19 @@ class TaskStore:
             raise TaskNotFound(task_id)
         return row
 
+    def _insert_traces(self, task_pk: int, traces: Sequence[TraceRow]) -> None:
+        if traces:
+            with __exception_wrapper__:
+                self.db.cursor().executemany(self._sql.insert_trace, [(task_pk, *row) for row in traces])
+
+    @staticmethod
+    def _decode_trace_data(task_id: str, row: Any) -> dict[str, Any]:
+        try:
+            data = orjson.loads(row.data)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptRecord(task_id, f"trace_event[{row.sequence}].data", str(exc)) from None
+        return data if isinstance(data, dict) else {"value": data}
+
     def _insert_messages(self, rows: list[tuple[Any, ...]]) -> None:
         if rows:
             # Raw executemany, translated to peewee's exceptions like every other statement.
@@ -508,6 +578,8 @@ class TaskStore:
             final_response=row.final_response, last_error=row.last_error,
             created_at=to_datetime(row.created_at), updated_at=to_datetime(row.updated_at),
             started_at=to_datetime(row.started_at), completed_at=to_datetime(row.completed_at), lease=lease,
+            turn_count=row.turn_count, tool_call_count=row.tool_call_count,
+            usage=Usage(**{name: getattr(row, name) for name in _USAGE_FIELDS}),
         )
 
     def _record_from_row(self, row: Any) -> TaskRecord:
@@ -563,6 +635,23 @@ class TaskStore:
                                     items=items, created_at=to_datetime(row.created_at))
 
 
+_USAGE_FIELDS = tuple(Usage.model_fields)
+
+
+def _counters(messages: Sequence[ChatMessage]) -> tuple[int, int]:
+    """(assistant turns, tool calls) among `messages`."""
+    turns = sum(1 for m in messages if m.role == "assistant")
+    return turns, sum(len(m.tool_calls or ()) for m in messages)
+
+
+def _usage_params(usage: Optional[Usage]) -> tuple[Any, ...]:
+    usage = usage or _NO_USAGE
+    return tuple(getattr(usage, name) for name in _USAGE_FIELDS)
+
+
+_NO_USAGE = Usage()
+
+
 def _released_lease() -> dict[str, Any]:
     from .leases import _NO_LEASE
 
@@ -598,6 +687,10 @@ class _HotPathSql:
             .where(Message.task == 0)
             .order_by(Message.history, Message.position)
         )
+        self.insert_trace = _render(
+            tables.TraceEvent.insert(task=0, sequence=0, recorded_at=0.0, elapsed_ms=0.0, agent="", model="",
+                                     job_type="", event_type="", data="")
+        )
         self.insert_message = _render(
             Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
                            tool_call_id="", name="", tool_calls="")
@@ -609,6 +702,8 @@ class _HotPathSql:
             f'UPDATE "task" SET "thread_id" = {p}, "channel" = {p}, "provider" = {p}, "model" = {p}, '
             f'"status" = \'running\', "checkpoint_count" = "checkpoint_count" + 1, '
             f'"execution_count" = "execution_count" + {p}, '
+            f'"turn_count" = "turn_count" + {p}, "tool_call_count" = "tool_call_count" + {p}, '
+            + "".join(f'"{name}" = "{name}" + {p}, ' for name in _USAGE_FIELDS) +
             f'"latest_checkpoint_note" = COALESCE({p}, "latest_checkpoint_note"), '
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at") '
             f'WHERE "id" = {p}'

@@ -26,7 +26,7 @@ from peewee import (
 )
 
 #: The schema this code writes. Bump it with a migration in `models.migrations`.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: `Message.history` values: the full execution log, or the user-visible turns.
 EXECUTION = 0
@@ -40,11 +40,12 @@ class Tables:
     Task: type[Model]
     Message: type[Model]
     Checkpoint: type[Model]
+    TraceEvent: type[Model]
     SchemaVersion: type[Model]
 
     @property
     def all(self) -> list[type[Model]]:
-        return [self.Task, self.Message, self.Checkpoint, self.SchemaVersion]
+        return [self.Task, self.Message, self.Checkpoint, self.TraceEvent, self.SchemaVersion]
 
 
 def bind_tables(db: Database) -> Tables:
@@ -87,6 +88,16 @@ def bind_tables(db: Database) -> Tables:
         lease_expires_at = FloatField(null=True)
         recovery_count = IntegerField(default=0)
         cancel_requested = BooleanField(default=False)
+        # Since schema 2: what the task said and spent, summed as it runs.
+        turn_count = IntegerField(default=0)  # assistant messages
+        tool_call_count = IntegerField(default=0)
+        input_tokens = IntegerField(default=0)
+        output_tokens = IntegerField(default=0)
+        cache_read_tokens = IntegerField(default=0)
+        cache_creation_tokens = IntegerField(default=0)
+        reasoning_tokens = IntegerField(default=0)
+        request_count = IntegerField(default=0)
+        cost_usd = FloatField(default=0.0)
 
         class Meta:
             table_name = "task"
@@ -124,6 +135,24 @@ def bind_tables(db: Database) -> Tables:
             table_name = "checkpoint"
             indexes = ((("task", "step_index"), True),)
 
+    class TraceEvent(Base):
+        """What a task did, step by step; `sequence` continues across resumes and processes."""
+
+        id = AutoField()
+        task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
+        sequence = IntegerField()
+        recorded_at = FloatField()
+        elapsed_ms = FloatField()  # since the task's first step
+        agent = CharField(max_length=200)  # provider
+        model = CharField(max_length=200)
+        job_type = CharField(max_length=64)
+        event_type = CharField(max_length=64)
+        data = TextField()  # JSON, secrets redacted
+
+        class Meta:
+            table_name = "trace_event"
+            indexes = ((("task", "sequence"), True),)
+
     class SchemaVersion(Base):
         version = IntegerField(primary_key=True)
         applied_at = FloatField()
@@ -131,4 +160,5 @@ def bind_tables(db: Database) -> Tables:
         class Meta:
             table_name = "schema_version"
 
-    return Tables(Task=Task, Message=Message, Checkpoint=Checkpoint, SchemaVersion=SchemaVersion)
+    return Tables(Task=Task, Message=Message, Checkpoint=Checkpoint, TraceEvent=TraceEvent,
+                  SchemaVersion=SchemaVersion)

@@ -19,6 +19,7 @@ from models import (
     TaskStatus,
     TaskStore,
 )
+from models.tables import SCHEMA_VERSION
 
 TERMINAL_STATUSES = [status for status in TaskStatus if status.is_terminal]
 WORKER_A = Claimant(owner="host-a:101:aaaa", host="host-a", pid=101)
@@ -525,21 +526,22 @@ def test_create_task_stores_a_queued_task_once(store):
 def test_schema_creation_is_idempotent(db_url, make_update, count_rows):
     with TaskStore(db_url) as first:
         first.record_checkpoint(make_update(1))
-        assert first.schema_version() == 1
+        assert first.schema_version() == SCHEMA_VERSION
 
     with TaskStore(db_url) as second, TaskStore(db_url) as third:
-        assert second.schema_version() == third.schema_version() == 1
+        assert second.schema_version() == third.schema_version() == SCHEMA_VERSION
         assert count_rows(second, "schema_version") == 1
         assert second.load("task-1").checkpoint_count == 1
 
 
 def test_a_database_from_a_newer_longhaul_is_refused(db_url):
     with TaskStore(db_url) as current:
-        current.db.execute_sql('INSERT INTO "schema_version" ("version", "applied_at") VALUES (2, 0)')
+        current.db.execute_sql('INSERT INTO "schema_version" ("version", "applied_at") VALUES (?, 0)',
+                               (SCHEMA_VERSION + 1,))
 
     with pytest.raises(SchemaTooNew) as raised:
         TaskStore(db_url)
-    assert (raised.value.found, raised.value.supported) == (2, 1)
+    assert (raised.value.found, raised.value.supported) == (SCHEMA_VERSION + 1, SCHEMA_VERSION)
     assert "upgrade longhaul" in str(raised.value)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from models import TaskStore
+from models.tables import SCHEMA_VERSION
 
 #: Reads a task in a fresh interpreter and prints what it saw as JSON.
 READER = """
@@ -147,7 +148,7 @@ def test_processes_and_threads_write_checkpoints_concurrently_without_lock_error
         messages = store.db.execute_sql('SELECT COUNT(*) FROM "message"').fetchone()[0]
         assert checkpoints == 2 * writers * steps
         assert messages == 2 * checkpoints
-        assert store.schema_version() == 1
+        assert store.schema_version() == SCHEMA_VERSION
         for worker in range(writers):
             own = store.load(f"own-{worker}")
             assert own.checkpoint_count == steps
@@ -177,7 +178,7 @@ def test_opening_a_store_waits_out_another_writer_on_a_file_not_yet_in_wal_mode(
     release.start()
     try:
         with TaskStore(path, busy_timeout_ms=10_000) as store:
-            assert store.schema_version() == 1
+            assert store.schema_version() == SCHEMA_VERSION
     finally:
         release.join()
         other.close()

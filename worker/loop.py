@@ -10,13 +10,15 @@ either finished or resumable.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+import time
+from typing import Any, Optional, Sequence
 
 from dramatiq.middleware import CurrentMessage, Shutdown, TimeLimitExceeded
 from peewee import DatabaseError, InterfaceError
 
 from models import (
     ChatMessage,
+    CheckpointItem,
     CheckpointUpdate,
     Claim,
     CorruptRecord,
@@ -25,9 +27,12 @@ from models import (
     TaskRecord,
     TaskSpec,
     TaskStatus,
+    ToolCall,
+    Usage,
     load_resumable_state,
     strip_tool_call_tags,
 )
+from models.traces import NullTraceWriter, TraceWriter
 
 from .providers import (
     PermanentProviderError,
@@ -69,140 +74,216 @@ def run_claimed_task(rt: Runtime, claim: Claim) -> TaskStatus:
     lease lost). Transient errors release the lease and re-raise, so that
     Dramatiq's Retries middleware redelivers the message after a backoff.
     """
-    store, task_id, token = rt.store, claim.task_id, claim.token
-    try:
-        record = store.get(task_id)
-        _check_startable(rt, claim, record)
-        assert record.spec is not None
-        provider = create_provider(record.provider)
-        history = list(record.execution_history) or _open_histories(rt, record, record.spec, token)
-        return _step_until_done(rt, claim, record, record.spec, provider, history)
-    except (_TaskFailed, CorruptRecord, UnknownProvider, PermanentProviderError) as exc:
-        return _finish(rt, claim, TaskStatus.FAILED, last_error=str(exc))
-    except TimeLimitExceeded:
-        return _finish(rt, claim, TaskStatus.TIMED_OUT, last_error="time limit exceeded")
-    except LeaseLost as exc:
-        logger.warning("%s", exc)
-        return TaskStatus.RUNNING
-    except Shutdown:
-        _release(rt, claim, redeliver_at=None)
-        raise
-    except TransientProviderError:
-        _release(rt, claim, redeliver_at=_retry_due_at(rt))
-        raise
-    except (DatabaseError, InterfaceError) as exc:
-        _release(rt, claim, redeliver_at=_retry_due_at(rt))
-        raise StoreUnavailable(task_id, f"{type(exc).__name__}: {exc}") from exc
-    except Exception as exc:  # a bug in a provider or tool: fail the task, never leave it leased
-        logger.exception("task %r: unexpected error", task_id)
-        return _finish(rt, claim, TaskStatus.FAILED, last_error=f"{type(exc).__name__}: {exc}")
+    return TaskRun(rt, claim).run()
 
 
-def _check_startable(rt: Runtime, claim: Claim, record: TaskRecord) -> None:
-    settings = rt.settings
-    if claim.recovery_count > settings.max_recoveries:
-        raise _TaskFailed(
-            f"gave up after {claim.recovery_count} recoveries (limit {settings.max_recoveries}, "
-            f"LONGHAUL_MAX_RECOVERIES): the task keeps getting interrupted at step "
-            f"{record.last_step_index + 1}; last error: {record.last_error or 'none recorded'}"
-        )
-    if record.spec is None:
-        raise _TaskFailed("the task has no spec (it was stored by save_snapshot, not enqueued); nothing to run")
-    limit_s = record.spec.time_limit_s
-    if limit_s is not None and record.started_at is not None:
-        used_s = rt.store.clock() - record.started_at.timestamp()
-        if used_s > limit_s:
-            raise TimeLimitExceeded()
+class TaskRun:
+    """One claimed run of a task: its tracer, its usage so far, and how it ends."""
 
+    def __init__(self, rt: Runtime, claim: Claim) -> None:
+        self.rt = rt
+        self.store = rt.store
+        self.claim = claim
+        self.task_id = claim.task_id
+        self.tracer: TraceWriter = NullTraceWriter(agent="", model="", job_type="", next_sequence=0,
+                                                   started_at=0.0)
+        self.usage = Usage()  # this run's, not yet stored
 
-def _open_histories(rt: Runtime, record: TaskRecord, spec: TaskSpec, token: str) -> list[ChatMessage]:
-    """The first messages of a task: its thread's turns so far, then the prompt."""
-    prior = load_resumable_state(rt.store, record.thread_id, exclude_task_id=record.task_id)
-    turns, note = prior if prior is not None else ([], None)
-    execution = list(turns)
-    if note:
-        execution.append(ChatMessage.system(f"Latest checkpoint of this thread: {note}"))
-    prompt = ChatMessage.user(spec.prompt)
-    execution.append(prompt)
-    with rt.store.db.atomic():
-        rt.store.append_messages(record.task_id, execution, lease_token=token)
-        rt.store.append_messages(record.task_id, [*turns, prompt], history="resumable", lease_token=token)
-    return execution
-
-
-def _step_until_done(
-    rt: Runtime, claim: Claim, record: TaskRecord, spec: TaskSpec, provider: Provider,
-    history: list[ChatMessage],
-) -> TaskStatus:
-    store, task_id = rt.store, claim.task_id
-    options: dict[str, Any] = dict(spec.options)
-    tools = allowed_tools(options)
-    step = record.last_step_index
-    while True:
-        if rt.stopping.is_set():
-            logger.info("task %r: worker shutting down; stopping after step %d", task_id, step)
-            _release(rt, claim, redeliver_at=None)
+    def run(self) -> TaskStatus:
+        try:
+            record = self.store.get(self.task_id)
+            self.tracer = self._open_tracer(record)
+            self._check_startable(record)
+            assert record.spec is not None
+            provider = create_provider(record.provider)
+            history = list(record.execution_history) or self._open_histories(record, record.spec)
+            return self._step_until_done(record, record.spec, provider, history)
+        except (_TaskFailed, CorruptRecord, UnknownProvider, PermanentProviderError) as exc:
+            return self._fail(exc)
+        except TimeLimitExceeded:
+            return self._finish(TaskStatus.TIMED_OUT, last_error="time limit exceeded")
+        except LeaseLost as exc:
+            logger.warning("%s", exc)
             return TaskStatus.RUNNING
-        if store.is_cancel_requested(task_id):
-            return _finish(rt, claim, TaskStatus.CANCELLED, last_error=f"cancelled after step {step}")
-        step += 1
-        turn = provider.next_turn(StepContext(task_id=task_id, step_index=step, history=history,
-                                              model=record.model, options=options, tools=tools))
-        assistant = ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls)
-        if not turn.tool_calls:
-            return _finish(rt, claim, TaskStatus.COMPLETED, final_response=turn.content,
-                           new_messages=[assistant])
-        if spec.max_steps is not None and step > spec.max_steps:
-            raise _TaskFailed(f"max_steps: the task asked for step {step} but max_steps is {spec.max_steps}")
-        new_messages = [assistant]
-        items = []
-        for call_index, call in enumerate(turn.tool_calls):
-            result = run_tool_call(call, ToolContext(task_id=task_id, step_index=step, call_index=call_index,
-                                                     options=options))
-            new_messages.append(ChatMessage(role="tool", content=result.output, tool_call_id=call.id or None,
-                                            name=call.name))
-            items.append(checkpoint_item(call, result))
-        store.record_checkpoint(
-            CheckpointUpdate(
-                task_id=task_id, thread_id=record.thread_id, channel=record.channel,
-                provider=record.provider, model=record.model, step_index=step,
-                new_messages=new_messages, items=items,
-                checkpoint_note=f"step {step} done: " + ", ".join(
-                    f"{item.tool_name} {'ok' if item.success else 'failed'}" for item in items),
-            ),
-            lease_token=claim.token,
-            lease_expires_at=store.clock() + rt.settings.lease_s,
-        )
-        history.extend(new_messages)
+        except Shutdown:
+            self._release(redeliver_at=None)
+            raise
+        except TransientProviderError as exc:
+            self._error_event(exc, kind="transient")
+            self._release(redeliver_at=_retry_due_at(self.rt))
+            raise
+        except (DatabaseError, InterfaceError) as exc:
+            self._release(redeliver_at=_retry_due_at(self.rt))
+            raise StoreUnavailable(self.task_id, f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # a bug in a provider or tool: fail the task, never leave it leased
+            logger.exception("task %r: unexpected error", self.task_id)
+            return self._fail(exc, message=f"{type(exc).__name__}: {exc}")
 
+    # -- starting ----------------------------------------------------------------
 
-def _finish(rt: Runtime, claim: Claim, status: TaskStatus, *, final_response: Optional[str] = None,
-            last_error: Optional[str] = None, new_messages: list[ChatMessage] = ()) -> TaskStatus:  # type: ignore[assignment]
-    resumable = []
-    if final_response:
-        visible = strip_tool_call_tags(final_response)
-        if visible:
-            resumable.append(ChatMessage.assistant(visible))
-    try:
-        rt.store.finish(claim.task_id, status, final_response=final_response, last_error=last_error,
-                        new_messages=new_messages, resumable_messages=resumable, lease_token=claim.token)
-    except LeaseLost as exc:
-        logger.warning("%s", exc)
-        return TaskStatus.RUNNING
-    if status is TaskStatus.COMPLETED:
-        logger.info("task %r completed", claim.task_id)
-    else:
-        logger.warning("task %r %s: %s", claim.task_id, status.value, last_error)
-    return status
+    def _open_tracer(self, record: TaskRecord) -> TraceWriter:
+        """The run's trace writer; its first event (started or resumed) is written at once."""
+        if not self.rt.settings.traces:
+            return self.tracer
+        started_at = record.started_at.timestamp() if record.started_at else self.store.clock()
+        tracer = TraceWriter(agent=record.provider, model=record.model, job_type="agent_task",
+                             next_sequence=self.store.next_trace_sequence(self.task_id), started_at=started_at,
+                             clock=self.store.clock)
+        if self.claim.resumed:
+            tracer.emit("resumed", {"from_step": record.last_step_index + 1,
+                                    "recovery_count": self.claim.recovery_count,
+                                    "worker": self.rt.claimant.owner})
+        else:
+            tracer.emit("session_started", {"thread_id": record.thread_id, "channel": record.channel,
+                                            "prompt": (record.spec.prompt[:500] if record.spec else None),
+                                            "worker": self.rt.claimant.owner})
+        self.store.append_traces(self.task_id, tracer.take(), lease_token=self.claim.token)
+        return tracer
 
+    def _check_startable(self, record: TaskRecord) -> None:
+        settings = self.rt.settings
+        if self.claim.recovery_count > settings.max_recoveries:
+            raise _TaskFailed(
+                f"gave up after {self.claim.recovery_count} recoveries (limit {settings.max_recoveries}, "
+                f"LONGHAUL_MAX_RECOVERIES): the task keeps getting interrupted at step "
+                f"{record.last_step_index + 1}; last error: {record.last_error or 'none recorded'}"
+            )
+        if record.spec is None:
+            raise _TaskFailed("the task has no spec (it was stored by save_snapshot, not enqueued); nothing to run")
+        limit_s = record.spec.time_limit_s
+        if limit_s is not None and record.started_at is not None:
+            used_s = self.store.clock() - record.started_at.timestamp()
+            if used_s > limit_s:
+                raise TimeLimitExceeded()
 
-def _release(rt: Runtime, claim: Claim, *, redeliver_at: Optional[float]) -> None:
-    """Give the lease back so the task resumes elsewhere; never raises (we are already failing)."""
-    try:
-        rt.leases.release(claim.task_id, claim.token, redeliver_at=redeliver_at)
-    except Exception:  # the lease then simply expires
-        logger.warning("task %r: could not release its lease; it resumes when the lease expires",
-                       claim.task_id, exc_info=True)
+    def _open_histories(self, record: TaskRecord, spec: TaskSpec) -> list[ChatMessage]:
+        """The first messages of a task: its thread's turns so far, then the prompt."""
+        prior = load_resumable_state(self.store, record.thread_id, exclude_task_id=record.task_id)
+        turns, note = prior if prior is not None else ([], None)
+        execution = list(turns)
+        if note:
+            execution.append(ChatMessage.system(f"Latest checkpoint of this thread: {note}"))
+        prompt = ChatMessage.user(spec.prompt)
+        execution.append(prompt)
+        token = self.claim.token
+        with self.store.db.atomic():
+            self.store.append_messages(record.task_id, execution, lease_token=token)
+            self.store.append_messages(record.task_id, [*turns, prompt], history="resumable", lease_token=token)
+        return execution
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _step_until_done(self, record: TaskRecord, spec: TaskSpec, provider: Provider,
+                         history: list[ChatMessage]) -> TaskStatus:
+        store, task_id, tracer = self.store, self.task_id, self.tracer
+        options: dict[str, Any] = dict(spec.options)
+        tools = allowed_tools(options)
+        totals = record.usage
+        step = record.last_step_index
+        while True:
+            if self.rt.stopping.is_set():
+                logger.info("task %r: worker shutting down; stopping after step %d", task_id, step)
+                self._release(redeliver_at=None)
+                return TaskStatus.RUNNING
+            if store.is_cancel_requested(task_id):
+                return self._finish(TaskStatus.CANCELLED, last_error=f"cancelled after step {step}")
+            step += 1
+            turn = provider.next_turn(StepContext(task_id=task_id, step_index=step, history=history,
+                                                  model=record.model, options=options, tools=tools,
+                                                  emit=tracer.emit))
+            if turn.content and not tracer.streamed_content:
+                tracer.emit("content", {"text": turn.content})
+            if turn.usage is not None:
+                self.usage += turn.usage
+                tracer.emit("usage_update", {"step": step, "turn": turn.usage.model_dump(),
+                                             "total": (totals + self.usage).model_dump()})
+            assistant = ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls)
+            if not turn.tool_calls:
+                tracer.end_turn()
+                return self._finish(TaskStatus.COMPLETED, final_response=turn.content, new_messages=[assistant])
+            if spec.max_steps is not None and step > spec.max_steps:
+                raise _TaskFailed(f"max_steps: the task asked for step {step} but max_steps is {spec.max_steps}")
+            new_messages, items = [assistant], []
+            for call_index, call in enumerate(turn.tool_calls):
+                message, item = self._call_tool(call, ToolContext(task_id=task_id, step_index=step,
+                                                                  call_index=call_index, options=options))
+                new_messages.append(message)
+                items.append(item)
+            note = f"step {step} done: " + ", ".join(
+                f"{item.tool_name} {'ok' if item.success else 'failed'}" for item in items)
+            tracer.emit("checkpoint", {"step": step, "note": note})
+            tracer.emit("turn_completed", {"step": step, "tool_calls": len(items)})
+            tracer.end_turn()
+            store.record_checkpoint(
+                CheckpointUpdate(
+                    task_id=task_id, thread_id=record.thread_id, channel=record.channel,
+                    provider=record.provider, model=record.model, step_index=step,
+                    new_messages=new_messages, items=items, checkpoint_note=note,
+                ),
+                lease_token=self.claim.token,
+                lease_expires_at=store.clock() + self.rt.settings.lease_s,
+                traces=tracer.take(),
+                usage=self.usage,
+            )
+            totals, self.usage = totals + self.usage, Usage()
+            history.extend(new_messages)
+
+    def _call_tool(self, call: ToolCall, ctx: ToolContext) -> tuple[ChatMessage, CheckpointItem]:
+        self.tracer.emit("tool_call_started", {"step": ctx.step_index, "tool": call.name, "call_id": call.id,
+                                               "arguments": call.arguments, "idempotency_key": ctx.idempotency_key})
+        started = time.perf_counter()
+        result = run_tool_call(call, ctx)
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        self.tracer.emit("tool_call_completed" if result.success else "tool_call_failed",
+                         {"step": ctx.step_index, "tool": call.name, "call_id": call.id, "duration_ms": duration_ms,
+                          "output": result.output[:2000]})
+        message = ChatMessage(role="tool", content=result.output, tool_call_id=call.id or None, name=call.name)
+        return message, checkpoint_item(call, result)
+
+    # -- how a run ends --------------------------------------------------------------
+
+    def _fail(self, exc: BaseException, *, message: Optional[str] = None) -> TaskStatus:
+        self._error_event(exc, kind="permanent")
+        return self._finish(TaskStatus.FAILED, last_error=message or str(exc))
+
+    def _error_event(self, exc: BaseException, *, kind: str) -> None:
+        self.tracer.emit("error", {"kind": kind, "error": type(exc).__name__, "message": str(exc),
+                                   "provider": self.tracer.agent, "model": self.tracer.model,
+                                   "http_status": getattr(exc, "status_code", None)})
+
+    def _finish(self, status: TaskStatus, *, final_response: Optional[str] = None,
+                last_error: Optional[str] = None, new_messages: Sequence[ChatMessage] = ()) -> TaskStatus:
+        resumable = []
+        if final_response:
+            visible = strip_tool_call_tags(final_response)
+            if visible:
+                resumable.append(ChatMessage.assistant(visible))
+        self.tracer.emit("done", {"status": status.value, "final_response": (final_response or "")[:2000],
+                                  "last_error": last_error})
+        try:
+            self.store.finish(self.task_id, status, final_response=final_response, last_error=last_error,
+                              new_messages=new_messages, resumable_messages=resumable,
+                              lease_token=self.claim.token, traces=self.tracer.take(), usage=self.usage)
+        except LeaseLost as exc:
+            logger.warning("%s", exc)
+            return TaskStatus.RUNNING
+        if status is TaskStatus.COMPLETED:
+            logger.info("task %r completed", self.task_id)
+        else:
+            logger.warning("task %r %s: %s", self.task_id, status.value, last_error)
+        return status
+
+    def _release(self, *, redeliver_at: Optional[float]) -> None:
+        """Write what the tracer holds and give the lease back; never raises (we are already failing)."""
+        try:
+            self.store.append_traces(self.task_id, self.tracer.take(), lease_token=self.claim.token)
+        except Exception:  # traces of an unfinished step: losing them loses no work
+            logger.warning("task %r: could not write its last trace events", self.task_id, exc_info=True)
+        try:
+            self.rt.leases.release(self.task_id, self.claim.token, redeliver_at=redeliver_at)
+        except Exception:  # the lease then simply expires
+            logger.warning("task %r: could not release its lease; it resumes when the lease expires",
+                           self.task_id, exc_info=True)
 
 
 def _retry_due_at(rt: Runtime) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from typing import Optional
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models import DEFAULT_DATABASE_URL, InvalidInput
@@ -44,11 +44,49 @@ class Settings(BaseSettings):
     default_time_limit_s: float = Field(default=24 * 3600, gt=0)
     # The host name recorded on leases (override to simulate hosts, or to pin a pod name).
     worker_host: str = Field(default_factory=socket.gethostname, min_length=1)
+    # Write trace events (batched with each checkpoint); false turns tracing off.
+    traces: bool = True
     # SQLite busy timeout: how long a writer queues behind another.
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
     # Provider and model used when a task names none.
     default_provider: str = "scripted"
     default_model: str = "scripted-v1"
+
+    # -- providers (worker/providers/) --
+    # OpenAI-compatible chat-completions endpoint: OpenAI, Azure-style gateways, vLLM, Ollama, LiteLLM, OpenRouter.
+    openai_base_url: str = Field(default="https://api.openai.com/v1", min_length=1)
+    # Bearer token (LONGHAUL_OPENAI_API_KEY or OPENAI_API_KEY); a SecretStr, so it never prints. Unset = no header.
+    openai_api_key: Optional[SecretStr] = Field(
+        default=None, validation_alias=AliasChoices("LONGHAUL_OPENAI_API_KEY", "OPENAI_API_KEY"))
+    # Seconds the endpoint may stay silent: connecting, or between two streamed chunks.
+    openai_timeout_s: float = Field(default=120.0, gt=0)
+    # Stream answers (SSE), so traces see content as it arrives; false = one JSON response.
+    openai_stream: bool = True
+    # Anthropic messages endpoint (the `anthropic` provider).
+    anthropic_base_url: str = Field(default="https://api.anthropic.com", min_length=1)
+    # x-api-key (LONGHAUL_ANTHROPIC_API_KEY or ANTHROPIC_API_KEY); never printed.
+    anthropic_api_key: Optional[SecretStr] = Field(
+        default=None, validation_alias=AliasChoices("LONGHAUL_ANTHROPIC_API_KEY", "ANTHROPIC_API_KEY"))
+    # Seconds the Anthropic endpoint may take to answer.
+    anthropic_timeout_s: float = Field(default=300.0, gt=0)
+    # Anthropic requires a cap on each answer's output tokens.
+    anthropic_max_tokens: int = Field(default=8192, ge=1)
+    # USD per million tokens, {"model": [input, output]} as JSON; models not listed cost 0.
+    model_prices_usd_per_mtok: dict[str, tuple[float, float]] = Field(default_factory=dict)
+
+    # -- built-in tools (worker/tools/) --
+    # Per-task workspaces of the file tools live at <workspace_root>/<task_id>.
+    workspace_root: str = Field(default="state/workspaces", min_length=1)
+    # Largest file write_file writes and read_file returns, in bytes.
+    workspace_max_file_bytes: int = Field(default=1_000_000, ge=1)
+    # Largest total size of one task's workspace, in bytes.
+    workspace_max_bytes: int = Field(default=100_000_000, ge=1)
+    # Seconds http_get may wait: connecting, or between two chunks of the response.
+    http_get_timeout_s: float = Field(default=20.0, gt=0)
+    # Largest response body http_get returns, in bytes (the rest is cut off, and said so).
+    http_get_max_bytes: int = Field(default=1_000_000, ge=1)
+    # Let http_get reach loopback, private and link-local addresses (off: no SSRF into the host's network).
+    http_get_allow_private: bool = False
 
     @property
     def heartbeat_every_s(self) -> float:
