@@ -436,6 +436,37 @@ class TaskStore:
         with self.db.atomic():
             return Task.delete().where(Task.thread_id == thread_id).execute()
 
+    def prune(self, *, max_tasks: Optional[int] = None, older_than_s: Optional[float] = None,
+              dry_run: bool = False) -> list[str]:
+        """Delete the oldest finished tasks with their checkpoints, messages and traces.
+
+        Keeps the `max_tasks` most recently finished, and/or deletes those
+        finished more than `older_than_s` seconds ago. Queued and running
+        tasks are never touched. Returns the ids deleted (or, with
+        `dry_run`, that would be).
+        """
+        if max_tasks is None and older_than_s is None:
+            raise ValueError("prune: give max_tasks and/or older_than_s")
+        if (max_tasks is not None and max_tasks < 0) or (older_than_s is not None and older_than_s < 0):
+            raise ValueError("prune: max_tasks and older_than_s must not be negative")
+        Task = self.tables.Task
+        finished = Task.status.in_(_TERMINAL_VALUES)
+        with self.db.atomic():
+            doomed: set[str] = set()
+            if older_than_s is not None:
+                cutoff = self.clock() - older_than_s
+                old = Task.select(Task.task_id).where(finished & (Task.completed_at < cutoff)).tuples()
+                doomed.update(row[0] for row in old)
+            if max_tasks is not None:
+                beyond = (Task.select(Task.task_id).where(finished)
+                          .order_by(Task.completed_at.desc(), Task.id.desc()).offset(max_tasks).tuples())
+                doomed.update(row[0] for row in beyond)
+            ids = sorted(doomed)
+            if ids and not dry_run:
+                for start in range(0, len(ids), 500):
+                    Task.delete().where(finished & Task.task_id.in_(ids[start:start + 500])).execute()
+        return ids
+
     def delete_task(self, task_id: str) -> bool:
         Task = self.tables.Task
         with self.db.atomic():
@@ -490,8 +521,15 @@ class TaskStore:
         *,
         offset: int = 0,
         order_by: str = "updated",
+        provider: Optional[str] = None,
+        since: Optional[datetime] = None,
+        until: Optional[datetime] = None,
     ) -> list[TaskSummary]:
-        """Tasks without their histories, newest first."""
+        """Tasks without their histories, newest first.
+
+        `since`/`until` bound the creation time; `order_by` is ``updated``
+        or ``created``.
+        """
         if limit < 0 or offset < 0:
             raise ValueError("limit/offset: must not be negative")
         Task = self.tables.Task
@@ -500,6 +538,12 @@ class TaskStore:
             query = query.where(Task.status == TaskStatus(status).value)
         if thread_id is not None:
             query = query.where(Task.thread_id == thread_id)
+        if provider is not None:
+            query = query.where(Task.provider == provider)
+        if since is not None:
+            query = query.where(Task.created_at >= since.timestamp())
+        if until is not None:
+            query = query.where(Task.created_at < until.timestamp())
         column = {"updated": Task.updated_at, "created": Task.created_at}.get(order_by)
         if column is None:
             raise ValueError(f"order_by: expected 'updated' or 'created', got {order_by!r}")

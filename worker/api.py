@@ -9,7 +9,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from models import (
     CorruptRecord,
@@ -23,6 +23,7 @@ from models import (
     TaskStatus,
     TaskSummary,
 )
+from models.traces import TraceEventRecord
 
 from .recovery import find_interrupted
 from .runtime import BrokerRequired, Runtime, get_runtime
@@ -145,6 +146,20 @@ def rerun(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = N
     rt.store.reset_for_rerun(task_id)
     _drive(rt, [task_id], on_progress=on_progress)
     return rt.store.get(task_id)
+
+
+def follow_traces(task_id: str, *, follow: bool = False, poll_s: float = 0.2) -> Iterator[TraceEventRecord]:
+    """The task's trace events in order; with `follow`, keep yielding new ones until the task finishes."""
+    store = get_runtime().store
+    last = -1
+    while True:
+        finished = store.summary(task_id).status.is_terminal  # read before the events: none is missed
+        for event in store.traces(task_id, after_sequence=last):
+            last = event.sequence
+            yield event
+        if not follow or finished:
+            return
+        time.sleep(poll_s)
 
 
 def cancel(task_id: str) -> TaskStatus:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -182,25 +183,108 @@ def worker(processes: int, threads: int) -> None:
     os.execvp(argv[0], argv)
 
 
+class Duration(click.ParamType):
+    """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or plain seconds), as seconds."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self._UNITS.get(text[-1:], None)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration like 90s, 15m, 12h, 7d or 2w", param, ctx)
+        if seconds < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return seconds
+
+
+class PointInTime(click.ParamType):
+    """An ISO date/time (UTC unless it says otherwise), or a duration ago (``12h``)."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(str(value))
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        except ValueError:
+            pass
+        try:
+            seconds = Duration().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is neither an ISO time (2026-11-22T08:00) nor a duration ago (12h)", param, ctx)
+        return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+
+
+def _when(moment: Optional[datetime]) -> str:
+    return f"{moment:%Y-%m-%d %H:%M:%S}" if moment else "-"
+
+
 @cli.command()
 @click.option("--status", type=click.Choice([s.value for s in TaskStatus]))
 @click.option("--thread", "thread_id")
+@click.option("--provider", help="Only tasks run by this provider (agent).")
+@click.option("--since", type=PointInTime(), help="Created at or after: ISO time or a duration ago (12h).")
+@click.option("--until", type=PointInTime(), help="Created before: ISO time or a duration ago.")
 @click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--offset", type=click.IntRange(min=0), default=0)
 @click.option("--order-by", type=click.Choice(["updated", "created"]), default="updated", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def tasks(status: Optional[str], thread_id: Optional[str], limit: int, offset: int, order_by: str,
-          as_json: bool) -> None:
-    """List tasks, newest first."""
+def tasks(status: Optional[str], thread_id: Optional[str], provider: Optional[str], since: Optional[datetime],
+          until: Optional[datetime], limit: int, offset: int, order_by: str, as_json: bool) -> None:
+    """List tasks with their counts, tokens and cost, newest first."""
     rows = get_runtime().store.list_tasks(status=status, thread_id=thread_id, limit=limit, offset=offset,
-                                          order_by=order_by)
+                                          order_by=order_by, provider=provider, since=since, until=until)
     if as_json:
         _dump(rows)
         return
-    click.echo(f"{'TASK':<24} {'THREAD':<24} {'STATUS':<10} {'STEPS':>5} {'MSGS':>5} {'UPDATED':<19} WORKER")
+    click.echo(f"{'TASK':<24} {'THREAD':<20} {'STATUS':<9} {'STEPS':>5} {'MSGS':>5} {'TURNS':>5} {'TOOLS':>5} "
+               f"{'TOKENS':>8} {'COST':>8} {'STARTED':<19} {'UPDATED':<19} {'ENDED':<19} WORKER")
     for row in rows:
-        click.echo(f"{row.task_id:<24} {row.thread_id:<24} {row.status.value:<10} {row.checkpoint_count:>5} "
-                   f"{row.message_count:>5} {row.updated_at:%Y-%m-%d %H:%M:%S} {_lease_text(row)}")
+        click.echo(f"{row.task_id:<24} {row.thread_id:<20} {row.status.value:<9} {row.checkpoint_count:>5} "
+                   f"{row.message_count:>5} {row.turn_count:>5} {row.tool_call_count:>5} "
+                   f"{row.usage.total_tokens:>8} {row.usage.cost_usd:>8.4f} {_when(row.started_at):<19} "
+                   f"{_when(row.updated_at):<19} {_when(row.completed_at):<19} {_lease_text(row)}")
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new events until the task finishes.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def traces(task_id: str, follow: bool, as_json: bool) -> None:
+    """Print a task's trace events in order."""
+    for event in api.follow_traces(task_id, follow=follow):
+        if as_json:
+            click.echo(orjson.dumps(event.model_dump(mode="json")).decode())
+        else:
+            summary = orjson.dumps(event.data).decode()
+            summary = summary if len(summary) <= 160 else summary[:157] + "..."
+            click.echo(f"{event.sequence:>6} {event.elapsed_ms / 1000:>9.3f}s {event.event_type:<20} {summary}")
+
+
+@cli.command()
+@click.option("--max-tasks", type=click.IntRange(min=0), help="Keep only this many most recently finished tasks.")
+@click.option("--older-than", "older_than_s", type=Duration(), help="Delete tasks finished longer ago (7d, 12h).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
+@click.option("--json", "as_json", is_flag=True)
+def prune(max_tasks: Optional[int], older_than_s: Optional[float], dry_run: bool, as_json: bool) -> None:
+    """Delete old finished tasks (never queued or running ones) with all their data."""
+    if max_tasks is None and older_than_s is None:
+        raise click.UsageError("give --max-tasks and/or --older-than")
+    deleted = get_runtime().store.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
+    if as_json:
+        _dump({"dry_run": dry_run, "deleted": deleted})
+        return
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {len(deleted)} finished task(s)" + (": " + ", ".join(deleted) if deleted else ""))
 
 
 def _lease_text(row: TaskSummary) -> str:
