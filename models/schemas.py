@@ -200,12 +200,10 @@ class TaskRecord(TaskSummary):
     resumable_history: list[ChatMessage]
     latest_checkpoint_note: Optional[str]
     cancel_requested: bool
-    checkpoints: list[TaskCheckpointRecord]
-
-    @property
-    def last_step_index(self) -> int:
-        """The highest checkpointed step, 0 before the first."""
-        return self.checkpoints[-1].step_index if self.checkpoints else 0
+    #: The highest checkpointed step, 0 before the first.
+    last_step_index: int = 0
+    #: Empty when loaded with ``checkpoints=False`` (what a resume needs is `last_step_index`).
+    checkpoints: list[TaskCheckpointRecord] = Field(default_factory=list)
 
 
 def dump_json_safe(model: BaseModel) -> dict[str, Any]:

@@ -474,16 +474,22 @@ class TaskStore:
 
     # -- reads ---------------------------------------------------------------
 
-    def load(self, task_id: str) -> Optional[TaskRecord]:
-        """The whole record of a task, or None if no such task is stored."""
+    def load(self, task_id: str, *, checkpoints: bool = True) -> Optional[TaskRecord]:
+        """The whole record of a task, or None if no such task is stored.
+
+        Read in one transaction: a consistent snapshot even while the task
+        runs. ``checkpoints=False`` skips decoding every checkpoint's items
+        (a resume needs only `last_step_index`), which is what keeps
+        rebuilding a long task's state cheap.
+        """
         Task = self.tables.Task
         with self.db.atomic("DEFERRED") if self._is_sqlite else self.db.atomic():
             row = Task.get_or_none(Task.task_id == task_id)
-            return None if row is None else self._record_from_row(row)
+            return None if row is None else self._record_from_row(row, with_checkpoints=checkpoints)
 
-    def get(self, task_id: str) -> TaskRecord:
+    def get(self, task_id: str, *, checkpoints: bool = True) -> TaskRecord:
         """Like `load`, but raises `TaskNotFound`."""
-        record = self.load(task_id)
+        record = self.load(task_id, checkpoints=checkpoints)
         if record is None:
             raise TaskNotFound(task_id)
         return record
@@ -626,30 +632,36 @@ class TaskStore:
             usage=Usage(**{name: getattr(row, name) for name in _USAGE_FIELDS}),
         )
 
-    def _record_from_row(self, row: Any) -> TaskRecord:
+    def _record_from_row(self, row: Any, *, with_checkpoints: bool = True) -> TaskRecord:
         Checkpoint = self.tables.Checkpoint
         histories: dict[int, list[ChatMessage]] = {EXECUTION: [], RESUMABLE: []}
-        construct = ChatMessage.model_construct
-        # Raw rows and model_construct: these were validated on the way in,
-        # and resuming a long task must not pay for re-validating thousands.
-        for history, role, content, tool_call_id, name, tool_calls in self.db.execute_sql(
-            self._sql.select_messages, (row.id,)
-        ):
-            calls = None if tool_calls is None else self._decode_tool_calls(row.task_id, tool_calls)
-            histories[history].append(
-                construct(role=role, content=content, tool_call_id=tool_call_id, name=name, tool_calls=calls)
-            )
+        try:
+            # Raw rows, then plain construction (which pydantic-core makes
+            # cheaper than model_construct); no peewee row objects per message.
+            for history, role, content, tool_call_id, name, tool_calls in self.db.execute_sql(
+                self._sql.select_messages, (row.id,)
+            ):
+                calls = None if tool_calls is None else self._decode_tool_calls(row.task_id, tool_calls)
+                histories[history].append(
+                    ChatMessage(role=role, content=content, tool_call_id=tool_call_id, name=name, tool_calls=calls)
+                )
+        except ValidationError as exc:
+            raise CorruptRecord(row.task_id, "message", _first_error(exc)) from None
         checkpoints = [
             self._checkpoint_from_row(row.task_id, cp)
             for cp in Checkpoint.select().where(Checkpoint.task == row.id).order_by(Checkpoint.step_index)
-        ]
-        return TaskRecord(
+        ] if with_checkpoints else []
+        last_step = (checkpoints[-1].step_index if checkpoints else
+                     Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == row.id).scalar() or 0)
+        # Every part is validated above; skip validating the 5,000-message lists again.
+        return TaskRecord.model_construct(
             **self._summary_fields(row),
             spec=self._decode_spec(row.task_id, row.spec),
             execution_history=histories[EXECUTION],
             resumable_history=histories[RESUMABLE],
             latest_checkpoint_note=row.latest_checkpoint_note,
             cancel_requested=bool(row.cancel_requested),
+            last_step_index=last_step,
             checkpoints=checkpoints,
         )
 

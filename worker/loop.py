@@ -91,7 +91,7 @@ class TaskRun:
 
     def run(self) -> TaskStatus:
         try:
-            record = self.store.get(self.task_id)
+            record = self.store.get(self.task_id, checkpoints=False)
             self.tracer = self._open_tracer(record)
             self._check_startable(record)
             assert record.spec is not None
