@@ -72,10 +72,12 @@ def submit(
 ) -> str:
     """Validate and store a new `queued` task (not yet sent); returns its id."""
     from .providers import create_provider
+    from .tools import validate_tool_names
 
     spec = TaskSpec(prompt=prompt, max_steps=max_steps, time_limit_s=time_limit_s, options=provider_options)
     provider = provider or rt.settings.default_provider
-    create_provider(provider)  # unknown provider: fail now, not in a worker
+    create_provider(provider, settings=rt.settings)  # unknown provider: fail now, not in a worker
+    validate_tool_names(spec.options)  # unknown names in options["tools"]: InvalidInput naming `tools`
     task_id = task_id or f"task-{uuid.uuid4().hex[:16]}"
     # Validate the identity fields before anything is written.
     ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
@@ -200,9 +202,9 @@ def wait_for(
 ) -> TaskSummary:
     """Poll the store until the task finishes (or, with `while_running`, stops running here).
 
-    `while_running` also returns when the task is interrupted and released
-    (e.g. the embedded worker was stopped), so a caller never hangs on a
-    task nobody is running.
+    `while_running` also returns once the embedded worker is stopping and
+    no thread here runs the task any more (its last step checkpointed, its
+    lease released), so a caller never hangs on a task nobody is running.
     """
     rt = get_runtime()
     started = time.monotonic()
@@ -212,8 +214,10 @@ def wait_for(
         if on_progress is not None and summary.checkpoint_count != last_step:
             last_step = summary.checkpoint_count
             on_progress(_progress(rt, task_id, summary.status, time.monotonic() - started))
-        if summary.status.is_terminal or (while_running and rt.stopping.is_set()):
+        if summary.status.is_terminal:
             return summary
+        if while_running and rt.stopping.is_set() and not rt.running_here(task_id):
+            return rt.store.summary(task_id)  # after the loop's last checkpoint and release
         if timeout_s is not None and time.monotonic() - started > timeout_s:
             return summary
         time.sleep(poll_s)

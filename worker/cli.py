@@ -111,6 +111,8 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-steps", type=click.IntRange(min=1), help="Fail the task past this many steps."),
         click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True),
                      help="Seconds the task may run in all, across resumes."),
+        click.option("--tool", "tools", multiple=True,
+                     help="A tool the task may call (repeat for more; default: every registered tool)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -118,7 +120,9 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _submit_kwargs(steps: Optional[int], step_delay: Optional[float], ledger: Optional[Path],
-                   **kwargs: Any) -> dict[str, Any]:
+                   tools: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+    if tools:
+        kwargs["tools"] = list(tools)
     if steps is not None:
         kwargs["steps"] = steps
     if step_delay is not None:

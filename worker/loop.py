@@ -95,7 +95,7 @@ class TaskRun:
             self.tracer = self._open_tracer(record)
             self._check_startable(record)
             assert record.spec is not None
-            provider = create_provider(record.provider)
+            provider = create_provider(record.provider, settings=self.rt.settings)
             history = list(record.execution_history) or self._open_histories(record, record.spec)
             return self._step_until_done(record, record.spec, provider, history)
         except (_TaskFailed, CorruptRecord, UnknownProvider, PermanentProviderError) as exc:
@@ -206,7 +206,8 @@ class TaskRun:
             new_messages, items = [assistant], []
             for call_index, call in enumerate(turn.tool_calls):
                 message, item = self._call_tool(call, ToolContext(task_id=task_id, step_index=step,
-                                                                  call_index=call_index, options=options))
+                                                                  call_index=call_index, options=options,
+                                                                  settings=self.rt.settings))
                 new_messages.append(message)
                 items.append(item)
             note = f"step {step} done: " + ", ".join(

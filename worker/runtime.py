@@ -79,6 +79,11 @@ class Runtime:
         with self._active_lock:
             self._active.pop(claim.token, None)
 
+    def running_here(self, task_id: str) -> bool:
+        """Whether a worker thread of this process runs the task right now."""
+        with self._active_lock:
+            return any(claim.task_id == task_id for claim in self._active.values())
+
     def held_tokens(self) -> list[str]:
         with self._active_lock:
             return list(self._active)

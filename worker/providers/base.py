@@ -60,7 +60,15 @@ class Provider(Protocol):
 
 
 class ProviderError(LonghaulError):
-    """A provider could not produce the next turn."""
+    """A provider could not produce the next turn.
+
+    `status_code` is the HTTP status the provider answered with, if any.
+    Messages never contain credentials (see `worker.providers.common.redact`).
+    """
+
+    def __init__(self, message: str, *, status_code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class TransientProviderError(ProviderError):

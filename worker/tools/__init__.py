@@ -1,4 +1,11 @@
-"""Tools by name, and running the calls of one step."""
+"""Tools by name, the tools a task may call, and running the calls of one step.
+
+Built in: `ledger` (the scripted provider's), `read_file`, `write_file` and
+`list_files` (confined to the task's workspace, see `files`), and
+`http_get` (size-capped, public addresses only by default, see `http`).
+A task chooses its tools with ``options["tools"]`` (a list of names);
+without it, every registered tool is offered.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,23 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models import CheckpointItem, ToolCall
+from models import CheckpointItem, InvalidInput, ToolCall
 
-from .base import Tool, ToolContext, ToolResult
+from .base import INVALID_ARGUMENTS_KEY, Tool, ToolContext, ToolError, ToolResult, tool
+from .files import LIST_FILES, READ_FILE, WRITE_FILE
+from .http import HTTP_GET
 from .ledger import LEDGER
 
-TOOLS: dict[str, Tool] = {LEDGER.name: LEDGER}
+TOOLS: dict[str, Tool] = {t.name: t for t in (LEDGER, READ_FILE, WRITE_FILE, LIST_FILES, HTTP_GET)}
+
+
+class UnknownTool(InvalidInput):
+    """A task asked for tools that are not registered."""
+
+    def __init__(self, names: list[str], known: list[str]) -> None:
+        super().__init__(f"tools: unknown tool{'s' if len(names) > 1 else ''} "
+                         f"{', '.join(repr(n) for n in names)}; known tools: {', '.join(sorted(known))}")
+        self.names = names
 
 
 def register_tool(tool: Tool) -> None:
@@ -19,22 +37,16 @@ def register_tool(tool: Tool) -> None:
     TOOLS[tool.name] = tool
 
 
-def run_tool_call(call: ToolCall, ctx: ToolContext) -> ToolResult:
-    """Run one call; bad arguments and tool errors become a failed result the model sees."""
-    tool = TOOLS.get(call.name)
-    if tool is None:
-        return ToolResult(False, f"unknown tool {call.name!r}; available: {', '.join(sorted(TOOLS))}")
-    try:
-        args = tool.arguments.model_validate(call.arguments)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}" for err in exc.errors()
-        )
-        return ToolResult(False, f"invalid arguments for {call.name}: {problems}")
-    try:
-        return ToolResult(True, tool.run(args, ctx))
-    except Exception as exc:  # a tool's failure is the model's to handle, not the worker's
-        return ToolResult(False, f"{call.name} failed: {type(exc).__name__}: {exc}")
+def validate_tool_names(options: dict[str, Any]) -> None:
+    """Check ``options["tools"]`` before a task is stored: `InvalidInput` naming `tools` if it is bad."""
+    names = options.get("tools")
+    if names is None:
+        return
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise InvalidInput(f"tools: expected a list of tool names, got {names!r}")
+    unknown = [name for name in names if name not in TOOLS]
+    if unknown:
+        raise UnknownTool(unknown, list(TOOLS))
 
 
 def allowed_tools(options: dict[str, Any]) -> list[Tool]:
@@ -45,10 +57,50 @@ def allowed_tools(options: dict[str, Any]) -> list[Tool]:
     return [TOOLS[name] for name in names if name in TOOLS]
 
 
+def run_tool_call(call: ToolCall, ctx: ToolContext) -> ToolResult:
+    """Run one call; anything wrong with it becomes a failed result the model sees.
+
+    Refused: a tool the task may not call, an unknown tool, arguments that
+    were not a JSON object (`INVALID_ARGUMENTS_KEY`), arguments that fail
+    validation (the message names each field). A `ToolError` is reported as
+    its message; any other exception with its type.
+    """
+    offered = allowed_tools(ctx.options)
+    if call.name not in {t.name for t in offered}:
+        known = "unknown tool" if call.name not in TOOLS else "tool not allowed for this task"
+        return ToolResult(False, f"{known} {call.name!r}; available: {', '.join(t.name for t in offered)}")
+    tool_ = TOOLS[call.name]
+    invalid = call.arguments.get(INVALID_ARGUMENTS_KEY)
+    if invalid is not None:
+        problem = invalid.get("problem") if isinstance(invalid, dict) else invalid
+        raw = invalid.get("raw") if isinstance(invalid, dict) else None
+        return ToolResult(False, f"invalid arguments for {call.name}: {problem}; they were {raw!r}. "
+                                 "Send the arguments as one JSON object matching the tool's schema.")
+    try:
+        args = tool_.arguments.model_validate(call.arguments)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'arguments'}: {err['msg']}" for err in exc.errors()
+        )
+        return ToolResult(False, f"invalid arguments for {call.name}: {problems}")
+    try:
+        return ToolResult(True, tool_.run(args, ctx))
+    except ToolError as exc:
+        return ToolResult(False, f"{call.name} failed: {exc}")
+    except Exception as exc:  # a tool's failure is the model's to handle, not the worker's
+        return ToolResult(False, f"{call.name} failed: {type(exc).__name__}: {exc}")
+
+
 def checkpoint_item(call: ToolCall, result: ToolResult) -> CheckpointItem:
     return CheckpointItem(tool_name=call.name, arguments=call.arguments, success=result.success,
                           output=result.output)
 
 
-__all__ = ["TOOLS", "Tool", "ToolContext", "ToolResult", "allowed_tools", "checkpoint_item", "register_tool",
-           "run_tool_call"]
+__all__ = [
+    # Registry
+    "TOOLS", "UnknownTool", "allowed_tools", "register_tool", "tool", "validate_tool_names",
+    # Calls
+    "INVALID_ARGUMENTS_KEY", "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "run_tool_call",
+    # Built-ins
+    "HTTP_GET", "LEDGER", "LIST_FILES", "READ_FILE", "WRITE_FILE",
+]

@@ -1,11 +1,28 @@
-"""What a tool is, and what it is told when called."""
+"""What a tool is, what it is told when called, and `tool`, which makes one from a typed function."""
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+#: A tool call whose arguments could not be decoded carries its problem under this key;
+#: the runner turns it into a failed result the model sees (see `run_tool_call`).
+INVALID_ARGUMENTS_KEY = "__longhaul_invalid_arguments__"
+
+
+class ToolError(Exception):
+    """An expected failure of a tool (bad path, too large, unreachable URL).
+
+    Its message goes to the model as the failed result, so it says what was
+    wrong and what to do instead.
+    """
 
 
 @dataclass(frozen=True)
@@ -14,17 +31,26 @@ class ToolContext:
 
     `idempotency_key` is ``<task_id>:<step>:<call_index>``: the one step that
     may run twice after a crash passes the same key both times, so a tool
-    with side effects can deduplicate.
+    with side effects can deduplicate. `settings` defaults to the process
+    runtime's (read when a tool first asks).
     """
 
     task_id: str
     step_index: int
     call_index: int
     options: dict[str, Any] = field(default_factory=dict)
+    settings: Optional[Settings] = None
 
     @property
     def idempotency_key(self) -> str:
         return f"{self.task_id}:{self.step_index}:{self.call_index}"
+
+    def get_settings(self) -> Settings:
+        if self.settings is not None:
+            return self.settings
+        from ..runtime import get_runtime
+
+        return get_runtime().settings
 
 
 @dataclass(frozen=True)
@@ -44,4 +70,30 @@ class Tool:
     schema: Optional[dict[str, Any]] = None
 
     def json_schema(self) -> dict[str, Any]:
+        """The arguments' JSON schema, as providers send it to the model."""
         return self.schema or self.arguments.model_json_schema()
+
+
+ToolFunction = Callable[[Any, ToolContext], str]
+
+
+def tool(name: Optional[str] = None, *, description: Optional[str] = None) -> Callable[[ToolFunction], Tool]:
+    """Make a `Tool` of a typed function ``fn(args: SomeModel, ctx: ToolContext) -> str``.
+
+    The arguments model is the first parameter's annotation (a pydantic
+    model; its JSON schema is what the model sees), the name defaults to the
+    function's and the description to its docstring. Register the result
+    with `register_tool` to make it callable by name.
+    """
+
+    def make(fn: ToolFunction) -> Tool:
+        params = list(inspect.signature(fn).parameters)
+        model = typing.get_type_hints(fn).get(params[0]) if params else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"tool {fn.__name__}: the first parameter must be annotated with a pydantic model")
+        text = description or inspect.getdoc(fn)
+        if not text:
+            raise TypeError(f"tool {fn.__name__}: give it a docstring or a description; the model reads it")
+        return Tool(name=name or fn.__name__, description=text, arguments=model, run=fn)
+
+    return make
