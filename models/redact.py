@@ -7,6 +7,7 @@ request headers and URLs; none of that may reach the database.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 REDACTED = "[redacted]"
@@ -26,11 +27,22 @@ _SECRET_TEXT = [
 ]
 
 
+#: A cheap first look: most text (every trace payload, every step) has none of these.
+_MAYBE_SECRET = re.compile(r"(?i)bearer|basic|[spr]k-|gh[pousr]_|xox[abprs]-|api[-_]?key|token|secret|password")
+
+
 def redact_text(text: str) -> str:
     """`text` with secret-looking substrings replaced by ``[redacted]``."""
+    if not _MAYBE_SECRET.search(text):
+        return text
     for pattern, replacement in _SECRET_TEXT:
         text = pattern.sub(replacement, text)
     return text
+
+
+@lru_cache(maxsize=4096)
+def _is_secret_key(key: str) -> bool:
+    return _SECRET_KEY.search(key) is not None
 
 
 def redact(value: Any) -> Any:
@@ -38,7 +50,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {key: (REDACTED if isinstance(key, str) and _SECRET_KEY.search(key) and item not in (None, "")
+        return {key: (REDACTED if isinstance(key, str) and _is_secret_key(key) and item not in (None, "")
                       else redact(item))
                 for key, item in value.items()}
     if isinstance(value, (list, tuple)):

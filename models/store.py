@@ -427,8 +427,9 @@ class TaskStore:
             return status
 
     def is_cancel_requested(self, task_id: str) -> bool:
-        Task = self.tables.Task
-        return bool(Task.select(Task.cancel_requested).where(Task.task_id == task_id).scalar())
+        """Whether `request_cancel` asked the running task to stop (checked between steps)."""
+        row = self.db.execute_sql(self._sql.select_cancel_requested, (task_id,)).fetchone()
+        return bool(row and row[0])
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints and messages; returns how many tasks."""
@@ -733,6 +734,7 @@ class _HotPathSql:
         self.select_task = _render(
             Task.select(Task.id, Task.execution_count, Task.lease_token).where(Task.task_id == "")
         )
+        self.select_cancel_requested = _render(Task.select(Task.cancel_requested).where(Task.task_id == ""))
         self.insert_checkpoint = _render(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0)
             .on_conflict_ignore()
