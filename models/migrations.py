@@ -10,31 +10,36 @@ from __future__ import annotations
 
 from typing import Callable
 
-from peewee import Database, FloatField, IntegerField
-from playhouse.migrate import SchemaMigrator, migrate
+from peewee import Database
 
 from .tables import Tables
 
-#: Columns schema 2 added to `task` (the trace table is created by create_tables).
+#: Columns schema 2 added to `task`, as SQL types (the trace table is created by create_tables).
 _V2_TASK_COLUMNS = {
-    "turn_count": IntegerField(default=0),
-    "tool_call_count": IntegerField(default=0),
-    "input_tokens": IntegerField(default=0),
-    "output_tokens": IntegerField(default=0),
-    "cache_read_tokens": IntegerField(default=0),
-    "cache_creation_tokens": IntegerField(default=0),
-    "reasoning_tokens": IntegerField(default=0),
-    "request_count": IntegerField(default=0),
-    "cost_usd": FloatField(default=0.0),
+    "turn_count": "INTEGER NOT NULL DEFAULT 0",
+    "tool_call_count": "INTEGER NOT NULL DEFAULT 0",
+    "input_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "output_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cache_read_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "cache_creation_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "reasoning_tokens": "INTEGER NOT NULL DEFAULT 0",
+    "request_count": "INTEGER NOT NULL DEFAULT 0",
+    "cost_usd": "REAL NOT NULL DEFAULT 0.0",
 }
 
 
 def _to_v2(db: Database, tables: Tables) -> None:
-    """Schema 2: usage and turn counters on `task` (traces get their own table)."""
+    """Schema 2: usage and turn counters on `task` (traces get their own table).
+
+    Plain ``ALTER TABLE ... ADD COLUMN`` with a constant default, not
+    `playhouse.migrate`: on SQLite its add_column rebuilds the table for a
+    NOT NULL column, and dropping the old `task` table cascades (foreign
+    keys are on) to every message and checkpoint.
+    """
     existing = {column.name for column in db.get_columns("task")}
-    migrator = SchemaMigrator.from_database(db)
-    migrate(*[migrator.add_column("task", name, field)
-              for name, field in _V2_TASK_COLUMNS.items() if name not in existing])
+    for name, sql_type in _V2_TASK_COLUMNS.items():
+        if name not in existing:
+            db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "{name}" {sql_type}')
     # Counters for tasks that already ran: recount once from their messages.
     db.execute_sql(
         'UPDATE "task" SET "turn_count" = (SELECT COUNT(*) FROM "message" m WHERE m."task_id" = "task"."id" '

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import pytest
 
-from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskSnapshot, TaskStatus, TaskStore
+from models import (
+    ChatMessage,
+    CheckpointItem,
+    CheckpointUpdate,
+    TaskSnapshot,
+    TaskSpec,
+    TaskStatus,
+    TaskStore,
+    ToolCall,
+)
+from models.traces import TraceWriter
 from worker.testing import IN_CI, FakeClock, RedisServer, WorkerProcess
 
 if TYPE_CHECKING:
@@ -95,10 +108,10 @@ def make_update() -> Callable[..., CheckpointUpdate]:
 
 @pytest.fixture
 def count_rows() -> Callable[..., int]:
-    """Count rows of a table (`task`, `checkpoint`, `message`) straight from SQL, optionally for one task."""
+    """Count rows of a table (`task`, `checkpoint`, `message`, `trace_event`) from SQL, optionally of one task."""
 
     def count(task_store: TaskStore, table: str, *, task_id: Optional[str] = None) -> int:
-        assert table in ("task", "checkpoint", "message", "schema_version")
+        assert table in ("task", "checkpoint", "message", "trace_event", "schema_version")
         if task_id is None:
             return task_store.db.execute_sql(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
         if table == "task":
@@ -198,3 +211,147 @@ def make_runtime(db_url: str) -> Iterator[Callable[..., "Runtime"]]:
 def embedded_runtime(make_runtime: Callable[..., "Runtime"]) -> "Runtime":
     """An embedded runtime with default settings (fast retries)."""
     return make_runtime()
+
+
+# -- Chaos suite: the raw database file and the raw Redis queue ---------------
+
+
+@pytest.fixture
+def db_path(db_url: str) -> Path:
+    """The SQLite file behind `db_url`, for raw `sqlite3` connections (faults, integrity checks)."""
+    from models.db import sqlite_path_from_url
+
+    path = sqlite_path_from_url(db_url)
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[Any]:
+    """A plain redis-py client on the test's Redis, to read and write Dramatiq's keys directly."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+# -- Traces and exports: tasks with a known history, the CLI as a subprocess ---
+
+
+@pytest.fixture
+def make_stepped_task(clocked_store: TaskStore, clock: FakeClock) -> Callable[..., str]:
+    """Store a task as the step loop would have, on `clocked_store`; returns its id.
+
+    The history opens with the prompt; in step i the assistant asks for
+    `calls` ``shell`` calls (ids ``call_0``...), each answered by a tool
+    message ``tool_output(i, call)``, and the checkpoint records them (the
+    ``(step, call)`` pairs in `failing` failed). The trace holds each call's
+    ``tool_call_completed``/``tool_call_failed`` with ``duration_ms`` =
+    10 x step + call + 0.5. Every step is one clock second after the last;
+    `finish` completes the task with a final answer one second later.
+    """
+
+    def make(task_id: str = "task-1", *, steps: int = 3, calls: int = 1,
+             tool_output: Callable[[int, int], str] = lambda step, call: f"output {step}.{call}",
+             failing: tuple[tuple[int, int], ...] = (), finish: bool = True, provider: str = "scripted",
+             prompt: str = "do it") -> str:
+        store = clocked_store
+        store.create_task(task_id=task_id, thread_id=task_id, channel="test", provider=provider, model="m",
+                          spec=TaskSpec(prompt=prompt))
+        store.append_messages(task_id, [ChatMessage.user(prompt)])
+        tracer = TraceWriter(agent=provider, model="m", job_type="agent_task",
+                             next_sequence=store.next_trace_sequence(task_id), started_at=clock(), clock=clock)
+        for step in range(1, steps + 1):
+            clock.advance(1)
+            tool_calls = [ToolCall(id=f"call_{call}", name="shell", arguments={"command": f"echo {step}"})
+                          for call in range(calls)]
+            messages, items = [ChatMessage.assistant(f"step {step}", tool_calls=tool_calls)], []
+            for call in range(calls):
+                ok = (step, call) not in failing
+                output = tool_output(step, call)
+                tracer.emit("tool_call_completed" if ok else "tool_call_failed",
+                            {"step": step, "tool": "shell", "call_id": f"call_{call}",
+                             "duration_ms": 10 * step + call + 0.5})
+                messages.append(ChatMessage(role="tool", content=output, tool_call_id=f"call_{call}", name="shell"))
+                items.append(CheckpointItem(tool_name="shell", success=ok, output=output))
+            store.record_checkpoint(
+                CheckpointUpdate(task_id=task_id, thread_id=task_id, channel="test", provider=provider, model="m",
+                                 step_index=step, new_messages=messages, items=items),
+                traces=tracer.take(),
+            )
+        if finish:
+            clock.advance(1)
+            tracer.emit("done", {"status": "completed"})
+            store.finish(task_id, TaskStatus.COMPLETED, final_response=f"done after {steps} steps",
+                         new_messages=[ChatMessage.assistant(f"done after {steps} steps")], traces=tracer.take())
+        return task_id
+
+    return make
+
+
+#: The `longhaul` console script, independent of PATH.
+LONGHAUL = [sys.executable, "-c", "from worker.cli import main; main()"]
+
+
+@pytest.fixture
+def cli_env(db_url: str) -> dict[str, str]:
+    """The environment of a fresh machine: this test's database, no Redis, no other settings."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("LONGHAUL_") and key != "REDIS_URL"}
+    env["LONGHAUL_DATABASE_URL"] = db_url
+    return env
+
+
+@pytest.fixture
+def longhaul(cli_env: dict[str, str], tmp_path: Path) -> Callable[..., "subprocess.CompletedProcess[str]"]:
+    """Run one `longhaul` command to its end; extra keyword arguments set environment variables."""
+
+    def run(*args: str, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*LONGHAUL, *args], env={**cli_env, **env}, cwd=tmp_path, capture_output=True,
+                              text=True, timeout=timeout_s)
+
+    return run
+
+
+def _as_in_a_terminal() -> None:
+    """Give the child the SIGINT a terminal gives it.
+
+    A command started in the background by a non-interactive shell (as a CI
+    script may start pytest) inherits SIGINT *ignored*, and Python then
+    installs no KeyboardInterrupt handler: Ctrl-C could not be tested.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+class Background:
+    """A `longhaul` command left running, its output in files."""
+
+    def __init__(self, args: tuple[str, ...], env: dict[str, str], workdir: Path, name: str) -> None:
+        self.stdout_path = workdir / f"{name}.out"
+        self.stderr_path = workdir / f"{name}.err"
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen([*LONGHAUL, *args], env=env, cwd=workdir, stdout=out, stderr=err,
+                                         preexec_fn=_as_in_a_terminal)
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_longhaul(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Background]]:
+    """Start `longhaul` commands in the background; any still running are killed at teardown."""
+    started: list[Background] = []
+
+    def start(*args: str) -> Background:
+        started.append(Background(args, cli_env, tmp_path, f"longhaul-{len(started)}"))
+        return started[-1]
+
+    yield start
+    for background in started:
+        if background.proc.poll() is None:
+            background.proc.kill()
+            background.proc.wait()

@@ -9,12 +9,10 @@ calling environment removed, so the embedded broker is used.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -22,69 +20,7 @@ import worker
 from models import TaskStatus, TaskStore
 from worker.testing import ledger_counts, wait_until
 
-LONGHAUL = [sys.executable, "-c", "from worker.cli import main; main()"]
-
 Longhaul = Callable[..., "subprocess.CompletedProcess[str]"]
-
-
-@pytest.fixture
-def cli_env(db_url: str) -> dict[str, str]:
-    """The environment of a fresh machine: this test's database, no Redis, no other settings."""
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("LONGHAUL_") and key != "REDIS_URL"}
-    env["LONGHAUL_DATABASE_URL"] = db_url
-    return env
-
-
-@pytest.fixture
-def longhaul(cli_env: dict[str, str], tmp_path: Path) -> Longhaul:
-    """Run one `longhaul` command to its end; extra keyword arguments set environment variables."""
-
-    def run(*args: str, timeout_s: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*LONGHAUL, *args], env={**cli_env, **env}, cwd=tmp_path, capture_output=True,
-                              text=True, timeout=timeout_s)
-
-    return run
-
-
-def _as_in_a_terminal() -> None:
-    """Give the child the SIGINT a terminal gives it.
-
-    A command started in the background by a non-interactive shell (as a CI
-    script may start pytest) inherits SIGINT *ignored*, and Python then
-    installs no KeyboardInterrupt handler: Ctrl-C could not be tested.
-    """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-class Background:
-    """A `longhaul` command left running, its output in files."""
-
-    def __init__(self, args: tuple[str, ...], env: dict[str, str], workdir: Path, name: str) -> None:
-        self.stdout_path = workdir / f"{name}.out"
-        self.stderr_path = workdir / f"{name}.err"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([*LONGHAUL, *args], env=env, cwd=workdir, stdout=out, stderr=err,
-                                         preexec_fn=_as_in_a_terminal)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-
-@pytest.fixture
-def start_longhaul(cli_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Background]]:
-    """Start `longhaul` commands in the background; any still running are killed at teardown."""
-    started: list[Background] = []
-
-    def start(*args: str) -> Background:
-        started.append(Background(args, cli_env, tmp_path, f"longhaul-{len(started)}"))
-        return started[-1]
-
-    yield start
-    for background in started:
-        if background.proc.poll() is None:
-            background.proc.kill()
-            background.proc.wait()
 
 
 @pytest.fixture

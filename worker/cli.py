@@ -19,6 +19,7 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from models import InvalidInput, LonghaulError, TaskStatus, TaskSummary
+from models.event_stream import export_events
 
 from . import api
 from .runtime import BrokerRequired, get_runtime
@@ -272,6 +273,32 @@ def traces(task_id: str, follow: bool, as_json: bool) -> None:
             summary = orjson.dumps(event.data).decode()
             summary = summary if len(summary) <= 160 else summary[:157] + "..."
             click.echo(f"{event.sequence:>6} {event.elapsed_ms / 1000:>9.3f}s {event.event_type:<20} {summary}")
+
+
+@cli.command()
+@click.argument("task_id", required=False)
+@click.option("--all", "all_tasks", is_flag=True, help="Export every task.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the JSONL files (created if missing).")
+@click.option("--max-events", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Rotate to a new file after this many events.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=10 * 1024 * 1024, show_default=True,
+              help="Rotate before a file would grow past this many bytes.")
+@click.option("--json", "as_json", is_flag=True)
+def export(task_id: Optional[str], all_tasks: bool, out_dir: Path, max_events: int, max_bytes: int,
+           as_json: bool) -> None:
+    """Export chat events as JSON Lines, rotated by count and size (a consistent snapshot)."""
+    if bool(task_id) == all_tasks:
+        raise click.UsageError("give a TASK_ID or --all (one of them)")
+    files = export_events(get_runtime().store, out_dir, task_ids=None if all_tasks else [task_id or ""],
+                          max_events_per_file=max_events, max_bytes_per_file=max_bytes)
+    if as_json:
+        _dump([{"path": str(f.path), "task_id": f.task_id, "start_offset": f.start_offset,
+                "end_offset": f.end_offset, "event_count": f.event_count} for f in files])
+        return
+    for f in files:
+        click.echo(f"{f.path}  {f.event_count} events, bytes {f.start_offset}-{f.end_offset}")
+    click.echo(f"{len(files)} file(s), {sum(f.event_count for f in files)} events", err=True)
 
 
 @cli.command()

@@ -32,6 +32,7 @@ from models import (
     load_resumable_state,
     strip_tool_call_tags,
 )
+from models.redact import redact_text
 from models.traces import NullTraceWriter, TraceWriter
 
 from .providers import (
@@ -271,7 +272,7 @@ class TaskRun:
         if status is TaskStatus.COMPLETED:
             logger.info("task %r completed", self.task_id)
         else:
-            logger.warning("task %r %s: %s", self.task_id, status.value, last_error)
+            logger.warning("task %r %s: %s", self.task_id, status.value, redact_text(last_error or ""))
         return status
 
     def _release(self, *, redeliver_at: Optional[float]) -> None:

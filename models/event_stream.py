@@ -1,0 +1,424 @@
+"""JSON Lines export of a task's chat events, in rotated files named by byte offset.
+
+One chat event per message of a task's execution history, in history order:
+who said what, when, which tool answered, whether it succeeded and how long
+it took, and which assistant message asked for it. Every line has the same
+keys (null where a field does not apply)::
+
+    recorded_at, task_id, session_id, role, message_type, content, tool_name,
+    success, duration_ms, parent_event_id, event_id, sequence
+
+Each task's events form one byte stream (offsets start at 0 per task), cut
+into files of at most `max_events_per_file` events and `max_bytes_per_file`
+bytes, each file named ``<task_id>-chat-events-<start>-<end>.jsonl`` with the
+20-digit, zero-padded byte offsets of its first byte and of the byte after
+its last line. Concatenating a task's files in name order gives the stream.
+Unlike the reference design (which compared the stream's offset with the
+per-file maximum, so that after the first rotation every event got a file of
+its own), the limits apply to each file.
+
+Consistency: a task is read inside one read transaction, so a task that is
+running while it is exported yields a snapshot of complete steps; every file
+is written under a temporary name and renamed into place once complete, so
+no reader ever sees a torn line or a half file. Files of an earlier export
+of the same task into the same folder that the new export does not
+reproduce are removed afterwards, so the folder holds one snapshot per task.
+Two exports of one task into one folder at the same time are not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
+from urllib.parse import quote
+
+import orjson
+from peewee import Database
+
+from .errors import CorruptRecord, TaskNotFound
+from .tables import EXECUTION, Tables
+
+if TYPE_CHECKING:
+    from .store import TaskStore
+
+#: Tool results longer than this many bytes (UTF-8) are cut, with a marker giving the original size.
+MAX_TOOL_RESULT_BYTES = 10_000
+DEFAULT_MAX_EVENTS_PER_FILE = 10_000
+DEFAULT_MAX_BYTES_PER_FILE = 10 * 1024 * 1024
+
+_MESSAGE_TYPES = {"user": "user", "assistant": "assistant", "system": "system", "tool": "tool_result"}
+_TOOL_END_EVENTS = ("tool_call_completed", "tool_call_failed")
+_OFFSET_DIGITS = 20
+#: Longest file-name stem taken from a task id before it is shortened with a hash (names stay < 255 bytes).
+_MAX_STEM_CHARS = 160
+
+
+@dataclass(frozen=True)
+class EventFile:
+    """One exported file: its task's events from byte `start_offset` to `end_offset` (exclusive)."""
+
+    path: Path
+    task_id: str
+    start_offset: int
+    end_offset: int
+    event_count: int
+
+
+def export_events(
+    store: TaskStore,
+    out_dir: Union[str, Path],
+    *,
+    task_ids: Optional[Sequence[str]] = None,
+    max_events_per_file: int = DEFAULT_MAX_EVENTS_PER_FILE,
+    max_bytes_per_file: int = DEFAULT_MAX_BYTES_PER_FILE,
+) -> list[EventFile]:
+    """Write the chat events of `task_ids` (default: every task) as JSONL files in `out_dir`.
+
+    Returns the files written, per task in stream order, tasks in the order
+    given (all tasks: oldest first). A task with no messages yet writes no
+    file. A single event larger than `max_bytes_per_file` goes alone into
+    one file. Raises `ValueError` naming the parameter for a limit below 1,
+    and `TaskNotFound` for an unknown task id (checked before anything is
+    written).
+    """
+    if max_events_per_file < 1:
+        raise ValueError(f"max_events_per_file: must be at least 1, got {max_events_per_file!r}")
+    if max_bytes_per_file < 1:
+        raise ValueError(f"max_bytes_per_file: must be at least 1, got {max_bytes_per_file!r}")
+    tables: Tables = store.tables
+    Task = tables.Task
+    if task_ids is None:
+        ids = [row[0] for row in Task.select(Task.task_id).order_by(Task.created_at, Task.id).tuples()]
+    else:
+        ids = list(dict.fromkeys(task_ids))
+        known = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            known.update(row[0] for row in Task.select(Task.task_id).where(Task.task_id.in_(chunk)).tuples())
+        missing = [task_id for task_id in ids if task_id not in known]
+        if missing:
+            raise TaskNotFound(missing[0])
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[EventFile] = []
+    for task_id in ids:
+        written.extend(_export_task(store.db, tables, task_id, folder, max_events_per_file, max_bytes_per_file))
+    return written
+
+
+def event_file_name(task_id: str, start_offset: int, end_offset: int) -> str:
+    """``<task_id>-chat-events-<start>-<end>.jsonl``, the task id made safe for a file name."""
+    return f"{_file_stem(task_id)}-chat-events-{start_offset:0{_OFFSET_DIGITS}d}-{end_offset:0{_OFFSET_DIGITS}d}.jsonl"
+
+
+def truncate_tool_result(content: str, max_bytes: int = MAX_TOOL_RESULT_BYTES) -> str:
+    """`content`, cut to `max_bytes` UTF-8 bytes (never inside a character) plus ``...[truncated N bytes]``.
+
+    N is the original size in bytes. Content within the limit is returned unchanged.
+    """
+    data = content.encode("utf-8")
+    if len(data) <= max_bytes:
+        return content
+    cut = max_bytes
+    while cut > 0 and (data[cut] & 0xC0) == 0x80:  # a continuation byte: the character straddles the cut
+        cut -= 1
+    return data[:cut].decode("utf-8") + f"...[truncated {len(data)} bytes]"
+
+
+# -- one task ------------------------------------------------------------------------
+
+
+def _export_task(db: Database, tables: Tables, task_id: str, folder: Path, max_events: int,
+                 max_bytes: int) -> list[EventFile]:
+    writer = _RotatingWriter(folder, task_id, max_events=max_events, max_bytes=max_bytes)
+    try:
+        with _read_snapshot(db):
+            for event in _chat_events(tables, task_id):
+                writer.write(orjson.dumps(event, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE))
+        files = writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    _remove_stale_files(folder, task_id, keep={file.path.name for file in files})
+    _fsync_folder(folder)
+    return files
+
+
+def _read_snapshot(db: Database) -> AbstractContextManager[Any]:
+    """One read transaction that sees a single snapshot of the database.
+
+    SQLite (WAL): a deferred transaction, so the export takes no write lock
+    and never holds up the task it reads; its first read fixes the snapshot.
+    PostgreSQL's default (read committed) gives every statement its own
+    snapshot, so ask for repeatable read there.
+    """
+    kind = type(db).__name__
+    if kind.startswith("Sqlite"):
+        return db.atomic("DEFERRED")
+    if "Postgres" in kind:
+        return db.atomic(isolation_level="REPEATABLE READ")
+    return db.atomic()
+
+
+def _chat_events(tables: Tables, task_id: str) -> Iterator[dict[str, Any]]:
+    """The task's chat events in history order; call inside one read transaction."""
+    Task, Message = tables.Task, tables.Message
+    task = (Task.select(Task.id, Task.created_at, Task.started_at, Task.updated_at, Task.completed_at)
+            .where(Task.task_id == task_id).first())
+    if task is None:
+        raise TaskNotFound(task_id)
+    steps = _step_outcomes(tables, task_id, task.id)
+    durations = _tool_durations(tables, task_id, task.id)
+    in_execution = (Message.task == task.id) & (Message.history == EXECUTION)
+    first_stepped = (Message.select(Message.position).where(in_execution & Message.step_index.is_null(False))
+                     .order_by(Message.position).limit(1).scalar())
+    last_user = (Message.select(Message.position).where(in_execution & (Message.role == "user"))
+                 .order_by(Message.position.desc()).limit(1).scalar())
+    # Messages without a step are either the opening (thread turns, the prompt) or
+    # what `finish` appended (the final answer): the opening ends at the first step,
+    # or, for a task that answered at once, after its last user message.
+    opening_end = first_stepped if first_stepped is not None else (
+        last_user + 1 if last_user is not None else float("inf"))
+    opened_at = _utc(task.started_at or task.created_at)
+    closed_at = _utc(task.completed_at or task.updated_at)
+
+    links = _ParentLinks(task_id)
+    tool_index: dict[int, int] = {}  # step -> tool results seen so far in it
+    rows = (Message.select(Message.position, Message.step_index, Message.role, Message.content,
+                           Message.tool_call_id, Message.name, Message.tool_calls)
+            .where(in_execution).order_by(Message.position).tuples().iterator())
+    for sequence, (position, step, role, content, tool_call_id, name, tool_calls) in enumerate(rows):
+        event_id = f"{task_id}:{sequence}"
+        event: dict[str, Any] = dict(
+            recorded_at=_recorded_at(steps, step, position, opening_end, opened_at, closed_at),
+            task_id=task_id, session_id=task_id, role=role, message_type=_MESSAGE_TYPES.get(role, role),
+            content=content, tool_name=None, success=None, duration_ms=None, parent_event_id=None,
+            event_id=event_id, sequence=sequence,
+        )
+        if role == "assistant":
+            links.assistant(event_id, tool_calls)
+        elif role == "tool":
+            index = tool_index.get(step, 0) if step is not None else 0
+            if step is not None:
+                tool_index[step] = index + 1
+            outcome = steps.get(step) if step is not None else None
+            event.update(
+                content=truncate_tool_result(content), tool_name=name, parent_event_id=links.parent(tool_call_id),
+                success=outcome.success(index) if outcome else None,
+                duration_ms=durations.lookup(step, tool_call_id, index, outcome.calls if outcome else 0),
+            )
+        yield event
+
+
+def _recorded_at(steps: dict[int, _StepOutcome], step: Optional[int], position: int, opening_end: float,
+                 opened_at: Optional[datetime], closed_at: Optional[datetime]) -> Optional[datetime]:
+    if step is not None:
+        outcome = steps.get(step)
+        return outcome.created_at if outcome is not None else closed_at
+    return opened_at if position < opening_end else closed_at
+
+
+@dataclass(frozen=True)
+class _StepOutcome:
+    created_at: Optional[datetime]
+    successes: tuple[bool, ...]  # per tool call, in call order
+
+    @property
+    def calls(self) -> int:
+        return len(self.successes)
+
+    def success(self, index: int) -> Optional[bool]:
+        return self.successes[index] if index < len(self.successes) else None
+
+
+def _step_outcomes(tables: Tables, task_id: str, task_pk: int) -> dict[int, _StepOutcome]:
+    """step -> when its checkpoint was written and which of its calls succeeded (outputs are dropped)."""
+    Checkpoint = tables.Checkpoint
+    outcomes: dict[int, _StepOutcome] = {}
+    rows = (Checkpoint.select(Checkpoint.step_index, Checkpoint.created_at, Checkpoint.items)
+            .where(Checkpoint.task == task_pk).tuples().iterator())
+    for step, created_at, items in rows:
+        try:
+            successes = tuple(bool(item.get("success")) for item in orjson.loads(items))
+        except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
+            raise CorruptRecord(task_id, f"checkpoint[{step}].items", str(exc)) from None
+        outcomes[step] = _StepOutcome(_utc(created_at), successes)
+    return outcomes
+
+
+class _Durations:
+    """Tool call durations from the trace, by ``(step, call_id)``; by call order for calls without an id."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[tuple[int, str], float] = {}
+        self.in_order: dict[int, list[float]] = {}
+
+    def add(self, step: int, call_id: str, duration_ms: float) -> None:
+        if call_id:
+            self.by_id[(step, call_id)] = duration_ms  # a step that ran twice: its later (checkpointed) run wins
+        self.in_order.setdefault(step, []).append(duration_ms)
+
+    def lookup(self, step: Optional[int], call_id: Optional[str], index: int, calls: int) -> Optional[float]:
+        if step is None:
+            return None
+        if call_id:
+            return self.by_id.get((step, call_id))
+        recorded = self.in_order.get(step, [])[-calls:] if calls else []
+        return recorded[index] if index < len(recorded) else None
+
+
+def _tool_durations(tables: Tables, task_id: str, task_pk: int) -> _Durations:
+    TraceEvent = tables.TraceEvent
+    durations = _Durations()
+    rows = (TraceEvent.select(TraceEvent.sequence, TraceEvent.data)
+            .where((TraceEvent.task == task_pk) & TraceEvent.event_type.in_(_TOOL_END_EVENTS))
+            .order_by(TraceEvent.sequence).tuples().iterator())
+    for sequence, raw in rows:
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise CorruptRecord(task_id, f"trace_event[{sequence}].data", str(exc)) from None
+        if not isinstance(data, dict):
+            continue
+        step, duration_ms = data.get("step"), data.get("duration_ms")
+        if isinstance(step, int) and isinstance(duration_ms, (int, float)):
+            durations.add(step, str(data.get("call_id") or ""), float(duration_ms))
+    return durations
+
+
+class _ParentLinks:
+    """Which assistant message asked for each tool result."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.by_call_id: dict[str, str] = {}
+        self.latest: Optional[str] = None  # the latest assistant message
+
+    def assistant(self, event_id: str, tool_calls_json: Optional[str]) -> None:
+        self.latest = event_id
+        # Providers reuse ids across turns (``call_0`` every step): only this turn's count.
+        self.by_call_id = {}
+        for call in _decode_calls(self.task_id, tool_calls_json):
+            call_id = call.get("id") if isinstance(call, dict) else None
+            if call_id:
+                self.by_call_id[str(call_id)] = event_id
+
+    def parent(self, tool_call_id: Optional[str]) -> Optional[str]:
+        if tool_call_id and tool_call_id in self.by_call_id:
+            return self.by_call_id[tool_call_id]
+        return self.latest
+
+
+def _decode_calls(task_id: str, raw: Optional[str]) -> list[Any]:
+    if raw is None:
+        return []
+    try:
+        calls = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptRecord(task_id, "message.tool_calls", str(exc)) from None
+    return calls if isinstance(calls, list) else []
+
+
+def _utc(epoch_s: Optional[float]) -> Optional[datetime]:
+    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+
+
+# -- files ---------------------------------------------------------------------------
+
+
+class _RotatingWriter:
+    """Cuts one task's event stream into files; each file appears only once complete."""
+
+    def __init__(self, folder: Path, task_id: str, *, max_events: int, max_bytes: int) -> None:
+        self.folder = folder
+        self.task_id = task_id
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.offset = 0  # bytes of the stream written so far
+        self.files: list[EventFile] = []
+        self._handle: Optional[IO[bytes]] = None
+        self._tmp_path: Optional[Path] = None
+        self._file_start = 0
+        self._file_events = 0
+
+    def write(self, line: bytes) -> None:
+        if self._handle is not None and (
+            self._file_events >= self.max_events or self.offset - self._file_start + len(line) > self.max_bytes
+        ):
+            self._finish_file()
+        if self._handle is None:
+            self._tmp_path = self.folder / f".{_file_stem(self.task_id)}.{uuid.uuid4().hex}.tmp"
+            self._handle = open(self._tmp_path, "xb")
+            self._file_start, self._file_events = self.offset, 0
+        self._handle.write(line)
+        self.offset += len(line)
+        self._file_events += 1
+
+    def close(self) -> list[EventFile]:
+        if self._handle is not None:
+            self._finish_file()
+        return self.files
+
+    def discard(self) -> None:
+        """Remove the file being written (after an error); finished files stay."""
+        handle, path = self._handle, self._tmp_path
+        self._handle = self._tmp_path = None
+        if handle is not None:
+            handle.close()
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def _finish_file(self) -> None:
+        handle, tmp_path = self._handle, self._tmp_path
+        assert handle is not None and tmp_path is not None
+        handle.flush()
+        os.fsync(handle.fileno())  # the rename must never expose a file whose bytes are not on disk
+        handle.close()
+        self._handle = self._tmp_path = None
+        path = self.folder / event_file_name(self.task_id, self._file_start, self.offset)
+        os.replace(tmp_path, path)
+        self.files.append(EventFile(path=path, task_id=self.task_id, start_offset=self._file_start,
+                                    end_offset=self.offset, event_count=self._file_events))
+
+
+def _file_stem(task_id: str) -> str:
+    """The task id as a file-name stem: percent-encoded (so ``/`` cannot make a path), hashed if long."""
+    stem = quote(task_id, safe="")
+    if len(stem) > _MAX_STEM_CHARS:
+        digest = hashlib.sha256(task_id.encode("utf-8")).hexdigest()[:16]
+        stem = f"{stem[:_MAX_STEM_CHARS - 17]}-{digest}"
+    return stem
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_files(folder: Path, task_id: str, *, keep: Iterable[str]) -> None:
+    """Delete this task's files from an earlier export that the new one did not rewrite."""
+    digits = rf"\d{{{_OFFSET_DIGITS}}}"
+    pattern = re.compile(rf"{re.escape(_file_stem(task_id))}-chat-events-{digits}-{digits}\.jsonl")
+    keep = set(keep)
+    for entry in os.scandir(folder):
+        if entry.name not in keep and pattern.fullmatch(entry.name):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+__all__ = ["EventFile", "export_events", "event_file_name", "truncate_tool_result", "MAX_TOOL_RESULT_BYTES"]

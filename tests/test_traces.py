@@ -1,0 +1,438 @@
+"""Trace events, usage totals, redaction, retention and the schema they need.
+
+Loop tests run a task synchronously with `execute_task` on an embedded
+runtime (no broker thread), with fake providers registered by name; the
+crash test runs the real `longhaul` command and SIGKILLs it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import orjson
+import pytest
+from dramatiq.middleware import Shutdown
+from peewee import IntegrityError
+from playhouse.migrate import SchemaMigrator, migrate
+
+import worker
+from models import TaskNotFound, TaskRecord, TaskSpec, TaskStatus, TaskStore, ToolCall, Usage
+from models.migrations import _V2_TASK_COLUMNS
+from models.traces import TraceRow, TraceWriter
+from worker import Runtime
+from worker.execute import execute_task
+from worker.providers import PROVIDERS, AssistantTurn, PermanentProviderError, StepContext
+from worker.testing import FakeClock, wait_until
+
+# -- fake providers -----------------------------------------------------------------
+
+
+def ledger_call(step: int) -> list[ToolCall]:
+    return [ToolCall(id="call_0", name="ledger", arguments={"line": f"step {step}"})]
+
+
+class StreamsFirstTurn:
+    """Step 1 streams content, reasoning, content and calls the ledger; step 2 answers without streaming."""
+
+    name = "streams-first-turn"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        if ctx.step_index > 1:
+            return AssistantTurn("final answer")
+        for kind, chunk in [("content", "a"), ("content", "b"), ("content", "c"), ("reasoning", "r1"),
+                            ("reasoning", "r2"), ("content", "d")]:
+            ctx.emit(kind, {"text": chunk})
+        return AssistantTurn("abcd", ledger_call(1))
+
+
+class StreamsThenStops:
+    """Streams two content chunks, then the worker is told to shut down mid-answer."""
+
+    name = "streams-then-stops"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        ctx.emit("content", {"text": "par"})
+        ctx.emit("content", {"text": "tial"})
+        raise Shutdown()
+
+
+def usage_of(step: int) -> Usage:
+    return Usage(input_tokens=100 * step, output_tokens=10 * step, cache_read_tokens=step, cache_creation_tokens=2,
+                 reasoning_tokens=3 * step, request_count=1, cost_usd=0.25 * step)
+
+
+class Metered:
+    """Three ledger steps, then an answer; every turn reports `usage_of(step)`.
+
+    With `stop_at`, the worker shuts down once when asked for that step (before it answers).
+    """
+
+    name = "metered"
+    steps = 3
+    stop_at: Optional[int] = None
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        step = ctx.step_index
+        if step == type(self).stop_at:
+            type(self).stop_at = None
+            raise Shutdown()
+        if step > self.steps:
+            return AssistantTurn("metered answer", usage=usage_of(step))
+        return AssistantTurn(f"step {step}", ledger_call(step), usage=usage_of(step))
+
+
+API_KEY = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
+BEARER_TOKEN = "eyJhbGciOiJIUzI1NiJ9.c2VjcmV0LXBheWxvYWQ"
+
+
+class Leaky:
+    """Streams reasoning that holds an API key (split across two chunks) and a bearer header, then fails."""
+
+    name = "leaky"
+
+    def next_turn(self, ctx: StepContext) -> AssistantTurn:
+        ctx.emit("reasoning", {"text": f"retrying with {API_KEY[:14]}"})
+        ctx.emit("reasoning", {"text": f"{API_KEY[14:]} and Authorization: Bearer {BEARER_TOKEN}"})
+        raise PermanentProviderError(
+            f"401 Unauthorized: Authorization: Bearer {BEARER_TOKEN} (api_key={API_KEY}) was rejected",
+            status_code=401,
+        )
+
+
+@pytest.fixture(autouse=True)
+def fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    for provider in (StreamsFirstTurn, StreamsThenStops, Metered, Leaky):
+        monkeypatch.setitem(PROVIDERS, provider.name, provider)
+    monkeypatch.setattr(Metered, "stop_at", None)
+
+
+# -- helpers and fixtures ---------------------------------------------------------------
+
+
+@pytest.fixture
+def run_here(embedded_runtime: Runtime) -> Callable[..., TaskRecord]:
+    """Run a task in this thread until it ends or is interrupted (resuming it if it exists); its record."""
+
+    def run(provider: str, *, task_id: str = "traced", prompt: str = "trace me", **options: Any) -> TaskRecord:
+        try:
+            embedded_runtime.store.summary(task_id)
+        except TaskNotFound:
+            worker.submit(embedded_runtime, prompt, task_id=task_id, provider=provider, **options)
+        execute_task(embedded_runtime, task_id)
+        return embedded_runtime.store.get(task_id)
+
+    return run
+
+
+@pytest.fixture
+def tracer(clock: FakeClock) -> TraceWriter:
+    """A writer on its own (no store): what it hands over is what a checkpoint would store."""
+    return TraceWriter(agent="p", model="m", job_type="agent_task", next_sequence=0, started_at=clock(), clock=clock)
+
+
+def streamed(rows: list[TraceRow]) -> list[tuple[str, str]]:
+    """(event type, text) of each row."""
+    return [(row[6], orjson.loads(row[7]).get("text")) for row in rows]
+
+
+def kinds(store: TaskStore, task_id: str) -> list[str]:
+    return [event.event_type for event in store.traces(task_id)]
+
+
+def checkpoints_of(store: TaskStore, task_id: str) -> int:
+    try:
+        return store.summary(task_id).checkpoint_count
+    except TaskNotFound:
+        return 0
+
+
+def utc(epoch_s: float) -> datetime:
+    return datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+
+
+# -- sequence numbers ----------------------------------------------------------------------
+
+
+@pytest.mark.crash
+def test_trace_sequences_stay_strictly_increasing_and_unique_across_a_sigkill_and_resume(
+    longhaul, start_longhaul, store, count_rows
+):
+    steps = 30
+    running = start_longhaul("run", "count slowly", "--task-id", "k", "--steps", str(steps),
+                             "--step-delay", "0.1").proc
+    wait_until(lambda: checkpoints_of(store, "k") >= 5 or running.poll() is not None, timeout_s=30,
+               what="five checkpoints before the kill")
+    assert running.poll() is None, "the run ended before it could be killed"
+
+    running.send_signal(signal.SIGKILL)
+    running.wait()
+    before = store.traces("k")
+    result = longhaul("resume", "--interrupted", "--json")
+
+    assert result.returncode == 0, result.stderr
+    traces = store.traces("k")
+    sequences = [event.sequence for event in traces]
+    assert sequences == sorted(set(sequences)) and sequences[0] == 0
+    assert count_rows(store, "trace_event", task_id="k") == len(traces)
+    assert traces[:len(before)] == before  # what the killed run stored is kept as it was
+    [resumed] = [event for event in traces if event.event_type == "resumed"]
+    assert resumed.sequence == before[-1].sequence + 1  # continues after the highest stored number
+    assert kinds(store, "k").count("session_started") == 1
+    assert sorted(e.data["step"] for e in traces if e.event_type == "checkpoint") == list(range(1, steps + 1))
+    assert traces[-1].event_type == "done" and traces[-1].data["status"] == "completed"
+
+
+def test_a_reserved_sequence_number_is_never_handed_out_again(make_stepped_task, clocked_store, clock):
+    task_id = make_stepped_task(steps=1, finish=False)
+    writer = TraceWriter(agent="scripted", model="m", job_type="agent_task",
+                         next_sequence=clocked_store.next_trace_sequence(task_id), started_at=clock(), clock=clock)
+    writer.emit("checkpoint", {"step": 2})
+    reserved = writer.reserve_sequence()
+    writer.emit("turn_completed", {"step": 2})
+    own_row: TraceRow = (reserved, clock(), 0.0, "scripted", "m", "agent_task", "error", '{"kind": "own"}')
+
+    clocked_store.append_traces(task_id, [*writer.take(), own_row])
+
+    traces = clocked_store.traces(task_id)
+    assert [e.sequence for e in traces] == list(range(len(traces)))
+    assert [(e.event_type, e.data) for e in traces if e.sequence == reserved] == [("error", {"kind": "own"})]
+    assert clocked_store.next_trace_sequence(task_id) == len(traces)
+
+
+def test_the_unique_index_refuses_a_second_row_with_a_taken_sequence_number(
+    make_stepped_task, clocked_store, clock, count_rows
+):
+    task_id = make_stepped_task(steps=1, finish=False)
+    stored = count_rows(clocked_store, "trace_event", task_id=task_id)
+    taken: TraceRow = (0, clock(), 0.0, "scripted", "m", "agent_task", "error", "{}")
+
+    with pytest.raises(IntegrityError):
+        clocked_store.append_traces(task_id, [taken])
+    assert count_rows(clocked_store, "trace_event", task_id=task_id) == stored
+
+
+# -- consolidation and flush points ---------------------------------------------------------
+
+
+def test_content_reasoning_content_streamed_in_one_turn_are_stored_as_three_rows_and_no_duplicate(
+    run_here, embedded_runtime
+):
+    record = run_here("streams-first-turn")
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    traces = embedded_runtime.store.traces("traced")
+    assert [e.event_type for e in traces] == [
+        "session_started", "content", "reasoning", "content", "tool_call_started", "tool_call_completed",
+        "checkpoint", "turn_completed", "content", "done",
+    ]
+    texts = [(e.data["text"], e.data["chunks"]) for e in traces if e.event_type in ("content", "reasoning")]
+    # Step 1 streamed (no extra "abcd" row from the loop); step 2 did not, so the loop wrote its answer.
+    assert texts == [("abc", 3), ("r1r2", 2), ("d", 1), ("final answer", 1)]
+
+
+def test_chunks_of_one_type_are_merged_until_the_type_changes(tracer):
+    for kind, chunk in [("content", "a"), ("content", "b"), ("reasoning", "r"), ("content", "c"), ("content", "d")]:
+        tracer.emit(kind, {"text": chunk})
+
+    assert streamed(tracer.take()) == [("content", "ab"), ("reasoning", "r"), ("content", "cd")]
+
+
+def test_a_turn_boundary_flushes_pending_chunks_so_two_turns_never_merge(tracer):
+    tracer.emit("content", {"text": "first turn"})
+    tracer.end_turn()
+    tracer.emit("content", {"text": "second turn"})
+
+    assert streamed(tracer.take()) == [("content", "first turn"), ("content", "second turn")]
+    assert tracer.streamed_content is True  # the second turn streamed; end_turn resets it for the next
+
+
+def test_taking_rows_for_a_checkpoint_flushes_pending_chunks(tracer):
+    tracer.emit("content", {"text": "before "})
+    tracer.emit("content", {"text": "checkpoint"})
+    at_checkpoint = tracer.take()
+    tracer.emit("content", {"text": "after"})
+
+    assert streamed(at_checkpoint) == [("content", "before checkpoint")]
+    assert streamed(tracer.take()) == [("content", "after")]
+    assert [row[0] for row in at_checkpoint] == [0]  # the next row got the next sequence number, 1
+
+
+def test_a_shutdown_mid_answer_stores_the_chunks_streamed_so_far_and_leaves_the_task_resumable(
+    embedded_runtime, run_here
+):
+    with pytest.raises(Shutdown):
+        run_here("streams-then-stops")
+
+    store = embedded_runtime.store
+    summary = store.summary("traced")
+    assert summary.status is TaskStatus.RUNNING and summary.lease is None
+    [partial] = [e for e in store.traces("traced") if e.event_type == "content"]
+    assert (partial.data["text"], partial.data["chunks"]) == ("partial", 2)
+
+
+# -- usage -----------------------------------------------------------------------------------
+
+
+def test_usage_of_every_turn_is_summed_on_the_task_and_usage_updates_carry_running_totals(
+    run_here, embedded_runtime
+):
+    record = run_here("metered")
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    expected = usage_of(1) + usage_of(2) + usage_of(3) + usage_of(4)
+    assert record.usage == expected
+    assert (expected.input_tokens, expected.request_count, expected.cost_usd) == (1000, 4, 2.5)
+    assert embedded_runtime.store.summary("traced").usage == expected
+    updates = [e.data for e in embedded_runtime.store.traces("traced") if e.event_type == "usage_update"]
+    assert [u["step"] for u in updates] == [1, 2, 3, 4]
+    assert [Usage(**u["turn"]) for u in updates] == [usage_of(step) for step in (1, 2, 3, 4)]
+    running = Usage()
+    for update in updates:
+        running += usage_of(update["step"])
+        assert Usage(**update["total"]) == running
+
+
+def test_usage_totals_continue_from_the_stored_ones_after_a_resume(run_here, embedded_runtime):
+    Metered.stop_at = 3
+    with pytest.raises(Shutdown):
+        run_here("metered")
+    store = embedded_runtime.store
+    assert store.summary("traced").usage == usage_of(1) + usage_of(2)  # stored with steps 1 and 2
+
+    record = run_here("metered")
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    assert record.usage == usage_of(1) + usage_of(2) + usage_of(3) + usage_of(4)
+    traces = store.traces("traced")
+    resumed_at = next(e.sequence for e in traces if e.event_type == "resumed")
+    after_resume = [e.data for e in traces if e.event_type == "usage_update" and e.sequence > resumed_at]
+    assert [u["step"] for u in after_resume] == [3, 4]
+    assert Usage(**after_resume[0]["total"]) == usage_of(1) + usage_of(2) + usage_of(3)
+    assert Usage(**after_resume[1]["total"]) == record.usage
+
+
+# -- redaction --------------------------------------------------------------------------------
+
+
+def test_api_keys_and_bearer_tokens_never_reach_the_database_file_or_last_error(run_here, embedded_runtime, db_path):
+    record = run_here("leaky")
+
+    assert record.status is TaskStatus.FAILED
+    assert record.last_error is not None and "401 Unauthorized" in record.last_error
+    assert "[redacted]" in record.last_error
+    [error] = [e for e in embedded_runtime.store.traces("traced") if e.event_type == "error"]
+    assert (error.data["kind"], error.data["http_status"], error.data["provider"]) == ("permanent", 401, "leaky")
+    [reasoning] = [e for e in embedded_runtime.store.traces("traced") if e.event_type == "reasoning"]
+    assert "[redacted]" in reasoning.data["text"]
+    embedded_runtime.store.close()
+    stored = b"".join(path.read_bytes() for path in (db_path, Path(f"{db_path}-wal")) if path.exists())
+    # The key's second half alone would leak if chunks were redacted one by one, before consolidation.
+    for secret in (API_KEY, API_KEY[14:], BEARER_TOKEN):
+        assert secret.encode() not in stored
+        assert secret not in record.last_error
+
+
+# -- retention and listing ------------------------------------------------------------------
+
+
+TABLES = ("task", "checkpoint", "message", "trace_event")
+
+
+def test_prune_deletes_finished_tasks_with_all_their_rows_and_never_queued_or_running_ones(
+    make_stepped_task, clocked_store, clock, count_rows
+):
+    make_stepped_task("completed", steps=2)
+    make_stepped_task("failed", steps=1, finish=False)
+    clocked_store.finish("failed", TaskStatus.FAILED, last_error="boom")
+    make_stepped_task("running", steps=2, finish=False)
+    clocked_store.create_task(task_id="queued", thread_id="queued", channel="test", provider="scripted",
+                              model="m", spec=TaskSpec(prompt="wait"))
+    kept = {table: sum(count_rows(clocked_store, table, task_id=t) for t in ("running", "queued")) for table in TABLES}
+    assert all(kept.values())  # the running task has checkpoints, messages and traces at stake
+    clock.advance(60)
+
+    deleted = clocked_store.prune(max_tasks=0, older_than_s=0)
+
+    assert sorted(deleted) == ["completed", "failed"]
+    assert {table: count_rows(clocked_store, table) for table in TABLES} == kept  # no orphan rows either
+    assert clocked_store.summary("running").status is TaskStatus.RUNNING
+    assert clocked_store.summary("queued").status is TaskStatus.QUEUED
+
+
+def test_a_dry_run_prune_names_the_tasks_and_deletes_nothing(make_stepped_task, clocked_store, count_rows):
+    make_stepped_task("completed", steps=1)
+    before = {table: count_rows(clocked_store, table) for table in TABLES}
+
+    assert clocked_store.prune(max_tasks=0, dry_run=True) == ["completed"]
+    assert {table: count_rows(clocked_store, table) for table in TABLES} == before
+
+
+def test_list_tasks_filters_by_provider_and_by_creation_time(clocked_store, clock):
+    start_s = clock()
+    for task_id, provider in [("a", "openai"), ("b", "anthropic"), ("c", "openai")]:
+        clocked_store.create_task(task_id=task_id, thread_id=task_id, channel="test", provider=provider,
+                                  model="m", spec=TaskSpec(prompt="hi"))
+        clock.advance(10)
+
+    def ids(**filters: Any) -> list[str]:
+        return [row.task_id for row in clocked_store.list_tasks(order_by="created", **filters)]
+
+    assert ids() == ["c", "b", "a"]
+    assert ids(provider="openai") == ["c", "a"]
+    assert ids(since=utc(start_s + 10)) == ["c", "b"]
+    assert ids(until=utc(start_s + 20)) == ["b", "a"]  # until is exclusive
+    assert ids(since=utc(start_s + 5), until=utc(start_s + 15)) == ["b"]
+    assert ids(provider="openai", since=utc(start_s + 10)) == ["c"]
+    assert ids(provider="nobody") == []
+
+
+# -- schema --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def version_1_db(db_url: str, db_path: Path, make_update: Callable[..., Any]) -> TaskRecord:
+    """This test's database as release 1 wrote it: one task of two steps; returns that task as it was.
+
+    Release 1 had no usage columns, no trace table and schema version 1.
+    """
+    with TaskStore(db_url) as store:
+        store.record_checkpoint(make_update(1))
+        store.record_checkpoint(make_update(2))
+        before = store.get("task-1")
+        db = store.db
+        db.execute_sql("PRAGMA foreign_keys = OFF")  # rebuilding `task` here must not cascade into its messages
+        with db.atomic():
+            migrator = SchemaMigrator.from_database(db)
+            migrate(*[migrator.drop_column("task", name) for name in _V2_TASK_COLUMNS])
+            db.execute_sql('DROP TABLE "trace_event"')
+            db.execute_sql('DELETE FROM "schema_version" WHERE "version" = 2')
+            db.execute_sql('INSERT OR IGNORE INTO "schema_version" ("version", "applied_at") VALUES (1, 0)')
+    with closing(sqlite3.connect(db_path)) as raw:
+        assert not set(_V2_TASK_COLUMNS) & {row[1] for row in raw.execute('PRAGMA table_info("task")')}
+        assert raw.execute('SELECT MAX("version") FROM "schema_version"').fetchone() == (1,)
+        assert raw.execute('SELECT COUNT(*) FROM "message"').fetchone() == (4,)
+    return before
+
+
+def test_a_version_1_database_is_migrated_to_version_2_when_a_store_opens_it(db_url, version_1_db):
+    with TaskStore(db_url) as store:
+        assert store.schema_version() == 2
+        assert set(_V2_TASK_COLUMNS) <= {column.name for column in store.db.get_columns("task")}
+        assert "trace_event" in store.db.get_tables()
+        summary = store.summary("task-1")
+        assert (summary.status, summary.checkpoint_count, summary.usage) == (TaskStatus.RUNNING, 2, Usage())
+        assert store.next_trace_sequence("task-1") == 0
+
+
+def test_migrating_to_version_2_keeps_every_history_and_checkpoint(db_url, version_1_db):
+    with TaskStore(db_url) as store:
+        record = store.get("task-1")
+
+    assert record.execution_history == version_1_db.execution_history
+    assert record.checkpoints == version_1_db.checkpoints
+    assert record.turn_count == 2  # recounted from the stored assistant messages
