@@ -67,9 +67,9 @@ def declare_run_task(broker: Broker, rt: Runtime) -> Actor:
 
     def run_task(*args: Any, **kwargs: Any) -> None:
         """Run or resume one task. The message body is only its id: the rest is in the store."""
-        if kwargs or len(args) != 1 or not isinstance(args[0], str) or not args[0].strip():
-            logger.error("%s: malformed message (expected one task id string, got args=%r kwargs=%r); "
-                         "dropping it", RUN_TASK, args[:3], sorted(kwargs)[:3])
+        if kwargs or len(args) != 1 or not isinstance(args[0], str) or not 0 < len(args[0].strip()) <= 200:
+            logger.error("%s: malformed message (expected one task id of 1-200 characters, got args=%.120r "
+                         "kwargs=%.120r); dropping it", RUN_TASK, args[:3], sorted(kwargs)[:3])
             return
         execute_task(rt, args[0])
 

@@ -54,7 +54,14 @@ def find_interrupted(rt: Runtime) -> list[tuple[LeaseRow, str]]:
 
 
 def resend_interrupted(rt: Runtime) -> list[str]:
-    """Re-send a message for every interrupted task this process wins; returns their ids."""
+    """Re-send a message for every interrupted task this process wins; returns their ids.
+
+    First, on Redis, requeue what dead consumers had fetched but never
+    claimed (`LonghaulRedisBroker.requeue_stale_acks`).
+    """
+    requeue = getattr(rt.broker, "requeue_stale_acks", None)
+    if requeue is not None:
+        requeue(stale_after_s=rt.settings.broker_stale_consumer_s)
     sent = []
     for row, reason in find_interrupted(rt):
         if rt.leases.take_for_redelivery(row):

@@ -1,21 +1,59 @@
-"""Dramatiq's Redis broker, with consumers that dead-letter undecodable messages.
+"""Dramatiq's Redis broker, hardened for workers that get SIGKILLed.
 
-Stock Dramatiq raises `DecodeError` out of the consumer on a corrupt body: the
-consumer restarts, and every message it had prefetched stays stranded in its
-Redis ack set until the worker dies and the broker's heartbeat timeout
-passes. Here the corrupt message is moved to the dead-letter queue (where an
-operator can inspect it), with an error naming it, and consumption goes on.
+Two gaps in the stock broker matter to a durable worker:
+
+- A body that does not decode (or decodes into something that is not a
+  well-formed message) raises out of the consumer: the consumer restarts,
+  and every message it had prefetched stays stranded in its Redis ack set
+  until the broker's heartbeat timeout. Here such a message is moved to the
+  dead-letter queue, with a short error naming it, and consumption goes on.
+- A worker killed between fetching a message and claiming its task leaves
+  the message in its ack set, which Dramatiq requeues only after a 60 s
+  heartbeat timeout and a random maintenance draw. `requeue_stale_acks`
+  requeues the ack sets of consumers whose heartbeat has gone quiet for a
+  few seconds; a duplicate this may cause is harmless, because a task runs
+  only under its lease.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+import time
+from typing import Any, Callable, Optional
 
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.errors import DecodeError
 
 logger = logging.getLogger(__name__)
+
+#: How much of a bad body (or decode error) a log line shows.
+PREVIEW_BYTES = 120
+
+# Move every message id of stale consumers' ack sets back to the head of their
+# queue (if its body still exists), then forget those consumers.
+# KEYS[1] heartbeats zset; ARGV[1] namespace, ARGV[2] cutoff (ms), ARGV[3] own id, ARGV[4..] queue names.
+_REQUEUE_STALE_ACKS = """
+local stale = redis.call("zrangebyscore", KEYS[1], 0, ARGV[2])
+local moved = 0
+for _, consumer in ipairs(stale) do
+    if consumer ~= ARGV[3] then
+        for i = 4, #ARGV do
+            local queue = ARGV[1] .. ":" .. ARGV[i]
+            local acks = ARGV[1] .. ":__acks__." .. consumer .. "." .. ARGV[i]
+            for _, message_id in ipairs(redis.call("smembers", acks)) do
+                if redis.call("hexists", queue .. ".msgs", message_id) == 1 then
+                    redis.call("lpush", queue, message_id)
+                    moved = moved + 1
+                end
+            end
+            redis.call("del", acks)
+        end
+        redis.call("zrem", KEYS[1], consumer)
+    end
+end
+return moved
+"""
 
 
 class LonghaulRedisBroker(RedisBroker):
@@ -23,27 +61,84 @@ class LonghaulRedisBroker(RedisBroker):
     def consumer_class(self) -> type[_RedisConsumer]:
         return _DeadLetteringConsumer
 
+    def requeue_stale_acks(self, *, stale_after_s: float) -> int:
+        """Requeue what consumers silent for `stale_after_s` had fetched; returns how many messages."""
+        queues = sorted(self.get_declared_queues() | {f"{q}.DQ" for q in self.get_declared_queues()})
+        if not queues:
+            return 0
+        cutoff_ms = int((time.time() - stale_after_s) * 1000)
+        script = self.client.register_script(_REQUEUE_STALE_ACKS)
+        moved = int(script(keys=[f"{self.namespace}:__heartbeats__"],
+                           args=[self.namespace, cutoff_ms, self.broker_id, *queues]))
+        if moved:
+            logger.info("requeued %d message(s) fetched by consumers silent for %.0f s", moved, stale_after_s)
+        return moved
+
 
 class _DeadLetteringConsumer(_RedisConsumer):
     def __next__(self) -> Any:
         while True:
             try:
-                return super().__next__()
+                proxy = super().__next__()
             except DecodeError as exc:
                 # The bad body was already taken off the prefetch cache; go on with the next.
-                self._dead_letter(exc.data, exc.error)
+                data = exc.data
+                self._dead_letter(self._find_fetched(lambda body, data=data: body == data), str(exc.error), data)
+                continue
+            if proxy is None:
+                return None
+            message = proxy._message
+            problem = _malformed(message, self.queue_name)
+            if problem is None:
+                return proxy
+            self.queued_message_ids.discard(message.message_id)
+            options = message.options if isinstance(message.options, dict) else {}
+            message_id = options.get("redis_message_id")
+            if not isinstance(message_id, str):
+                wanted = message.message_id
+                message_id = self._find_fetched(lambda body, wanted=wanted: _message_id_of(body) == wanted)
+            self._dead_letter(message_id, problem, repr(message)[:PREVIEW_BYTES])
 
-    def _dead_letter(self, data: Any, error: BaseException) -> None:
+    def _dead_letter(self, message_id: Optional[str], problem: str, data: Any) -> None:
+        broker = self.broker
+        preview = bytes(data[:PREVIEW_BYTES]) if isinstance(data, (bytes, bytearray)) else str(data)[:PREVIEW_BYTES]
+        if message_id is None:
+            logger.error("queue %r: dropped a malformed message (%s); it starts %r",
+                         self.queue_name, problem[:PREVIEW_BYTES], preview)
+            return
+        broker.do_nack(self.queue_name, message_id)
+        logger.error("queue %r: message %r is not a valid Dramatiq message (%s); moved it to the dead-letter "
+                     "queue %s.XQ", self.queue_name, message_id[:PREVIEW_BYTES], problem[:PREVIEW_BYTES],
+                     self.queue_name)
+
+    def _find_fetched(self, matches: Callable[[bytes], bool]) -> Optional[str]:
+        """The Redis id of a fetched body, looked up among this consumer's unacked messages."""
         broker = self.broker
         acks_key = f"{broker.namespace}:__acks__.{broker.broker_id}.{self.queue_name}"
         bodies_key = f"{broker.namespace}:{self.queue_name}.msgs"
-        preview = bytes(data[:80]) if isinstance(data, (bytes, bytearray)) else str(data)[:80]
         for raw_id in broker.client.smembers(acks_key):
-            if broker.client.hget(bodies_key, raw_id) == data:
-                message_id = raw_id.decode()
-                broker.do_nack(self.queue_name, message_id)
-                logger.error("queue %r: message %r is not a valid Dramatiq message (%s); moved it to the "
-                             "dead-letter queue. Body starts %r", self.queue_name, message_id, error, preview)
-                return
-        logger.error("queue %r: dropped an undecodable message (%s); body starts %r",
-                     self.queue_name, error, preview)
+            body = broker.client.hget(bodies_key, raw_id)
+            if body is not None and matches(body):
+                return raw_id.decode()
+        return None
+
+
+def _message_id_of(body: bytes) -> Optional[str]:
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        return None
+    return fields.get("message_id") if isinstance(fields, dict) else None
+
+
+def _malformed(message: Any, queue_name: str) -> Optional[str]:
+    """Why a decoded message cannot be handled safely, or None if it can."""
+    if not isinstance(message.options, dict):
+        return "options is not an object"
+    if not isinstance(message.options.get("redis_message_id"), str):
+        return "options.redis_message_id is missing"
+    if message.queue_name != queue_name.removesuffix(".DQ") and message.queue_name != queue_name:
+        return f"queue_name {str(message.queue_name)[:40]!r} is not this queue"
+    if not isinstance(message.args, (list, tuple)) or not isinstance(message.kwargs, dict):
+        return "args must be a list and kwargs an object"
+    return None

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models import DEFAULT_DATABASE_URL, InvalidInput
+from models.db import DEFAULT_POOL_SIZE
 
 
 class SettingsError(InvalidInput):
@@ -20,8 +21,10 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="LONGHAUL_", extra="ignore", frozen=True, populate_by_name=True)
 
-    # Where tasks live: sqlite:///path (default), a plain path, or postgresql://...
+    # Where tasks live: sqlite:///path (default, one host), a plain path, or postgresql://user:pass@host:5432/db.
     database_url: str = DEFAULT_DATABASE_URL
+    # PostgreSQL connections per process; each worker thread keeps one, so at least --threads + 2.
+    db_pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1)
     # Redis broker URL (LONGHAUL_REDIS_URL or REDIS_URL); unset = embedded in-process broker.
     redis_url: Optional[str] = Field(default=None, validation_alias=AliasChoices("LONGHAUL_REDIS_URL", "REDIS_URL"))
     # The Dramatiq queue longhaul's actor consumes.
@@ -34,6 +37,8 @@ class Settings(BaseSettings):
     recovery_interval_s: float = Field(default=5.0, gt=0)
     # A queued task whose message has not arrived this long after it was due is re-sent.
     redelivery_grace_s: float = Field(default=300.0, ge=0)
+    # A Redis consumer silent this long is presumed dead: what it had fetched is requeued.
+    broker_stale_consumer_s: float = Field(default=10.0, gt=0)
     # A task resumed more often than this is marked failed (a poison task).
     max_recoveries: int = Field(default=20, ge=0)
     # Dramatiq retries of transient errors (provider 429/5xx, database unavailable).
