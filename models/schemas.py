@@ -11,12 +11,48 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+def _encodable(text: str) -> str:
+    """Refuse text the database cannot store (an unpaired surrogate is not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid UTF-8 (it holds an unpaired surrogate)") from None
+    return text
+
+
+def _storable(value: JsonValue) -> JsonValue:
+    """Refuse JSON the store cannot write: integers beyond 64 bits, text that is not UTF-8."""
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        if not _INT64_MIN <= value <= _UINT64_MAX:
+            raise ValueError("integers must fit in 64 bits")
+    elif isinstance(value, str):
+        _encodable(value)
+    elif isinstance(value, list):
+        for item in value:
+            _storable(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _encodable(key)
+            _storable(item)
+    return value
+
+
+#: Text that can be stored.
+Text = Annotated[str, AfterValidator(_encodable)]
+#: A JSON value that can be stored.
+Json = Annotated[JsonValue, AfterValidator(_storable)]
 #: An identifier: non-empty, no whitespace, short enough to index.
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$")]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^\S+$"),
+                      AfterValidator(_encodable)]
 #: A short label (channel, provider, model name).
-Label = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+Label = Annotated[str, StringConstraints(min_length=1, max_length=200), AfterValidator(_encodable)]
 
 
 class TaskStatus(str, Enum):
@@ -48,9 +84,9 @@ class _Input(BaseModel):
 class ToolCall(_Input):
     """One tool invocation requested by the assistant."""
 
-    id: str = Field(default="", max_length=200)
+    id: Text = Field(default="", max_length=200)
     name: Label
-    arguments: dict[str, JsonValue] = Field(default_factory=dict)
+    arguments: dict[str, Json] = Field(default_factory=dict)
 
 
 Role = Literal["system", "user", "assistant", "tool"]
@@ -60,9 +96,9 @@ class ChatMessage(_Input):
     """One message of a conversation, in the chat-completions shape."""
 
     role: Role
-    content: str
-    tool_call_id: Optional[str] = None
-    name: Optional[str] = None
+    content: Text
+    tool_call_id: Optional[Text] = None
+    name: Optional[Text] = None
     tool_calls: Optional[list[ToolCall]] = None
 
     @classmethod
@@ -82,9 +118,9 @@ class CheckpointItem(_Input):
     """The outcome of one tool call within a step."""
 
     tool_name: Label
-    arguments: dict[str, JsonValue] = Field(default_factory=dict)
+    arguments: dict[str, Json] = Field(default_factory=dict)
     success: bool
-    output: str
+    output: Text
 
 
 class TaskSpec(_Input):
@@ -94,13 +130,13 @@ class TaskSpec(_Input):
     message never means a lost task.
     """
 
-    prompt: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True)]
+    prompt: Annotated[str, StringConstraints(min_length=1, strip_whitespace=True), AfterValidator(_encodable)]
     #: Safety stop: the task fails if it would take more tool steps than this.
     max_steps: Optional[int] = Field(default=None, ge=1, le=1_000_000)
     #: Wall-clock budget from the first step, across resumes, in seconds.
     time_limit_s: Optional[float] = Field(default=None, gt=0)
     #: Provider and tool options (e.g. the scripted provider's ``steps``).
-    options: dict[str, JsonValue] = Field(default_factory=dict)
+    options: dict[str, Json] = Field(default_factory=dict)
 
 
 class _TaskIdentity(_Input):
@@ -117,9 +153,9 @@ class TaskSnapshot(_TaskIdentity):
     status: TaskStatus
     execution_history: list[ChatMessage] = Field(default_factory=list)
     resumable_history: list[ChatMessage] = Field(default_factory=list)
-    latest_checkpoint_note: Optional[str] = None
-    final_response: Optional[str] = None
-    last_error: Optional[str] = None
+    latest_checkpoint_note: Optional[Text] = None
+    final_response: Optional[Text] = None
+    last_error: Optional[Text] = None
 
 
 class CheckpointUpdate(_TaskIdentity):
@@ -127,7 +163,7 @@ class CheckpointUpdate(_TaskIdentity):
 
     step_index: int = Field(ge=0)
     new_messages: list[ChatMessage] = Field(default_factory=list)
-    checkpoint_note: Optional[str] = None
+    checkpoint_note: Optional[Text] = None
     items: list[CheckpointItem] = Field(default_factory=list)
 
 

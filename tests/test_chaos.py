@@ -486,7 +486,7 @@ def test_valid_checkpoints_round_trip_through_the_store_and_a_repeated_step_chan
         assert record.latest_checkpoint_note == want["note"]
 
 
-#: Values each schema accepts today that the store cannot write (see the xfail below).
+#: Values the store cannot write: the schemas must refuse them, naming the field.
 UNSTORABLE = {
     "integer beyond 64 bits in tool arguments": dict(
         items=[dict(tool_name="ledger", arguments={"issue": 2**64}, success=True, output="ok")]),
@@ -497,13 +497,6 @@ UNSTORABLE = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=(TypeError, UnicodeEncodeError), reason=(
-    "BUG: CheckpointUpdate accepts integers beyond 64 bits (JsonValue) and strings with lone surrogates "
-    "(plain `str` fields), but TaskStore.record_checkpoint cannot write them: orjson.dumps raises "
-    "TypeError 'Integer exceeds 64-bit range' (models/store.py:250 items_json in record_checkpoint, :63 tool_calls "
-    "in _message_rows) and sqlite3 raises UnicodeEncodeError, neither naming the field; in the step loop the task "
-    "then fails as an 'unexpected error'. Fix: refuse them in models/schemas.py (64-bit bound on JsonValue "
-    "ints, a surrogate check on str) so the ValidationError names the field."))
 @pytest.mark.parametrize("case", list(UNSTORABLE))
 def test_values_the_schemas_accept_are_stored_or_refused_by_the_schema(store, case):
     fields = {**VALID_INPUTS[CheckpointUpdate], **UNSTORABLE[case]}
