@@ -9,17 +9,25 @@ Settings: `LONGHAUL_ANTHROPIC_BASE_URL`, the key (`ANTHROPIC_API_KEY` or
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable
 
 import httpx
 
 from models import ChatMessage, Usage, parse_tool_call_tags, strip_tool_call_tags
 
 from .base import AssistantTurn, StepContext, TransientProviderError
-from .common import int_field, make_tool_call, price_usd, secret_values, status_error, transport_error
+from .common import (
+    SettingsProvider,
+    int_field,
+    make_tool_call,
+    price_usd,
+    secret_values,
+    status_error,
+    transport_error,
+)
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    pass
 
 NAME = "anthropic"
 API_VERSION = "2023-06-01"
@@ -31,23 +39,10 @@ HINTS = {
 }
 
 
-class AnthropicProvider:
+class AnthropicProvider(SettingsProvider):
     """Messages against `settings.anthropic_base_url` (settings default to the runtime's)."""
 
     name = NAME
-    takes_settings = True
-
-    def __init__(self, *, settings: Optional[Settings] = None) -> None:
-        self._settings = settings
-        self._client: Optional[httpx.Client] = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            from ..runtime import get_runtime
-
-            self._settings = get_runtime().settings
-        return self._settings
 
     def next_turn(self, ctx: StepContext) -> AssistantTurn:
         settings = self.settings

@@ -16,6 +16,7 @@ from pydantic import SecretStr, ValidationError
 
 from models import ToolCall
 
+from ..settings import Settings
 from ..tools import INVALID_ARGUMENTS_KEY
 from .base import PermanentProviderError, ProviderError, TransientProviderError
 
@@ -25,6 +26,24 @@ TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521
 MAX_QUOTED_CHARS = 500
 
 _BEARER = re.compile(r"(?i)\b(bearer)\s+\S+")
+
+
+class SettingsProvider:
+    """Base of providers configured by `Settings`: passed in, or the process runtime's on first use."""
+
+    takes_settings = True
+
+    def __init__(self, *, settings: Optional[Settings] = None) -> None:
+        self._settings = settings
+        self._client: Optional[httpx.Client] = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from ..runtime import get_runtime
+
+            self._settings = get_runtime().settings
+        return self._settings
 
 
 def secret_values(*secrets: Optional[SecretStr]) -> list[str]:

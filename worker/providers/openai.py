@@ -33,6 +33,7 @@ from ..tools.base import Tool
 from .base import AssistantTurn, PermanentProviderError, StepContext, TransientProviderError
 from .common import (
     TRANSIENT_STATUSES,
+    SettingsProvider,
     int_field,
     make_tool_call,
     price_usd,
@@ -44,7 +45,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    pass
 
 #: Task options passed through to the request body as they are.
 REQUEST_OPTIONS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
@@ -62,7 +63,7 @@ HINTS = {
 NAME = "openai"
 
 
-class OpenAIProvider:
+class OpenAIProvider(SettingsProvider):
     """Chat completions against `settings.openai_base_url`.
 
     `settings` defaults to the process runtime's, read on first use; one
@@ -70,19 +71,6 @@ class OpenAIProvider:
     """
 
     name = NAME
-    takes_settings = True
-
-    def __init__(self, *, settings: Optional[Settings] = None) -> None:
-        self._settings = settings
-        self._client: Optional[httpx.Client] = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            from ..runtime import get_runtime
-
-            self._settings = get_runtime().settings
-        return self._settings
 
     @property
     def client(self) -> httpx.Client:
