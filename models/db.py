@@ -1,4 +1,4 @@
-"""Opening the database behind a task store.
+"""Opening the database behind a task store: SQLite (embedded) or PostgreSQL (shared).
 
 SQLite is the embedded default. Each thread gets its own connection
 (peewee's default), every connection runs with WAL, ``synchronous=NORMAL``,
@@ -6,16 +6,26 @@ foreign keys on and a busy timeout, and every write transaction starts with
 ``BEGIN IMMEDIATE`` so that concurrent writers queue on the busy timeout
 instead of failing with ``database is locked`` when a read lock cannot be
 upgraded.
+
+PostgreSQL (``postgresql://user:pass@host:5432/db``) is the store many
+worker hosts share. It is opened through psycopg 3 with a connection pool
+per process: each thread checks a connection out on first use and keeps it,
+so the pool must hold at least a process's worker threads plus two (its
+maintenance thread and the main thread). Transactions run at READ
+COMMITTED; the store takes row locks (``SELECT ... FOR UPDATE``) where
+SQLite's single writer made a read-then-write safe.
 """
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
-from peewee import Database, SqliteDatabase
+from peewee import Database, OperationalError, SqliteDatabase
 from playhouse import db_url
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from .errors import InvalidDatabaseUrl
 
@@ -23,6 +33,16 @@ from .errors import InvalidDatabaseUrl
 DEFAULT_DATABASE_URL = "sqlite:///state/tasks.db"
 #: How long a writer waits for another writer's transaction, in milliseconds.
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+#: PostgreSQL connections one process may hold (LONGHAUL_DB_POOL_SIZE).
+DEFAULT_POOL_SIZE = 16
+#: URL schemes that select PostgreSQL.
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+#: How long opening a PostgreSQL connection may take, in seconds (a URL's ?connect_timeout= wins).
+CONNECT_TIMEOUT_S = 10
+#: How long a thread waits for a free pooled connection before the store reports itself unavailable.
+POOL_WAIT_S = 30
+#: Pooled connections older than this are closed when they come back (servers and proxies drop idle ones).
+POOL_STALE_S = 3600
 
 
 def sqlite_path_from_url(url_or_path: Union[str, Path]) -> Path | None:
@@ -40,43 +60,148 @@ def sqlite_path_from_url(url_or_path: Union[str, Path]) -> Path | None:
     return Path(text[len("sqlite://"):])  # sqlite://:memory: and other two-slash forms
 
 
-def open_database(url_or_path: Union[str, Path], *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> Database:
+def is_postgres_url(url_or_path: Union[str, Path]) -> bool:
+    return urlparse(str(url_or_path).strip()).scheme in POSTGRES_SCHEMES
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password replaced by ``***`` (for messages and logs)."""
+    parsed = urlparse(url)
+    if not parsed.password:
+        return url
+    netloc = parsed.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0] + ":***"
+    return parsed._replace(netloc=f"{userinfo}@{netloc[1]}").geturl()
+
+
+def open_database(
+    url_or_path: Union[str, Path],
+    *,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    pool_size: int = DEFAULT_POOL_SIZE,
+) -> Database:
     """Open (but do not connect) the database named by a URL or a path.
 
-    Parent folders of a SQLite file are created. Raises
+    Parent folders of a SQLite file are created; `pool_size` bounds a
+    PostgreSQL store's connections in this process. Raises
     `InvalidDatabaseUrl` naming the problem for anything that cannot hold a
-    shared, durable store.
+    shared, durable store (an in-memory SQLite database, an unsupported
+    scheme, PostgreSQL without its driver).
     """
     text = str(url_or_path).strip()
     if not text:
         raise InvalidDatabaseUrl(text, "empty; give a path or a URL such as sqlite:///state/tasks.db")
     path = sqlite_path_from_url(text)
     if path is not None:
-        if str(path) in ("", ":memory:"):
-            raise InvalidDatabaseUrl(
-                text,
-                "an in-memory SQLite database is private to one connection, so worker "
-                "threads would not see each other's writes; give a file path",
-            )
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InvalidDatabaseUrl(text, f"cannot create folder {str(path.parent)!r}: {exc.strerror}") from None
-        if path.is_dir():
-            raise InvalidDatabaseUrl(text, "names a folder, not a database file")
-        return SqliteDatabase(
-            str(path),
-            pragmas={
-                "journal_mode": "wal",
-                "synchronous": "normal",
-                "foreign_keys": 1,
-                "busy_timeout": busy_timeout_ms,
-                "cache_size": -16_000,  # 16 MB page cache per connection
-            },
-            timeout=busy_timeout_ms / 1000,
-            lock_type="IMMEDIATE",
+        return _open_sqlite(text, path, busy_timeout_ms)
+    if is_postgres_url(text):
+        return _open_postgres(text, pool_size)
+    raise InvalidDatabaseUrl(
+        redact_url(text),
+        f"unsupported scheme {urlparse(text).scheme!r}; use sqlite:///path/tasks.db (one host) or "
+        "postgresql://user:pass@host:5432/db (many hosts)",
+    )
+
+
+def _open_sqlite(text: str, path: Path, busy_timeout_ms: int) -> SqliteDatabase:
+    if str(path) in ("", ":memory:"):
+        raise InvalidDatabaseUrl(
+            text,
+            "an in-memory SQLite database is private to one connection, so worker "
+            "threads would not see each other's writes; give a file path",
         )
     try:
-        return db_url.connect(text)
-    except (RuntimeError, ValueError, ImportError) as exc:
-        raise InvalidDatabaseUrl(text, f"{exc}; use sqlite:///path or postgresql://user:pass@host/db") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidDatabaseUrl(text, f"cannot create folder {str(path.parent)!r}: {exc.strerror}") from None
+    if path.is_dir():
+        raise InvalidDatabaseUrl(text, "names a folder, not a database file")
+    return SqliteDatabase(
+        str(path),
+        pragmas={
+            "journal_mode": "wal",
+            "synchronous": "normal",
+            "foreign_keys": 1,
+            "busy_timeout": busy_timeout_ms,
+            "cache_size": -16_000,  # 16 MB page cache per connection
+        },
+        timeout=busy_timeout_ms / 1000,
+        lock_type="IMMEDIATE",
+    )
+
+
+def _open_postgres(text: str, pool_size: int) -> PostgresStore:
+    shown = redact_url(text)
+    try:
+        import psycopg  # noqa: F401  (peewee picks the driver up by itself; check it is there)
+    except ImportError:
+        raise InvalidDatabaseUrl(
+            shown, "PostgreSQL needs the psycopg driver: pip install 'psycopg[binary]' (a longhaul dependency)"
+        ) from None
+    if pool_size < 1:
+        raise InvalidDatabaseUrl(shown, f"the pool size must be at least 1, got {pool_size}")
+    # Query parameters (sslmode=require, options=..., connect_timeout=5) go to libpq as they are.
+    params: dict[str, Any] = db_url.parse(text, unquote_password=True, unquote_user=True)
+    database = params.pop("database", "")
+    if not database:
+        raise InvalidDatabaseUrl(shown, "names no database; use postgresql://user:pass@host:5432/dbname")
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
+    return PostgresStore(database, max_connections=pool_size, stale_timeout=POOL_STALE_S, timeout=POOL_WAIT_S,
+                         prefer_psycopg3=True, **params)
+
+
+class PostgresStore(PooledPostgresqlDatabase):
+    """peewee's pooled PostgreSQL database, with three repairs for long-running workers.
+
+    - A thread whose connection broke (a server restart, a proxy that cut
+      it) gets a fresh one at its next statement instead of failing forever.
+    - A thread that ended without closing its connection (peewee keeps one
+      per thread) gives it back when another thread needs one.
+    - A pool with no free connection raises `OperationalError` (transient,
+      so the task is retried) naming LONGHAUL_DB_POOL_SIZE, not a bare
+      ``ValueError``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._owners: dict[int, threading.Thread] = {}  # checked-out connection -> the thread holding it
+        super().__init__(*args, **kwargs)
+
+    def cursor(self, named_cursor: Optional[Any] = None) -> Any:
+        if not self.is_closed() and self._state.conn.closed and not self.in_transaction():
+            self.close()  # the pool sees the broken connection and discards it
+        return super().cursor(named_cursor)
+
+    def _connect(self) -> Any:
+        conn = super()._connect()
+        with self._pool_lock:
+            self._owners[self.conn_key(conn)] = threading.current_thread()
+        return conn
+
+    def _close(self, conn: Any, close_conn: bool = False) -> None:
+        with self._pool_lock:
+            self._owners.pop(self.conn_key(conn), None)
+            super()._close(conn, close_conn)
+
+    def close_all(self) -> None:
+        super().close_all()
+        with self._pool_lock:
+            self._owners.clear()
+
+    def _reclaim_from_finished_threads(self) -> None:
+        with self._pool_lock:
+            for key, thread in list(self._owners.items()):
+                if not thread.is_alive():
+                    del self._owners[key]
+                    held = self._in_use.pop(key, None)
+                    if held is not None:
+                        self._close_raw(held.connection)
+
+    def connect(self, reuse_if_open: bool = False) -> bool:
+        self._reclaim_from_finished_threads()
+        try:
+            return super().connect(reuse_if_open)
+        except MaxConnectionsExceeded:
+            raise OperationalError(
+                f"all {self._max_connections} pooled PostgreSQL connections of this process are in use "
+                f"for {POOL_WAIT_S} s; raise LONGHAUL_DB_POOL_SIZE above the worker threads per process plus 2"
+            ) from None

@@ -1,10 +1,22 @@
 """Leases: which worker runs a task, claimed and renewed atomically.
 
-A claim is one conditional ``UPDATE`` (inside ``BEGIN IMMEDIATE`` on
-SQLite): it succeeds only while nobody holds a live lease, so a boot scan, a
-redelivered message and an operator's resume can race freely and exactly one
-of them runs the task. Every claim gets a fresh token; checkpoints and the
-final status are written only by the token's holder.
+A claim is one conditional ``UPDATE``: it succeeds only while nobody holds a
+live lease, so a boot scan, a redelivered message, an operator's resume and
+workers on other hosts can race freely and exactly one of them runs the
+task. Every claim gets a fresh token; checkpoints and the final status are
+written only by the token's holder.
+
+Why one conditional UPDATE is atomic on both backends:
+
+- SQLite: it runs inside ``BEGIN IMMEDIATE``, so writers are serialised and
+  the ``WHERE`` is evaluated with nobody else writing.
+- PostgreSQL (READ COMMITTED): the UPDATE locks the row it changes. A second
+  claimant's UPDATE blocks on that lock and, once the first commits,
+  re-evaluates its ``WHERE`` against the committed row (which now holds a
+  live lease) and changes nothing. So ``SELECT ... FOR UPDATE SKIP LOCKED``
+  is not needed: claims are by task id (the message names the task), not
+  "any free task". ``UPDATE ... RETURNING`` hands back the counters the
+  claim needs in the same statement, with no follow-up SELECT.
 """
 
 from __future__ import annotations
@@ -83,7 +95,7 @@ class LeaseBook:
         if steal_token is not None:
             free = free | (Task.lease_token == steal_token)
         with self.db.atomic():
-            claimed = (
+            update = (
                 Task.update(
                     lease_token=token,
                     lease_owner=claimant.owner,
@@ -100,14 +112,22 @@ class LeaseBook:
                     updated_at=now,
                 )
                 .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free)
-                .execute()
             )
-            if not claimed:
-                return None
-            row = Task.select(Task.recovery_count, Task.checkpoint_count).where(Task.task_id == task_id).get()
-        resumed = row.recovery_count > 0 or row.checkpoint_count > 0
-        return Claim(task_id=task_id, token=token, expires_at=now + lease_s,
-                     recovery_count=row.recovery_count, resumed=resumed)
+            if self.db.returning_clause:
+                won = list(update.returning(Task.recovery_count, Task.checkpoint_count).tuples().execute())
+                if not won:
+                    return None
+                recovery_count, checkpoint_count = won[0]
+            else:
+                # SQLite: peewee leaves RETURNING off (it needs 3.35+); BEGIN IMMEDIATE keeps this read consistent.
+                if not update.execute():
+                    return None
+                recovery_count, checkpoint_count = (
+                    Task.select(Task.recovery_count, Task.checkpoint_count).where(Task.task_id == task_id)
+                    .tuples().get()
+                )
+        return Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=recovery_count,
+                     resumed=recovery_count > 0 or checkpoint_count > 0)
 
     def renew(self, tokens: Iterable[str], *, lease_s: float) -> int:
         """Extend the leases with these tokens; returns how many are still held."""

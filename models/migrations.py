@@ -10,22 +10,27 @@ from __future__ import annotations
 
 from typing import Callable
 
-from peewee import Database
+from peewee import Database, Field
 
 from .tables import Tables
 
-#: Columns schema 2 added to `task`, as SQL types (the trace table is created by create_tables).
+#: Columns schema 2 added to `task`, with their constant defaults (the trace table is created by create_tables).
 _V2_TASK_COLUMNS = {
-    "turn_count": "INTEGER NOT NULL DEFAULT 0",
-    "tool_call_count": "INTEGER NOT NULL DEFAULT 0",
-    "input_tokens": "INTEGER NOT NULL DEFAULT 0",
-    "output_tokens": "INTEGER NOT NULL DEFAULT 0",
-    "cache_read_tokens": "INTEGER NOT NULL DEFAULT 0",
-    "cache_creation_tokens": "INTEGER NOT NULL DEFAULT 0",
-    "reasoning_tokens": "INTEGER NOT NULL DEFAULT 0",
-    "request_count": "INTEGER NOT NULL DEFAULT 0",
-    "cost_usd": "REAL NOT NULL DEFAULT 0.0",
+    "turn_count": "0",
+    "tool_call_count": "0",
+    "input_tokens": "0",
+    "output_tokens": "0",
+    "cache_read_tokens": "0",
+    "cache_creation_tokens": "0",
+    "reasoning_tokens": "0",
+    "request_count": "0",
+    "cost_usd": "0.0",
 }
+
+
+def sql_type(db: Database, field: Field) -> str:
+    """The column type `db` gives `field` (INTEGER/REAL on SQLite, BIGINT/DOUBLE PRECISION on PostgreSQL)."""
+    return str(db.get_context_options()["field_types"].get(field.field_type, field.field_type))
 
 
 def _to_v2(db: Database, tables: Tables) -> None:
@@ -37,9 +42,11 @@ def _to_v2(db: Database, tables: Tables) -> None:
     keys are on) to every message and checkpoint.
     """
     existing = {column.name for column in db.get_columns("task")}
-    for name, sql_type in _V2_TASK_COLUMNS.items():
+    fields = tables.Task._meta.fields
+    for name, default in _V2_TASK_COLUMNS.items():
         if name not in existing:
-            db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "{name}" {sql_type}')
+            column_type = sql_type(db, fields[name])
+            db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "{name}" {column_type} NOT NULL DEFAULT {default}')
     # Counters for tasks that already ran: recount once from their messages.
     db.execute_sql(
         'UPDATE "task" SET "turn_count" = (SELECT COUNT(*) FROM "message" m WHERE m."task_id" = "task"."id" '

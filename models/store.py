@@ -10,17 +10,19 @@ building; everything else uses the peewee models directly.
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import orjson
-from peewee import Database, OperationalError, __exception_wrapper__, fn
+from peewee import Database, InterfaceError, OperationalError, __exception_wrapper__, fn
 from pydantic import ValidationError
 
 from . import migrations
-from .db import DEFAULT_BUSY_TIMEOUT_MS, open_database
-from .errors import CorruptRecord, LeaseLost, SchemaTooNew, TaskNotFound, TaskNotResumable
+from .db import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_POOL_SIZE, open_database, redact_url
+from .errors import CorruptRecord, InvalidDatabaseUrl, LeaseLost, SchemaTooNew, TaskNotFound, TaskNotResumable
 from .redact import redact_text
 from .schemas import (
     ChatMessage,
@@ -41,6 +43,20 @@ from .traces import TraceEventRecord, TraceRow
 
 Clock = Callable[[], float]
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
+#: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
+_MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
+
+
+@dataclass(frozen=True)
+class SchemaMigration:
+    """What opening a store did to its schema: from `from_version` (0: empty database) to `to_version`."""
+
+    from_version: int
+    to_version: int
+
+    @property
+    def changed(self) -> bool:
+        return self.from_version != self.to_version
 
 
 def to_datetime(epoch_s: Optional[float]) -> Optional[datetime]:
@@ -67,11 +83,21 @@ def _message_rows(task_pk: int, history: int, first_position: int, messages: Seq
 
 
 class TaskStore:
-    """The durable state of every task.
+    """The durable state of every task, on SQLite or PostgreSQL.
 
-    Safe to share between threads (each thread gets its own connection) and
-    between processes opening the same database. Every write is one
-    transaction; a call that raises has changed nothing.
+    Safe to share between threads (each thread gets its own connection; on
+    PostgreSQL, from a pool of `pool_size`) and between processes and hosts
+    opening the same database. Every write is one transaction; a call that
+    raises has changed nothing. Both backends give the same semantics: on
+    SQLite writers are serialised by ``BEGIN IMMEDIATE``; on PostgreSQL a
+    write that reads a task before changing it locks the task's row
+    (``SELECT ... FOR UPDATE``), and multi-statement reads run in one
+    REPEATABLE READ snapshot.
+
+    Opening a store creates or upgrades its schema (`schema_migration` says
+    from which version); a database written by a newer longhaul raises
+    `SchemaTooNew`, and a PostgreSQL server that cannot be reached raises
+    `InvalidDatabaseUrl`.
     """
 
     def __init__(
@@ -79,21 +105,33 @@ class TaskStore:
         url_or_path: Union[str, Path],
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        pool_size: int = DEFAULT_POOL_SIZE,
         clock: Clock = time.time,
     ) -> None:
         self.url = str(url_or_path)
-        self.db: Database = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms)
+        self.db: Database = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
         self.tables: Tables = bind_tables(self.db)
         self.clock = clock
-        self._migrate_waiting_for_writers(busy_timeout_ms / 1000)
+        if not self._is_sqlite:
+            self._connect_or_explain()
+        self.schema_migration: SchemaMigration = self._migrate_waiting_for_writers(busy_timeout_ms / 1000)
         self._sql = _HotPathSql(self.db, self.tables)
-        # Connections are opened per thread on first use; do not hand this
-        # one to a process that forks after construction.
-        self.close()
+        # Connections are opened per thread on first use; close (not just
+        # pool) this one, so a process that forks after construction does not
+        # hand a live connection to its children.
+        self.close_all()
 
     # -- lifecycle -----------------------------------------------------------
 
-    def _migrate_waiting_for_writers(self, timeout_s: float) -> None:
+    def _connect_or_explain(self) -> None:
+        """Connect now, so an unreachable server is one clear `InvalidDatabaseUrl`, not a driver traceback."""
+        try:
+            self.db.connect(reuse_if_open=True)
+        except (OperationalError, InterfaceError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InvalidDatabaseUrl(redact_url(self.url), f"cannot connect to PostgreSQL: {reason}") from None
+
+    def _migrate_waiting_for_writers(self, timeout_s: float) -> SchemaMigration:
         """`_migrate`, retried while another process holds the lock.
 
         Switching a fresh file to WAL (a pragma run at connect) gets
@@ -112,10 +150,26 @@ class TaskStore:
                     raise
                 time.sleep(0.02)
 
-    def _migrate(self) -> None:
-        """Create the schema if missing and migrate an older one (idempotent); record the version."""
+    def _migrate(self) -> SchemaMigration:
+        """Create the schema if missing and migrate an older one (idempotent); record the version.
+
+        A current schema is only read: no DDL, no write lock. That matters
+        on PostgreSQL, where even ``CREATE INDEX IF NOT EXISTS`` locks its
+        table against writes, so every worker or CLI start would stall the
+        running tasks' checkpoints (and could deadlock with them). Otherwise
+        the whole migration is one transaction (DDL included; PostgreSQL
+        under an advisory lock, as hosts starting together on a fresh
+        database would race in ``CREATE TABLE IF NOT EXISTS``).
+        """
         SchemaVersion = self.tables.SchemaVersion
+        stored = self._stored_schema_version()
+        if stored > SCHEMA_VERSION:
+            raise SchemaTooNew(stored, SCHEMA_VERSION)
+        if stored == SCHEMA_VERSION:
+            return SchemaMigration(from_version=stored, to_version=stored)
         with self.db.atomic():
+            if not self._is_sqlite:
+                self.db.execute_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
             self.db.create_tables(self.tables.all, safe=True)
             found = SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
             if found > SCHEMA_VERSION:
@@ -125,21 +179,38 @@ class TaskStore:
                 SchemaVersion.insert(version=version, applied_at=self.clock()).on_conflict_ignore().execute()
             if found < SCHEMA_VERSION:
                 SchemaVersion.insert(version=SCHEMA_VERSION, applied_at=self.clock()).on_conflict_ignore().execute()
+        return SchemaMigration(from_version=found, to_version=max(found, SCHEMA_VERSION))
+
+    def _stored_schema_version(self) -> int:
+        """The recorded schema version, 0 for an empty database; reads only."""
+        if not self.db.table_exists(self.tables.SchemaVersion._meta.table_name):
+            return 0
+        return self.schema_version()
 
     def schema_version(self) -> int:
         SchemaVersion = self.tables.SchemaVersion
         return SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
 
     def close(self) -> None:
-        """Close this thread's connection (other threads close their own)."""
+        """Close this thread's connection (other threads close their own); PostgreSQL's goes back to the pool."""
         if not self.db.is_closed():
             self.db.close()
+
+    def close_all(self) -> None:
+        """Close this thread's connection and, on PostgreSQL, every pooled one (other threads' included).
+
+        For when the store is done with: at exit, before a fork, in tests.
+        """
+        self.close()
+        close_pool = getattr(self.db, "close_all", None)
+        if close_pool is not None:
+            close_pool()
 
     def __enter__(self) -> TaskStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.close_all()
 
     # -- writes --------------------------------------------------------------
 
@@ -159,14 +230,14 @@ class TaskStore:
         Task = self.tables.Task
         now = self.clock()
         with self.db.atomic():
-            if Task.select(Task.id).where(Task.task_id == ident.task_id).exists():
-                return False
-            Task.insert(
+            # INSERT OR IGNORE / ON CONFLICT DO NOTHING: two processes creating
+            # one id at once get one row and one False, on either backend.
+            inserted = Task.insert(
                 task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
                 provider=ident.provider, model=ident.model, status=TaskStatus.QUEUED.value,
                 spec=spec.model_dump_json(), created_at=now, updated_at=now, delivery_due_at=now,
-            ).execute()
-        return True
+            ).on_conflict_ignore().as_rowcount().execute()
+        return inserted > 0
 
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
         """Upsert a task's visible state.
@@ -182,7 +253,7 @@ class TaskStore:
         Task, Checkpoint, Message = self.tables.Task, self.tables.Checkpoint, self.tables.Message
         now = self.clock()
         with self.db.atomic():
-            row = Task.get_or_none(Task.task_id == snapshot.task_id)
+            row = self._locked_task_row(snapshot.task_id)
             if row is not None and lease_token is not None and row.lease_token != lease_token:
                 raise LeaseLost(snapshot.task_id)
             rerun = (
@@ -200,8 +271,12 @@ class TaskStore:
             if snapshot.status.is_terminal:
                 fields.update(_released_lease())
             if row is None:
-                task_pk = Task.insert(task_id=snapshot.task_id, created_at=now, **fields).execute()
-                counts = {EXECUTION: 0, RESUMABLE: 0}
+                # A concurrent creator of the same id wins the insert; this snapshot then updates its row.
+                Task.insert(task_id=snapshot.task_id, created_at=now, **fields).on_conflict_ignore().as_rowcount(
+                ).execute()
+                row = self._locked_task_row(snapshot.task_id)
+                task_pk = row.id
+                counts = {EXECUTION: row.execution_count, RESUMABLE: row.resumable_count}
             else:
                 task_pk = row.id
                 counts = {EXECUTION: row.execution_count, RESUMABLE: row.resumable_count}
@@ -249,20 +324,22 @@ class TaskStore:
         now = self.clock()
         items_json = orjson.dumps([item.model_dump() for item in update.items]).decode()
         with self.db.atomic():
+            # On PostgreSQL this locks the task row until commit: a claim by
+            # another worker waits, so the token checked here still holds when
+            # the checkpoint commits, and the message positions cannot race.
             row = self.db.execute_sql(sql.select_task, (update.task_id,)).fetchone()
             if row is None:
                 if lease_token is not None:
                     raise LeaseLost(update.task_id)
-                task_pk = self.tables.Task.insert(
+                self.tables.Task.insert(
                     task_id=update.task_id, thread_id=update.thread_id, channel=update.channel,
                     provider=update.provider, model=update.model, status=TaskStatus.RUNNING.value,
                     created_at=now, updated_at=now,
-                ).execute()
-                execution_count = 0
-            else:
-                task_pk, execution_count, stored_token = row
-                if lease_token is not None and stored_token != lease_token:
-                    raise LeaseLost(update.task_id)
+                ).on_conflict_ignore().as_rowcount().execute()
+                row = self.db.execute_sql(sql.select_task, (update.task_id,)).fetchone()
+            task_pk, execution_count, stored_token = row
+            if lease_token is not None and stored_token != lease_token:
+                raise LeaseLost(update.task_id)
             inserted = self.db.execute_sql(
                 sql.insert_checkpoint,
                 (task_pk, update.step_index, update.checkpoint_note, items_json, now),
@@ -296,7 +373,7 @@ class TaskStore:
         Task = self.tables.Task
         counter = Task.execution_count if which == EXECUTION else Task.resumable_count
         with self.db.atomic():
-            row = self._task_row(task_id)
+            row = self._task_row(task_id, for_update=True)
             if lease_token is not None and row.lease_token != lease_token:
                 raise LeaseLost(task_id)
             start = row.execution_count if which == EXECUTION else row.resumable_count
@@ -330,7 +407,7 @@ class TaskStore:
         Task = self.tables.Task
         now = self.clock()
         with self.db.atomic():
-            row = self._task_row(task_id)
+            row = self._task_row(task_id, for_update=True)
             if lease_token is not None and row.lease_token != lease_token:
                 raise LeaseLost(task_id)
             self._insert_messages(
@@ -356,7 +433,7 @@ class TaskStore:
         if not traces:
             return
         with self.db.atomic():
-            row = self._task_row(task_id)
+            row = self._task_row(task_id, for_update=True)
             if lease_token is not None and row.lease_token != lease_token:
                 raise LeaseLost(task_id)
             self._insert_traces(row.id, traces)
@@ -394,7 +471,7 @@ class TaskStore:
         """
         Task = self.tables.Task
         with self.db.atomic():
-            row = self._task_row(task_id)
+            row = self._task_row(task_id, for_update=True)
             if not TaskStatus(row.status).is_terminal:
                 raise TaskNotResumable(task_id, row.status)
             self.save_snapshot(TaskSnapshot(
@@ -414,7 +491,7 @@ class TaskStore:
         Task = self.tables.Task
         now = self.clock()
         with self.db.atomic():
-            row = self._task_row(task_id)
+            row = self._task_row(task_id, for_update=True)
             status = TaskStatus(row.status)
             if status.is_terminal:
                 return status
@@ -484,7 +561,7 @@ class TaskStore:
         rebuilding a long task's state cheap.
         """
         Task = self.tables.Task
-        with self.db.atomic("DEFERRED") if self._is_sqlite else self.db.atomic():
+        with self._read_snapshot():
             row = Task.get_or_none(Task.task_id == task_id)
             return None if row is None else self._record_from_row(row, with_checkpoints=checkpoints)
 
@@ -587,9 +664,33 @@ class TaskStore:
     def _is_sqlite(self) -> bool:
         return self.db.__class__.__name__.startswith("Sqlite")
 
-    def _task_row(self, task_id: str) -> Any:
+    def _read_snapshot(self) -> AbstractContextManager[Any]:
+        """A read transaction that sees one snapshot across its statements.
+
+        SQLite (WAL): deferred, so a reader takes no write lock and its first
+        read fixes the snapshot. PostgreSQL's READ COMMITTED takes a new
+        snapshot per statement, so ask for REPEATABLE READ (a read-only
+        transaction there never fails to serialise).
+        """
+        if self._is_sqlite:
+            return self.db.atomic("DEFERRED")
+        return self.db.atomic(isolation_level="REPEATABLE READ")
+
+    def _locked_task_row(self, task_id: str) -> Any:
+        """The task's row, locked until the transaction ends on PostgreSQL (SQLite's writer lock covers it)."""
         Task = self.tables.Task
-        row = Task.get_or_none(Task.task_id == task_id)
+        query = Task.select().where(Task.task_id == task_id)
+        if self.db.for_update:
+            query = query.for_update()
+        return query.first()
+
+    def _task_row(self, task_id: str, *, for_update: bool = False) -> Any:
+        """The task's row (`TaskNotFound` if missing); `for_update` inside write transactions."""
+        if for_update:
+            row = self._locked_task_row(task_id)
+        else:
+            Task = self.tables.Task
+            row = Task.get_or_none(Task.task_id == task_id)
         if row is None:
             raise TaskNotFound(task_id)
         return row
@@ -726,18 +827,21 @@ class _HotPathSql:
 
     Rendering a peewee query costs more than executing it on SQLite, so the
     statements are rendered once (with dummy values, which peewee turns into
-    parameters in column order) and reused with real parameters.
+    parameters in column order) and reused with real parameters. Rendering
+    goes through `db`, so placeholders (``?`` or ``%s``) and conflict
+    clauses (``INSERT OR IGNORE`` or ``ON CONFLICT DO NOTHING``) are the
+    backend's own.
     """
 
     def __init__(self, db: Database, tables: Tables) -> None:
         Task, Message, Checkpoint = tables.Task, tables.Message, tables.Checkpoint
-        self.select_task = _render(
-            Task.select(Task.id, Task.execution_count, Task.lease_token).where(Task.task_id == "")
-        )
+        select_task = Task.select(Task.id, Task.execution_count, Task.lease_token).where(Task.task_id == "")
+        # PostgreSQL: lock the row for the checkpoint's transaction (SQLite: BEGIN IMMEDIATE already did).
+        self.select_task = _render(select_task.for_update() if db.for_update else select_task)
         self.select_cancel_requested = _render(Task.select(Task.cancel_requested).where(Task.task_id == ""))
         self.insert_checkpoint = _render(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0)
-            .on_conflict_ignore()
+            .on_conflict_ignore().returning()  # rowcount says whether it was new; no implicit RETURNING "id"
         )
         self.select_messages = _render(
             Message.select(Message.history, Message.role, Message.content, Message.tool_call_id,
@@ -747,11 +851,11 @@ class _HotPathSql:
         )
         self.insert_trace = _render(
             tables.TraceEvent.insert(task=0, sequence=0, recorded_at=0.0, elapsed_ms=0.0, agent="", model="",
-                                     job_type="", event_type="", data="")
+                                     job_type="", event_type="", data="").returning()
         )
         self.insert_message = _render(
             Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
-                           tool_call_id="", name="", tool_calls="")
+                           tool_call_id="", name="", tool_calls="").returning()
         )
         # Counter increments and COALESCEs: written out, parameters in the
         # order record_checkpoint passes them.

@@ -4,8 +4,12 @@ Tables are declared inside :func:`bind_tables` so that two stores opened on
 two databases in one process never share (and silently re-bind) model
 classes.
 
-Time columns hold seconds since the epoch as floats: comparable on every
-backend, cheap to write on the hot path, converted to ``datetime`` on load.
+Time columns hold seconds since the epoch as double-precision floats:
+comparable on every backend, cheap to write on the hot path, converted to
+``datetime`` on load. (``DoubleField``, never ``FloatField``: peewee maps the
+latter to PostgreSQL's 4-byte ``REAL``, which rounds today's epoch seconds to
+whole minutes. Both are ``REAL``, 8 bytes, on SQLite.) Counters that grow
+without bound (tokens, message and trace rows) are 64-bit on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from dataclasses import dataclass
 
 from peewee import (
     AutoField,
+    BigAutoField,
+    BigIntegerField,
     BooleanField,
     CharField,
     Database,
-    FloatField,
+    DoubleField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -72,32 +78,32 @@ def bind_tables(db: Database) -> Tables:
         resumable_count = IntegerField(default=0)
         final_response = TextField(null=True)
         last_error = TextField(null=True)
-        created_at = FloatField()
-        updated_at = FloatField()
-        completed_at = FloatField(null=True)
-        started_at = FloatField(null=True)  # first claim: the time limit counts from here
+        created_at = DoubleField()
+        updated_at = DoubleField()
+        completed_at = DoubleField(null=True)
+        started_at = DoubleField(null=True)  # first claim: the time limit counts from here
         # When the latest message sent for this task should reach a worker;
         # recovery leaves the task alone until then (plus a grace period).
-        delivery_due_at = FloatField(null=True)
+        delivery_due_at = DoubleField(null=True)
         # The lease: who runs the task now. `lease_token` is unique per claim.
         lease_token = CharField(max_length=64, null=True)
         lease_owner = CharField(max_length=200, null=True)
         lease_host = CharField(max_length=200, null=True)
         lease_pid = IntegerField(null=True)
-        lease_pid_started_at = FloatField(null=True)
-        lease_expires_at = FloatField(null=True)
+        lease_pid_started_at = DoubleField(null=True)
+        lease_expires_at = DoubleField(null=True)
         recovery_count = IntegerField(default=0)
         cancel_requested = BooleanField(default=False)
         # Since schema 2: what the task said and spent, summed as it runs.
         turn_count = IntegerField(default=0)  # assistant messages
         tool_call_count = IntegerField(default=0)
-        input_tokens = IntegerField(default=0)
-        output_tokens = IntegerField(default=0)
-        cache_read_tokens = IntegerField(default=0)
-        cache_creation_tokens = IntegerField(default=0)
-        reasoning_tokens = IntegerField(default=0)
+        input_tokens = BigIntegerField(default=0)
+        output_tokens = BigIntegerField(default=0)
+        cache_read_tokens = BigIntegerField(default=0)
+        cache_creation_tokens = BigIntegerField(default=0)
+        reasoning_tokens = BigIntegerField(default=0)
         request_count = IntegerField(default=0)
-        cost_usd = FloatField(default=0.0)
+        cost_usd = DoubleField(default=0.0)
 
         class Meta:
             table_name = "task"
@@ -108,7 +114,7 @@ def bind_tables(db: Database) -> Tables:
             )
 
     class Message(Base):
-        id = AutoField()
+        id = BigAutoField()
         task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
         history = SmallIntegerField()
         position = IntegerField()
@@ -124,12 +130,12 @@ def bind_tables(db: Database) -> Tables:
             indexes = ((("task", "history", "position"), True),)
 
     class Checkpoint(Base):
-        id = AutoField()
+        id = BigAutoField()
         task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
         step_index = IntegerField()
         checkpoint_note = TextField(null=True)
         items = TextField()  # list[CheckpointItem] as JSON
-        created_at = FloatField()
+        created_at = DoubleField()
 
         class Meta:
             table_name = "checkpoint"
@@ -138,11 +144,11 @@ def bind_tables(db: Database) -> Tables:
     class TraceEvent(Base):
         """What a task did, step by step; `sequence` continues across resumes and processes."""
 
-        id = AutoField()
+        id = BigAutoField()
         task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
         sequence = IntegerField()
-        recorded_at = FloatField()
-        elapsed_ms = FloatField()  # since the task's first step
+        recorded_at = DoubleField()
+        elapsed_ms = DoubleField()  # since the task's first step
         agent = CharField(max_length=200)  # provider
         model = CharField(max_length=200)
         job_type = CharField(max_length=64)
@@ -155,7 +161,7 @@ def bind_tables(db: Database) -> Tables:
 
     class SchemaVersion(Base):
         version = IntegerField(primary_key=True)
-        applied_at = FloatField()
+        applied_at = DoubleField()
 
         class Meta:
             table_name = "schema_version"

@@ -1,7 +1,15 @@
-"""Shared fixtures: a fresh SQLite store per test, real Redis, real workers."""
+"""Shared fixtures: a fresh store per test (SQLite, or PostgreSQL where a module asks), real Redis, real workers.
+
+A test runs on SQLite unless its module (or the test) is marked
+``@pytest.mark.backends("sqlite", "postgres")``: it then runs once per
+backend, each PostgreSQL run in a fresh, empty schema of one database on
+the session's server. ``@pytest.mark.sqlite_only(reason)`` skips the
+PostgreSQL run of a test that checks something only SQLite has.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -23,24 +31,90 @@ from models import (
     ToolCall,
 )
 from models.traces import TraceWriter
-from worker.testing import IN_CI, FakeClock, RedisServer, WorkerProcess
+from worker.testing import IN_CI, FakeClock, PostgresServer, RedisServer, WorkerProcess
 
 if TYPE_CHECKING:
     from worker import Runtime
 
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run tests marked ``backends(...)`` once per named backend (the PostgreSQL run of ``sqlite_only`` skipped)."""
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is None or "backend" not in metafunc.fixturenames:
+        return
+    unknown = set(marker.args) - set(BACKENDS)
+    assert marker.args and not unknown, f"backends(...) takes some of {BACKENDS}, got {marker.args}"
+    sqlite_only = metafunc.definition.get_closest_marker("sqlite_only")
+    params = [
+        pytest.param(name, marks=pytest.mark.skip(reason=f"SQLite only: {sqlite_only.args[0]}"))
+        if sqlite_only is not None and name != "sqlite" else name
+        for name in marker.args
+    ]
+    metafunc.parametrize("backend", params, indirect=True)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every PostgreSQL run ``postgres``, so ``-m "not postgres"`` leaves them all out."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgres":
+            item.add_marker(pytest.mark.postgres)
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    """A fresh SQLite database file (not :memory:, so every thread sees it)."""
-    return f"sqlite:///{tmp_path / 'state' / 'tasks.db'}"
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store backend of this test run: ``sqlite`` unless the test is marked ``backends(...)``."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL cluster for the session: skipped locally when absent, a failure in CI."""
+    if PostgresServer.find_bin_dir() is None:
+        if IN_CI:
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed; .ci/run must install them")
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_server: PostgresServer) -> str:
+    """The database that holds every test's schema."""
+    postgres_server.create_database("longhaul_tests")
+    return "longhaul_tests"
+
+
+_schema_numbers = itertools.count(1)
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty store for this test.
+
+    SQLite: a new file (not :memory:, so every thread sees it). PostgreSQL:
+    a new schema on the session's server (a URL whose connections use it),
+    dropped afterwards; ~5 ms where a database copied from a template
+    costs ~300 ms.
+    """
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state' / 'tasks.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    database: str = request.getfixturevalue("postgres_database")
+    schema = f"test_{next(_schema_numbers)}"
+    yield server.create_schema(database, schema)
+    server.drop_schema(database, schema)
 
 
 @pytest.fixture
 def store(db_url: str):
     task_store = TaskStore(db_url)
     yield task_store
-    task_store.close()
+    task_store.close_all()
 
 
 # -- Models test suite: a fixed clock, record factories, row counts ----------
@@ -61,7 +135,7 @@ def clocked_store(db_url: str, clock: FakeClock):
     """A store whose timestamps (and lease expiries) follow `clock`."""
     task_store = TaskStore(db_url, clock=clock)
     yield task_store
-    task_store.close()
+    task_store.close_all()
 
 
 @pytest.fixture
@@ -114,13 +188,43 @@ def count_rows() -> Callable[..., int]:
         assert table in ("task", "checkpoint", "message", "trace_event", "schema_version")
         if task_id is None:
             return task_store.db.execute_sql(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
+        p = task_store.db.param
         if table == "task":
-            sql = 'SELECT COUNT(*) FROM "task" WHERE "task_id" = ?'
+            sql = f'SELECT COUNT(*) FROM "task" WHERE "task_id" = {p}'
         else:
-            sql = f'SELECT COUNT(*) FROM "{table}" WHERE "task_id" IN (SELECT "id" FROM "task" WHERE "task_id" = ?)'
+            sql = f'SELECT COUNT(*) FROM "{table}" WHERE "task_id" IN (SELECT "id" FROM "task" WHERE "task_id" = {p})'
         return task_store.db.execute_sql(sql, (task_id,)).fetchone()[0]
 
     return count
+
+
+@pytest.fixture
+def refuse_messages(backend: str) -> Callable[[TaskStore, str], None]:
+    """Make the database reject (``injected failure``, an integrity error) any message with this content.
+
+    A trigger on either backend: the failure comes from the database in the
+    middle of a store transaction, as a full disk or a constraint would.
+    """
+
+    def install(task_store: TaskStore, content: str) -> None:
+        quoted = content.replace("'", "''")
+        if backend == "sqlite":
+            task_store.db.execute_sql(
+                f'CREATE TRIGGER refuse_messages BEFORE INSERT ON "message" WHEN NEW."content" = \'{quoted}\' '
+                "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+            )
+            return
+        task_store.db.execute_sql(
+            "CREATE FUNCTION refuse_messages() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"IF NEW.\"content\" = '{quoted}' THEN "
+            "RAISE EXCEPTION 'injected failure' USING ERRCODE = 'check_violation'; END IF; "
+            "RETURN NEW; END $$"
+        )
+        task_store.db.execute_sql(
+            'CREATE TRIGGER refuse_messages BEFORE INSERT ON "message" FOR EACH ROW EXECUTE FUNCTION refuse_messages()'
+        )
+
+    return install
 
 
 # -- real servers and worker processes ----------------------------------------

@@ -1,4 +1,7 @@
-"""TaskStore: snapshots, checkpoints, append-only histories, reruns, leases."""
+"""TaskStore: snapshots, checkpoints, append-only histories, reruns, leases.
+
+The store's contract: every test runs on SQLite and on PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from models import (
     TaskStore,
 )
 from models.tables import SCHEMA_VERSION
+
+pytestmark = pytest.mark.backends("sqlite", "postgres")
 
 TERMINAL_STATUSES = [status for status in TaskStatus if status.is_terminal]
 WORKER_A = Claimant(owner="host-a:101:aaaa", host="host-a", pid=101)
@@ -43,7 +48,7 @@ def message_ids(task_store: TaskStore, task_id: str) -> list[int]:
     """Primary keys of a task's execution-history rows, in history order."""
     cursor = task_store.db.execute_sql(
         'SELECT m."id" FROM "message" m JOIN "task" t ON m."task_id" = t."id" '
-        'WHERE t."task_id" = ? AND m."history" = 0 ORDER BY m."position"',
+        f'WHERE t."task_id" = {task_store.db.param} AND m."history" = 0 ORDER BY m."position"',
         (task_id,),
     )
     return [row[0] for row in cursor]
@@ -229,14 +234,11 @@ def test_duplicate_step_is_an_idempotent_repeat(store, make_update, count_rows):
     assert after.latest_checkpoint_note == "first write"
 
 
-def test_a_checkpoint_that_fails_midway_writes_nothing(store, make_update, count_rows):
+def test_a_checkpoint_that_fails_midway_writes_nothing(store, make_update, count_rows, refuse_messages):
     store.record_checkpoint(make_update(1))
     before = store.load("task-1")
     # Fail the message insert, which runs after the checkpoint row is written.
-    store.db.execute_sql(
-        'CREATE TRIGGER refuse_boom BEFORE INSERT ON "message" WHEN NEW."content" = \'boom\' '
-        "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
-    )
+    refuse_messages(store, "boom")
 
     # peewee's IntegrityError or sqlite3's: the message insert bypasses peewee's wrapper.
     with pytest.raises((IntegrityError, sqlite3.IntegrityError), match="injected failure"):
@@ -248,14 +250,11 @@ def test_a_checkpoint_that_fails_midway_writes_nothing(store, make_update, count
     assert count_rows(store, "message", task_id="task-1") == 2
 
 
-def test_a_rerun_that_fails_midway_keeps_the_old_checkpoints(store, make_snapshot, make_update):
+def test_a_rerun_that_fails_midway_keeps_the_old_checkpoints(store, make_snapshot, make_update, refuse_messages):
     store.record_checkpoint(make_update(1))
     store.save_snapshot(make_snapshot(TaskStatus.COMPLETED, final_response="done"))
     before = store.load("task-1")
-    store.db.execute_sql(
-        'CREATE TRIGGER refuse_boom BEFORE INSERT ON "message" WHEN NEW."content" = \'boom\' '
-        "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
-    )
+    refuse_messages(store, "boom")
 
     with pytest.raises((IntegrityError, sqlite3.IntegrityError), match="injected failure"):
         store.save_snapshot(make_snapshot(TaskStatus.RUNNING, execution_history=[ChatMessage.user("boom")]))
@@ -278,6 +277,7 @@ def test_execution_history_is_rebuilt_in_order_across_many_checkpoints(store, ma
     assert [cp.step_index for cp in record.checkpoints] == list(range(1, 61))
 
 
+@pytest.mark.sqlite_only("counts the rows a write changed with sqlite3's total_changes")
 def test_a_longer_snapshot_history_appends_only_the_tail(store, make_snapshot):
     store.save_snapshot(make_snapshot(execution_history=messages(3)))
     first_rows = message_ids(store, "task-1")
@@ -303,6 +303,7 @@ def test_a_shorter_snapshot_history_replaces_the_stored_one(store, make_snapshot
     assert count_rows(store, "message", task_id="task-1") == 2 + 2  # execution + resumable
 
 
+@pytest.mark.sqlite_only("counts rows changed and statements run with sqlite3's total_changes and trace callback")
 def test_a_checkpoint_writes_only_what_is_new_whatever_the_history_length(store, make_update):
     def cost_of_next_checkpoint(task_id: str, prior_messages: int) -> tuple[int, int]:
         """(rows changed, SQL statements run) by one checkpoint adding 2 messages."""
@@ -536,8 +537,9 @@ def test_schema_creation_is_idempotent(db_url, make_update, count_rows):
 
 def test_a_database_from_a_newer_longhaul_is_refused(db_url):
     with TaskStore(db_url) as current:
-        current.db.execute_sql('INSERT INTO "schema_version" ("version", "applied_at") VALUES (?, 0)',
-                               (SCHEMA_VERSION + 1,))
+        current.db.execute_sql(
+            f'INSERT INTO "schema_version" ("version", "applied_at") VALUES ({current.db.param}, 0)',
+            (SCHEMA_VERSION + 1,))
 
     with pytest.raises(SchemaTooNew) as raised:
         TaskStore(db_url)
@@ -559,6 +561,7 @@ def leased(clocked_store, make_update):
     return clocked_store, book, claim
 
 
+@pytest.mark.sqlite_only("proves nothing was written with sqlite3's total_changes")
 def test_a_checkpoint_with_a_wrong_lease_token_raises_lease_lost_and_writes_nothing(leased, make_update):
     store, _book, _claim = leased
     before = store.load("task-1")

@@ -18,11 +18,13 @@ import click
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from models import InvalidInput, LonghaulError, TaskStatus, TaskSummary
+from models import InvalidInput, LonghaulError, TaskStatus, TaskStore, TaskSummary
+from models.db import is_postgres_url, redact_url
 from models.event_stream import export_events
 
 from . import api
 from .runtime import BrokerRequired, get_runtime
+from .settings import load_settings
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -188,6 +190,32 @@ def worker(processes: int, threads: int) -> None:
     os.execvp(argv[0], argv)
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def migrate(as_json: bool) -> None:
+    """Create or upgrade the store's schema (SQLite or PostgreSQL) and print its version.
+
+    Safe to run while workers run, and from several hosts at once: a fresh
+    database is created once, an older schema upgraded once, a current one
+    left alone. A schema newer than this longhaul is refused (exit 1).
+    """
+    settings = load_settings()
+    with TaskStore(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms,
+                   pool_size=settings.db_pool_size) as store:
+        migration = store.schema_migration
+    database = redact_url(settings.database_url)
+    if as_json:
+        _dump({"database": database, "backend": "postgresql" if is_postgres_url(database) else "sqlite",
+               "from_version": migration.from_version, "to_version": migration.to_version,
+               "changed": migration.changed})
+    elif migration.from_version == 0:
+        click.echo(f"schema created at version {migration.to_version} ({database})")
+    elif migration.changed:
+        click.echo(f"schema upgraded from version {migration.from_version} to {migration.to_version} ({database})")
+    else:
+        click.echo(f"schema up to date at version {migration.to_version} ({database})")
+
+
 class Duration(click.ParamType):
     """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or plain seconds), as seconds."""
 
@@ -335,7 +363,8 @@ def show(task_id: str, as_json: bool) -> None:
         ("task", record.task_id), ("thread", record.thread_id), ("status", record.status.value),
         ("provider", f"{record.provider} / {record.model}"), ("steps", record.checkpoint_count),
         ("messages", record.message_count), ("recoveries", record.recovery_count),
-        ("lease", _lease_text(record) + (f" until {record.lease.expires_at:%H:%M:%S}" if record.lease else "")),
+        ("lease", _lease_text(record) + (f" until {record.lease.expires_at:%H:%M:%S} (worker {record.lease.owner})"
+                                         if record.lease else "")),
         ("created", f"{record.created_at:%Y-%m-%d %H:%M:%S}"),
         ("finished", f"{record.completed_at:%Y-%m-%d %H:%M:%S}" if record.completed_at else "-"),
         ("note", record.latest_checkpoint_note or "-"), ("error", record.last_error or "-"),

@@ -1,0 +1,219 @@
+"""Opening a store: `longhaul migrate`, schema versions, PostgreSQL connections and their errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from peewee import OperationalError
+
+from models import ChatMessage, TaskStore
+from models.tables import SCHEMA_VERSION
+from worker.testing import free_port, wait_until
+
+#: Columns schema 2 added to `task`; dropping them (and the trace table) turns a store back into schema 1.
+V2_TASK_COLUMNS = ("turn_count", "tool_call_count", "input_tokens", "output_tokens", "cache_read_tokens",
+                   "cache_creation_tokens", "reasoning_tokens", "request_count", "cost_usd")
+
+
+def set_schema_version(task_store: TaskStore, version: int) -> None:
+    p = task_store.db.param
+    with task_store.db.atomic():
+        task_store.db.execute_sql('DELETE FROM "schema_version"')
+        task_store.db.execute_sql(f'INSERT INTO "schema_version" ("version", "applied_at") VALUES ({p}, 0)',
+                                  (version,))
+
+
+@pytest.fixture
+def newer_store(db_url: str) -> str:
+    """A store whose schema a later longhaul wrote; returns its URL."""
+    with TaskStore(db_url) as store:
+        set_schema_version(store, SCHEMA_VERSION + 1)
+    return db_url
+
+
+# -- longhaul migrate, on both backends ---------------------------------------------------
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_migrate_creates_the_schema_once_and_then_reports_it_current(longhaul, backend):
+    created = longhaul("migrate", "--json")
+    assert created.returncode == 0, created.stderr
+    report = json.loads(created.stdout)
+    assert (report["from_version"], report["to_version"], report["changed"]) == (0, SCHEMA_VERSION, True)
+    assert report["backend"] == {"sqlite": "sqlite", "postgres": "postgresql"}[backend]
+
+    again = longhaul("migrate")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"schema up to date at version {SCHEMA_VERSION} (")
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_migrate_upgrades_a_version_1_store_and_keeps_its_tasks(db_url, make_update, longhaul):
+    with TaskStore(db_url) as store:
+        store.record_checkpoint(make_update(1, new_messages=[ChatMessage.assistant("a"), ChatMessage.assistant("b")]))
+        for column in V2_TASK_COLUMNS:
+            store.db.execute_sql(f'ALTER TABLE "task" DROP COLUMN "{column}"')
+        store.db.execute_sql('DROP TABLE "trace_event"')
+        set_schema_version(store, 1)
+
+    upgraded = longhaul("migrate")
+
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.startswith(f"schema upgraded from version 1 to {SCHEMA_VERSION} (")
+    with TaskStore(db_url) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        record = store.get("task-1")
+        assert (record.checkpoint_count, record.turn_count, record.usage.total_tokens) == (1, 2, 0)
+        assert store.traces("task-1") == []
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_migrate_refuses_a_schema_newer_than_it_knows(newer_store, longhaul):
+    refused = longhaul("migrate")
+    assert refused.returncode == 1
+    assert f"database schema version {SCHEMA_VERSION + 1} is newer than this longhaul supports" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.backends("postgres")
+def test_hosts_opening_a_fresh_postgres_database_together_create_the_schema_once(db_url, tmp_path: Path):
+    opener = (
+        "import sys, time\nfrom pathlib import Path\nfrom models import TaskStore\n"
+        "go = Path(sys.argv[2])\n(go.parent / f'ready-{sys.argv[3]}').touch()\n"
+        "while not go.exists(): time.sleep(0.005)\n"
+        "with TaskStore(sys.argv[1]) as store: print(store.schema_migration.from_version)\n"
+    )
+    go = tmp_path / "go"
+    openers = [subprocess.Popen([sys.executable, "-c", opener, db_url, str(go), str(n)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for n in range(4)]
+    wait_until(lambda: all((tmp_path / f"ready-{n}").exists() for n in range(4)), timeout_s=60,
+               what="every opener to be ready")
+    go.touch()
+    outcomes = [proc.communicate(timeout=60) for proc in openers]
+
+    assert [proc.returncode for proc in openers] == [0, 0, 0, 0], [err for _, err in outcomes]
+    # Exactly one of them found the database empty; the others found the schema it created.
+    assert sorted(out.strip() for out, _ in outcomes) == ["0"] + [str(SCHEMA_VERSION)] * 3
+    with TaskStore(db_url) as store:
+        assert store.db.execute_sql('SELECT COUNT(*) FROM "schema_version"').fetchone()[0] == 1
+
+
+# -- workers refuse what they cannot run -------------------------------------------------------
+
+
+@pytest.fixture
+def worker_start_env(cli_env: dict[str, str]) -> dict[str, str]:
+    """A worker's environment whose Redis is never reached: the store is checked first."""
+    return {**cli_env, "LONGHAUL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_workers_refuse_to_start_against_a_newer_schema_with_one_clear_line(newer_store, worker_start_env, longhaul):
+    dramatiq = subprocess.run([sys.executable, "-m", "dramatiq", "worker.actors", "--processes", "2", "--threads", "1"],
+                              env=worker_start_env, capture_output=True, text=True, timeout=120)
+    logged = dramatiq.stdout + dramatiq.stderr
+    assert dramatiq.returncode == 2, logged
+    assert (f"cannot start a longhaul worker: database schema version {SCHEMA_VERSION + 1} is newer than this "
+            "longhaul supports") in logged
+    assert "Traceback" not in logged
+
+    cli = longhaul("worker", "--processes", "1", LONGHAUL_REDIS_URL=worker_start_env["LONGHAUL_REDIS_URL"])
+    assert cli.returncode == 1
+    assert cli.stderr.startswith(f"error: database schema version {SCHEMA_VERSION + 1} is newer")
+
+
+def test_an_unreachable_postgres_server_is_one_clear_error_without_the_password(longhaul):
+    url = f"postgresql://longhaul:s3cret-pw@127.0.0.1:{free_port()}/tasks"
+
+    listed = longhaul("tasks", LONGHAUL_DATABASE_URL=url)
+
+    assert listed.returncode == 2
+    assert "cannot connect to PostgreSQL" in listed.stderr and "postgresql://longhaul:***@" in listed.stderr
+    assert "s3cret-pw" not in listed.stderr + listed.stdout
+    assert "Traceback" not in listed.stderr
+
+
+def test_postgres_without_its_driver_is_one_clear_error(cli_env: dict[str, str], tmp_path: Path):
+    without_psycopg = "import sys; sys.modules['psycopg'] = None; from worker.cli import main; main()"
+    env = {**cli_env, "LONGHAUL_DATABASE_URL": "postgresql://longhaul@127.0.0.1:5432/tasks"}
+
+    listed = subprocess.run([sys.executable, "-c", without_psycopg, "tasks"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+
+    assert listed.returncode == 2
+    assert "PostgreSQL needs the psycopg driver: pip install 'psycopg[binary]'" in listed.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql://user:pw@db/tasks", "postgresql://user:pw@db:5432/"])
+def test_database_urls_longhaul_cannot_use_are_refused_naming_the_problem(longhaul, url):
+    refused = longhaul("tasks", LONGHAUL_DATABASE_URL=url)
+    assert refused.returncode == 2
+    assert ("unsupported scheme 'mysql'" in refused.stderr) or ("names no database" in refused.stderr)
+    assert ":pw@" not in refused.stderr
+
+
+# -- PostgreSQL connections ------------------------------------------------------------------
+
+postgres_only = pytest.mark.backends("postgres")
+
+
+@postgres_only
+def test_a_connection_the_server_dropped_is_replaced_at_the_next_call(store, postgres_server, make_update):
+    store.record_checkpoint(make_update(1))
+    backend_pid = store.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
+    postgres_server.execute(f"SELECT pg_terminate_backend({backend_pid})")
+
+    with pytest.raises(OperationalError):
+        store.summary("task-1")  # the call that finds the connection gone fails (transient: retried)
+
+    assert store.summary("task-1").checkpoint_count == 1
+    assert store.record_checkpoint(make_update(2)) is True
+
+
+@postgres_only
+def test_threads_that_ended_give_their_pooled_connections_back(db_url, make_update):
+    with TaskStore(db_url, pool_size=2) as store:
+        store.record_checkpoint(make_update(1))
+        failures: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                store.summary("task-1")
+            except BaseException as exc:  # noqa: B036 (collected for the assertion)
+                failures.append(exc)
+
+        for _ in range(10):  # five times the pool, one short-lived thread after another
+            thread = threading.Thread(target=read)
+            thread.start()
+            thread.join()
+
+        assert failures == []
+
+
+@postgres_only
+def test_a_pool_too_small_for_the_threads_names_the_setting(make_runtime, make_update, monkeypatch):
+    monkeypatch.setattr("models.db.POOL_WAIT_S", 1)
+    monkeypatch.setenv("LONGHAUL_DB_POOL_SIZE", "1")
+    store = make_runtime().store  # the runtime reads LONGHAUL_DB_POOL_SIZE and sizes its store's pool
+    store.record_checkpoint(make_update(1))  # this thread now holds the only connection
+    failures: list[BaseException] = []
+    thread = threading.Thread(target=lambda: failures.extend(_raised(lambda: store.summary("task-1"))))
+    thread.start()
+    thread.join(timeout=30)
+
+    assert len(failures) == 1 and isinstance(failures[0], OperationalError)
+    assert "raise LONGHAUL_DB_POOL_SIZE" in str(failures[0])
+
+
+def _raised(call) -> list[BaseException]:  # type: ignore[no-untyped-def]
+    try:
+        call()
+    except BaseException as exc:  # noqa: B036
+        return [exc]
+    return []
