@@ -737,22 +737,24 @@ class TaskStore:
     def _record_from_row(self, row: Any, *, with_checkpoints: bool = True) -> TaskRecord:
         Checkpoint = self.tables.Checkpoint
         histories: dict[int, list[ChatMessage]] = {EXECUTION: [], RESUMABLE: []}
+        # Every row is fetched before any is decoded: a corrupt cell raises
+        # with no statement left open, so the connection's read snapshot ends
+        # with the transaction and its next write does not hit a stale one.
+        message_rows = self.db.execute_sql(self._sql.select_messages, (row.id,)).fetchall()
+        checkpoint_rows = list(
+            Checkpoint.select().where(Checkpoint.task == row.id).order_by(Checkpoint.step_index)
+        ) if with_checkpoints else []
         try:
-            # Raw rows, then plain construction (which pydantic-core makes
-            # cheaper than model_construct); no peewee row objects per message.
-            for history, role, content, tool_call_id, name, tool_calls in self.db.execute_sql(
-                self._sql.select_messages, (row.id,)
-            ):
+            # Plain construction (which pydantic-core makes cheaper than
+            # model_construct); no peewee row objects per message.
+            for history, role, content, tool_call_id, name, tool_calls in message_rows:
                 calls = None if tool_calls is None else self._decode_tool_calls(row.task_id, tool_calls)
                 histories[history].append(
                     ChatMessage(role=role, content=content, tool_call_id=tool_call_id, name=name, tool_calls=calls)
                 )
         except ValidationError as exc:
             raise CorruptRecord(row.task_id, "message", _first_error(exc)) from None
-        checkpoints = [
-            self._checkpoint_from_row(row.task_id, cp)
-            for cp in Checkpoint.select().where(Checkpoint.task == row.id).order_by(Checkpoint.step_index)
-        ] if with_checkpoints else []
+        checkpoints = [self._checkpoint_from_row(row.task_id, cp) for cp in checkpoint_rows]
         last_step = (checkpoints[-1].step_index if checkpoints else
                      Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == row.id).scalar() or 0)
         # Every part is validated above; skip validating the 5,000-message lists again.

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-import peewee
 import psutil
 import pydantic
 import pytest
@@ -727,16 +726,6 @@ def test_a_corrupt_checkpoint_item_does_not_stop_its_task_and_reading_it_names_t
     assert rows_of(db_path, interrupted.bystander) == bystander_before
 
 
-@pytest.mark.xfail(strict=True, raises=peewee.OperationalError, reason=(
-    "BUG: TaskStore.get() of a task with a corrupt checkpoint item raises CorruptRecord from inside the list "
-    "comprehension at models/store.py:650-653 (_record_from_row); the comprehension's frame, kept alive by the "
-    "exception's traceback, still holds the peewee cursor, so the SQLite statement is not finalised and the "
-    "thread's connection keeps its read snapshot (the DEFERRED transaction's rollback does not reset it). Its next "
-    "write then fails at once with 'database is locked' (SQLITE_BUSY_SNAPSHOT, no busy wait) if any other "
-    "connection committed in between. The step loop reads with checkpoints=False today, so only callers of get() "
-    "that write while handling the error are hit (an earlier loop was: the task stayed leased and `running`). "
-    "Fix: decode after fetching, e.g. rows = list(query) / cursor.fetchall() before the comprehension, or close "
-    "the cursor in a finally."))
 def test_a_task_found_corrupt_can_be_failed_while_other_workers_write(store, db_path: Path, make_update):
     for step in (1, 2):
         store.record_checkpoint(make_update(step, task_id="victim", thread_id="victim"))
