@@ -11,8 +11,6 @@ import json
 import os
 import random
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -40,7 +38,7 @@ from models import (
     TaskStore,
     ToolCall,
 )
-from worker.testing import WorkerProcess, ledger_counts, wait_until
+from worker.testing import WorkerProcess, ledger_counts, run_released_together, wait_until
 
 if TYPE_CHECKING:
     from worker import Runtime
@@ -261,34 +259,6 @@ for t in pool:
     t.join()
 print(json.dumps(report))
 """
-
-
-def run_released_together(scripts: list[list[str]], *, workdir: Path, timeout_s: float) -> list[str]:
-    """Run Python scripts in child processes; each touches ``ready-<i>`` in `workdir`, then waits for ``go``.
-
-    Returns each child's stdout; a child that fails fails the test with its stderr.
-    """
-    children = [subprocess.Popen([sys.executable, "-c", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for argv in scripts]
-    try:
-        def ready() -> bool:
-            exited = [child for child in children if child.poll() is not None]
-            assert not exited, [child.communicate()[1] for child in exited]
-            return all((workdir / f"ready-{i}").exists() for i in range(len(children)))
-
-        wait_until(ready, timeout_s=60, what="every writer process to open the store")
-        (workdir / "go").touch()
-        outputs = []
-        for child in children:
-            stdout, stderr = child.communicate(timeout=timeout_s)
-            assert child.returncode == 0, stderr
-            outputs.append(stdout)
-        return outputs
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
 
 
 def test_four_processes_of_eight_threads_write_one_database_for_ten_seconds_without_an_error(

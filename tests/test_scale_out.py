@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from models import Claimant, LeaseBook, TaskSpec, TaskStatus, TaskStore
 from tests.test_worker_redis import assert_exactly_once, enqueue_many
-from worker.testing import wait_until
+from worker.testing import run_released_together, wait_until
 
 pytestmark = pytest.mark.backends("postgres")
 
@@ -153,19 +151,9 @@ def test_claims_racing_from_four_processes_of_eight_threads_never_share_a_live_l
         assert store.create_task(task_id=f"task-{n:02d}", thread_id=f"task-{n:02d}", channel="test", provider="p",
                                  model="m", spec=TaskSpec(prompt="contend"))
     go = tmp_path / "go"
-    contenders = [
-        subprocess.Popen([sys.executable, "-c", CONTENDER, db_url, str(p), str(threads), str(rounds), str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for p in range(processes)
-    ]
-    wait_until(lambda: all((tmp_path / f"ready-{p}").exists() for p in range(processes)), timeout_s=60,
-               what="every contender to open the store")
-    go.touch()
-    results = []
-    for proc in contenders:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        results.append(json.loads(out))
+    outputs = run_released_together([[CONTENDER, db_url, str(p), str(threads), str(rounds), str(go)]
+                                     for p in range(processes)], workdir=tmp_path, timeout_s=120)
+    results = [json.loads(out) for out in outputs]
 
     errors = [e for r in results for e in r["errors"]]
     assert errors == []

@@ -7,11 +7,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from models import TaskStore
 from models.tables import SCHEMA_VERSION
+from worker.testing import run_released_together
 
 #: Reads a task in a fresh interpreter and prints what it saw as JSON.
 READER = """
@@ -84,30 +84,8 @@ def run_python(code: str, *args: str, timeout_s: float = 60) -> str:
 def run_until_done(db_url: str, *, tmp_dir: Path, processes: int, threads: int, steps: int) -> list[str]:
     """Start `processes` writers, release them together, and return each one's stdout."""
     go = tmp_dir / "go"
-    children = [
-        subprocess.Popen([sys.executable, "-c", WRITER, db_url, str(p), str(threads), str(steps), str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for p in range(processes)
-    ]
-    try:
-        deadline = time.monotonic() + 30
-        while not all((tmp_dir / f"ready-{p}").exists() for p in range(processes)):
-            assert time.monotonic() < deadline, "writers did not start within 30 s"
-            exited = [child for child in children if child.poll() is not None]
-            assert not exited, [child.communicate()[1] for child in exited]
-            time.sleep(0.01)
-        go.touch()
-        outputs = []
-        for child in children:
-            stdout, stderr = child.communicate(timeout=60)
-            assert child.returncode == 0, stderr
-            outputs.append(stdout)
-        return outputs
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    return run_released_together([[WRITER, db_url, str(p), str(threads), str(steps), str(go)]
+                                  for p in range(processes)], workdir=tmp_dir, timeout_s=60)
 
 
 def test_a_second_process_sees_every_committed_checkpoint(store, db_url, make_update):

@@ -70,6 +70,37 @@ def ledger_counts(path: Path) -> Counter[str]:
     return Counter(line for line in path.read_text().splitlines() if line)
 
 
+def run_released_together(scripts: list[list[str]], *, workdir: Path, timeout_s: float) -> list[str]:
+    """Run Python scripts (``python -c script args...``) in child processes released at one moment.
+
+    Each script must touch ``ready-<i>`` in `workdir` once set up, then wait
+    for ``go`` there: contention starts when every child is ready. Returns
+    each child's stdout; a child that fails raises `AssertionError` with its
+    stderr.
+    """
+    children = [subprocess.Popen([sys.executable, "-c", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for argv in scripts]
+    try:
+        def ready() -> bool:
+            exited = [child for child in children if child.poll() is not None]
+            assert not exited, [child.communicate()[1] for child in exited]
+            return all((workdir / f"ready-{i}").exists() for i in range(len(children)))
+
+        wait_until(ready, timeout_s=60, what="every child process to be ready")
+        (workdir / "go").touch()
+        outputs = []
+        for child in children:
+            stdout, stderr = child.communicate(timeout=timeout_s)
+            assert child.returncode == 0, stderr
+            outputs.append(stdout)
+        return outputs
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+
+
 class RedisServer:
     """A redis-server on a free loopback port, without persistence."""
 
