@@ -28,13 +28,12 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from peewee import Case, fn
 
 from .schemas import TaskStatus
+from .tables import NO_LEASE
 
 if TYPE_CHECKING:
     from .store import TaskStore
 
 _CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
-_NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
-                 lease_pid_started_at=None, lease_expires_at=None)
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,7 @@ class LeaseBook:
         Task = self.Task
         with self.db.atomic():
             return bool(
-                Task.update(delivery_due_at=redeliver_at, updated_at=self.store.clock(), **_NO_LEASE)
+                Task.update(delivery_due_at=redeliver_at, updated_at=self.store.clock(), **NO_LEASE)
                 .where((Task.task_id == task_id) & (Task.lease_token == token))
                 .execute()
             )
@@ -195,7 +194,7 @@ class LeaseBook:
             same = Task.lease_token.is_null() & (Task.delivery_due_at == row.delivery_due_at)
         with self.db.atomic():
             return bool(
-                Task.update(delivery_due_at=self.store.clock(), **_NO_LEASE)
+                Task.update(delivery_due_at=self.store.clock(), **NO_LEASE)
                 .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & same)
                 .execute()
             )

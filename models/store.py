@@ -38,7 +38,7 @@ from .schemas import (
     ToolCall,
     Usage,
 )
-from .tables import EXECUTION, RESUMABLE, SCHEMA_VERSION, Tables, bind_tables
+from .tables import EXECUTION, NO_LEASE, RESUMABLE, SCHEMA_VERSION, Tables, bind_tables
 from .traces import TraceEventRecord, TraceRow
 
 Clock = Callable[[], float]
@@ -269,7 +269,7 @@ class TaskStore:
                 completed_at=now if snapshot.status.is_terminal else None,
             )
             if snapshot.status.is_terminal:
-                fields.update(_released_lease())
+                fields.update(NO_LEASE)
             if row is None:
                 # A concurrent creator of the same id wins the insert; this snapshot then updates its row.
                 Task.insert(task_id=snapshot.task_id, created_at=now, **fields).on_conflict_ignore().as_rowcount(
@@ -425,7 +425,7 @@ class TaskStore:
                 resumable_count=row.resumable_count + len(resumable_messages),
                 turn_count=Task.turn_count + turns, tool_call_count=Task.tool_call_count + tool_calls,
                 **{name: getattr(Task, name) + getattr(added, name) for name in _USAGE_FIELDS},
-                **_released_lease(),
+                **NO_LEASE,
             ).where(Task.id == row.id).execute()
 
     def append_traces(self, task_id: str, traces: Sequence[TraceRow], *, lease_token: Optional[str] = None) -> None:
@@ -497,7 +497,7 @@ class TaskStore:
                 return status
             if row.lease_token is None or (row.lease_expires_at or 0) <= now:
                 Task.update(status=TaskStatus.CANCELLED.value, completed_at=now, updated_at=now,
-                            last_error="cancelled before it ran", **_released_lease()).where(
+                            last_error="cancelled before it ran", **NO_LEASE).where(
                     Task.id == row.id).execute()
                 return TaskStatus.CANCELLED
             Task.update(cancel_requested=True, updated_at=now).where(Task.id == row.id).execute()
@@ -810,12 +810,6 @@ def _usage_params(usage: Optional[Usage]) -> tuple[Any, ...]:
 
 
 _NO_USAGE = Usage()
-
-
-def _released_lease() -> dict[str, Any]:
-    from .leases import _NO_LEASE
-
-    return dict(_NO_LEASE)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -34,6 +34,10 @@ from peewee import (
 #: The schema this code writes. Bump it with a migration in `models.migrations`.
 SCHEMA_VERSION = 2
 
+#: Column values of a task that nobody holds.
+NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
+                lease_pid_started_at=None, lease_expires_at=None)
+
 #: `Message.history` values: the full execution log, or the user-visible turns.
 EXECUTION = 0
 RESUMABLE = 1

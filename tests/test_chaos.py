@@ -211,13 +211,12 @@ CONTENTION_WRITER = r"""
 import json, sys, threading, time
 from pathlib import Path
 from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
+from worker.testing import wait_for_go
 
 db_url, process, threads, writers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 duration_s, go = float(sys.argv[5]), Path(sys.argv[6])
 store = TaskStore(db_url)
-(go.parent / f"ready-{process}").touch()
-while not go.exists():
-    time.sleep(0.002)
+wait_for_go(go, process)
 deadline = time.monotonic() + duration_s
 report = {"errors": [], "own": {}, "shared": [], "repeats_refused": 0}
 lock = threading.Lock()

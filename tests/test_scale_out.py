@@ -94,6 +94,7 @@ CONTENDER = """
 import json, os, random, sys, threading, time, uuid
 from pathlib import Path
 from models import CheckpointUpdate, Claimant, LeaseBook, LeaseLost, TaskStatus, TaskStore
+from worker.testing import wait_for_go
 
 db_url, go = sys.argv[1], Path(sys.argv[5])
 process, threads, rounds = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -101,12 +102,7 @@ store = TaskStore(db_url, pool_size=threads + 1)
 book = LeaseBook(store)
 task_ids = [row.task_id for row in store.list_tasks(limit=1000, order_by="created")]
 claims, errors = [], []
-(go.parent / f"ready-{process}").touch()
-deadline = time.monotonic() + 30
-while not go.exists():
-    if time.monotonic() > deadline:
-        sys.exit("no go signal within 30 s")
-    time.sleep(0.005)
+wait_for_go(go, process)
 
 def contend(thread):
     me = Claimant(owner=f"p{process}t{thread}:{uuid.uuid4().hex[:8]}", host=f"host-{process}", pid=os.getpid())

@@ -32,15 +32,11 @@ WRITER = """
 import json, sys, threading, time
 from pathlib import Path
 from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
+from worker.testing import wait_for_go
 
 db_url, go = sys.argv[1], Path(sys.argv[5])
 process, threads, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-(go.parent / f"ready-{process}").touch()
-deadline = time.monotonic() + 30
-while not go.exists():
-    if time.monotonic() > deadline:
-        sys.exit("no go signal within 30 s")
-    time.sleep(0.005)
+wait_for_go(go, process)
 
 # Every process opens the store (and checks the schema) at the same moment.
 store = TaskStore(db_url)

@@ -209,11 +209,12 @@ def wait_for(
     rt = get_runtime()
     started = time.monotonic()
     last_step = -1
+    planned_steps = _planned_steps(rt, task_id) if on_progress is not None else None
     while True:
         summary = rt.store.summary(task_id)
         if on_progress is not None and summary.checkpoint_count != last_step:
             last_step = summary.checkpoint_count
-            on_progress(_progress(rt, task_id, summary.status, time.monotonic() - started))
+            on_progress(_progress(rt, task_id, summary.status, planned_steps, time.monotonic() - started))
         if summary.status.is_terminal:
             return summary
         if while_running and rt.stopping.is_set() and not rt.running_here(task_id):
@@ -223,18 +224,24 @@ def wait_for(
         time.sleep(poll_s)
 
 
-def _progress(rt: Runtime, task_id: str, status: TaskStatus, elapsed_s: float) -> Progress:
-    latest = rt.store.latest_checkpoint(task_id)
+def _planned_steps(rt: Runtime, task_id: str) -> Optional[int]:
+    """How many steps the task plans (the scripted ``steps`` option, else ``max_steps``), if known."""
     try:
-        spec: Optional[TaskSpec] = rt.store.task_spec(task_id)
+        spec = rt.store.task_spec(task_id)
     except CorruptRecord:
-        spec = None
-    planned = spec.options.get("steps") if spec else None
+        return None
+    planned = spec.options.get("steps")
+    return int(planned) if isinstance(planned, int) else spec.max_steps
+
+
+def _progress(rt: Runtime, task_id: str, status: TaskStatus, planned_steps: Optional[int],
+              elapsed_s: float) -> Progress:
+    latest = rt.store.latest_checkpoint(task_id)
     return Progress(
         task_id=task_id,
         status=status,
         step=latest.step_index if latest else 0,
-        planned_steps=int(planned) if isinstance(planned, int) else (spec.max_steps if spec else None),
+        planned_steps=planned_steps,
         last_tool=latest.items[-1].tool_name if latest and latest.items else None,
         elapsed_s=elapsed_s,
     )

@@ -70,6 +70,16 @@ def ledger_counts(path: Path) -> Counter[str]:
     return Counter(line for line in path.read_text().splitlines() if line)
 
 
+def wait_for_go(go: Path, index: int, *, timeout_s: float = 30) -> None:
+    """In a child of `run_released_together`: say ``ready-<index>``, then wait for ``go``."""
+    (go.parent / f"ready-{index}").touch()
+    deadline = time.monotonic() + timeout_s
+    while not go.exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"no go signal within {timeout_s:.0f} s")
+        time.sleep(0.005)
+
+
 def run_released_together(scripts: list[list[str]], *, workdir: Path, timeout_s: float) -> list[str]:
     """Run Python scripts (``python -c script args...``) in child processes released at one moment.
 
