@@ -64,7 +64,7 @@ def one_run(workdir: Path, name: str, *, traces: bool, steps: int) -> Run:
         elapsed_s = time.perf_counter() - started
         summary = runtime.store.summary(task_id)
         assert status is TaskStatus.COMPLETED and summary.checkpoint_count == steps, summary.last_error
-        rows = runtime.store.db.execute_sql('SELECT COUNT(*) FROM "trace_event"').fetchone()[0]
+        rows = runtime.store.db.execute_sql('SELECT COUNT(*) FROM "trace_batch"').fetchone()[0]
         return Run(steps_per_s=steps / elapsed_s, trace_rows=rows)
     finally:
         set_runtime(None)

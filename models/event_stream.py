@@ -44,6 +44,7 @@ from peewee import Database
 
 from .errors import CorruptRecord, TaskNotFound
 from .tables import EXECUTION, Tables
+from .traces import decode_events
 
 if TYPE_CHECKING:
     from .store import TaskStore
@@ -275,21 +276,21 @@ class _Durations:
 
 
 def _tool_durations(tables: Tables, task_id: str, task_pk: int) -> _Durations:
-    TraceEvent = tables.TraceEvent
+    TraceBatch = tables.TraceBatch
     durations = _Durations()
-    rows = (TraceEvent.select(TraceEvent.sequence, TraceEvent.data)
-            .where((TraceEvent.task == task_pk) & TraceEvent.event_type.in_(_TOOL_END_EVENTS))
-            .order_by(TraceEvent.sequence).tuples().iterator())
-    for sequence, raw in rows:
+    rows = (TraceBatch.select(TraceBatch.first_sequence, TraceBatch.events)
+            .where(TraceBatch.task == task_pk).order_by(TraceBatch.last_sequence).tuples().iterator())
+    for first_sequence, raw in rows:
         try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise CorruptRecord(task_id, f"trace_event[{sequence}].data", str(exc)) from None
-        if not isinstance(data, dict):
-            continue
-        step, duration_ms = data.get("step"), data.get("duration_ms")
-        if isinstance(step, int) and isinstance(duration_ms, (int, float)):
-            durations.add(step, str(data.get("call_id") or ""), float(duration_ms))
+            events = list(decode_events(first_sequence, raw))
+        except ValueError as exc:
+            raise CorruptRecord(task_id, f"trace_batch[{first_sequence}].events", str(exc)) from None
+        for _sequence, _ms, event_type, data, _refs in events:
+            if event_type not in _TOOL_END_EVENTS:
+                continue
+            step, duration_ms = data.get("step"), data.get("duration_ms")
+            if isinstance(step, int) and isinstance(duration_ms, (int, float)):
+                durations.add(step, str(data.get("call_id") or ""), float(duration_ms))
     return durations
 
 

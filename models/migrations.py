@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import orjson
 from peewee import Database, Field
 
 from .tables import Tables
 
-#: Columns schema 2 added to `task`, with their constant defaults (the trace table is created by create_tables).
+#: Columns schema 2 added to `task`, with their constant defaults (its trace table was made by create_tables).
 _V2_TASK_COLUMNS = {
     "turn_count": "0",
     "tool_call_count": "0",
@@ -54,8 +55,47 @@ def _to_v2(db: Database, tables: Tables) -> None:
     )
 
 
+def _to_v3(db: Database, tables: Tables) -> None:
+    """Schema 3: trace events are stored a batch per row (`trace_batch`, made by create_tables).
+
+    `task` gets the next trace sequence; each schema-2 event row becomes a
+    batch of one, in sequence order, and `trace_event` is dropped.
+    """
+    if "trace_next_sequence" not in {column.name for column in db.get_columns("task")}:
+        column_type = sql_type(db, tables.Task._meta.fields["trace_next_sequence"])
+        db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "trace_next_sequence" {column_type} NOT NULL DEFAULT 0')
+    if "trace_event" not in db.get_tables():
+        return
+    TraceBatch = tables.TraceBatch
+    cursor = db.execute_sql(
+        'SELECT "task_id", "sequence", "recorded_at", "elapsed_ms", "agent", "model", "job_type", "event_type", '
+        '"data" FROM "trace_event" ORDER BY "task_id", "sequence"'
+    )
+    while rows := cursor.fetchmany(500):
+        TraceBatch.insert_many([
+            dict(task=task_pk, first_sequence=sequence, last_sequence=sequence,
+                 started_at=recorded_at - elapsed_ms / 1000, agent=agent, model=model, job_type=job_type,
+                 events=_one_event(elapsed_ms, event_type, data), refers_to_messages=False)
+            for task_pk, sequence, recorded_at, elapsed_ms, agent, model, job_type, event_type, data in rows
+        ]).execute()
+    db.execute_sql('DROP TABLE "trace_event"')
+    db.execute_sql(
+        'UPDATE "task" SET "trace_next_sequence" = COALESCE((SELECT MAX(b."last_sequence") + 1 '
+        'FROM "trace_batch" b WHERE b."task_id" = "task"."id"), 0)'
+    )
+
+
+def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
+    """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
+    try:
+        decoded = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        decoded = {"unreadable_data": data}
+    return orjson.dumps([[elapsed_ms, event_type, decoded]]).decode()
+
+
 #: version -> migration that brings the schema from version - 1 to it.
-MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2}
+MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3}
 
 
 def pending(found: int, target: int) -> list[tuple[int, Callable[[Database, Tables], None]]]:

@@ -27,13 +27,25 @@ _SECRET_TEXT = [
 ]
 
 
-#: A cheap first look: most text (every trace payload, every step) has none of these.
-_MAYBE_SECRET = re.compile(r"(?i)bearer|basic|[spr]k-|gh[pousr]_|xox[abprs]-|api[-_]?key|token|secret|password")
+#: A cheap first look: text (case-folded) holding none of these has nothing `_SECRET_TEXT` or
+#: `_SECRET_KEY` would match, and almost no text holds one. Plain substring tests: a
+#: case-insensitive alternation regex costs ~0.2 us per character, more than the step it traces.
+_SECRET_MARKERS = (
+    "bearer", "basic", "sk-", "pk-", "rk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xoxa-", "xoxb-", "xoxp-",
+    "xoxr-", "xoxs-", "apikey", "api_key", "api-key", "token", "secret", "password", "authoriz", "cookie",
+    "credential",
+)
+
+
+def might_hold_secret(text: str) -> bool:
+    """False when `redact` would change nothing in `text`, or in any value whose JSON text is `text`."""
+    folded = text.casefold()
+    return any(marker in folded for marker in _SECRET_MARKERS)
 
 
 def redact_text(text: str) -> str:
     """`text` with secret-looking substrings replaced by ``[redacted]``."""
-    if not _MAYBE_SECRET.search(text):
+    if not might_hold_secret(text):
         return text
     for pattern, replacement in _SECRET_TEXT:
         text = pattern.sub(replacement, text)

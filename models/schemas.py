@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
@@ -90,6 +90,7 @@ class ToolCall(_Input):
 
 
 Role = Literal["system", "user", "assistant", "tool"]
+ROLES = frozenset(get_args(Role))
 
 
 class ChatMessage(_Input):
@@ -112,6 +113,43 @@ class ChatMessage(_Input):
     @classmethod
     def system(cls, content: str) -> ChatMessage:
         return cls(role="system", content=content)
+
+
+_MESSAGE_FIELDS = frozenset(ChatMessage.model_fields)
+_set_attribute = object.__setattr__
+
+
+def stored_message(role: Any, content: Any, tool_call_id: Any, name: Any,
+                   tool_calls: Optional[list[ToolCall]]) -> ChatMessage:
+    """A `ChatMessage` from columns the store wrote, without validating it again.
+
+    Every stored message was validated on its way in, and resuming a long
+    task rebuilds thousands of them: full validation would cost more than
+    fetching the rows. Only what a damaged cell could break is checked (a
+    role outside `Role`, a non-text column); that raises ValueError.
+    """
+    if (role not in ROLES or content.__class__ is not str
+            or (tool_call_id is not None and tool_call_id.__class__ is not str)
+            or (name is not None and name.__class__ is not str)):
+        raise ValueError(_damage(role, content, tool_call_id, name))
+    message = ChatMessage.__new__(ChatMessage)
+    # What pydantic's own constructor leaves on an instance with every field given.
+    _set_attribute(message, "__dict__", {"role": role, "content": content, "tool_call_id": tool_call_id,
+                                         "name": name, "tool_calls": tool_calls})
+    _set_attribute(message, "__pydantic_fields_set__", set(_MESSAGE_FIELDS))
+    _set_attribute(message, "__pydantic_extra__", None)
+    _set_attribute(message, "__pydantic_private__", None)
+    return message
+
+
+def _damage(role: Any, content: Any, tool_call_id: Any, name: Any) -> str:
+    """What is wrong with the columns `stored_message` refused."""
+    if role not in ROLES:
+        return f"role: {role!r} is not one of {sorted(ROLES)}"
+    for field, value in (("content", content), ("tool_call_id", tool_call_id), ("name", name)):
+        if not isinstance(value, str) and (value is not None or field == "content"):
+            return f"{field}: expected text, got {type(value).__name__}"
+    return "unreadable message"
 
 
 class CheckpointItem(_Input):

@@ -14,10 +14,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import orjson
-from peewee import Database, InterfaceError, OperationalError, __exception_wrapper__, fn
+from peewee import Database, IntegrityError, InterfaceError, OperationalError, __exception_wrapper__, fn
 from pydantic import ValidationError
 
 from . import migrations
@@ -37,9 +37,10 @@ from .schemas import (
     TaskSummary,
     ToolCall,
     Usage,
+    stored_message,
 )
 from .tables import EXECUTION, NO_LEASE, RESUMABLE, SCHEMA_VERSION, Tables, bind_tables
-from .traces import TraceEventRecord, TraceRow
+from .traces import MIN_REFERENCED_CHARS, PendingTraces, TraceEventRecord, decode_events
 
 Clock = Callable[[], float]
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
@@ -287,6 +288,8 @@ class TaskStore:
                                       (RESUMABLE, snapshot.resumable_history)):
                 stored = counts[history]
                 if rerun or len(messages) < stored:
+                    if history == EXECUTION:
+                        self._inline_message_references(snapshot.task_id, task_pk)
                     Message.delete().where((Message.task == task_pk) & (Message.history == history)).execute()
                     stored = 0
                 self._insert_messages(_message_rows(task_pk, history, stored, messages[stored:], None))
@@ -300,7 +303,7 @@ class TaskStore:
         *,
         lease_token: Optional[str] = None,
         lease_expires_at: Optional[float] = None,
-        traces: Sequence[TraceRow] = (),
+        traces: Optional[PendingTraces] = None,
         usage: Optional[Usage] = None,
     ) -> bool:
         """Append one step's messages and checkpoint, in one transaction.
@@ -322,7 +325,6 @@ class TaskStore:
             update = CheckpointUpdate.model_validate(update)
         sql = self._sql
         now = self.clock()
-        items_json = orjson.dumps([item.model_dump() for item in update.items]).decode()
         with self.db.atomic():
             # On PostgreSQL this locks the task row until commit: a claim by
             # another worker waits, so the token checked here still holds when
@@ -337,25 +339,29 @@ class TaskStore:
                     created_at=now, updated_at=now,
                 ).on_conflict_ignore().as_rowcount().execute()
                 row = self.db.execute_sql(sql.select_task, (update.task_id,)).fetchone()
-            task_pk, execution_count, stored_token = row
+            task_pk, execution_count, stored_token, trace_next_sequence = row
             if lease_token is not None and stored_token != lease_token:
                 raise LeaseLost(update.task_id)
+            _check_trace_sequence(update.task_id, traces, trace_next_sequence)
+            # Text a tool item or trace event shares with this step's messages is stored once, in the message.
+            positions = _positions_by_text(update.new_messages, execution_count)
             inserted = self.db.execute_sql(
                 sql.insert_checkpoint,
-                (task_pk, update.step_index, update.checkpoint_note, items_json, now),
+                (task_pk, update.step_index, update.checkpoint_note, _items_json(update.items, positions), now),
             ).rowcount
             if inserted == 0:
                 return False
             self._insert_messages(
                 _message_rows(task_pk, EXECUTION, execution_count, update.new_messages, update.step_index)
             )
-            self._insert_traces(task_pk, traces)
+            self._insert_traces(task_pk, traces, positions)
             self.db.execute_sql(
                 sql.update_task_after_checkpoint,
                 (
                     update.thread_id, update.channel, update.provider, update.model,
                     len(update.new_messages), *_counters(update.new_messages), *_usage_params(usage),
-                    update.checkpoint_note, now, lease_expires_at, task_pk,
+                    update.checkpoint_note, now, lease_expires_at,
+                    traces.last_sequence + 1 if traces else trace_next_sequence, task_pk,
                 ),
             )
         return True
@@ -392,7 +398,7 @@ class TaskStore:
         new_messages: Sequence[ChatMessage] = (),
         resumable_messages: Sequence[ChatMessage] = (),
         lease_token: Optional[str] = None,
-        traces: Sequence[TraceRow] = (),
+        traces: Optional[PendingTraces] = None,
         usage: Optional[Usage] = None,
     ) -> None:
         """Move a task to a terminal status, appending its last messages, traces and usage.
@@ -410,11 +416,12 @@ class TaskStore:
             row = self._task_row(task_id, for_update=True)
             if lease_token is not None and row.lease_token != lease_token:
                 raise LeaseLost(task_id)
+            _check_trace_sequence(task_id, traces, row.trace_next_sequence)
             self._insert_messages(
                 _message_rows(row.id, EXECUTION, row.execution_count, list(new_messages), None)
                 + _message_rows(row.id, RESUMABLE, row.resumable_count, list(resumable_messages), None)
             )
-            self._insert_traces(row.id, traces)
+            self._insert_traces(row.id, traces, _positions_by_text(new_messages, row.execution_count))
             turns, tool_calls = _counters(new_messages)
             added = usage or Usage()
             Task.update(
@@ -424,43 +431,66 @@ class TaskStore:
                 execution_count=row.execution_count + len(new_messages),
                 resumable_count=row.resumable_count + len(resumable_messages),
                 turn_count=Task.turn_count + turns, tool_call_count=Task.tool_call_count + tool_calls,
+                trace_next_sequence=traces.last_sequence + 1 if traces else row.trace_next_sequence,
                 **{name: getattr(Task, name) + getattr(added, name) for name in _USAGE_FIELDS},
                 **NO_LEASE,
             ).where(Task.id == row.id).execute()
 
-    def append_traces(self, task_id: str, traces: Sequence[TraceRow], *, lease_token: Optional[str] = None) -> None:
-        """Write trace rows outside a checkpoint (a resume, a shutdown); fenced like checkpoints."""
+    def append_traces(self, task_id: str, traces: PendingTraces, *, lease_token: Optional[str] = None) -> None:
+        """Write trace events outside a checkpoint (a resume, a shutdown); fenced like checkpoints."""
         if not traces:
             return
         with self.db.atomic():
             row = self._task_row(task_id, for_update=True)
             if lease_token is not None and row.lease_token != lease_token:
                 raise LeaseLost(task_id)
-            self._insert_traces(row.id, traces)
+            _check_trace_sequence(task_id, traces, row.trace_next_sequence)
+            self._insert_traces(row.id, traces, {})
+            self.tables.Task.update(trace_next_sequence=traces.last_sequence + 1).where(
+                self.tables.Task.id == row.id).execute()
 
     def next_trace_sequence(self, task_id: str) -> int:
         """The sequence number after the highest stored for the task (0 if none)."""
-        Task, TraceEvent = self.tables.Task, self.tables.TraceEvent
-        highest = (TraceEvent.select(fn.MAX(TraceEvent.sequence))
-                   .join(Task, on=(TraceEvent.task == Task.id)).where(Task.task_id == task_id).scalar())
-        return 0 if highest is None else highest + 1
+        Task = self.tables.Task
+        return Task.select(Task.trace_next_sequence).where(Task.task_id == task_id).scalar() or 0
 
     def traces(self, task_id: str, *, after_sequence: int = -1, limit: Optional[int] = None) -> list[TraceEventRecord]:
-        """The task's trace events in sequence order, those after `after_sequence` only."""
-        Task, TraceEvent = self.tables.Task, self.tables.TraceEvent
-        task_pk = Task.select(Task.id).where(Task.task_id == task_id).scalar()
-        if task_pk is None:
-            raise TaskNotFound(task_id)
-        query = (TraceEvent.select().where((TraceEvent.task == task_pk) & (TraceEvent.sequence > after_sequence))
-                 .order_by(TraceEvent.sequence))
-        if limit is not None:
-            query = query.limit(limit)
-        return [
-            TraceEventRecord(task_id=task_id, sequence=row.sequence, recorded_at=to_datetime(row.recorded_at),
-                             elapsed_ms=row.elapsed_ms, agent=row.agent, model=row.model, job_type=row.job_type,
-                             event_type=row.event_type, data=self._decode_trace_data(task_id, row))
-            for row in query
-        ]
+        """The task's trace events in sequence order, those after `after_sequence` only.
+
+        Text stored once, in a message, comes back in its event, redacted
+        like the rest of the event's data.
+        """
+        Task, TraceBatch = self.tables.Task, self.tables.TraceBatch
+        with self._read_snapshot():
+            task_pk = Task.select(Task.id).where(Task.task_id == task_id).scalar()
+            if task_pk is None:
+                raise TaskNotFound(task_id)
+            query = (TraceBatch.select(TraceBatch.first_sequence, TraceBatch.started_at, TraceBatch.agent,
+                                       TraceBatch.model, TraceBatch.job_type, TraceBatch.events)
+                     .where((TraceBatch.task == task_pk) & (TraceBatch.last_sequence > after_sequence))
+                     .order_by(TraceBatch.last_sequence))
+            if limit is not None:
+                query = query.limit(limit)  # every batch holds at least one event
+            rows = list(query.tuples())
+            batches = [(row, self._decode_batch(task_id, row[0], row[5])) for row in rows]
+            wanted = {position for _row, events in batches for *_, refs in events for position in refs.values()}
+            texts = self._execution_texts(task_pk, wanted)
+        records: list[TraceEventRecord] = []
+        for (_first, started_at, agent, model, job_type, _raw), events in batches:
+            for sequence, ms, event_type, data, refs in events:
+                if sequence <= after_sequence:
+                    continue
+                if limit is not None and len(records) == limit:
+                    return records
+                if refs:
+                    data = {**data, **{key: redact_text(_text_at(task_id, texts, position))
+                                       for key, position in refs.items()}}
+                records.append(TraceEventRecord(
+                    task_id=task_id, sequence=sequence, recorded_at=to_datetime(started_at + ms / 1000),
+                    elapsed_ms=max(0.0, ms), agent=agent, model=model, job_type=job_type,
+                    event_type=event_type, data=data,
+                ))
+        return records
 
     def reset_for_rerun(self, task_id: str) -> None:
         """Make a finished task `queued` again, to run from step 1.
@@ -595,7 +625,9 @@ class TaskStore:
             .order_by(Checkpoint.step_index.desc())
             .first()
         )
-        return None if row is None else self._checkpoint_from_row(task_id, row)
+        if row is None:
+            return None
+        return self._checkpoint_from_row(task_id, row, _QueriedTexts(self, row.task_id))
 
     def list_tasks(
         self,
@@ -695,18 +727,62 @@ class TaskStore:
             raise TaskNotFound(task_id)
         return row
 
-    def _insert_traces(self, task_pk: int, traces: Sequence[TraceRow]) -> None:
-        if traces:
-            with __exception_wrapper__:
-                self.db.cursor().executemany(self._sql.insert_trace, [(task_pk, *row) for row in traces])
+    def _insert_traces(self, task_pk: int, traces: Optional[PendingTraces], positions: dict[str, int]) -> None:
+        """Store a writer's events as one row (checked by `_check_trace_sequence` first)."""
+        if not traces:
+            return
+        events, refers = traces.encode(positions)
+        self.db.execute_sql(self._sql.insert_trace_batch, (
+            task_pk, traces.first_sequence, traces.last_sequence, traces.started_at, traces.agent, traces.model,
+            traces.job_type, events, refers,
+        ))
 
     @staticmethod
-    def _decode_trace_data(task_id: str, row: Any) -> dict[str, Any]:
+    def _decode_batch(task_id: str, first_sequence: int, raw: str) -> list[Any]:
         try:
-            data = orjson.loads(row.data)
-        except orjson.JSONDecodeError as exc:
-            raise CorruptRecord(task_id, f"trace_event[{row.sequence}].data", str(exc)) from None
-        return data if isinstance(data, dict) else {"value": data}
+            return list(decode_events(first_sequence, raw))
+        except ValueError as exc:
+            raise CorruptRecord(task_id, f"trace_batch[{first_sequence}].events", str(exc)) from None
+
+    def _execution_texts(self, task_pk: int, positions: Union[set[int], None]) -> dict[int, str]:
+        """position -> content of the task's execution messages at `positions` (None: all of them)."""
+        Message = self.tables.Message
+        where = (Message.task == task_pk) & (Message.history == EXECUTION)
+        if positions is None:
+            return dict(Message.select(Message.position, Message.content).where(where).tuples())
+        wanted, texts = sorted(positions), {}
+        for start in range(0, len(wanted), 500):
+            query = Message.select(Message.position, Message.content).where(
+                where & Message.position.in_(wanted[start:start + 500]))
+            texts.update(query.tuples())
+        return texts
+
+    def _inline_message_references(self, task_id: str, task_pk: int) -> None:
+        """Copy referenced message text into the checkpoints and traces that point at it.
+
+        Runs before a task's execution history is deleted (a rerun, a
+        shorter snapshot): rare, so it may read the whole history.
+        """
+        Checkpoint, TraceBatch = self.tables.Checkpoint, self.tables.TraceBatch
+        texts: Optional[dict[int, str]] = None
+        referring = (Checkpoint.select(Checkpoint.id, Checkpoint.step_index, Checkpoint.items)
+                     .where((Checkpoint.task == task_pk) & Checkpoint.items.contains('"output_at"')).tuples())
+        for pk, step_index, raw in list(referring):
+            texts = self._execution_texts(task_pk, None) if texts is None else texts
+            items = self._decode_items(task_id, step_index, raw, texts)
+            Checkpoint.update(items=_items_json(items, {})).where(Checkpoint.id == pk).execute()
+        referring = (TraceBatch.select(TraceBatch.id, TraceBatch.first_sequence, TraceBatch.events)
+                     .where((TraceBatch.task == task_pk) & (TraceBatch.refers_to_messages == True))  # noqa: E712
+                     .tuples())
+        for pk, first_sequence, raw in list(referring):
+            texts = self._execution_texts(task_pk, None) if texts is None else texts
+            inlined = [
+                [ms, event_type, {**data, **{key: redact_text(_text_at(task_id, texts, position))
+                                             for key, position in refs.items()}}]
+                for _sequence, ms, event_type, data, refs in self._decode_batch(task_id, first_sequence, raw)
+            ]
+            TraceBatch.update(events=orjson.dumps(inlined).decode(), refers_to_messages=False).where(
+                TraceBatch.id == pk).execute()
 
     def _insert_messages(self, rows: list[tuple[Any, ...]]) -> None:
         if rows:
@@ -745,16 +821,14 @@ class TaskStore:
             Checkpoint.select().where(Checkpoint.task == row.id).order_by(Checkpoint.step_index)
         ) if with_checkpoints else []
         try:
-            # Plain construction (which pydantic-core makes cheaper than
-            # model_construct); no peewee row objects per message.
+            # No peewee row objects and no second validation per message.
             for history, role, content, tool_call_id, name, tool_calls in message_rows:
                 calls = None if tool_calls is None else self._decode_tool_calls(row.task_id, tool_calls)
-                histories[history].append(
-                    ChatMessage(role=role, content=content, tool_call_id=tool_call_id, name=name, tool_calls=calls)
-                )
-        except ValidationError as exc:
-            raise CorruptRecord(row.task_id, "message", _first_error(exc)) from None
-        checkpoints = [self._checkpoint_from_row(row.task_id, cp) for cp in checkpoint_rows]
+                histories[history].append(stored_message(role, content, tool_call_id, name, calls))
+        except ValueError as exc:
+            raise CorruptRecord(row.task_id, "message", str(exc)) from None
+        contents = _LoadedTexts(histories[EXECUTION])
+        checkpoints = [self._checkpoint_from_row(row.task_id, cp, contents) for cp in checkpoint_rows]
         last_step = (checkpoints[-1].step_index if checkpoints else
                      Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == row.id).scalar() or 0)
         # Every part is validated above; skip validating the 5,000-message lists again.
@@ -785,17 +859,103 @@ class TaskStore:
         except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
             raise CorruptRecord(task_id, "message.tool_calls", str(exc).splitlines()[0]) from None
 
-    @staticmethod
-    def _checkpoint_from_row(task_id: str, row: Any) -> TaskCheckpointRecord:
-        try:
-            items = [CheckpointItem.model_validate(item) for item in orjson.loads(row.items)]
-        except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
-            raise CorruptRecord(task_id, f"checkpoint[{row.step_index}].items", str(exc).splitlines()[0]) from None
+    @classmethod
+    def _checkpoint_from_row(cls, task_id: str, row: Any, texts: Texts) -> TaskCheckpointRecord:
         return TaskCheckpointRecord(step_index=row.step_index, checkpoint_note=row.checkpoint_note,
-                                    items=items, created_at=to_datetime(row.created_at))
+                                    items=cls._decode_items(task_id, row.step_index, row.items, texts),
+                                    created_at=to_datetime(row.created_at))
+
+    @staticmethod
+    def _decode_items(task_id: str, step_index: int, raw: str, texts: Texts) -> list[CheckpointItem]:
+        """A checkpoint's items; an output stored once, in the step's tool message, is read from `texts`."""
+        try:
+            items = orjson.loads(raw)
+            for item in items:
+                if "output_at" in item:
+                    item["output"] = _text_at(task_id, texts, item.pop("output_at"))
+            return [CheckpointItem.model_validate(item) for item in items]
+        except (orjson.JSONDecodeError, ValidationError, TypeError) as exc:
+            raise CorruptRecord(task_id, f"checkpoint[{step_index}].items", str(exc).splitlines()[0]) from None
 
 
 _USAGE_FIELDS = tuple(Usage.model_fields)
+
+#: position -> text of a task's execution messages (what stored references point at).
+Texts = Mapping[int, str]
+
+
+class _LoadedTexts(Mapping[int, str]):
+    """`Texts` of an execution history already loaded (positions are list indexes)."""
+
+    def __init__(self, messages: list[ChatMessage]) -> None:
+        self.messages = messages
+
+    def __getitem__(self, position: int) -> str:
+        if not (isinstance(position, int) and 0 <= position < len(self.messages)):
+            raise KeyError(position)
+        return self.messages[position].content
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.messages)))
+
+    def __len__(self) -> int:
+        return len(self.messages)
+
+
+class _QueriedTexts(Mapping[int, str]):
+    """`Texts` read from the database on demand (a few references, not a whole history)."""
+
+    def __init__(self, store: TaskStore, task_pk: int) -> None:
+        self.store, self.task_pk = store, task_pk
+
+    def __getitem__(self, position: int) -> str:
+        found = self.store._execution_texts(self.task_pk, {position}) if isinstance(position, int) else {}
+        if position not in found:
+            raise KeyError(position)
+        return found[position]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.store._execution_texts(self.task_pk, None))
+
+    def __len__(self) -> int:
+        return len(self.store._execution_texts(self.task_pk, None))
+
+
+def _text_at(task_id: str, texts: Texts, position: Any) -> str:
+    """The referenced message text; `CorruptRecord` if the message is gone."""
+    try:
+        return texts[position]
+    except (KeyError, TypeError):
+        raise CorruptRecord(task_id, "message", f"a checkpoint or trace refers to execution message "
+                                                f"{position!r}, which is not stored") from None
+
+
+def _check_trace_sequence(task_id: str, traces: Optional[PendingTraces], next_sequence: int) -> None:
+    """Refuse events numbered before the task's stored ones (IntegrityError): sequences never repeat or go back."""
+    if traces and traces.first_sequence < next_sequence:
+        raise IntegrityError(
+            f"task {task_id!r}: trace events from sequence {traces.first_sequence} do not come after the stored "
+            f"ones (next is {next_sequence}); two writers for one task?"
+        )
+
+
+def _positions_by_text(messages: Sequence[ChatMessage], first_position: int) -> dict[str, int]:
+    """text -> position of the messages about to be stored from `first_position`, long texts only."""
+    return {message.content: first_position + offset for offset, message in enumerate(messages)
+            if len(message.content) >= MIN_REFERENCED_CHARS}
+
+
+def _items_json(items: Sequence[CheckpointItem], positions: dict[str, int]) -> str:
+    """A checkpoint's items as JSON; an output some new message holds becomes ``output_at``: its position."""
+    encoded = []
+    for item in items:
+        fields = item.model_dump()
+        position = positions.get(item.output) if positions else None
+        if position is not None:
+            del fields["output"]
+            fields["output_at"] = position
+        encoded.append(fields)
+    return orjson.dumps(encoded).decode()
 
 
 def _counters(messages: Sequence[ChatMessage]) -> tuple[int, int]:
@@ -831,7 +991,8 @@ class _HotPathSql:
 
     def __init__(self, db: Database, tables: Tables) -> None:
         Task, Message, Checkpoint = tables.Task, tables.Message, tables.Checkpoint
-        select_task = Task.select(Task.id, Task.execution_count, Task.lease_token).where(Task.task_id == "")
+        select_task = Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence).where(
+            Task.task_id == "")
         # PostgreSQL: lock the row for the checkpoint's transaction (SQLite: BEGIN IMMEDIATE already did).
         self.select_task = _render(select_task.for_update() if db.for_update else select_task)
         self.select_cancel_requested = _render(Task.select(Task.cancel_requested).where(Task.task_id == ""))
@@ -845,9 +1006,9 @@ class _HotPathSql:
             .where(Message.task == 0)
             .order_by(Message.history, Message.position)
         )
-        self.insert_trace = _render(
-            tables.TraceEvent.insert(task=0, sequence=0, recorded_at=0.0, elapsed_ms=0.0, agent="", model="",
-                                     job_type="", event_type="", data="").returning()
+        self.insert_trace_batch = _render(
+            tables.TraceBatch.insert(task=0, first_sequence=0, last_sequence=0, started_at=0.0, agent="", model="",
+                                     job_type="", events="", refers_to_messages=False).returning()
         )
         self.insert_message = _render(
             Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
@@ -863,8 +1024,8 @@ class _HotPathSql:
             f'"turn_count" = "turn_count" + {p}, "tool_call_count" = "tool_call_count" + {p}, '
             + "".join(f'"{name}" = "{name}" + {p}, ' for name in _USAGE_FIELDS) +
             f'"latest_checkpoint_note" = COALESCE({p}, "latest_checkpoint_note"), '
-            f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at") '
-            f'WHERE "id" = {p}'
+            f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
+            f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
 
 

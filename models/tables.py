@@ -32,7 +32,7 @@ from peewee import (
 )
 
 #: The schema this code writes. Bump it with a migration in `models.migrations`.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -50,12 +50,12 @@ class Tables:
     Task: type[Model]
     Message: type[Model]
     Checkpoint: type[Model]
-    TraceEvent: type[Model]
+    TraceBatch: type[Model]
     SchemaVersion: type[Model]
 
     @property
     def all(self) -> list[type[Model]]:
-        return [self.Task, self.Message, self.Checkpoint, self.TraceEvent, self.SchemaVersion]
+        return [self.Task, self.Message, self.Checkpoint, self.TraceBatch, self.SchemaVersion]
 
 
 def bind_tables(db: Database) -> Tables:
@@ -98,6 +98,8 @@ def bind_tables(db: Database) -> Tables:
         lease_expires_at = DoubleField(null=True)
         recovery_count = IntegerField(default=0)
         cancel_requested = BooleanField(default=False)
+        # Since schema 3: the next trace sequence; a trace batch must start at or after it.
+        trace_next_sequence = BigIntegerField(default=0)
         # Since schema 2: what the task said and spent, summed as it runs.
         turn_count = IntegerField(default=0)  # assistant messages
         tool_call_count = IntegerField(default=0)
@@ -145,23 +147,31 @@ def bind_tables(db: Database) -> Tables:
             table_name = "checkpoint"
             indexes = ((("task", "step_index"), True),)
 
-    class TraceEvent(Base):
-        """What a task did, step by step; `sequence` continues across resumes and processes."""
+    class TraceBatch(Base):
+        """Trace events written together (a step's worth), as one row; since schema 3.
+
+        One row per step rather than per event keeps tracing cheap. Event
+        ``first_sequence + i`` is ``events[i]``; sequences continue across
+        resumes and processes, and a batch is only stored after every
+        stored one (see `TaskStore`). Text an event shares with a message
+        of the same step is stored once, in the message, and referenced.
+        """
 
         id = BigAutoField()
         task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
-        sequence = IntegerField()
-        recorded_at = DoubleField()
-        elapsed_ms = DoubleField()  # since the task's first step
+        first_sequence = IntegerField()
+        last_sequence = IntegerField()
+        started_at = DoubleField()  # the task's first step (epoch s); events hold milliseconds since
         agent = CharField(max_length=200)  # provider
         model = CharField(max_length=200)
         job_type = CharField(max_length=64)
-        event_type = CharField(max_length=64)
-        data = TextField()  # JSON, secrets redacted
+        # JSON: [[ms since started_at, event type, data(, {key: message position})], ...], secrets redacted
+        events = TextField()
+        refers_to_messages = BooleanField(default=False)
 
         class Meta:
-            table_name = "trace_event"
-            indexes = ((("task", "sequence"), True),)
+            table_name = "trace_batch"
+            indexes = ((("task", "last_sequence"), True),)
 
     class SchemaVersion(Base):
         version = IntegerField(primary_key=True)
@@ -170,5 +180,5 @@ def bind_tables(db: Database) -> Tables:
         class Meta:
             table_name = "schema_version"
 
-    return Tables(Task=Task, Message=Message, Checkpoint=Checkpoint, TraceEvent=TraceEvent,
+    return Tables(Task=Task, Message=Message, Checkpoint=Checkpoint, TraceBatch=TraceBatch,
                   SchemaVersion=SchemaVersion)

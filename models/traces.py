@@ -1,16 +1,22 @@
 """Trace events: what a task did, in order, across resumes and processes.
 
 A `TraceWriter` buffers one run's events in memory and hands them to the
-store with the next checkpoint (same transaction), so tracing costs one
-``executemany`` per step, never a commit per event. Consecutive streamed
-``content`` (or ``reasoning``) chunks become one row, flushed when the event
-type changes, at a turn boundary, at a checkpoint and at shutdown. A crash
-loses at most the events buffered since the last checkpoint: those of the
-step in flight, which runs again and emits them again.
+store with the next checkpoint (same transaction) as one `PendingTraces`,
+stored as one row: tracing costs one insert per step, never a commit (or a
+row) per event. Consecutive streamed ``content`` (or ``reasoning``) chunks
+become one event, flushed when the event type changes, at a turn boundary,
+at a checkpoint and at shutdown. A crash loses at most the events buffered
+since the last checkpoint: those of the step in flight, which runs again
+and emits them again.
+
+Text an event shares with a message the same checkpoint appends (the
+assistant's answer, a tool's output) is stored once, in the message, and the
+event refers to it by position; reads put it back (redacted). So tracing
+adds little more than the events' own metadata to each step's bytes.
 
 Sequence numbers continue after the highest one stored for the task (the
-seed restarted at 0 after a resume and collided); a unique index on
-``(task, sequence)`` enforces it.
+seed restarted at 0 after a resume and collided); the store refuses a batch
+that does not come after every stored one.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import orjson
 from pydantic import BaseModel
 
-from .redact import redact
+from .redact import might_hold_secret, redact
 
-#: Event types whose consecutive chunks are consolidated into one row.
+#: Event types whose consecutive chunks are consolidated into one event.
 STREAMED = frozenset({"content", "reasoning"})
 
 EVENT_TYPES = frozenset({
@@ -33,9 +39,87 @@ EVENT_TYPES = frozenset({
     "tool_call_failed", "checkpoint", "turn_completed", "usage_update", "error", "done",
 })
 
-#: One row as the store inserts it, after the task's key:
-#: (sequence, recorded_at, elapsed_ms, agent, model, job_type, event_type, data_json)
-TraceRow = tuple[int, float, float, str, str, str, str, str]
+#: Shorter text is stored inline even when a message holds it: a reference would not be smaller.
+MIN_REFERENCED_CHARS = 32
+
+#: One buffered event: (recorded_at epoch s, event type, data).
+PendingEvent = tuple[float, str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class PendingTraces:
+    """Events one writer buffered, numbered from `first_sequence`; stored as one row."""
+
+    agent: str
+    model: str
+    job_type: str
+    started_at: float
+    first_sequence: int
+    events: tuple[PendingEvent, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.events)
+
+    @property
+    def last_sequence(self) -> int:
+        return self.first_sequence + len(self.events) - 1
+
+    def encode(self, message_positions: Mapping[str, int]) -> tuple[str, bool]:
+        """(events JSON, whether it refers to messages), secrets redacted.
+
+        `message_positions` maps the text of each message stored with these
+        events to its position in the execution history.
+        """
+        encoded: list[list[Any]] = []
+        refers = False
+        for recorded_at, event_type, data in self.events:
+            ms = round((recorded_at - self.started_at) * 1000, 3)
+            refs = _references(data, message_positions) if message_positions else None
+            if refs:
+                refers = True
+                encoded.append([ms, event_type, {key: value for key, value in data.items() if key not in refs}, refs])
+            else:
+                encoded.append([ms, event_type, data])
+        text = orjson.dumps(encoded, default=str).decode()
+        if might_hold_secret(text):  # rare: walk every value
+            for event in encoded:
+                event[2] = redact(event[2])
+            text = orjson.dumps(encoded, default=str).decode()
+        return text, refers
+
+
+def _references(data: dict[str, Any], message_positions: Mapping[str, int]) -> Optional[dict[str, int]]:
+    """{key: position} for each top-level text of `data` that a message holds."""
+    refs = None
+    for key, value in data.items():
+        if value.__class__ is str and len(value) >= MIN_REFERENCED_CHARS:
+            position = message_positions.get(value)
+            if position is not None:
+                if refs is None:
+                    refs = {}
+                refs[key] = position
+    return refs
+
+
+#: One decoded event: (sequence, ms since the task's first step, event type, data, {key: message position}).
+StoredEvent = tuple[int, float, str, dict[str, Any], dict[str, int]]
+
+
+def decode_events(first_sequence: int, raw: str) -> Iterator[StoredEvent]:
+    """The events of one stored batch; ValueError if they cannot be read."""
+    try:
+        events = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(events, list):
+        raise ValueError("expected a list of events")
+    for offset, event in enumerate(events):
+        if not (isinstance(event, list) and 3 <= len(event) <= 4 and isinstance(event[0], (int, float))
+                and isinstance(event[1], str)):
+            raise ValueError(f"event {offset}: expected [ms, type, data(, refs)]")
+        data = event[2] if isinstance(event[2], dict) else {"value": event[2]}
+        refs = event[3] if len(event) == 4 and isinstance(event[3], dict) else {}
+        yield first_sequence + offset, float(event[0]), event[1], data, refs
 
 
 class TraceEventRecord(BaseModel):
@@ -57,7 +141,6 @@ class _Chunks:
     event_type: str
     parts: list[str]
     recorded_at: float
-    elapsed_ms: float
 
 
 @dataclass
@@ -74,18 +157,16 @@ class TraceWriter:
     next_sequence: int
     started_at: float  # the task's first step (epoch s): elapsed_ms counts from here
     clock: Callable[[], float] = time.time
-    _rows: list[TraceRow] = field(default_factory=list)
+    _events: list[PendingEvent] = field(default_factory=list)
     _chunks: Optional[_Chunks] = None
     streamed_content: bool = False  # did the provider stream content during this turn?
 
-    def reserve_sequence(self) -> int:
-        """Take the next sequence number, for a row the caller writes itself."""
-        sequence = self.next_sequence
-        self.next_sequence += 1
-        return sequence
-
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
-        """Record an event; streamed chunks of the same type are merged."""
+        """Record an event; streamed chunks of the same type are merged.
+
+        `data` is kept as given (redacted and encoded when the store takes
+        it), so do not change it after emitting.
+        """
         now = self.clock()
         if event_type in STREAMED:
             text = str(data.get("text", ""))
@@ -95,35 +176,30 @@ class TraceWriter:
                 self._chunks.parts.append(text)
                 return
             self._flush_chunks()
-            self._chunks = _Chunks(event_type, [text], now, self._elapsed_ms(now))
+            self._chunks = _Chunks(event_type, [text], now)
             return
         self._flush_chunks()
-        self._append(event_type, data, now, self._elapsed_ms(now))
+        self._events.append((now, event_type, data))
 
     def end_turn(self) -> None:
         """A turn boundary: flush pending chunks; the next turn starts unstreamed."""
         self._flush_chunks()
         self.streamed_content = False
 
-    def take(self) -> list[TraceRow]:
-        """Every buffered row (pending chunks flushed), leaving the buffer empty."""
+    def take(self) -> PendingTraces:
+        """Every buffered event (pending chunks flushed), leaving the buffer empty."""
         self._flush_chunks()
-        rows, self._rows = self._rows, []
-        return rows
-
-    def _elapsed_ms(self, now: float) -> float:
-        return round(max(0.0, now - self.started_at) * 1000, 3)
+        events, self._events = tuple(self._events), []
+        taken = PendingTraces(agent=self.agent, model=self.model, job_type=self.job_type,
+                              started_at=self.started_at, first_sequence=self.next_sequence, events=events)
+        self.next_sequence += len(events)
+        return taken
 
     def _flush_chunks(self) -> None:
         chunks, self._chunks = self._chunks, None
         if chunks is not None:
-            self._append(chunks.event_type, {"text": "".join(chunks.parts), "chunks": len(chunks.parts)},
-                         chunks.recorded_at, chunks.elapsed_ms)
-
-    def _append(self, event_type: str, data: dict[str, Any], recorded_at: float, elapsed_ms: float) -> None:
-        payload = orjson.dumps(redact(data), default=str).decode()
-        self._rows.append((self.reserve_sequence(), recorded_at, elapsed_ms, self.agent, self.model,
-                           self.job_type, event_type, payload))
+            self._events.append((chunks.recorded_at, chunks.event_type,
+                                 {"text": "".join(chunks.parts), "chunks": len(chunks.parts)}))
 
 
 class NullTraceWriter(TraceWriter):
@@ -132,5 +208,6 @@ class NullTraceWriter(TraceWriter):
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         return None
 
-    def take(self) -> list[TraceRow]:
-        return []
+    def take(self) -> PendingTraces:
+        return PendingTraces(agent=self.agent, model=self.model, job_type=self.job_type,
+                             started_at=self.started_at, first_sequence=self.next_sequence, events=())

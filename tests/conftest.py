@@ -182,10 +182,10 @@ def make_update() -> Callable[..., CheckpointUpdate]:
 
 @pytest.fixture
 def count_rows() -> Callable[..., int]:
-    """Count rows of a table (`task`, `checkpoint`, `message`, `trace_event`) from SQL, optionally of one task."""
+    """Count rows of a table (`task`, `checkpoint`, `message`, `trace_batch`) from SQL, optionally of one task."""
 
     def count(task_store: TaskStore, table: str, *, task_id: Optional[str] = None) -> int:
-        assert table in ("task", "checkpoint", "message", "trace_event", "schema_version")
+        assert table in ("task", "checkpoint", "message", "trace_batch", "schema_version")
         if task_id is None:
             return task_store.db.execute_sql(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
         p = task_store.db.param

@@ -58,7 +58,7 @@ def test_migrate_upgrades_a_version_1_store_and_keeps_its_tasks(db_url, make_upd
         store.record_checkpoint(make_update(1, new_messages=[ChatMessage.assistant("a"), ChatMessage.assistant("b")]))
         for column in V2_TASK_COLUMNS:
             store.db.execute_sql(f'ALTER TABLE "task" DROP COLUMN "{column}"')
-        store.db.execute_sql('DROP TABLE "trace_event"')
+        store.db.execute_sql('DROP TABLE "trace_batch"')
         set_schema_version(store, 1)
 
     upgraded = longhaul("migrate")

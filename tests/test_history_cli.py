@@ -114,9 +114,9 @@ def test_prune_without_a_limit_exits_2(longhaul):
 def test_deleting_a_thread_removes_its_tasks_with_their_checkpoints_messages_and_traces(
     longhaul, finished_tasks, store, count_rows
 ):
-    assert count_rows(store, "trace_event") > 0
+    assert count_rows(store, "trace_batch") > 0
 
     result = longhaul("delete", "--thread", "chat")
 
     assert "deleted 2 task(s)" in result.stdout
-    assert [count_rows(store, table) for table in ("task", "checkpoint", "message", "trace_event")] == [0, 0, 0, 0]
+    assert [count_rows(store, table) for table in ("task", "checkpoint", "message", "trace_batch")] == [0, 0, 0, 0]

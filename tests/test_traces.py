@@ -16,14 +16,31 @@ from typing import Any, Callable, Optional
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from dramatiq.middleware import Shutdown
 from peewee import IntegrityError
 from playhouse.migrate import SchemaMigrator, migrate
 
 import worker
-from models import TaskNotFound, TaskRecord, TaskSpec, TaskStatus, TaskStore, ToolCall, Usage
+from models import (
+    ChatMessage,
+    CheckpointItem,
+    CheckpointUpdate,
+    CorruptRecord,
+    TaskNotFound,
+    TaskRecord,
+    TaskSnapshot,
+    TaskSpec,
+    TaskStatus,
+    TaskStore,
+    ToolCall,
+    Usage,
+)
 from models.migrations import _V2_TASK_COLUMNS
-from models.traces import TraceRow, TraceWriter
+from models.redact import _SECRET_KEY, _SECRET_TEXT, might_hold_secret
+from models.tables import SCHEMA_VERSION
+from models.traces import PendingTraces, TraceWriter
 from worker import Runtime
 from worker.execute import execute_task
 from worker.providers import PROVIDERS, AssistantTurn, PermanentProviderError, StepContext
@@ -135,9 +152,9 @@ def tracer(clock: FakeClock) -> TraceWriter:
     return TraceWriter(agent="p", model="m", job_type="agent_task", next_sequence=0, started_at=clock(), clock=clock)
 
 
-def streamed(rows: list[TraceRow]) -> list[tuple[str, str]]:
-    """(event type, text) of each row."""
-    return [(row[6], orjson.loads(row[7]).get("text")) for row in rows]
+def streamed(taken: PendingTraces) -> list[tuple[str, str]]:
+    """(event type, text) of each event a writer handed over."""
+    return [(event_type, data.get("text")) for _recorded_at, event_type, data in taken.events]
 
 
 def kinds(store: TaskStore, task_id: str) -> list[str]:
@@ -178,7 +195,8 @@ def test_trace_sequences_stay_strictly_increasing_and_unique_across_a_sigkill_an
     traces = store.traces("k")
     sequences = [event.sequence for event in traces]
     assert sequences == sorted(set(sequences)) and sequences[0] == 0
-    assert count_rows(store, "trace_event", task_id="k") == len(traces)
+    # One row per checkpoint, plus the first run's start, the resume and the end: never a row per event.
+    assert count_rows(store, "trace_batch", task_id="k") == steps + 3 < len(traces)
     assert traces[:len(before)] == before  # what the killed run stored is kept as it was
     [resumed] = [event for event in traces if event.event_type == "resumed"]
     assert resumed.sequence == before[-1].sequence + 1  # continues after the highest stored number
@@ -187,33 +205,36 @@ def test_trace_sequences_stay_strictly_increasing_and_unique_across_a_sigkill_an
     assert traces[-1].event_type == "done" and traces[-1].data["status"] == "completed"
 
 
-def test_a_reserved_sequence_number_is_never_handed_out_again(make_stepped_task, clocked_store, clock):
-    task_id = make_stepped_task(steps=1, finish=False)
-    writer = TraceWriter(agent="scripted", model="m", job_type="agent_task",
-                         next_sequence=clocked_store.next_trace_sequence(task_id), started_at=clock(), clock=clock)
-    writer.emit("checkpoint", {"step": 2})
-    reserved = writer.reserve_sequence()
-    writer.emit("turn_completed", {"step": 2})
-    own_row: TraceRow = (reserved, clock(), 0.0, "scripted", "m", "agent_task", "error", '{"kind": "own"}')
-
-    clocked_store.append_traces(task_id, [*writer.take(), own_row])
-
-    traces = clocked_store.traces(task_id)
-    assert [e.sequence for e in traces] == list(range(len(traces)))
-    assert [(e.event_type, e.data) for e in traces if e.sequence == reserved] == [("error", {"kind": "own"})]
-    assert clocked_store.next_trace_sequence(task_id) == len(traces)
+@pytest.fixture
+def stale_writer(clock: FakeClock) -> TraceWriter:
+    """A writer that numbers from 0 whatever is stored: the seed's resume bug."""
+    return TraceWriter(agent="scripted", model="m", job_type="agent_task", next_sequence=0, started_at=clock(),
+                       clock=clock)
 
 
-def test_the_unique_index_refuses_a_second_row_with_a_taken_sequence_number(
-    make_stepped_task, clocked_store, clock, count_rows
+def test_events_numbered_before_the_stored_ones_are_refused_and_nothing_is_written(
+    make_stepped_task, clocked_store, count_rows, stale_writer
 ):
     task_id = make_stepped_task(steps=1, finish=False)
-    stored = count_rows(clocked_store, "trace_event", task_id=task_id)
-    taken: TraceRow = (0, clock(), 0.0, "scripted", "m", "agent_task", "error", "{}")
+    before = clocked_store.traces(task_id)
+    stale_writer.emit("error", {"kind": "stale"})
+
+    with pytest.raises(IntegrityError, match="do not come after"):
+        clocked_store.append_traces(task_id, stale_writer.take())
+    assert clocked_store.traces(task_id) == before
+    assert clocked_store.next_trace_sequence(task_id) == before[-1].sequence + 1
+
+
+def test_a_checkpoint_with_stale_trace_numbers_is_rolled_back_whole(
+    make_stepped_task, make_update, clocked_store, stale_writer
+):
+    task_id = make_stepped_task(steps=1, finish=False)
+    before = clocked_store.get(task_id)
+    stale_writer.emit("checkpoint", {"step": 2})
 
     with pytest.raises(IntegrityError):
-        clocked_store.append_traces(task_id, [taken])
-    assert count_rows(clocked_store, "trace_event", task_id=task_id) == stored
+        clocked_store.record_checkpoint(make_update(2, task_id=task_id), traces=stale_writer.take())
+    assert clocked_store.get(task_id) == before  # no checkpoint, message or counter of step 2
 
 
 # -- consolidation and flush points ---------------------------------------------------------
@@ -259,7 +280,8 @@ def test_taking_rows_for_a_checkpoint_flushes_pending_chunks(tracer):
 
     assert streamed(at_checkpoint) == [("content", "before checkpoint")]
     assert streamed(tracer.take()) == [("content", "after")]
-    assert [row[0] for row in at_checkpoint] == [0]  # the next row got the next sequence number, 1
+    assert (at_checkpoint.first_sequence, at_checkpoint.last_sequence) == (0, 0)
+    assert tracer.take().first_sequence == 2  # "after" took sequence 1
 
 
 def test_a_shutdown_mid_answer_stores_the_chunks_streamed_so_far_and_leaves_the_task_resumable(
@@ -273,6 +295,105 @@ def test_a_shutdown_mid_answer_stores_the_chunks_streamed_so_far_and_leaves_the_
     assert summary.status is TaskStatus.RUNNING and summary.lease is None
     [partial] = [e for e in store.traces("traced") if e.event_type == "content"]
     assert (partial.data["text"], partial.data["chunks"]) == ("partial", 2)
+
+
+# -- text stored once ---------------------------------------------------------------------------
+
+ANSWER = "Reading the report now: " + " ".join(f"finding{n}" for n in range(20))
+OUTPUT = " ".join(f"row{n}" for n in range(80))  # no characters JSON would escape: found as-is in any cell
+
+
+@pytest.fixture
+def shared_text_step(clocked_store: TaskStore, clock: FakeClock) -> str:
+    """A stored step whose trace repeats its assistant answer and its tool output, as the step loop's does."""
+    task_id = "shared"
+    tracer = TraceWriter(agent="scripted", model="m", job_type="agent_task", next_sequence=0,
+                         started_at=clock(), clock=clock)
+    tracer.emit("content", {"text": ANSWER})
+    tracer.emit("tool_call_completed", {"step": 1, "tool": "read_file", "call_id": "c1", "output": OUTPUT})
+    call = ToolCall(id="c1", name="read_file", arguments={"path": "report.txt"})
+    clocked_store.record_checkpoint(
+        CheckpointUpdate(task_id=task_id, thread_id=task_id, channel="test", provider="scripted", model="m",
+                         step_index=1,
+                         new_messages=[ChatMessage.assistant(ANSWER, tool_calls=[call]),
+                                       ChatMessage(role="tool", content=OUTPUT, tool_call_id="c1", name="read_file")],
+                         items=[CheckpointItem(tool_name="read_file", arguments={"path": "report.txt"}, success=True,
+                                               output=OUTPUT)]),
+        traces=tracer.take(),
+    )
+    return task_id
+
+
+def cells_holding(store: TaskStore, text: str) -> dict[str, int]:
+    """How many stored cells of each table hold `text`, straight from SQL."""
+    columns = {"message": "content", "checkpoint": "items", "trace_batch": "events"}
+    return {table: sum(text in row[0] for row in store.db.execute_sql(f'SELECT "{column}" FROM "{table}"'))
+            for table, column in columns.items()}
+
+
+def test_text_a_step_shares_with_its_messages_is_stored_once_and_read_back_whole(clocked_store, shared_text_step):
+    assert cells_holding(clocked_store, OUTPUT) == {"message": 1, "checkpoint": 0, "trace_batch": 0}
+    assert cells_holding(clocked_store, ANSWER) == {"message": 1, "checkpoint": 0, "trace_batch": 0}
+
+    record = clocked_store.get(shared_text_step)
+    assert record.checkpoints[0].items[0].output == OUTPUT
+    assert clocked_store.latest_checkpoint(shared_text_step).items[0].output == OUTPUT
+    events = {e.event_type: e.data for e in clocked_store.traces(shared_text_step)}
+    assert events["content"] == {"text": ANSWER, "chunks": 1}
+    assert events["tool_call_completed"] == {"step": 1, "tool": "read_file", "call_id": "c1", "output": OUTPUT}
+
+
+def test_a_rerun_copies_referenced_text_into_the_trace_before_deleting_the_old_messages(
+    clocked_store, shared_text_step
+):
+    clocked_store.finish(shared_text_step, TaskStatus.COMPLETED, final_response="done")
+    before = clocked_store.traces(shared_text_step)
+
+    clocked_store.reset_for_rerun(shared_text_step)
+
+    assert clocked_store.get(shared_text_step).execution_history == []
+    assert clocked_store.traces(shared_text_step) == before  # the old run's trace reads as it did
+    assert cells_holding(clocked_store, OUTPUT) == {"message": 0, "checkpoint": 0, "trace_batch": 1}
+
+
+def test_a_shorter_snapshot_keeps_the_checkpoint_outputs_its_old_messages_held(clocked_store, shared_text_step):
+    record = clocked_store.get(shared_text_step)
+
+    clocked_store.save_snapshot(TaskSnapshot(
+        task_id=record.task_id, thread_id=record.thread_id, channel=record.channel, provider=record.provider,
+        model=record.model, status=TaskStatus.RUNNING, execution_history=[ChatMessage.user("start over")]))
+
+    after = clocked_store.get(shared_text_step)
+    assert after.execution_history == [ChatMessage.user("start over")]
+    assert after.checkpoints[0].items[0].output == OUTPUT
+    assert [e.data for e in clocked_store.traces(shared_text_step)] == [
+        {"text": ANSWER, "chunks": 1}, {"step": 1, "tool": "read_file", "call_id": "c1", "output": OUTPUT}]
+
+
+def test_text_read_from_a_message_into_a_trace_event_is_redacted_there_and_kept_whole_in_the_history(
+    clocked_store, clock
+):
+    leaky = f"Calling the API with api_key={API_KEY} as configured."
+    tracer = TraceWriter(agent="scripted", model="m", job_type="agent_task", next_sequence=0,
+                         started_at=clock(), clock=clock)
+    tracer.emit("content", {"text": leaky})
+    clocked_store.record_checkpoint(
+        CheckpointUpdate(task_id="leaky", thread_id="leaky", channel="test", provider="scripted", model="m",
+                         step_index=1, new_messages=[ChatMessage.assistant(leaky)]),
+        traces=tracer.take(),
+    )
+
+    [content] = clocked_store.traces("leaky")
+    assert API_KEY not in content.data["text"] and "[redacted]" in content.data["text"]
+    assert clocked_store.get("leaky").execution_history[0].content == leaky  # resuming needs the real text
+
+
+def test_a_trace_event_whose_message_is_gone_fails_loudly_naming_it(clocked_store, shared_text_step):
+    p = clocked_store.db.param
+    clocked_store.db.execute_sql(f'DELETE FROM "message" WHERE "role" = {p}', ("tool",))
+
+    with pytest.raises(CorruptRecord, match="execution message 1, which is not stored"):
+        clocked_store.traces(shared_text_step)
 
 
 # -- usage -----------------------------------------------------------------------------------
@@ -337,10 +458,29 @@ def test_api_keys_and_bearer_tokens_never_reach_the_database_file_or_last_error(
         assert secret not in record.last_error
 
 
+#: Fragments that make up text the full secret patterns may or may not match.
+SECRET_PARTS = st.sampled_from([
+    "Bearer ", "basic ", "sk-", "SK-", "proj-", "ghp_", "xoxb-", "api_key", "API-KEY", "apiKey", "token", "secret",
+    "Password", "access_token", "Authorization", "cookie", "credential", "\u017fecret", "=", ": ", "'", "\"",
+    "abcdefghijklmnopqrstuvwxyz0123456789", "x" * 20,
+])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(SECRET_PARTS, st.text(max_size=12)), max_size=8).map("".join))
+def test_the_cheap_secret_check_never_waves_through_text_or_a_key_the_full_patterns_would_redact(text):
+    redacted_by_patterns = text
+    for pattern, replacement in _SECRET_TEXT:
+        redacted_by_patterns = pattern.sub(replacement, redacted_by_patterns)
+    if redacted_by_patterns != text or _SECRET_KEY.search(text):
+        assert might_hold_secret(text)
+        assert might_hold_secret(orjson.dumps({text: text}).decode())  # and in a JSON payload holding it
+
+
 # -- retention and listing ------------------------------------------------------------------
 
 
-TABLES = ("task", "checkpoint", "message", "trace_event")
+TABLES = ("task", "checkpoint", "message", "trace_batch")
 
 
 def test_prune_deletes_finished_tasks_with_all_their_rows_and_never_queued_or_running_ones(
@@ -409,8 +549,8 @@ def version_1_db(db_url: str, db_path: Path, make_update: Callable[..., Any]) ->
         with db.atomic():
             migrator = SchemaMigrator.from_database(db)
             migrate(*[migrator.drop_column("task", name) for name in _V2_TASK_COLUMNS])
-            db.execute_sql('DROP TABLE "trace_event"')
-            db.execute_sql('DELETE FROM "schema_version" WHERE "version" = 2')
+            db.execute_sql('DROP TABLE "trace_batch"')
+            db.execute_sql('DELETE FROM "schema_version" WHERE "version" >= 2')
             db.execute_sql('INSERT OR IGNORE INTO "schema_version" ("version", "applied_at") VALUES (1, 0)')
     with closing(sqlite3.connect(db_path)) as raw:
         assert not set(_V2_TASK_COLUMNS) & {row[1] for row in raw.execute('PRAGMA table_info("task")')}
@@ -419,11 +559,11 @@ def version_1_db(db_url: str, db_path: Path, make_update: Callable[..., Any]) ->
     return before
 
 
-def test_a_version_1_database_is_migrated_to_version_2_when_a_store_opens_it(db_url, version_1_db):
+def test_a_version_1_database_is_migrated_to_the_current_version_when_a_store_opens_it(db_url, version_1_db):
     with TaskStore(db_url) as store:
-        assert store.schema_version() == 2
+        assert store.schema_version() == SCHEMA_VERSION
         assert set(_V2_TASK_COLUMNS) <= {column.name for column in store.db.get_columns("task")}
-        assert "trace_event" in store.db.get_tables()
+        assert "trace_batch" in store.db.get_tables() and "trace_event" not in store.db.get_tables()
         summary = store.summary("task-1")
         assert (summary.status, summary.checkpoint_count, summary.usage) == (TaskStatus.RUNNING, 2, Usage())
         assert store.next_trace_sequence("task-1") == 0
@@ -436,3 +576,45 @@ def test_migrating_to_version_2_keeps_every_history_and_checkpoint(db_url, versi
     assert record.execution_history == version_1_db.execution_history
     assert record.checkpoints == version_1_db.checkpoints
     assert record.turn_count == 2  # recounted from the stored assistant messages
+
+
+#: Schema 2's trace table, as release 2 created it (one row per event).
+V2_TRACE_EVENT_DDL = """
+CREATE TABLE "trace_event" ("id" {id}, "task_id" INTEGER NOT NULL REFERENCES "task" ("id") ON DELETE CASCADE,
+    "sequence" INTEGER NOT NULL, "recorded_at" {real} NOT NULL, "elapsed_ms" {real} NOT NULL,
+    "agent" VARCHAR(200) NOT NULL, "model" VARCHAR(200) NOT NULL, "job_type" VARCHAR(64) NOT NULL,
+    "event_type" VARCHAR(64) NOT NULL, "data" TEXT NOT NULL)
+"""
+
+
+def test_a_version_2_trace_is_migrated_to_batches_with_its_sequences_times_and_data(
+    db_url, make_stepped_task, clocked_store
+):
+    task_id = make_stepped_task(steps=2)
+    events = clocked_store.traces(task_id)
+    db, p = clocked_store.db, clocked_store.db.param
+    sqlite = db_url.startswith("sqlite")
+    task_pk = db.execute_sql(f'SELECT "id" FROM "task" WHERE "task_id" = {p}', (task_id,)).fetchone()[0]
+    with db.atomic():  # the database as release 2 left it: the same events, a row each
+        db.execute_sql(V2_TRACE_EVENT_DDL.format(id="INTEGER PRIMARY KEY" if sqlite else "BIGSERIAL PRIMARY KEY",
+                                                 real="REAL" if sqlite else "DOUBLE PRECISION"))
+        for e in events:
+            db.execute_sql(
+                'INSERT INTO "trace_event" ("task_id", "sequence", "recorded_at", "elapsed_ms", "agent", "model", '
+                f'"job_type", "event_type", "data") VALUES ({", ".join([p] * 9)})',
+                (task_pk, e.sequence, e.recorded_at.timestamp(), e.elapsed_ms, e.agent, e.model, e.job_type,
+                 e.event_type, orjson.dumps(e.data).decode()))
+        db.execute_sql('DROP TABLE "trace_batch"')
+        db.execute_sql('DELETE FROM "schema_version"')
+        db.execute_sql(f'INSERT INTO "schema_version" ("version", "applied_at") VALUES (2, {p})', (0.0,))
+    clocked_store.close_all()
+
+    with TaskStore(db_url) as store:
+        assert store.schema_version() == SCHEMA_VERSION
+        assert "trace_event" not in store.db.get_tables()
+        migrated = store.traces(task_id)
+        assert store.next_trace_sequence(task_id) == events[-1].sequence + 1
+
+    assert [(e.sequence, e.event_type, e.data, e.elapsed_ms) for e in migrated] == [
+        (e.sequence, e.event_type, e.data, e.elapsed_ms) for e in events]
+    assert [e.recorded_at.timestamp() for e in migrated] == pytest.approx([e.recorded_at.timestamp() for e in events])

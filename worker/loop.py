@@ -238,7 +238,7 @@ class TaskRun:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         self.tracer.emit("tool_call_completed" if result.success else "tool_call_failed",
                          {"step": ctx.step_index, "tool": call.name, "call_id": call.id, "duration_ms": duration_ms,
-                          "output": result.output[:2000]})
+                          "output": result.output})  # stored once: the tool message holds it
         message = ChatMessage(role="tool", content=result.output, tool_call_id=call.id or None, name=call.name)
         return message, checkpoint_item(call, result)
 
@@ -260,7 +260,7 @@ class TaskRun:
             visible = strip_tool_call_tags(final_response)
             if visible:
                 resumable.append(ChatMessage.assistant(visible))
-        self.tracer.emit("done", {"status": status.value, "final_response": (final_response or "")[:2000],
+        self.tracer.emit("done", {"status": status.value, "final_response": final_response or "",
                                   "last_error": last_error})
         try:
             self.store.finish(self.task_id, status, final_response=final_response, last_error=last_error,
