@@ -16,9 +16,9 @@ from typing import Any, Callable, Optional
 
 import orjson
 import pytest
+from dramatiq.middleware import Shutdown
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from dramatiq.middleware import Shutdown
 from peewee import IntegrityError
 from playhouse.migrate import SchemaMigrator, migrate
 
