@@ -34,6 +34,7 @@ from typing import Any, Callable
 import orjson
 
 from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
+from worker.middleware import freeze_boot_heap
 
 HISTORY_LENGTHS = (10, 100, 1_000, 5_000)
 MESSAGE_BYTES = 400
@@ -115,7 +116,8 @@ def load_costs(store: TaskStore, plan: Plan) -> tuple[int, Cost, Cost]:
     The rebuild is what a worker reads to resume (`get` without decoding
     every checkpoint, as `worker.loop` does), each on a connection opened
     off the clock just before, as a freshly started worker's is: its page
-    cache is empty. The full load also decodes every checkpoint.
+    cache is empty; and, as in a worker, with the boot heap frozen and the
+    garbage collector on. The full load also decodes every checkpoint.
     """
     task_id = f"longhaul-{HISTORY_LENGTHS[-1]}-0"
     messages = len(store.get(task_id, checkpoints=False).execution_history)
@@ -125,8 +127,12 @@ def load_costs(store: TaskStore, plan: Plan) -> tuple[int, Cost, Cost]:
         store.summary(task_id)  # connect (pragmas run) off the clock
         return timed_ms(lambda: store.get(task_id, checkpoints=False))
 
-    rebuild = Cost.of([rebuild_ms() for _ in range(plan.loads)])
-    full = Cost.of([timed_ms(lambda: store.load(task_id)) for _ in range(plan.loads)])
+    freeze_boot_heap()  # as a worker process does after boot
+    try:
+        rebuild = Cost.of([rebuild_ms() for _ in range(plan.loads)])
+        full = Cost.of([timed_ms(lambda: store.load(task_id)) for _ in range(plan.loads)])
+    finally:
+        gc.unfreeze()
     return messages, rebuild, full
 
 

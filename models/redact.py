@@ -31,16 +31,18 @@ _SECRET_TEXT = [
 #: `_SECRET_KEY` would match, and almost no text holds one. Plain substring tests: a
 #: case-insensitive alternation regex costs ~0.2 us per character, more than the step it traces.
 _SECRET_MARKERS = (
-    "bearer", "basic", "sk-", "pk-", "rk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "xoxa-", "xoxb-", "xoxp-",
-    "xoxr-", "xoxs-", "apikey", "api_key", "api-key", "token", "secret", "password", "authoriz", "cookie",
-    "credential",
+    "token", "secret", "password", "bearer", "basic", "sk-", "pk-", "rk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_",
+    "xox", "apikey", "api_key", "api-key", "authoriz", "cookie", "credential",
 )
 
 
 def might_hold_secret(text: str) -> bool:
     """False when `redact` would change nothing in `text`, or in any value whose JSON text is `text`."""
     folded = text.casefold()
-    return any(marker in folded for marker in _SECRET_MARKERS)
+    for marker in _SECRET_MARKERS:
+        if marker in folded:
+            return True
+    return False
 
 
 def redact_text(text: str) -> str:

@@ -115,7 +115,10 @@ class ChatMessage(_Input):
         return cls(role="system", content=content)
 
 
-_MESSAGE_FIELDS = frozenset(ChatMessage.model_fields)
+#: Shared by every stored message: it names every field already, and pydantic only ever adds
+#: field names to it (on assignment; copies get their own), so it never changes. One set fewer
+#: per message.
+_ALL_MESSAGE_FIELDS = set(ChatMessage.model_fields)
 _set_attribute = object.__setattr__
 
 
@@ -136,7 +139,7 @@ def stored_message(role: Any, content: Any, tool_call_id: Any, name: Any,
     # What pydantic's own constructor leaves on an instance with every field given.
     _set_attribute(message, "__dict__", {"role": role, "content": content, "tool_call_id": tool_call_id,
                                          "name": name, "tool_calls": tool_calls})
-    _set_attribute(message, "__pydantic_fields_set__", set(_MESSAGE_FIELDS))
+    _set_attribute(message, "__pydantic_fields_set__", _ALL_MESSAGE_FIELDS)
     _set_attribute(message, "__pydantic_extra__", None)
     _set_attribute(message, "__pydantic_private__", None)
     return message

@@ -22,12 +22,14 @@ from peewee import (
     BigIntegerField,
     BooleanField,
     CharField,
+    CompositeKey,
     Database,
     DoubleField,
     ForeignKeyField,
     IntegerField,
     Model,
     SmallIntegerField,
+    SqliteDatabase,
     TextField,
 )
 
@@ -60,6 +62,8 @@ class Tables:
 
 def bind_tables(db: Database) -> Tables:
     """Declare longhaul's tables on `db`."""
+
+    sqlite = isinstance(db, SqliteDatabase)
 
     class Base(Model):
         class Meta:
@@ -157,7 +161,6 @@ def bind_tables(db: Database) -> Tables:
         of the same step is stored once, in the message, and referenced.
         """
 
-        id = BigAutoField()
         task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
         first_sequence = IntegerField()
         last_sequence = IntegerField()
@@ -171,7 +174,10 @@ def bind_tables(db: Database) -> Tables:
 
         class Meta:
             table_name = "trace_batch"
-            indexes = ((("task", "last_sequence"), True),)
+            # Keyed by (task, last sequence): reads seek "events after N" on it. On SQLite the rows
+            # live in that key's b-tree (no rowid, no second index), one b-tree write per step fewer.
+            primary_key = CompositeKey("task", "last_sequence")
+            without_rowid = sqlite
 
     class SchemaVersion(Base):
         version = IntegerField(primary_key=True)

@@ -8,6 +8,7 @@ through `lupa` (``fakeredis[lua]``).
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, Callable, Iterator
 
@@ -22,6 +23,7 @@ from models import Claimant, TaskStatus
 from worker import Runtime, SettingsError, load_settings, set_runtime
 from worker.broker import RUN_TASK, declare_run_task
 from worker.loop import StoreUnavailable
+from worker.middleware import LonghaulMiddleware
 from worker.providers import PermanentProviderError, TransientProviderError
 from worker.recovery import find_interrupted
 from worker.testing import IN_CI, FakeClock, wait_until
@@ -280,3 +282,25 @@ def test_a_corrupt_message_body_is_dead_lettered_and_the_consumer_goes_on_to_the
     assert rt.store.summary("mangled").status is TaskStatus.QUEUED  # the task itself is not lost...
     clock.advance(rt.settings.redelivery_grace_s + 1)
     assert "mangled" in {row.task_id for row, _ in find_interrupted(rt)}  # ...and recovery re-sends it
+
+
+# -- worker boot ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def freezes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records `gc.freeze` calls instead of freezing this test process's heap for good."""
+    calls: list[bool] = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append(True))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["redis", "embedded"])
+def test_only_a_worker_process_freezes_its_boot_heap(mode, request, freezes, monkeypatch):
+    rt: Runtime = request.getfixturevalue("redis_runtime" if mode == "redis" else "embedded_runtime")
+    monkeypatch.setattr(rt, "start_maintenance", lambda recover: None)
+    [middleware] = [m for m in rt.broker.middleware if isinstance(m, LonghaulMiddleware)]
+
+    middleware.after_worker_boot(rt.broker, worker=None)
+
+    assert freezes == ([True] if mode == "redis" else [])

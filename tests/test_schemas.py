@@ -21,6 +21,7 @@ from models import (
     ToolCall,
     open_database,
 )
+from models.schemas import stored_message
 
 Mutation = Callable[[dict[str, Any]], None]
 
@@ -295,3 +296,42 @@ def test_the_sqlite_database_runs_with_wal_normal_sync_foreign_keys_and_a_busy_t
     assert pragma("synchronous") == 1  # NORMAL
     assert pragma("foreign_keys") == 1
     assert pragma("busy_timeout") >= 1_000
+
+
+# -- messages rebuilt from the store -------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [
+    dict(role="user", content="hello"),
+    dict(role="tool", content="42", tool_call_id="call-1", name="shell"),
+    dict(role="assistant", content="", tool_calls=[ToolCall(id="c", name="shell", arguments={"n": 1})]),
+], ids=["user", "tool", "assistant-with-calls"])
+def test_a_message_rebuilt_from_stored_columns_is_indistinguishable_from_a_validated_one(fields):
+    validated = ChatMessage(**{"tool_call_id": None, "name": None, "tool_calls": None, **fields})
+    rebuilt = stored_message(validated.role, validated.content, validated.tool_call_id, validated.name,
+                             validated.tool_calls)
+
+    assert rebuilt == validated and repr(rebuilt) == repr(validated)
+    assert rebuilt.model_dump_json() == validated.model_dump_json()
+    assert rebuilt.model_fields_set == validated.model_fields_set
+
+
+def test_changing_one_rebuilt_message_leaves_the_others_alone():
+    first, second = (stored_message("user", text, None, None, None) for text in ("one", "two"))
+
+    first.content = "changed"
+    copied = second.model_copy(update={"content": "copied"})
+
+    assert (first.content, second.content, copied.content) == ("changed", "two", "copied")
+    assert first.model_fields_set == second.model_fields_set == set(ChatMessage.model_fields)
+
+
+@pytest.mark.parametrize("columns, problem", [
+    (("robot", "hi", None, None), "role: 'robot'"),
+    (("user", b"hi", None, None), "content: expected text, got bytes"),
+    (("tool", "hi", 7, None), "tool_call_id: expected text, got int"),
+    (("tool", "hi", None, 1.5), "name: expected text, got float"),
+])
+def test_a_stored_message_with_a_damaged_column_is_refused_naming_it(columns, problem):
+    with pytest.raises(ValueError, match=problem):
+        stored_message(*columns, None)
