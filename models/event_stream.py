@@ -44,7 +44,6 @@ from peewee import Database
 
 from .errors import CorruptRecord, TaskNotFound
 from .tables import EXECUTION, Tables
-from .traces import decode_events
 
 if TYPE_CHECKING:
     from .store import TaskStore
@@ -110,7 +109,7 @@ def export_events(
     folder.mkdir(parents=True, exist_ok=True)
     written: list[EventFile] = []
     for task_id in ids:
-        written.extend(_export_task(store.db, tables, task_id, folder, max_events_per_file, max_bytes_per_file))
+        written.extend(_export_task(store, task_id, folder, max_events_per_file, max_bytes_per_file))
     return written
 
 
@@ -136,12 +135,11 @@ def truncate_tool_result(content: str, max_bytes: int = MAX_TOOL_RESULT_BYTES) -
 # -- one task ------------------------------------------------------------------------
 
 
-def _export_task(db: Database, tables: Tables, task_id: str, folder: Path, max_events: int,
-                 max_bytes: int) -> list[EventFile]:
+def _export_task(store: TaskStore, task_id: str, folder: Path, max_events: int, max_bytes: int) -> list[EventFile]:
     writer = _RotatingWriter(folder, task_id, max_events=max_events, max_bytes=max_bytes)
     try:
-        with _read_snapshot(db):
-            for event in _chat_events(tables, task_id):
+        with _read_snapshot(store.db):
+            for event in _chat_events(store, task_id):
                 writer.write(orjson.dumps(event, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE))
         files = writer.close()
     except BaseException:
@@ -168,15 +166,16 @@ def _read_snapshot(db: Database) -> AbstractContextManager[Any]:
     return db.atomic()
 
 
-def _chat_events(tables: Tables, task_id: str) -> Iterator[dict[str, Any]]:
+def _chat_events(store: TaskStore, task_id: str) -> Iterator[dict[str, Any]]:
     """The task's chat events in history order; call inside one read transaction."""
+    tables = store.tables
     Task, Message = tables.Task, tables.Message
     task = (Task.select(Task.id, Task.created_at, Task.started_at, Task.updated_at, Task.completed_at)
             .where(Task.task_id == task_id).first())
     if task is None:
         raise TaskNotFound(task_id)
     steps = _step_outcomes(tables, task_id, task.id)
-    durations = _tool_durations(tables, task_id, task.id)
+    durations = _tool_durations(store, task_id, task.id)
     in_execution = (Message.task == task.id) & (Message.history == EXECUTION)
     first_stepped = (Message.select(Message.position).where(in_execution & Message.step_index.is_null(False))
                      .order_by(Message.position).limit(1).scalar())
@@ -275,16 +274,9 @@ class _Durations:
         return recorded[index] if index < len(recorded) else None
 
 
-def _tool_durations(tables: Tables, task_id: str, task_pk: int) -> _Durations:
-    TraceBatch = tables.TraceBatch
+def _tool_durations(store: TaskStore, task_id: str, task_pk: int) -> _Durations:
     durations = _Durations()
-    rows = (TraceBatch.select(TraceBatch.first_sequence, TraceBatch.events)
-            .where(TraceBatch.task == task_pk).order_by(TraceBatch.last_sequence).tuples().iterator())
-    for first_sequence, raw in rows:
-        try:
-            events = list(decode_events(first_sequence, raw))
-        except ValueError as exc:
-            raise CorruptRecord(task_id, f"trace_batch[{first_sequence}].events", str(exc)) from None
+    for _batch, events in store._stored_batches(task_id, task_pk):
         for _sequence, _ms, event_type, data, _refs in events:
             if event_type not in _TOOL_END_EVENTS:
                 continue

@@ -58,12 +58,18 @@ def _to_v2(db: Database, tables: Tables) -> None:
 def _to_v3(db: Database, tables: Tables) -> None:
     """Schema 3: trace events are stored a batch per row (`trace_batch`, made by create_tables).
 
-    `task` gets the next trace sequence; each schema-2 event row becomes a
-    batch of one, in sequence order, and `trace_event` is dropped.
+    `task` gets the next trace sequence and `checkpoint` its step's trace
+    columns; each schema-2 event row becomes a batch of one, in sequence
+    order, and `trace_event` is dropped.
     """
     if "trace_next_sequence" not in {column.name for column in db.get_columns("task")}:
         column_type = sql_type(db, tables.Task._meta.fields["trace_next_sequence"])
         db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "trace_next_sequence" {column_type} NOT NULL DEFAULT 0')
+    existing = {column.name for column in db.get_columns("checkpoint")}
+    for name in ("trace_first_sequence", "trace"):
+        if name not in existing:
+            column_type = sql_type(db, tables.Checkpoint._meta.fields[name])
+            db.execute_sql(f'ALTER TABLE "checkpoint" ADD COLUMN "{name}" {column_type}')
     if "trace_event" not in db.get_tables():
         return
     TraceBatch = tables.TraceBatch

@@ -41,7 +41,15 @@ from .schemas import (
     stored_message,
 )
 from .tables import EXECUTION, NO_LEASE, RESUMABLE, SCHEMA_VERSION, Tables, bind_tables
-from .traces import MIN_REFERENCED_CHARS, PendingTraces, TraceEventRecord, decode_events
+from .traces import (
+    MIN_REFERENCED_CHARS,
+    PendingTraces,
+    StoredBatch,
+    StoredEvent,
+    TraceEventRecord,
+    decode_events,
+    decode_step_trace,
+)
 
 Clock = Callable[[], float]
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
@@ -283,6 +291,7 @@ class TaskStore:
                 task_pk = row.id
                 counts = {EXECUTION: row.execution_count, RESUMABLE: row.resumable_count}
                 if rerun:
+                    self._move_step_traces(snapshot.task_id, task_pk)
                     Checkpoint.delete().where(Checkpoint.task == task_pk).execute()
                     fields.update(checkpoint_count=0, recovery_count=0, cancel_requested=False)
             for history, messages in ((EXECUTION, snapshot.execution_history),
@@ -346,16 +355,18 @@ class TaskStore:
             _check_trace_sequence(update.task_id, traces, trace_next_sequence)
             # Text a tool item or trace event shares with this step's messages is stored once, in the message.
             positions = _positions_by_text(update.new_messages, execution_count)
+            # The step's trace events ride in its checkpoint row: no page of their own to write.
+            trace = traces.encode_with_header(positions)[0] if traces else None
             inserted = self.db.execute_sql(
                 sql.insert_checkpoint,
-                (task_pk, update.step_index, update.checkpoint_note, _items_json(update.items, positions), now),
+                (task_pk, update.step_index, update.checkpoint_note, _items_json(update.items, positions), now,
+                 traces.first_sequence if traces else None, trace),
             ).rowcount
             if inserted == 0:
                 return False
             self._insert_messages(
                 _message_rows(task_pk, EXECUTION, execution_count, update.new_messages, update.step_index)
             )
-            self._insert_traces(task_pk, traces, positions)
             self.db.execute_sql(
                 sql.update_task_after_checkpoint,
                 (
@@ -461,19 +472,12 @@ class TaskStore:
         Text stored once, in a message, comes back in its event, redacted
         like the rest of the event's data.
         """
-        Task, TraceBatch = self.tables.Task, self.tables.TraceBatch
+        Task = self.tables.Task
         with self._read_snapshot():
             task_pk = Task.select(Task.id).where(Task.task_id == task_id).scalar()
             if task_pk is None:
                 raise TaskNotFound(task_id)
-            query = (TraceBatch.select(TraceBatch.first_sequence, TraceBatch.started_at, TraceBatch.agent,
-                                       TraceBatch.model, TraceBatch.job_type, TraceBatch.events)
-                     .where((TraceBatch.task == task_pk) & (TraceBatch.last_sequence > after_sequence))
-                     .order_by(TraceBatch.last_sequence))
-            if limit is not None:
-                query = query.limit(limit)  # every batch holds at least one event
-            rows = list(query.tuples())
-            batches = [(row, self._decode_batch(task_id, row[0], row[5])) for row in rows]
+            batches = self._stored_batches(task_id, task_pk, after_sequence=after_sequence, limit=limit)
             wanted = {position for _row, events in batches for *_, refs in events for position in refs.values()}
             texts = self._execution_texts(task_pk, wanted)
         records: list[TraceEventRecord] = []
@@ -743,8 +747,67 @@ class TaskStore:
             traces.job_type, events, refers,
         ))
 
+    def _stored_batches(self, task_id: str, task_pk: int, *, after_sequence: int = -1,
+                        limit: Optional[int] = None) -> list[tuple[StoredBatch, list[StoredEvent]]]:
+        """The task's trace batches holding events after `after_sequence`, in sequence order, decoded.
+
+        Two sources: `trace_batch` rows (seeked by last sequence) and the
+        checkpoints' step traces, numbered in step order, so the scan
+        starts at the step that holds ``after_sequence`` (found walking back
+        from the latest step: a follower's seek stops at once). Each source
+        gives at most `limit` batches: enough, as a batch holds an event.
+        """
+        TraceBatch, Checkpoint = self.tables.TraceBatch, self.tables.Checkpoint
+        query = (TraceBatch.select(TraceBatch.first_sequence, TraceBatch.started_at, TraceBatch.agent,
+                                   TraceBatch.model, TraceBatch.job_type, TraceBatch.events)
+                 .where((TraceBatch.task == task_pk) & (TraceBatch.last_sequence > after_sequence))
+                 .order_by(TraceBatch.last_sequence))
+        batches: list[StoredBatch] = list(query.limit(limit).tuples() if limit is not None else query.tuples())
+        traced = (Checkpoint.task == task_pk) & Checkpoint.trace.is_null(False)
+        steps = (Checkpoint.select(Checkpoint.trace_first_sequence, Checkpoint.trace).where(traced)
+                 .order_by(Checkpoint.step_index))
+        if after_sequence >= 0:
+            start = (Checkpoint.select(Checkpoint.step_index)
+                     .where(traced & (Checkpoint.trace_first_sequence <= after_sequence))
+                     .order_by(Checkpoint.step_index.desc()).limit(1).scalar())
+            if start is not None:
+                steps = steps.where(Checkpoint.step_index >= start)
+        if limit is not None:
+            steps = steps.limit(limit + 1)  # the first may hold only events already seen
+        batches.extend(self._decode_step_trace(task_id, first, raw) for first, raw in steps.tuples())
+        batches.sort(key=lambda batch: batch[0])
+        return [(batch, self._decode_batch(task_id, batch[0], batch[5])) for batch in batches]
+
     @staticmethod
-    def _decode_batch(task_id: str, first_sequence: int, raw: str) -> list[Any]:
+    def _decode_step_trace(task_id: str, first_sequence: int, raw: str) -> StoredBatch:
+        try:
+            return decode_step_trace(first_sequence, raw)
+        except ValueError as exc:
+            raise CorruptRecord(task_id, f"checkpoint.trace[{first_sequence}]", str(exc)) from None
+
+    def _move_step_traces(self, task_id: str, task_pk: int) -> None:
+        """Before a rerun deletes the checkpoints: their step traces become `trace_batch` rows, text inlined."""
+        Checkpoint, TraceBatch = self.tables.Checkpoint, self.tables.TraceBatch
+        rows = list(Checkpoint.select(Checkpoint.trace_first_sequence, Checkpoint.trace)
+                    .where((Checkpoint.task == task_pk) & Checkpoint.trace.is_null(False))
+                    .order_by(Checkpoint.step_index).tuples())
+        texts: Optional[dict[int, str]] = None
+        moved = []
+        for first, raw in rows:
+            _first, started_at, agent, model, job_type, events = self._decode_step_trace(task_id, first, raw)
+            decoded = self._decode_batch(task_id, first, events)
+            if not decoded:
+                continue
+            if texts is None and any(refs for *_, refs in decoded):
+                texts = self._execution_texts(task_pk, None)
+            moved.append(dict(task=task_pk, first_sequence=first, last_sequence=decoded[-1][0], started_at=started_at,
+                              agent=agent, model=model, job_type=job_type,
+                              events=_inlined_events(task_id, decoded, texts or {}), refers_to_messages=False))
+        for start in range(0, len(moved), 100):
+            TraceBatch.insert_many(moved[start:start + 100]).execute()
+
+    @staticmethod
+    def _decode_batch(task_id: str, first_sequence: int, raw: Any) -> list[Any]:
         try:
             return list(decode_events(first_sequence, raw))
         except ValueError as exc:
@@ -782,13 +845,21 @@ class TaskStore:
                      .tuples())
         for last_sequence, first_sequence, raw in list(referring):
             texts = self._execution_texts(task_pk, None) if texts is None else texts
-            inlined = [
-                [ms, event_type, {**data, **{key: redact_text(_text_at(task_id, texts, position))
-                                             for key, position in refs.items()}}]
-                for _sequence, ms, event_type, data, refs in self._decode_batch(task_id, first_sequence, raw)
-            ]
-            TraceBatch.update(events=orjson.dumps(inlined).decode(), refers_to_messages=False).where(
+            inlined = _inlined_events(task_id, self._decode_batch(task_id, first_sequence, raw), texts)
+            TraceBatch.update(events=inlined, refers_to_messages=False).where(
                 (TraceBatch.task == task_pk) & (TraceBatch.last_sequence == last_sequence)).execute()
+        steps = (Checkpoint.select(Checkpoint.id, Checkpoint.trace_first_sequence, Checkpoint.trace)
+                 .where((Checkpoint.task == task_pk) & Checkpoint.trace.is_null(False)).tuples())
+        for pk, first, raw in list(steps):
+            _first, started_at, agent, model, job_type, events = self._decode_step_trace(task_id, first, raw)
+            decoded = self._decode_batch(task_id, first, events)
+            if not any(refs for *_, refs in decoded):
+                continue
+            texts = self._execution_texts(task_pk, None) if texts is None else texts
+            header = orjson.dumps({"started_at": started_at, "agent": agent, "model": model,
+                                   "job_type": job_type}).decode()
+            trace = f'{header[:-1]},"events":{_inlined_events(task_id, decoded, texts)}}}'
+            Checkpoint.update(trace=trace).where(Checkpoint.id == pk).execute()
 
     def _insert_messages(self, rows: list[tuple[Any, ...]]) -> None:
         if rows:
@@ -939,6 +1010,15 @@ def _text_at(task_id: str, texts: Texts, position: Any) -> str:
                                                 f"{position!r}, which is not stored") from None
 
 
+def _inlined_events(task_id: str, events: list[StoredEvent], texts: Texts) -> str:
+    """Stored events as JSON again, each reference replaced by its (redacted) text."""
+    return orjson.dumps([
+        [ms, event_type, {**data, **{key: redact_text(_text_at(task_id, texts, position))
+                                     for key, position in refs.items()}}]
+        for _sequence, ms, event_type, data, refs in events
+    ]).decode()
+
+
 def _check_trace_sequence(task_id: str, traces: Optional[PendingTraces], next_sequence: int) -> None:
     """Refuse events numbered before the task's stored ones (IntegrityError): sequences never repeat or go back."""
     if traces and traces.first_sequence < next_sequence:
@@ -1007,7 +1087,8 @@ class _HotPathSql:
         self.select_task_row = _render(Task.select().where(Task.task_id == ""))
         self.select_cancel_requested = _render(Task.select(Task.cancel_requested).where(Task.task_id == ""))
         self.insert_checkpoint = _render(
-            Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0)
+            Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
+                              trace_first_sequence=0, trace="")
             .on_conflict_ignore().returning()  # rowcount says whether it was new; no implicit RETURNING "id"
         )
         # One history per statement: a column fewer per row is measurable at 5,000 rows.

@@ -146,19 +146,25 @@ def bind_tables(db: Database) -> Tables:
         checkpoint_note = TextField(null=True)
         items = TextField()  # list[CheckpointItem] as JSON
         created_at = DoubleField()
+        # Since schema 3: the step's trace events (`PendingTraces.encode_with_header`), numbered from
+        # `trace_first_sequence`. In this row, not a row of their own: the commit then writes no
+        # extra page, which is most of what tracing a step costs.
+        trace_first_sequence = BigIntegerField(null=True)
+        trace = TextField(null=True)
 
         class Meta:
             table_name = "checkpoint"
             indexes = ((("task", "step_index"), True),)
 
     class TraceBatch(Base):
-        """Trace events written together (a step's worth), as one row; since schema 3.
+        """Trace events written together outside a step (a start, a resume, an end); since schema 3.
 
-        One row per step rather than per event keeps tracing cheap. Event
+        A step's own events live in its checkpoint row (`Checkpoint.trace`),
+        and move here when a rerun deletes the checkpoints. Event
         ``first_sequence + i`` is ``events[i]``; sequences continue across
-        resumes and processes, and a batch is only stored after every
+        resumes and processes, and events are only stored after every
         stored one (see `TaskStore`). Text an event shares with a message
-        of the same step is stored once, in the message, and referenced.
+        stored with it is kept once, in the message, and referenced.
         """
 
         task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)

@@ -87,6 +87,13 @@ class PendingTraces:
             text = orjson.dumps(encoded, default=str).decode()
         return text, refers
 
+    def encode_with_header(self, message_positions: Mapping[str, int]) -> tuple[str, bool]:
+        """Like `encode`, as one JSON object that also holds the writer's fields (a checkpoint's `trace`)."""
+        events, refers = self.encode(message_positions)
+        header = orjson.dumps({"started_at": self.started_at, "agent": self.agent, "model": self.model,
+                               "job_type": self.job_type}).decode()
+        return f'{header[:-1]},"events":{events}}}', refers
+
 
 def _references(data: dict[str, Any], message_positions: Mapping[str, int]) -> Optional[dict[str, int]]:
     """{key: position} for each top-level text of `data` that a message holds."""
@@ -105,12 +112,29 @@ def _references(data: dict[str, Any], message_positions: Mapping[str, int]) -> O
 StoredEvent = tuple[int, float, str, dict[str, Any], dict[str, int]]
 
 
-def decode_events(first_sequence: int, raw: str) -> Iterator[StoredEvent]:
-    """The events of one stored batch; ValueError if they cannot be read."""
+#: A stored batch as read back: (first sequence, started_at, agent, model, job type, events JSON or list).
+StoredBatch = tuple[int, float, str, str, str, Any]
+
+
+def decode_step_trace(first_sequence: int, raw: str) -> StoredBatch:
+    """A checkpoint's `trace` (see `PendingTraces.encode_with_header`); ValueError if it cannot be read."""
     try:
-        events = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ValueError(str(exc)) from None
+        trace = orjson.loads(raw)
+        return (first_sequence, float(trace["started_at"]), str(trace["agent"]), str(trace["model"]),
+                str(trace["job_type"]), trace["events"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_events(first_sequence: int, raw: Any) -> Iterator[StoredEvent]:
+    """The events of one stored batch (JSON text, or the list it holds); ValueError if they cannot be read."""
+    if isinstance(raw, str):
+        try:
+            events = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(str(exc)) from None
+    else:
+        events = raw
     if not isinstance(events, list):
         raise ValueError("expected a list of events")
     for offset, event in enumerate(events):

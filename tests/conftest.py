@@ -350,7 +350,8 @@ def make_stepped_task(clocked_store: TaskStore, clock: FakeClock) -> Callable[..
     The history opens with the prompt; in step i the assistant asks for
     `calls` ``shell`` calls (ids ``call_0``...), each answered by a tool
     message ``tool_output(i, call)``, and the checkpoint records them (the
-    ``(step, call)`` pairs in `failing` failed). The trace holds each call's
+    ``(step, call)`` pairs in `failing` failed). The trace opens with
+    ``session_started`` (a row of its own) and holds each call's
     ``tool_call_completed``/``tool_call_failed`` with ``duration_ms`` =
     10 x step + call + 0.5. Every step is one clock second after the last;
     `finish` completes the task with a final answer one second later.
@@ -366,6 +367,8 @@ def make_stepped_task(clocked_store: TaskStore, clock: FakeClock) -> Callable[..
         store.append_messages(task_id, [ChatMessage.user(prompt)])
         tracer = TraceWriter(agent=provider, model="m", job_type="agent_task",
                              next_sequence=store.next_trace_sequence(task_id), started_at=clock(), clock=clock)
+        tracer.emit("session_started", {"thread_id": task_id})
+        store.append_traces(task_id, tracer.take())
         for step in range(1, steps + 1):
             clock.advance(1)
             tool_calls = [ToolCall(id=f"call_{call}", name="shell", arguments={"command": f"echo {step}"})

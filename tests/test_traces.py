@@ -195,8 +195,8 @@ def test_trace_sequences_stay_strictly_increasing_and_unique_across_a_sigkill_an
     traces = store.traces("k")
     sequences = [event.sequence for event in traces]
     assert sequences == sorted(set(sequences)) and sequences[0] == 0
-    # One row per checkpoint, plus the first run's start, the resume and the end: never a row per event.
-    assert count_rows(store, "trace_batch", task_id="k") == steps + 3 < len(traces)
+    # A step's events ride in its checkpoint row; only the start, the resume and the end have rows of their own.
+    assert count_rows(store, "trace_batch", task_id="k") == 3
     assert traces[:len(before)] == before  # what the killed run stored is kept as it was
     [resumed] = [event for event in traces if event.event_type == "resumed"]
     assert resumed.sequence == before[-1].sequence + 1  # continues after the highest stored number
@@ -235,6 +235,26 @@ def test_a_checkpoint_with_stale_trace_numbers_is_rolled_back_whole(
     with pytest.raises(IntegrityError):
         clocked_store.record_checkpoint(make_update(2, task_id=task_id), traces=stale_writer.take())
     assert clocked_store.get(task_id) == before  # no checkpoint, message or counter of step 2
+
+
+def test_reading_after_any_sequence_number_merges_step_and_run_events_in_order(make_stepped_task, clocked_store):
+    task_id = make_stepped_task(steps=4, calls=2)  # start and end rows; steps' events in their checkpoints
+    everything = clocked_store.traces(task_id)
+    assert [e.sequence for e in everything] == list(range(len(everything)))
+    assert (everything[0].event_type, everything[-1].event_type) == ("session_started", "done")
+
+    for after in range(-1, len(everything)):
+        later = [e for e in everything if e.sequence > after]
+        assert clocked_store.traces(task_id, after_sequence=after) == later, after
+        assert clocked_store.traces(task_id, after_sequence=after, limit=3) == later[:3], after
+
+
+def test_a_damaged_step_trace_fails_reading_naming_its_cell(make_stepped_task, clocked_store):
+    task_id = make_stepped_task(steps=2)
+    clocked_store.db.execute_sql('UPDATE "checkpoint" SET "trace" = \'{"events": \' WHERE "step_index" = 2')
+
+    with pytest.raises(CorruptRecord, match=r"checkpoint\.trace\["):
+        clocked_store.traces(task_id)
 
 
 # -- consolidation and flush points ---------------------------------------------------------
@@ -326,9 +346,10 @@ def shared_text_step(clocked_store: TaskStore, clock: FakeClock) -> str:
 
 def cells_holding(store: TaskStore, text: str) -> dict[str, int]:
     """How many stored cells of each table hold `text`, straight from SQL."""
-    columns = {"message": "content", "checkpoint": "items", "trace_batch": "events"}
-    return {table: sum(text in row[0] for row in store.db.execute_sql(f'SELECT "{column}" FROM "{table}"'))
-            for table, column in columns.items()}
+    columns = {"message": ["content"], "checkpoint": ["items", "trace"], "trace_batch": ["events"]}
+    return {table: sum(text in (cell or "") for column in names
+                       for (cell,) in store.db.execute_sql(f'SELECT "{column}" FROM "{table}"'))
+            for table, names in columns.items()}
 
 
 def test_text_a_step_shares_with_its_messages_is_stored_once_and_read_back_whole(clocked_store, shared_text_step):
@@ -605,6 +626,9 @@ def test_a_version_2_trace_is_migrated_to_batches_with_its_sequences_times_and_d
                 (task_pk, e.sequence, e.recorded_at.timestamp(), e.elapsed_ms, e.agent, e.model, e.job_type,
                  e.event_type, orjson.dumps(e.data).decode()))
         db.execute_sql('DROP TABLE "trace_batch"')
+        for table, column in [("task", "trace_next_sequence"), ("checkpoint", "trace_first_sequence"),
+                              ("checkpoint", "trace")]:
+            db.execute_sql(f'ALTER TABLE "{table}" DROP COLUMN "{column}"')
         db.execute_sql('DELETE FROM "schema_version"')
         db.execute_sql(f'INSERT INTO "schema_version" ("version", "applied_at") VALUES (2, {p})', (0.0,))
     clocked_store.close_all()
