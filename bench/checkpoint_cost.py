@@ -19,10 +19,8 @@ Nothing here asserts on timings; it prints figures for a reader to judge.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gc
-import json
 import sqlite3
 import statistics
 import tempfile
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import orjson
+from command_line import bench_main
 
 from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
 from worker.middleware import freeze_boot_heap
@@ -50,7 +49,7 @@ class Plan:
     loads: int  # timed loads of the 5,000-message task
 
 
-FULL = Plan(tasks_per_length=40, steps_per_task=10, loads=20)
+FULL = Plan(tasks_per_length=40, steps_per_task=10, loads=40)
 QUICK = Plan(tasks_per_length=10, steps_per_task=8, loads=5)
 
 
@@ -297,15 +296,8 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples; finishes in a few seconds")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-    args = parser.parse_args(argv)
-    result = run(QUICK if args.quick else FULL)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+    bench_main(__doc__, lambda quick: run(QUICK if quick else FULL), print_table,
+               quick_help="fewer samples; finishes in a few seconds", argv=argv)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,7 @@ whose package is missing prints ``skipped: pip install -e '.[bench]'``.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import logging
 import platform
 import sqlite3
@@ -90,6 +88,7 @@ import peewee
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checkpoint_cost import SeedStore  # noqa: E402
+from command_line import bench_main  # noqa: E402
 
 from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskSpec, TaskStore  # noqa: E402
 
@@ -639,16 +638,9 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 10 and 100, fewer repeats; for CI smoke runs")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    result = run(QUICK if args.quick else FULL)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+    bench_main(__doc__, lambda quick: run(QUICK if quick else FULL), print_table,
+               quick_help="N = 10 and 100, fewer repeats; for CI smoke runs", argv=argv)
 
 
 if __name__ == "__main__":

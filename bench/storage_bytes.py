@@ -34,8 +34,6 @@ Nothing here asserts on sizes; it prints figures for a reader to judge.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sqlite3
 import sys
 import tempfile
@@ -49,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checkpoint_cost import SeedStore  # noqa: E402
+from command_line import bench_main  # noqa: E402
 
 from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStatus, TaskStore, ToolCall  # noqa: E402
 from models.traces import NullTraceWriter, TraceWriter  # noqa: E402
@@ -423,15 +422,8 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter tasks and batches (under 15 s)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-    args = parser.parse_args(argv)
-    result = run(QUICK if args.quick else FULL)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print_table(result)
+    bench_main(__doc__, lambda quick: run(QUICK if quick else FULL), print_table,
+               quick_help="shorter tasks and batches (under 15 s)", argv=argv)
 
 
 if __name__ == "__main__":

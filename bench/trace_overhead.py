@@ -17,9 +17,7 @@ it prints figures for a reader to judge.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from command_line import bench_main  # noqa: E402
 
 from models import TaskStatus  # noqa: E402
 from worker import Runtime, api, load_settings, set_runtime  # noqa: E402
@@ -109,16 +109,9 @@ def report(result: dict[str, Any]) -> None:
     print(f"  target: the cost of a step with traces on <= 1.2x of off; median here {cost:.2f}x")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (under 15 s)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
-    result = measure(QUICK if args.quick else FULL)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        report(result)
+def main(argv: list[str] | None = None) -> None:
+    bench_main(__doc__, lambda quick: measure(QUICK if quick else FULL), report,
+               quick_help="fewer, shorter runs (under 15 s)", argv=argv)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from .traces import (
     TraceEventRecord,
     decode_events,
     decode_step_trace,
+    step_trace_json,
 )
 
 Clock = Callable[[], float]
@@ -856,9 +857,7 @@ class TaskStore:
             if not any(refs for *_, refs in decoded):
                 continue
             texts = self._execution_texts(task_pk, None) if texts is None else texts
-            header = orjson.dumps({"started_at": started_at, "agent": agent, "model": model,
-                                   "job_type": job_type}).decode()
-            trace = f'{header[:-1]},"events":{_inlined_events(task_id, decoded, texts)}}}'
+            trace = step_trace_json(started_at, agent, model, job_type, _inlined_events(task_id, decoded, texts))
             Checkpoint.update(trace=trace).where(Checkpoint.id == pk).execute()
 
     def _insert_messages(self, rows: list[tuple[Any, ...]]) -> None:

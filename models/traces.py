@@ -90,9 +90,7 @@ class PendingTraces:
     def encode_with_header(self, message_positions: Mapping[str, int]) -> tuple[str, bool]:
         """Like `encode`, as one JSON object that also holds the writer's fields (a checkpoint's `trace`)."""
         events, refers = self.encode(message_positions)
-        header = orjson.dumps({"started_at": self.started_at, "agent": self.agent, "model": self.model,
-                               "job_type": self.job_type}).decode()
-        return f'{header[:-1]},"events":{events}}}', refers
+        return step_trace_json(self.started_at, self.agent, self.model, self.job_type, events), refers
 
 
 def _references(data: dict[str, Any], message_positions: Mapping[str, int]) -> Optional[dict[str, int]]:
@@ -110,6 +108,12 @@ def _references(data: dict[str, Any], message_positions: Mapping[str, int]) -> O
 
 #: One decoded event: (sequence, ms since the task's first step, event type, data, {key: message position}).
 StoredEvent = tuple[int, float, str, dict[str, Any], dict[str, int]]
+
+
+def step_trace_json(started_at: float, agent: str, model: str, job_type: str, events_json: str) -> str:
+    """A checkpoint's `trace`: the writer's fields and its already-encoded events, as one JSON object."""
+    header = orjson.dumps({"started_at": started_at, "agent": agent, "model": model, "job_type": job_type}).decode()
+    return f'{header[:-1]},"events":{events_json}}}'
 
 
 #: A stored batch as read back: (first sequence, started_at, agent, model, job type, events JSON or list).
