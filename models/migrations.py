@@ -77,7 +77,7 @@ def _to_v3(db: Database, tables: Tables) -> None:
         'SELECT "task_id", "sequence", "recorded_at", "elapsed_ms", "agent", "model", "job_type", "event_type", '
         '"data" FROM "trace_event" ORDER BY "task_id", "sequence"'
     )
-    while rows := cursor.fetchmany(500):
+    while rows := cursor.fetchmany(100):  # 100 rows x 9 values stays under SQLite's old 999-variable limit
         TraceBatch.insert_many([
             dict(task=task_pk, first_sequence=sequence, last_sequence=sequence,
                  started_at=recorded_at - elapsed_ms / 1000, agent=agent, model=model, job_type=job_type,

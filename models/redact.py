@@ -55,7 +55,7 @@ def redact_text(text: str) -> str:
 
 
 @lru_cache(maxsize=4096)
-def _is_secret_key(key: str) -> bool:
+def is_secret_key(key: str) -> bool:
     return _SECRET_KEY.search(key) is not None
 
 
@@ -64,7 +64,7 @@ def redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {key: (REDACTED if isinstance(key, str) and _is_secret_key(key) and item not in (None, "")
+        return {key: (REDACTED if isinstance(key, str) and is_secret_key(key) and item not in (None, "")
                       else redact(item))
                 for key, item in value.items()}
     if isinstance(value, (list, tuple)):

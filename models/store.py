@@ -353,18 +353,24 @@ class TaskStore:
             task_pk, execution_count, stored_token, trace_next_sequence = row
             if lease_token is not None and stored_token != lease_token:
                 raise LeaseLost(update.task_id)
-            _check_trace_sequence(update.task_id, traces, trace_next_sequence)
             # Text a tool item or trace event shares with this step's messages is stored once, in the message.
             positions = _positions_by_text(update.new_messages, execution_count)
-            # The step's trace events ride in its checkpoint row: no page of their own to write.
-            trace = traces.encode_with_header(positions)[0] if traces else None
+            # The step's trace events ride in its checkpoint row: no page of their own to write. Reads
+            # find step traces in step order, so a step recorded below the highest stored one (never
+            # the step loop) keeps its events in a row of their own.
+            in_step_order = bool(traces) and _before(
+                self.db.execute_sql(sql.select_last_step, (task_pk,)).fetchone()[0], update.step_index)
+            trace = traces.encode_with_header(positions)[0] if in_step_order else None
             inserted = self.db.execute_sql(
                 sql.insert_checkpoint,
                 (task_pk, update.step_index, update.checkpoint_note, _items_json(update.items, positions), now,
-                 traces.first_sequence if traces else None, trace),
+                 traces.first_sequence if in_step_order else None, trace),
             ).rowcount
             if inserted == 0:
-                return False
+                return False  # before the sequence check: a repeated step is a no-op, not an error
+            _check_trace_sequence(update.task_id, traces, trace_next_sequence)  # raising rolls all back
+            if traces and not in_step_order:
+                self._insert_traces(task_pk, traces, positions)
             self._insert_messages(
                 _message_rows(task_pk, EXECUTION, execution_count, update.new_messages, update.step_index)
             )
@@ -629,16 +635,17 @@ class TaskStore:
     def latest_checkpoint(self, task_id: str) -> Optional[TaskCheckpointRecord]:
         """The checkpoint with the highest step index, or None."""
         Task, Checkpoint = self.tables.Task, self.tables.Checkpoint
-        row = (
-            Checkpoint.select(Checkpoint)
-            .join(Task, on=(Checkpoint.task == Task.id))
-            .where(Task.task_id == task_id)
-            .order_by(Checkpoint.step_index.desc())
-            .first()
-        )
-        if row is None:
-            return None
-        return self._checkpoint_from_row(task_id, row, _QueriedTexts(self, row.task_id))
+        with self._read_snapshot():  # the checkpoint and the message text it refers to, from one snapshot
+            row = (
+                Checkpoint.select(*_checkpoint_columns(Checkpoint))
+                .join(Task, on=(Checkpoint.task == Task.id))
+                .where(Task.task_id == task_id)
+                .order_by(Checkpoint.step_index.desc())
+                .first()
+            )
+            if row is None:
+                return None
+            return self._checkpoint_from_row(task_id, row, _QueriedTexts(self, row.task_id))
 
     def list_tasks(
         self,
@@ -895,7 +902,8 @@ class TaskStore:
         message_rows = {history: self.db.execute_sql(self._sql.select_history, (row.id, history)).fetchall()
                         for history in histories}
         checkpoint_rows = list(
-            Checkpoint.select().where(Checkpoint.task == row.id).order_by(Checkpoint.step_index)
+            Checkpoint.select(*_checkpoint_columns(Checkpoint)).where(Checkpoint.task == row.id)
+            .order_by(Checkpoint.step_index)
         ) if with_checkpoints else []
         last_step = self.db.execute_sql(self._sql.select_last_step, (row.id,)).fetchone()[0] or 0
         try:
@@ -958,6 +966,17 @@ class TaskStore:
 
 
 _USAGE_FIELDS = tuple(Usage.model_fields)
+
+
+def _before(highest_step: Optional[int], step_index: int) -> bool:
+    """Whether `step_index` comes after every stored step (`highest_step`, None if none)."""
+    return highest_step is None or highest_step < step_index
+
+
+def _checkpoint_columns(Checkpoint: Any) -> tuple[Any, ...]:
+    """What loading a checkpoint reads: not its step trace, which can be long."""
+    return (Checkpoint.task, Checkpoint.step_index, Checkpoint.checkpoint_note, Checkpoint.items,
+            Checkpoint.created_at)
 
 #: position -> text of a task's execution messages (what stored references point at).
 Texts = Mapping[int, str]

@@ -168,8 +168,8 @@ def bind_tables(db: Database) -> Tables:
         """
 
         task = ForeignKeyField(Task, on_delete="CASCADE", column_name="task_id", index=False)
-        first_sequence = IntegerField()
-        last_sequence = IntegerField()
+        first_sequence = BigIntegerField()
+        last_sequence = BigIntegerField()
         started_at = DoubleField()  # the task's first step (epoch s); events hold milliseconds since
         agent = CharField(max_length=200)  # provider
         model = CharField(max_length=200)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import orjson
 from pydantic import BaseModel
 
-from .redact import might_hold_secret, redact
+from .redact import is_secret_key, might_hold_secret, redact
 
 #: Event types whose consecutive chunks are consolidated into one event.
 STREAMED = frozenset({"content", "reasoning"})
@@ -77,9 +77,10 @@ class PendingTraces:
             refs = _references(data, message_positions) if message_positions else None
             if refs:
                 refers = True
-                encoded.append([ms, event_type, {key: value for key, value in data.items() if key not in refs}, refs])
+                encoded.append([ms, event_type, _capped({key: value for key, value in data.items() if key not in refs}),
+                                refs])
             else:
-                encoded.append([ms, event_type, data])
+                encoded.append([ms, event_type, _capped(data)])
         text = orjson.dumps(encoded, default=str).decode()
         if might_hold_secret(text):  # rare: walk every value
             for event in encoded:
@@ -93,11 +94,27 @@ class PendingTraces:
         return step_trace_json(self.started_at, self.agent, self.model, self.job_type, events), refers
 
 
+#: Texts the step loop may emit whole because a message usually holds them; stored inline
+#: (no message did), they are cut to this many characters.
+INLINE_CAPS = {"output": 2_000, "final_response": 2_000}
+
+
+def _capped(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each `INLINE_CAPS` text cut to its cap (copied only when one is cut)."""
+    cut = {key: value[:cap] for key, cap in INLINE_CAPS.items()
+           if (value := data.get(key)).__class__ is str and len(value) > cap}
+    return {**data, **cut} if cut else data
+
+
 def _references(data: dict[str, Any], message_positions: Mapping[str, int]) -> Optional[dict[str, int]]:
-    """{key: position} for each top-level text of `data` that a message holds."""
+    """{key: position} for each top-level text of `data` that a message holds.
+
+    Never a secret-named key's value: `redact` blanks those whole, which a
+    reference (redacted by pattern when read) would not.
+    """
     refs = None
     for key, value in data.items():
-        if value.__class__ is str and len(value) >= MIN_REFERENCED_CHARS:
+        if value.__class__ is str and len(value) >= MIN_REFERENCED_CHARS and not is_secret_key(key):
             position = message_positions.get(value)
             if position is not None:
                 if refs is None:

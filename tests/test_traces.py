@@ -40,7 +40,7 @@ from models import (
 from models.migrations import _V2_TASK_COLUMNS
 from models.redact import _SECRET_KEY, _SECRET_TEXT, might_hold_secret
 from models.tables import SCHEMA_VERSION
-from models.traces import PendingTraces, TraceWriter
+from models.traces import INLINE_CAPS, PendingTraces, TraceWriter
 from worker import Runtime
 from worker.execute import execute_task
 from worker.providers import PROVIDERS, AssistantTurn, PermanentProviderError, StepContext
@@ -407,6 +407,58 @@ def test_text_read_from_a_message_into_a_trace_event_is_redacted_there_and_kept_
     [content] = clocked_store.traces("leaky")
     assert API_KEY not in content.data["text"] and "[redacted]" in content.data["text"]
     assert clocked_store.get("leaky").execution_history[0].content == leaky  # resuming needs the real text
+
+
+def test_a_secret_named_value_is_blanked_even_when_a_message_holds_the_same_text(clocked_store, clock):
+    tracer = TraceWriter(agent="scripted", model="m", job_type="agent_task", next_sequence=0,
+                         started_at=clock(), clock=clock)
+    tracer.emit("tool_call_completed", {"step": 1, "password": OUTPUT})
+    clocked_store.record_checkpoint(
+        CheckpointUpdate(task_id="keyed", thread_id="keyed", channel="test", provider="scripted", model="m",
+                         step_index=1, new_messages=[ChatMessage(role="tool", content=OUTPUT, tool_call_id="c1")]),
+        traces=tracer.take(),
+    )
+
+    [event] = clocked_store.traces("keyed")
+    assert event.data == {"step": 1, "password": "[redacted]"}
+
+
+def test_a_tool_output_no_message_holds_is_stored_cut_to_its_cap(clocked_store, clock):
+    clocked_store.create_task(task_id="long", thread_id="long", channel="test", provider="scripted", model="m",
+                              spec=TaskSpec(prompt="go"))
+    tracer = TraceWriter(agent="scripted", model="m", job_type="agent_task", next_sequence=0,
+                         started_at=clock(), clock=clock)
+    tracer.emit("tool_call_completed", {"step": 1, "output": "y" * 50_000})
+
+    clocked_store.append_traces("long", tracer.take())  # as a worker does when it stops mid-step
+
+    [event] = clocked_store.traces("long")
+    assert event.data["output"] == "y" * INLINE_CAPS["output"]
+
+
+def test_a_step_recorded_below_the_highest_one_keeps_its_events_readable_in_order(clocked_store, clock, make_update):
+    tracer = TraceWriter(agent="scripted", model="m", job_type="agent_task", next_sequence=0,
+                         started_at=clock(), clock=clock)
+    for step in (5, 3):  # a direct API caller filling in an earlier step after a later one
+        tracer.emit("checkpoint", {"step": step})
+        tracer.emit("turn_completed", {"step": step})
+        clocked_store.record_checkpoint(make_update(step), traces=tracer.take())
+
+    everything = clocked_store.traces("task-1")
+    assert [(e.sequence, e.data["step"]) for e in everything] == [(0, 5), (1, 5), (2, 3), (3, 3)]
+    assert clocked_store.traces("task-1", after_sequence=1) == everything[2:]
+
+
+def test_recording_a_stored_step_again_with_its_traces_is_a_no_op(clocked_store, clock, make_update):
+    tracer = TraceWriter(agent="scripted", model="m", job_type="agent_task", next_sequence=0,
+                         started_at=clock(), clock=clock)
+    tracer.emit("checkpoint", {"step": 1})
+    taken = tracer.take()
+    assert clocked_store.record_checkpoint(make_update(1), traces=taken) is True
+    before = clocked_store.get("task-1")
+
+    assert clocked_store.record_checkpoint(make_update(1), traces=taken) is False  # e.g. a commit of unknown outcome
+    assert clocked_store.get("task-1") == before and len(clocked_store.traces("task-1")) == 1
 
 
 def test_a_trace_event_whose_message_is_gone_fails_loudly_naming_it(clocked_store, shared_text_step):
