@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Protocol, Sequence, Union
 
 import orjson
 from peewee import Database, IntegrityError, InterfaceError, OperationalError, __exception_wrapper__, fn
@@ -350,7 +350,7 @@ class TaskStore:
                     created_at=now, updated_at=now,
                 ).on_conflict_ignore().as_rowcount().execute()
                 row = self.db.execute_sql(sql.select_task, (update.task_id,)).fetchone()
-            task_pk, execution_count, stored_token, trace_next_sequence = row
+            task_pk, execution_count, stored_token, trace_next_sequence, highest_step = row
             if lease_token is not None and stored_token != lease_token:
                 raise LeaseLost(update.task_id)
             # Text a tool item or trace event shares with this step's messages is stored once, in the message.
@@ -358,8 +358,7 @@ class TaskStore:
             # The step's trace events ride in its checkpoint row: no page of their own to write. Reads
             # find step traces in step order, so a step recorded below the highest stored one (never
             # the step loop) keeps its events in a row of their own.
-            in_step_order = bool(traces) and _before(
-                self.db.execute_sql(sql.select_last_step, (task_pk,)).fetchone()[0], update.step_index)
+            in_step_order = bool(traces) and (highest_step is None or highest_step < update.step_index)
             trace = traces.encode_with_header(positions)[0] if in_step_order else None
             inserted = self.db.execute_sql(
                 sql.insert_checkpoint,
@@ -645,7 +644,7 @@ class TaskStore:
             )
             if row is None:
                 return None
-            return self._checkpoint_from_row(task_id, row, _QueriedTexts(self, row.task_id))
+            return self._checkpoint_from_row(task_id, row, _StoredTexts(self, row.task_id))
 
     def list_tasks(
         self,
@@ -793,26 +792,30 @@ class TaskStore:
         except ValueError as exc:
             raise CorruptRecord(task_id, f"checkpoint.trace[{first_sequence}]", str(exc)) from None
 
-    def _move_step_traces(self, task_id: str, task_pk: int) -> None:
-        """Before a rerun deletes the checkpoints: their step traces become `trace_batch` rows, text inlined."""
-        Checkpoint, TraceBatch = self.tables.Checkpoint, self.tables.TraceBatch
-        rows = list(Checkpoint.select(Checkpoint.trace_first_sequence, Checkpoint.trace)
+    def _step_traces(self, task_id: str, task_pk: int) -> list[tuple[int, StoredBatch, list[StoredEvent]]]:
+        """(checkpoint id, batch, decoded events) of every step trace of the task, in step order."""
+        Checkpoint = self.tables.Checkpoint
+        rows = list(Checkpoint.select(Checkpoint.id, Checkpoint.trace_first_sequence, Checkpoint.trace)
                     .where((Checkpoint.task == task_pk) & Checkpoint.trace.is_null(False))
                     .order_by(Checkpoint.step_index).tuples())
-        texts: Optional[dict[int, str]] = None
-        moved = []
-        for first, raw in rows:
-            _first, started_at, agent, model, job_type, events = self._decode_step_trace(task_id, first, raw)
-            decoded = self._decode_batch(task_id, first, events)
-            if not decoded:
-                continue
-            if texts is None and any(refs for *_, refs in decoded):
-                texts = self._execution_texts(task_pk, None)
-            moved.append(dict(task=task_pk, first_sequence=first, last_sequence=decoded[-1][0], started_at=started_at,
-                              agent=agent, model=model, job_type=job_type,
-                              events=_inlined_events(task_id, decoded, texts or {}), refers_to_messages=False))
+        traces = []
+        for pk, first, raw in rows:
+            batch = self._decode_step_trace(task_id, first, raw)
+            traces.append((pk, batch, self._decode_batch(task_id, first, batch[5])))
+        return traces
+
+    def _move_step_traces(self, task_id: str, task_pk: int) -> None:
+        """Before a rerun deletes the checkpoints: their step traces become `trace_batch` rows, text inlined."""
+        texts = _StoredTexts(self, task_pk, whole_history=True)
+        moved = [
+            dict(task=task_pk, first_sequence=first, last_sequence=events[-1][0], started_at=started_at,
+                 agent=agent, model=model, job_type=job_type, events=_inlined_events(task_id, events, texts),
+                 refers_to_messages=False)
+            for _pk, (first, started_at, agent, model, job_type, _raw), events in self._step_traces(task_id, task_pk)
+            if events
+        ]
         for start in range(0, len(moved), 100):
-            TraceBatch.insert_many(moved[start:start + 100]).execute()
+            self.tables.TraceBatch.insert_many(moved[start:start + 100]).execute()
 
     @staticmethod
     def _decode_batch(task_id: str, first_sequence: int, raw: Any) -> list[Any]:
@@ -841,31 +844,23 @@ class TaskStore:
         shorter snapshot): rare, so it may read the whole history.
         """
         Checkpoint, TraceBatch = self.tables.Checkpoint, self.tables.TraceBatch
-        texts: Optional[dict[int, str]] = None
+        texts = _StoredTexts(self, task_pk, whole_history=True)
         referring = (Checkpoint.select(Checkpoint.id, Checkpoint.step_index, Checkpoint.items)
                      .where((Checkpoint.task == task_pk) & Checkpoint.items.contains('"output_at"')).tuples())
         for pk, step_index, raw in list(referring):
-            texts = self._execution_texts(task_pk, None) if texts is None else texts
             items = self._decode_items(task_id, step_index, raw, texts)
             Checkpoint.update(items=_items_json(items, {})).where(Checkpoint.id == pk).execute()
         referring = (TraceBatch.select(TraceBatch.last_sequence, TraceBatch.first_sequence, TraceBatch.events)
                      .where((TraceBatch.task == task_pk) & (TraceBatch.refers_to_messages == True))  # noqa: E712
                      .tuples())
         for last_sequence, first_sequence, raw in list(referring):
-            texts = self._execution_texts(task_pk, None) if texts is None else texts
             inlined = _inlined_events(task_id, self._decode_batch(task_id, first_sequence, raw), texts)
             TraceBatch.update(events=inlined, refers_to_messages=False).where(
                 (TraceBatch.task == task_pk) & (TraceBatch.last_sequence == last_sequence)).execute()
-        steps = (Checkpoint.select(Checkpoint.id, Checkpoint.trace_first_sequence, Checkpoint.trace)
-                 .where((Checkpoint.task == task_pk) & Checkpoint.trace.is_null(False)).tuples())
-        for pk, first, raw in list(steps):
-            _first, started_at, agent, model, job_type, events = self._decode_step_trace(task_id, first, raw)
-            decoded = self._decode_batch(task_id, first, events)
-            if not any(refs for *_, refs in decoded):
-                continue
-            texts = self._execution_texts(task_pk, None) if texts is None else texts
-            trace = step_trace_json(started_at, agent, model, job_type, _inlined_events(task_id, decoded, texts))
-            Checkpoint.update(trace=trace).where(Checkpoint.id == pk).execute()
+        for pk, (_first, started_at, agent, model, job_type, _raw), events in self._step_traces(task_id, task_pk):
+            if any(refs for *_, refs in events):
+                trace = step_trace_json(started_at, agent, model, job_type, _inlined_events(task_id, events, texts))
+                Checkpoint.update(trace=trace).where(Checkpoint.id == pk).execute()
 
     def _insert_messages(self, rows: list[tuple[Any, ...]]) -> None:
         if rows:
@@ -968,21 +963,18 @@ class TaskStore:
 _USAGE_FIELDS = tuple(Usage.model_fields)
 
 
-def _before(highest_step: Optional[int], step_index: int) -> bool:
-    """Whether `step_index` comes after every stored step (`highest_step`, None if none)."""
-    return highest_step is None or highest_step < step_index
-
-
 def _checkpoint_columns(Checkpoint: Any) -> tuple[Any, ...]:
     """What loading a checkpoint reads: not its step trace, which can be long."""
     return (Checkpoint.task, Checkpoint.step_index, Checkpoint.checkpoint_note, Checkpoint.items,
             Checkpoint.created_at)
 
-#: position -> text of a task's execution messages (what stored references point at).
-Texts = Mapping[int, str]
+class Texts(Protocol):
+    """position -> text of a task's execution messages (what stored references point at)."""
+
+    def __getitem__(self, position: int) -> str: ...
 
 
-class _LoadedTexts(Mapping[int, str]):
+class _LoadedTexts:
     """`Texts` of an execution history already loaded (positions are list indexes)."""
 
     def __init__(self, messages: list[ChatMessage]) -> None:
@@ -993,30 +985,21 @@ class _LoadedTexts(Mapping[int, str]):
             raise KeyError(position)
         return self.messages[position].content
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(len(self.messages)))
 
-    def __len__(self) -> int:
-        return len(self.messages)
+class _StoredTexts:
+    """`Texts` read from the database when first asked for: the one position, or the whole history."""
 
-
-class _QueriedTexts(Mapping[int, str]):
-    """`Texts` read from the database on demand (a few references, not a whole history)."""
-
-    def __init__(self, store: TaskStore, task_pk: int) -> None:
-        self.store, self.task_pk = store, task_pk
+    def __init__(self, store: TaskStore, task_pk: int, *, whole_history: bool = False) -> None:
+        self.store, self.task_pk, self.whole_history = store, task_pk, whole_history
+        self.found: Optional[dict[int, str]] = None
 
     def __getitem__(self, position: int) -> str:
+        if self.whole_history:
+            if self.found is None:
+                self.found = self.store._execution_texts(self.task_pk, None)
+            return self.found[position]
         found = self.store._execution_texts(self.task_pk, {position}) if isinstance(position, int) else {}
-        if position not in found:
-            raise KeyError(position)
         return found[position]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.store._execution_texts(self.task_pk, None))
-
-    def __len__(self) -> int:
-        return len(self.store._execution_texts(self.task_pk, None))
 
 
 def _text_at(task_id: str, texts: Texts, position: Any) -> str:
@@ -1098,8 +1081,10 @@ class _HotPathSql:
 
     def __init__(self, db: Database, tables: Tables) -> None:
         Task, Message, Checkpoint = tables.Task, tables.Message, tables.Checkpoint
-        select_task = Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence).where(
-            Task.task_id == "")
+        # The highest stored step comes along: where the checkpoint's trace goes depends on it.
+        highest_step = Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == Task.id)
+        select_task = Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence,
+                                  highest_step).where(Task.task_id == "")
         # PostgreSQL: lock the row for the checkpoint's transaction (SQLite: BEGIN IMMEDIATE already did).
         self.select_task = _render(select_task.for_update() if db.for_update else select_task)
         self.select_task_row = _render(Task.select().where(Task.task_id == ""))

@@ -207,16 +207,27 @@ def test_delete_removes_every_task_of_a_thread(longhaul, two_tasks, store):
 # -- interruptions ---------------------------------------------------------------------------
 
 
+@pytest.fixture
+def start_slow_run(start_longhaul: Callable[..., Any], ledger: Path) -> Callable[..., Any]:
+    """Start `longhaul run` of a ledger task (0.1 s per step) and return it once `lines` steps are in the ledger."""
+
+    def start(task_id: str, *, steps: int, lines: int) -> Any:
+        running = start_longhaul("run", "count slowly", "--task-id", task_id, "--steps", str(steps),
+                                 "--step-delay", "0.1", "--ledger", str(ledger))
+        wait_until(lambda: ledger_lines(ledger) >= lines or running.proc.poll() is not None, timeout_s=30,
+                   what=f"{lines} ledger lines before interrupting the run")
+        assert running.proc.poll() is None, running.stderr()
+        return running
+
+    return start
+
+
 @pytest.mark.crash
 def test_a_sigkilled_run_resumes_with_resume_interrupted_and_no_completed_step_runs_twice(
-    longhaul, start_longhaul, ledger, db_url
+    longhaul, start_slow_run, ledger, db_url
 ):
     steps = 30
-    running = start_longhaul("run", "count slowly", "--task-id", "k", "--steps", str(steps),
-                             "--step-delay", "0.1", "--ledger", str(ledger))
-    wait_until(lambda: ledger_lines(ledger) >= 5 or running.proc.poll() is not None, timeout_s=30,
-               what="five ledger lines before the kill")
-    assert running.proc.poll() is None, running.stderr()
+    running = start_slow_run("k", steps=steps, lines=5)
 
     running.proc.send_signal(signal.SIGKILL)
     running.proc.wait()
@@ -241,13 +252,9 @@ def test_a_sigkilled_run_resumes_with_resume_interrupted_and_no_completed_step_r
     assert sum(counts.values()) == len(counts) + len(twice)  # no stray lines
 
 
-def test_ctrl_c_stops_a_run_after_its_current_step_and_it_resumes_by_id(longhaul, start_longhaul, ledger, db_url):
+def test_ctrl_c_stops_a_run_after_its_current_step_and_it_resumes_by_id(longhaul, start_slow_run, ledger, db_url):
     steps = 20
-    running = start_longhaul("run", "interrupt me", "--task-id", "ctrl-c", "--steps", str(steps),
-                             "--step-delay", "0.1", "--ledger", str(ledger))
-    wait_until(lambda: ledger_lines(ledger) >= 2 or running.proc.poll() is not None, timeout_s=30,
-               what="two ledger lines before Ctrl-C")
-    assert running.proc.poll() is None, running.stderr()
+    running = start_slow_run("ctrl-c", steps=steps, lines=2)
 
     running.proc.send_signal(signal.SIGINT)
     exit_code = running.proc.wait(timeout=30)

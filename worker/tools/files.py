@@ -239,14 +239,14 @@ def write_file(args: WriteFileArguments, ctx: ToolContext) -> str:
     journal = WriteJournal(ctx)
     entry = journal.load()
     if entry is not None and entry.get("request") == request and entry.get("state") == "done":
-        return entry["output"] + f" (already done by this call, idempotency key {ctx.idempotency_key})"
+        return _already_done(entry, ctx)
     old = b""
     if target.exists():
         old, _size = _read_bytes(target, settings.workspace_max_file_bytes + 1)
     if entry is not None and entry.get("request") == request and entry.get("result_sha256") == _sha256(old):
         # The interrupted attempt wrote the file but did not mark it done.
         journal.save({**entry, "state": "done"})
-        return entry["output"] + f" (already done by this call, idempotency key {ctx.idempotency_key})"
+        return _already_done(entry, ctx)
     new = old + data if args.append else data
     if len(new) > settings.workspace_max_file_bytes:
         raise ToolError(f"content: the file would be {len(new)} bytes, more than the "
@@ -262,6 +262,11 @@ def write_file(args: WriteFileArguments, ctx: ToolContext) -> str:
     _write_atomically(target, new)
     journal.save({**pending, "state": "done"})
     return output
+
+
+def _already_done(entry: dict[str, Any], ctx: ToolContext) -> str:
+    """The reply to a write this call (its idempotency key) already made."""
+    return entry["output"] + f" (already done by this call, idempotency key {ctx.idempotency_key})"
 
 
 @tool("list_files")
