@@ -1,6 +1,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY longhaul ./longhaul
 COPY models ./models
 COPY worker ./worker
 RUN pip install --no-cache-dir .

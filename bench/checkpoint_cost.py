@@ -32,8 +32,8 @@ from typing import Any, Callable
 import orjson
 from command_line import bench_main
 
-from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
-from worker.middleware import freeze_boot_heap
+from longhaul.models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
+from longhaul.worker.middleware import freeze_boot_heap
 
 HISTORY_LENGTHS = (10, 100, 1_000, 5_000)
 MESSAGE_BYTES = 400

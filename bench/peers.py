@@ -90,7 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint_cost import SeedStore  # noqa: E402
 from command_line import bench_main  # noqa: E402
 
-from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskSpec, TaskStore  # noqa: E402
+from longhaul.models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskSpec, TaskStore  # noqa: E402
 
 MESSAGE_BYTES = 400
 INSTALL_HINT = "pip install -e '.[bench]'"
@@ -192,13 +192,13 @@ class LonghaulInline(Harness):
     name = "longhaul run_inline, whole step loop"
 
     def open(self, root: Path) -> None:
-        from worker import Runtime, load_settings, set_runtime
+        from longhaul.worker import Runtime, load_settings, set_runtime
 
         self.runtime = Runtime(load_settings(database_url=str(root / "inline.db"), redis_url=None), embedded=True)
         set_runtime(self.runtime)
 
     def run(self, job_id: str, steps: int, texts: list[tuple[str, str]]) -> list[float]:
-        from worker import api
+        from longhaul.worker import api
 
         record = api.run_inline("bench: the scripted agent job", task_id=job_id, provider="scripted", steps=steps)
         if record.checkpoint_count != steps:
@@ -213,7 +213,7 @@ class LonghaulInline(Harness):
         return len(self.runtime.store.get(job_id, checkpoints=False).execution_history)
 
     def close(self) -> None:
-        from worker import set_runtime
+        from longhaul.worker import set_runtime
 
         self.runtime.stop_embedded_worker()
         set_runtime(None)

@@ -49,10 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint_cost import SeedStore  # noqa: E402
 from command_line import bench_main  # noqa: E402
 
-from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStatus, TaskStore, ToolCall  # noqa: E402
-from models.traces import NullTraceWriter, TraceWriter  # noqa: E402
-from worker import Runtime, api, load_settings, set_runtime  # noqa: E402
-from worker.execute import execute_task  # noqa: E402
+from longhaul.models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStatus, TaskStore, ToolCall  # noqa: E402
+from longhaul.models.traces import NullTraceWriter, TraceWriter  # noqa: E402
+from longhaul.worker import Runtime, api, load_settings, set_runtime  # noqa: E402
+from longhaul.worker.execute import execute_task  # noqa: E402
 
 MESSAGE_BYTES = 400
 TARGET_OVERHEAD_BYTES = 1_024

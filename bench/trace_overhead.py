@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from command_line import bench_main  # noqa: E402
 
-from models import TaskStatus  # noqa: E402
-from worker import Runtime, api, load_settings, set_runtime  # noqa: E402
-from worker.execute import execute_task  # noqa: E402
+from longhaul.models import TaskStatus  # noqa: E402
+from longhaul.worker import Runtime, api, load_settings, set_runtime  # noqa: E402
+from longhaul.worker.execute import execute_task  # noqa: E402
 
 
 @dataclass(frozen=True)

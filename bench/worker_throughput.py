@@ -25,8 +25,8 @@ from dramatiq.brokers.stub import StubBroker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker import Runtime, api, load_settings, set_runtime  # noqa: E402
-from worker.testing import RedisServer, WorkerProcess, wait_until  # noqa: E402
+from longhaul.worker import Runtime, api, load_settings, set_runtime  # noqa: E402
+from longhaul.worker.testing import RedisServer, WorkerProcess, wait_until  # noqa: E402
 
 
 def bare_dramatiq_messages_per_s(broker: dramatiq.Broker, count: int) -> float:
@@ -70,7 +70,7 @@ def resume_latency_s(workdir: Path, redis: RedisServer, tasks: int) -> float:
     """SIGKILL a worker mid-task; seconds from the new worker's start to the first resumed step."""
     db_url = f"sqlite:///{workdir / 'resume.db'}"
     env = {**os.environ, "LONGHAUL_DATABASE_URL": db_url, "LONGHAUL_REDIS_URL": redis.url,
-           "dramatiq_queue_prefetch": "4", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "dramatiq_queue_prefetch": "4"}
     client = Runtime(load_settings(database_url=db_url, redis_url=redis.url))
     set_runtime(client)
     try:

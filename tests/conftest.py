@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import pytest
 
-from models import (
+from longhaul.models import (
     ChatMessage,
     CheckpointItem,
     CheckpointUpdate,
@@ -30,11 +30,11 @@ from models import (
     TaskStore,
     ToolCall,
 )
-from models.traces import TraceWriter
-from worker.testing import IN_CI, FakeClock, PostgresServer, RedisServer, WorkerProcess
+from longhaul.models.traces import TraceWriter
+from longhaul.worker.testing import IN_CI, FakeClock, PostgresServer, RedisServer, WorkerProcess
 
 if TYPE_CHECKING:
-    from worker import Runtime
+    from longhaul.worker import Runtime
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -256,7 +256,6 @@ def worker_env(db_url: str, redis_server: RedisServer, tmp_path: Path) -> dict[s
         # Prefetch no more than the threads can run: a killed worker then strands
         # no queued message in its Redis ack set (see README, "Recovery").
         dramatiq_queue_prefetch="4",
-        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
     )
     return env
 
@@ -280,7 +279,7 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
 @pytest.fixture
 def client_runtime(db_url: str, redis_server: RedisServer) -> Iterator["Runtime"]:
     """This test process as a Redis client: `worker.enqueue` sends to the real broker."""
-    from worker import Runtime, load_settings, set_runtime
+    from longhaul.worker import Runtime, load_settings, set_runtime
 
     runtime = Runtime(load_settings(database_url=db_url, redis_url=redis_server.url, lease_s=5))
     set_runtime(runtime)
@@ -292,7 +291,7 @@ def client_runtime(db_url: str, redis_server: RedisServer) -> Iterator["Runtime"
 @pytest.fixture
 def make_runtime(db_url: str) -> Iterator[Callable[..., "Runtime"]]:
     """Build an embedded (in-process broker) runtime with settings overrides, made process-wide."""
-    from worker import Runtime, load_settings, set_runtime
+    from longhaul.worker import Runtime, load_settings, set_runtime
 
     built: list[Runtime] = []
 
@@ -323,7 +322,7 @@ def embedded_runtime(make_runtime: Callable[..., "Runtime"]) -> "Runtime":
 @pytest.fixture
 def db_path(db_url: str) -> Path:
     """The SQLite file behind `db_url`, for raw `sqlite3` connections (faults, integrity checks)."""
-    from models.db import sqlite_path_from_url
+    from longhaul.models.db import sqlite_path_from_url
 
     path = sqlite_path_from_url(db_url)
     assert path is not None
@@ -398,7 +397,7 @@ def make_stepped_task(clocked_store: TaskStore, clock: FakeClock) -> Callable[..
 
 
 #: The `longhaul` console script, independent of PATH.
-LONGHAUL = [sys.executable, "-c", "from worker.cli import main; main()"]
+LONGHAUL = [sys.executable, "-c", "from longhaul.worker.cli import main; main()"]
 
 
 @pytest.fixture

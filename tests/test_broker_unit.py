@@ -18,15 +18,15 @@ from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Retries, TimeLimit
 
-import worker
-from models import Claimant, TaskStatus
-from worker import Runtime, SettingsError, load_settings, set_runtime
-from worker.broker import RUN_TASK, declare_run_task
-from worker.loop import StoreUnavailable
-from worker.middleware import LonghaulMiddleware
-from worker.providers import PermanentProviderError, TransientProviderError
-from worker.recovery import find_interrupted
-from worker.testing import IN_CI, FakeClock, wait_until
+from longhaul import worker
+from longhaul.models import Claimant, TaskStatus
+from longhaul.worker import Runtime, SettingsError, load_settings, set_runtime
+from longhaul.worker.broker import RUN_TASK, declare_run_task
+from longhaul.worker.loop import StoreUnavailable
+from longhaul.worker.middleware import LonghaulMiddleware
+from longhaul.worker.providers import PermanentProviderError, TransientProviderError
+from longhaul.worker.recovery import find_interrupted
+from longhaul.worker.testing import IN_CI, FakeClock, wait_until
 
 fakeredis = pytest.importorskip("fakeredis")
 
@@ -46,7 +46,7 @@ def fake_redis() -> Any:
 
 @pytest.fixture
 def redis_runtime(db_url: str, fake_redis: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
-    """A Redis-mode runtime (as `dramatiq worker.actors` builds it) whose connections go to fakeredis.
+    """A Redis-mode runtime (as `dramatiq longhaul.worker.actors` builds it) whose connections go to fakeredis.
 
     The fake is plugged in under the broker, at the connection pool its URL
     opens, so the broker class and middleware are exactly the worker's.

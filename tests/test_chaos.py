@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-import worker
-from models import (
+from longhaul import worker
+from longhaul.models import (
     ChatMessage,
     CheckpointItem,
     CheckpointUpdate,
@@ -38,10 +38,10 @@ from models import (
     TaskStore,
     ToolCall,
 )
-from worker.testing import WorkerProcess, ledger_counts, run_released_together, wait_until
+from longhaul.worker.testing import WorkerProcess, ledger_counts, run_released_together, wait_until
 
 if TYPE_CHECKING:
-    from worker import Runtime
+    from longhaul.worker import Runtime
 
 pytestmark = [pytest.mark.chaos]
 
@@ -210,8 +210,8 @@ def test_a_message_fetched_by_a_worker_killed_before_its_claim_is_delivered_agai
 CONTENTION_WRITER = r"""
 import json, sys, threading, time
 from pathlib import Path
-from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
-from worker.testing import wait_for_go
+from longhaul.models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
+from longhaul.worker.testing import wait_for_go
 
 db_url, process, threads, writers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 duration_s, go = float(sys.argv[5]), Path(sys.argv[6])

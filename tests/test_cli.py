@@ -1,6 +1,6 @@
 """The `longhaul` command as a user runs it: real subprocesses, real signals, no Redis.
 
-Each command runs as ``python -c 'from worker.cli import main; main()'`` (the
+Each command runs as ``python -c 'from longhaul.worker.cli import main; main()'`` (the
 console script's entry point, independent of PATH) against this test's
 SQLite file, with every ``LONGHAUL_*`` and ``REDIS_URL`` variable of the
 calling environment removed, so the embedded broker is used.
@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 import pytest
 
-import worker
-from models import TaskStatus, TaskStore
-from worker.testing import ledger_counts, wait_until
+from longhaul import worker
+from longhaul.models import TaskStatus, TaskStore
+from longhaul.worker.testing import ledger_counts, wait_until
 
 Longhaul = Callable[..., "subprocess.CompletedProcess[str]"]
 

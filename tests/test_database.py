@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from peewee import OperationalError
 
-from models import ChatMessage, TaskStore
-from models.tables import SCHEMA_VERSION
-from worker.testing import free_port, wait_until
+from longhaul.models import ChatMessage, TaskStore
+from longhaul.models.tables import SCHEMA_VERSION
+from longhaul.worker.testing import free_port, wait_until
 
 #: Columns schema 2 added to `task`; dropping them (and the trace table) turns a store back into schema 1.
 V2_TASK_COLUMNS = ("turn_count", "tool_call_count", "input_tokens", "output_tokens", "cache_read_tokens",
@@ -83,7 +83,7 @@ def test_migrate_refuses_a_schema_newer_than_it_knows(newer_store, longhaul):
 @pytest.mark.backends("postgres")
 def test_hosts_opening_a_fresh_postgres_database_together_create_the_schema_once(db_url, tmp_path: Path):
     opener = (
-        "import sys, time\nfrom pathlib import Path\nfrom models import TaskStore\n"
+        "import sys, time\nfrom pathlib import Path\nfrom longhaul.models import TaskStore\n"
         "go = Path(sys.argv[2])\n(go.parent / f'ready-{sys.argv[3]}').touch()\n"
         "while not go.exists(): time.sleep(0.005)\n"
         "with TaskStore(sys.argv[1]) as store: print(store.schema_migration.from_version)\n"
@@ -109,14 +109,13 @@ def test_hosts_opening_a_fresh_postgres_database_together_create_the_schema_once
 @pytest.fixture
 def worker_start_env(cli_env: dict[str, str]) -> dict[str, str]:
     """A worker's environment whose Redis is never reached: the store is checked first."""
-    return {**cli_env, "LONGHAUL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return {**cli_env, "LONGHAUL_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
 
 
 @pytest.mark.backends("sqlite", "postgres")
 def test_workers_refuse_to_start_against_a_newer_schema_with_one_clear_line(newer_store, worker_start_env, longhaul):
-    dramatiq = subprocess.run([sys.executable, "-m", "dramatiq", "worker.actors", "--processes", "2", "--threads", "1"],
-                              env=worker_start_env, capture_output=True, text=True, timeout=120)
+    dramatiq = subprocess.run([sys.executable, "-m", "dramatiq", "longhaul.worker.actors", "--processes", "2",
+                               "--threads", "1"], env=worker_start_env, capture_output=True, text=True, timeout=120)
     logged = dramatiq.stdout + dramatiq.stderr
     assert dramatiq.returncode == 2, logged
     assert (f"cannot start a longhaul worker: database schema version {SCHEMA_VERSION + 1} is newer than this "
@@ -140,7 +139,7 @@ def test_an_unreachable_postgres_server_is_one_clear_error_without_the_password(
 
 
 def test_postgres_without_its_driver_is_one_clear_error(cli_env: dict[str, str], tmp_path: Path):
-    without_psycopg = "import sys; sys.modules['psycopg'] = None; from worker.cli import main; main()"
+    without_psycopg = "import sys; sys.modules['psycopg'] = None; from longhaul.worker.cli import main; main()"
     env = {**cli_env, "LONGHAUL_DATABASE_URL": "postgresql://longhaul@127.0.0.1:5432/tasks"}
 
     listed = subprocess.run([sys.executable, "-c", without_psycopg, "tasks"], env=env, cwd=tmp_path,
@@ -198,7 +197,7 @@ def test_threads_that_ended_give_their_pooled_connections_back(db_url, make_upda
 
 @postgres_only
 def test_a_pool_too_small_for_the_threads_names_the_setting(make_runtime, make_update, monkeypatch):
-    monkeypatch.setattr("models.db.POOL_WAIT_S", 1)
+    monkeypatch.setattr("longhaul.models.db.POOL_WAIT_S", 1)
     monkeypatch.setenv("LONGHAUL_DB_POOL_SIZE", "1")
     store = make_runtime().store  # the runtime reads LONGHAUL_DB_POOL_SIZE and sizes its store's pool
     store.record_checkpoint(make_update(1))  # this thread now holds the only connection

@@ -11,10 +11,10 @@ from urllib.parse import unquote
 import orjson
 import pytest
 
-import worker
-from models import TaskNotFound, TaskSpec, TaskStatus
-from models.event_stream import EventFile, event_file_name, export_events, truncate_tool_result
-from worker.testing import FakeClock, wait_until
+from longhaul import worker
+from longhaul.models import TaskNotFound, TaskSpec, TaskStatus
+from longhaul.models.event_stream import EventFile, event_file_name, export_events, truncate_tool_result
+from longhaul.worker.testing import FakeClock, wait_until
 
 NAME = re.compile(r"(?P<stem>.+)-chat-events-(?P<start>\d{20})-(?P<end>\d{20})\.jsonl")
 

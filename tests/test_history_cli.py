@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from models import TaskStatus
-from worker.testing import wait_until
+from longhaul.models import TaskStatus
+from longhaul.worker.testing import wait_until
 
 
 def json_lines(text: str) -> list[dict]:

@@ -6,11 +6,11 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from models import ChatMessage, ToolCall, Usage
-from worker import load_settings
-from worker.providers import PermanentProviderError, StepContext, TransientProviderError
-from worker.providers.anthropic import AnthropicProvider
-from worker.tools import LEDGER
+from longhaul.models import ChatMessage, ToolCall, Usage
+from longhaul.worker import load_settings
+from longhaul.worker.providers import PermanentProviderError, StepContext, TransientProviderError
+from longhaul.worker.providers.anthropic import AnthropicProvider
+from longhaul.worker.tools import LEDGER
 
 from .fake_openai import LoopbackServer, Recorded, Reply
 

@@ -20,19 +20,19 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-import worker
-from models import TOOL_CALL_TAGS, ChatMessage, TaskStatus, TaskStore, ToolCall, Usage
-from worker import Runtime, load_settings
-from worker.providers import PermanentProviderError, StepContext, TransientProviderError, create_provider
-from worker.providers.openai import OpenAIProvider
-from worker.testing import free_port, ledger_counts, wait_until
-from worker.tools import LEDGER, TOOLS
+from longhaul import worker
+from longhaul.models import TOOL_CALL_TAGS, ChatMessage, TaskStatus, TaskStore, ToolCall, Usage
+from longhaul.worker import Runtime, load_settings
+from longhaul.worker.providers import PermanentProviderError, StepContext, TransientProviderError, create_provider
+from longhaul.worker.providers.openai import OpenAIProvider
+from longhaul.worker.testing import free_port, ledger_counts, wait_until
+from longhaul.worker.tools import LEDGER, TOOLS
 
 from .fake_openai import FakeOpenAI, Recorded, Reply, Responder, answer, error_reply, native_call
 
 #: Matches none of the store's redaction patterns, so these tests catch a leak by the provider itself.
 API_KEY = "lh-test-key-7f3a9c2e5b1d4a8f6e0c"
-LONGHAUL = [sys.executable, "-c", "from worker.cli import main; main()"]
+LONGHAUL = [sys.executable, "-c", "from longhaul.worker.cli import main; main()"]
 
 
 @pytest.fixture

@@ -10,9 +10,9 @@ from typing import Callable
 
 import pytest
 
-from models import Claimant, LeaseBook, TaskSpec, TaskStatus, TaskStore
+from longhaul.models import Claimant, LeaseBook, TaskSpec, TaskStatus, TaskStore
+from longhaul.worker.testing import run_released_together, wait_until
 from tests.test_worker_redis import assert_exactly_once, enqueue_many
-from worker.testing import run_released_together, wait_until
 
 pytestmark = pytest.mark.backends("postgres")
 
@@ -93,8 +93,8 @@ def test_a_dead_host_s_tasks_are_taken_over_by_another_host_once_their_leases_ex
 CONTENDER = """
 import json, os, random, sys, threading, time, uuid
 from pathlib import Path
-from models import CheckpointUpdate, Claimant, LeaseBook, LeaseLost, TaskStatus, TaskStore
-from worker.testing import wait_for_go
+from longhaul.models import CheckpointUpdate, Claimant, LeaseBook, LeaseLost, TaskStatus, TaskStore
+from longhaul.worker.testing import wait_for_go
 
 db_url, go = sys.argv[1], Path(sys.argv[5])
 process, threads, rounds = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

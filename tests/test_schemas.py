@@ -9,7 +9,7 @@ from typing import Any, Callable
 import pydantic
 import pytest
 
-from models import (
+from longhaul.models import (
     ChatMessage,
     CheckpointUpdate,
     CorruptRecord,
@@ -21,7 +21,7 @@ from models import (
     ToolCall,
     open_database,
 )
-from models.schemas import stored_message
+from longhaul.models.schemas import stored_message
 
 Mutation = Callable[[dict[str, Any]], None]
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-import worker
-from models import (
+from longhaul import worker
+from longhaul.models import (
     Claimant,
     LeaseInfo,
     TaskNotFound,
@@ -29,18 +29,18 @@ from models import (
     ToolCall,
     load_resumable_state,
 )
-from worker import Runtime
-from worker.execute import execute_task
-from worker.providers import (
+from longhaul.worker import Runtime
+from longhaul.worker.execute import execute_task
+from longhaul.worker.providers import (
     PROVIDERS,
     AssistantTurn,
     PermanentProviderError,
     StepContext,
     TransientProviderError,
 )
-from worker.providers.scripted import ScriptedProvider
-from worker.recovery import find_interrupted, interruption, resend_interrupted
-from worker.testing import FakeClock, ledger_counts, wait_until
+from longhaul.worker.providers.scripted import ScriptedProvider
+from longhaul.worker.recovery import find_interrupted, interruption, resend_interrupted
+from longhaul.worker.testing import FakeClock, ledger_counts, wait_until
 
 #: A worker process on another host: its liveness cannot be checked from here.
 ELSEWHERE = Claimant(owner="other", host="elsewhere", pid=1)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 from peewee import IntegrityError
 
-from models import (
+from longhaul.models import (
     ChatMessage,
     Claimant,
     LeaseBook,
@@ -22,7 +22,7 @@ from models import (
     TaskStatus,
     TaskStore,
 )
-from models.tables import SCHEMA_VERSION
+from longhaul.models.tables import SCHEMA_VERSION
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 

@@ -9,14 +9,14 @@ import sys
 import threading
 from pathlib import Path
 
-from models import TaskStore
-from models.tables import SCHEMA_VERSION
-from worker.testing import run_released_together
+from longhaul.models import TaskStore
+from longhaul.models.tables import SCHEMA_VERSION
+from longhaul.worker.testing import run_released_together
 
 #: Reads a task in a fresh interpreter and prints what it saw as JSON.
 READER = """
 import json, sys
-from models import TaskStore
+from longhaul.models import TaskStore
 with TaskStore(sys.argv[1]) as store:
     record = store.load(sys.argv[2])
     print(json.dumps({
@@ -31,8 +31,8 @@ with TaskStore(sys.argv[1]) as store:
 WRITER = """
 import json, sys, threading, time
 from pathlib import Path
-from models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
-from worker.testing import wait_for_go
+from longhaul.models import ChatMessage, CheckpointItem, CheckpointUpdate, TaskStore
+from longhaul.worker.testing import wait_for_go
 
 db_url, go = sys.argv[1], Path(sys.argv[5])
 process, threads, steps = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

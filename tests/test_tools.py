@@ -14,12 +14,20 @@ from typing import Any, Callable, Iterator
 import pytest
 from pydantic import BaseModel
 
-import worker.tools as tools
-from models import InvalidInput, ToolCall
-from worker import Settings, load_settings
-from worker.providers.common import make_tool_call
-from worker.tools import ToolContext, ToolResult, allowed_tools, register_tool, run_tool_call, tool, validate_tool_names
-from worker.tools.files import WriteJournal
+import longhaul.worker.tools as tools
+from longhaul.models import InvalidInput, ToolCall
+from longhaul.worker import Settings, load_settings
+from longhaul.worker.providers.common import make_tool_call
+from longhaul.worker.tools import (
+    ToolContext,
+    ToolResult,
+    allowed_tools,
+    register_tool,
+    run_tool_call,
+    tool,
+    validate_tool_names,
+)
+from longhaul.worker.tools.files import WriteJournal
 
 from .fake_openai import LoopbackServer, Reply
 
@@ -376,8 +384,7 @@ def test_workspace_root_comes_from_the_settings(call, settings, tmp_path):
 
 
 def test_an_unknown_tool_name_fails_at_submit_naming_tools_and_stores_nothing(embedded_runtime):
-    import worker
-
+    from longhaul import worker
     with pytest.raises(InvalidInput, match="tools"):
         worker.run_inline("use a tool that does not exist", task_id="no-such-tool", tools=["nope"])
 

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from peewee import IntegrityError
 from playhouse.migrate import SchemaMigrator, migrate
 
-import worker
-from models import (
+from longhaul import worker
+from longhaul.models import (
     ChatMessage,
     CheckpointItem,
     CheckpointUpdate,
@@ -37,14 +37,14 @@ from models import (
     ToolCall,
     Usage,
 )
-from models.migrations import _V2_TASK_COLUMNS
-from models.redact import _SECRET_KEY, _SECRET_TEXT, might_hold_secret
-from models.tables import SCHEMA_VERSION
-from models.traces import INLINE_CAPS, PendingTraces, TraceWriter
-from worker import Runtime
-from worker.execute import execute_task
-from worker.providers import PROVIDERS, AssistantTurn, PermanentProviderError, StepContext
-from worker.testing import FakeClock, wait_until
+from longhaul.models.migrations import _V2_TASK_COLUMNS
+from longhaul.models.redact import _SECRET_KEY, _SECRET_TEXT, might_hold_secret
+from longhaul.models.tables import SCHEMA_VERSION
+from longhaul.models.traces import INLINE_CAPS, PendingTraces, TraceWriter
+from longhaul.worker import Runtime
+from longhaul.worker.execute import execute_task
+from longhaul.worker.providers import PROVIDERS, AssistantTurn, PermanentProviderError, StepContext
+from longhaul.worker.testing import FakeClock, wait_until
 
 # -- fake providers -----------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models import (
+from longhaul.models import (
     TOOL_CALL_TAGS,
     ChatMessage,
     TaskStatus,

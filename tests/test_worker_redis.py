@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import worker
-from models import TaskStatus
-from worker.testing import ledger_counts, wait_until
+from longhaul import worker
+from longhaul.models import TaskStatus
+from longhaul.worker.testing import ledger_counts, wait_until
 
 pytestmark = [pytest.mark.redis, pytest.mark.crash]
 
@@ -155,7 +155,7 @@ def test_longhaul_run_waits_for_the_redis_workers_and_enqueue_prints_the_id(
     import sys
 
     start_worker(processes=1, threads=2)
-    cli = [sys.executable, "-c", "from worker.cli import main; main()"]
+    cli = [sys.executable, "-c", "from longhaul.worker.cli import main; main()"]
     done = subprocess.run([*cli, "run", "via redis", "--steps", "3", "--json"], env=worker_env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

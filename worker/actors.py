@@ -1,4 +1,4 @@
-"""Entry point for ``dramatiq worker.actors`` (what the Procfile runs).
+"""Entry point for ``dramatiq longhaul.worker.actors`` (what the Procfile runs).
 
 Importing this module builds the process's runtime from the environment
 and makes its broker Dramatiq's global broker. If the store cannot be
@@ -13,7 +13,7 @@ import sys
 
 import dramatiq
 
-from models import LonghaulError
+from longhaul.models import LonghaulError
 
 from .runtime import get_runtime
 

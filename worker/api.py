@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
-from models import (
+from longhaul.models import (
     CorruptRecord,
     InvalidInput,
     LonghaulError,
@@ -23,7 +23,7 @@ from models import (
     TaskStatus,
     TaskSummary,
 )
-from models.traces import TraceEventRecord
+from longhaul.models.traces import TraceEventRecord
 
 from .recovery import find_interrupted
 from .runtime import BrokerRequired, Runtime, get_runtime

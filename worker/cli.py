@@ -18,9 +18,9 @@ import click
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from models import InvalidInput, LonghaulError, TaskStatus, TaskStore, TaskSummary
-from models.db import is_postgres_url, redact_url
-from models.event_stream import export_events
+from longhaul.models import InvalidInput, LonghaulError, TaskStatus, TaskStore, TaskSummary
+from longhaul.models.db import is_postgres_url, redact_url
+from longhaul.models.event_stream import export_events
 
 from . import api
 from .runtime import BrokerRequired, get_runtime
@@ -182,7 +182,7 @@ def worker(processes: int, threads: int) -> None:
     settings = get_runtime().settings
     if settings.redis_url is None:
         raise BrokerRequired("`longhaul worker`")
-    argv = [sys.executable, "-m", "dramatiq", "worker.actors", "--processes", str(processes),
+    argv = [sys.executable, "-m", "dramatiq", "longhaul.worker.actors", "--processes", str(processes),
             "--threads", str(threads)]
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from models import Claim, TaskStatus
+from longhaul.models import Claim, TaskStatus
 
 from .identity import is_process_alive
 from .loop import run_claimed_task

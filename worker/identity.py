@@ -8,7 +8,7 @@ from typing import Optional
 
 import psutil
 
-from models import Claimant
+from longhaul.models import Claimant
 
 
 def process_started_at(pid: int) -> Optional[float]:

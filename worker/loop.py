@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from dramatiq.middleware import CurrentMessage, Shutdown, TimeLimitExceeded
 from peewee import DatabaseError, InterfaceError
 
-from models import (
+from longhaul.models import (
     ChatMessage,
     CheckpointItem,
     CheckpointUpdate,
@@ -32,8 +32,8 @@ from models import (
     load_resumable_state,
     strip_tool_call_tags,
 )
-from models.redact import redact_text
-from models.traces import NullTraceWriter, TraceWriter
+from longhaul.models.redact import redact_text
+from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .providers import (
     PermanentProviderError,

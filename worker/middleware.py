@@ -9,7 +9,7 @@ from typing import Any, Optional
 from dramatiq import Broker, Message, Worker
 from dramatiq.middleware import Middleware
 
-from models import LonghaulError, TaskStatus
+from longhaul.models import LonghaulError, TaskStatus
 
 from .recovery import resend_interrupted
 from .runtime import Runtime

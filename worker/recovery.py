@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Optional
 
-from models import LeaseRow
+from longhaul.models import LeaseRow
 
 from .identity import is_process_alive
 from .runtime import Runtime

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 
 from dramatiq import Actor, Broker, Worker
 
-from models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, TaskStore
+from longhaul.models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, TaskStore
 
 from .identity import current_claimant
 from .settings import Settings, load_settings

@@ -8,8 +8,8 @@ from typing import Optional
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models import DEFAULT_DATABASE_URL, InvalidInput
-from models.db import DEFAULT_POOL_SIZE
+from longhaul.models import DEFAULT_DATABASE_URL, InvalidInput
+from longhaul.models.db import DEFAULT_POOL_SIZE
 
 
 class SettingsError(InvalidInput):

@@ -301,24 +301,27 @@ class PostgresServer:
 
 
 class WorkerProcess:
-    """``dramatiq worker.actors`` in its own process group, killable as a whole."""
+    """``dramatiq longhaul.worker.actors`` in its own process group, killable as a whole."""
 
-    def __init__(self, env: dict[str, str], *, processes: int, threads: int, log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], *, processes: int, threads: int, log_path: Path,
+                 cwd: Optional[Path] = None, argv: Optional[list[str]] = None) -> None:
         self.env = env
         self.processes = processes
         self.threads = threads
         self.log_path = log_path
+        self.cwd = cwd
+        #: The command to start instead of ``dramatiq longhaul.worker.actors`` (e.g. ``longhaul worker``).
+        self.argv = argv
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.started_at = 0.0  # time.monotonic() at start
 
     def start(self) -> WorkerProcess:
         with open(self.log_path, "ab") as log:
             self.started_at = time.monotonic()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "dramatiq", "worker.actors", "--processes", str(self.processes),
-                 "--threads", str(self.threads)],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            argv = self.argv or [sys.executable, "-m", "dramatiq", "longhaul.worker.actors",
+                                 "--processes", str(self.processes), "--threads", str(self.threads)]
+            self.proc = subprocess.Popen(argv, env=self.env, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         return self
 
     def kill(self) -> None:

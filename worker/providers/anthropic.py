@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import httpx
 
-from models import ChatMessage, Usage, parse_tool_call_tags, strip_tool_call_tags
+from longhaul.models import ChatMessage, Usage, parse_tool_call_tags, strip_tool_call_tags
 
 from .base import AssistantTurn, StepContext, TransientProviderError
 from .common import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence
 
-from models import ChatMessage, InvalidInput, LonghaulError, ToolCall, Usage
+from longhaul.models import ChatMessage, InvalidInput, LonghaulError, ToolCall, Usage
 
 from ..tools.base import Tool
 

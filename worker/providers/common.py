@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from models import ToolCall
+from longhaul.models import ToolCall
 
 from ..settings import Settings
 from ..tools import INVALID_ARGUMENTS_KEY

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import httpx
 
-from models import ChatMessage, ToolCall, Usage, parse_tool_call_tags, strip_tool_call_tags
+from longhaul.models import ChatMessage, ToolCall, Usage, parse_tool_call_tags, strip_tool_call_tags
 
 from ..tools.base import Tool
 from .base import AssistantTurn, PermanentProviderError, StepContext, TransientProviderError

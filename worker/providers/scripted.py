@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models import parse_tool_call_tags
+from longhaul.models import parse_tool_call_tags
 
 from .base import AssistantTurn, StepContext, TransientProviderError
 

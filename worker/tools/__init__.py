@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from models import CheckpointItem, InvalidInput, ToolCall
+from longhaul.models import CheckpointItem, InvalidInput, ToolCall
 
 from .base import INVALID_ARGUMENTS_KEY, Tool, ToolContext, ToolError, ToolResult, tool
 from .files import LIST_FILES, READ_FILE, WRITE_FILE
