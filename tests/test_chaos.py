@@ -8,7 +8,6 @@ by the test and fixed with ``LONGHAUL_CHAOS_SEED=<seed>`` to replay a run.
 from __future__ import annotations
 
 import json
-import os
 import random
 import sqlite3
 import time
@@ -20,85 +19,28 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import psutil
-import pydantic
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from pydantic import BaseModel
 
 from longhaul import worker
 from longhaul.models import (
-    ChatMessage,
-    CheckpointItem,
-    CheckpointUpdate,
     CorruptRecord,
-    TaskSnapshot,
-    TaskSpec,
     TaskStatus,
     TaskStore,
-    ToolCall,
 )
 from longhaul.worker.testing import WorkerProcess, ledger_counts, run_released_together, wait_until
+from tests.fixtures.chaos import (
+    QUEUE_KEY,
+    all_finished,
+    assert_each_step_checkpointed_once,
+    enqueue_tasks,
+    integrity_check,
+    repeated_steps,
+)
 
 if TYPE_CHECKING:
     from longhaul.worker import Runtime
 
 pytestmark = [pytest.mark.chaos]
-
-#: Dramatiq's Redis keys for longhaul's queue: message ids in a list, bodies in a hash.
-QUEUE_KEY = "dramatiq:longhaul"
-BODIES_KEY = "dramatiq:longhaul.msgs"
-DEAD_LETTER_KEY = "dramatiq:longhaul.XQ"
-
-
-@pytest.fixture
-def rng() -> random.Random:
-    """Random choices of one test, replayable from the seed it prints."""
-    seed = int(os.environ.get("LONGHAUL_CHAOS_SEED") or random.SystemRandom().randrange(2**32))
-    print(f"\nchaos seed {seed} (replay with LONGHAUL_CHAOS_SEED={seed})")
-    return random.Random(seed)
-
-
-def enqueue_tasks(count: int, *, prefix: str, steps: int, ledger: Path, step_delay_s: Any = 0.0) -> list[str]:
-    """Send `count` scripted tasks to the Redis workers; `step_delay_s` may be a callable drawing one per task."""
-    return [
-        worker.enqueue(f"{prefix} job {i}", task_id=f"{prefix}-{i:02d}", steps=steps, ledger_path=str(ledger),
-                       step_delay_s=step_delay_s() if callable(step_delay_s) else step_delay_s)
-        for i in range(count)
-    ]
-
-
-def all_finished(store: TaskStore, task_ids: Iterable[str]) -> bool:
-    return all(store.summary(task_id).status.is_terminal for task_id in task_ids)
-
-
-def assert_each_step_checkpointed_once(store: TaskStore, task_ids: Iterable[str], steps: int) -> None:
-    """Every task completed with one checkpoint per step and exactly its steps' messages, no more."""
-    for task_id in task_ids:
-        record = store.get(task_id)
-        assert record.status is TaskStatus.COMPLETED, (task_id, record.status, record.last_error)
-        assert [c.step_index for c in record.checkpoints] == list(range(1, steps + 1)), task_id
-        # The prompt, an assistant turn and a tool result per step, the final answer.
-        assert record.message_count == len(record.execution_history) == 2 * steps + 2, task_id
-
-
-def repeated_steps(ledger: Path, task_ids: Iterable[str], steps: int) -> Counter[tuple[str, int]]:
-    """How many extra times each step ran, per the ledger; fails if a step never ran."""
-    counts = ledger_counts(ledger)
-    extra: Counter[tuple[str, int]] = Counter()
-    for task_id in task_ids:
-        for step in range(1, steps + 1):
-            seen = counts[f"{task_id} step {step}"]
-            assert seen >= 1, f"{task_id} step {step} never ran"
-            if seen > 1:
-                extra[(task_id, step)] = seen - 1
-    return extra
-
-
-def integrity_check(db_path: Path) -> list[str]:
-    with closing(sqlite3.connect(db_path)) as conn:
-        return [row[0] for row in conn.execute("PRAGMA integrity_check")]
-
 
 # -- Kill storm ------------------------------------------------------------------
 
@@ -326,269 +268,6 @@ def test_every_task_completes_when_redis_restarts_empty_while_tasks_run(
     assert any("message is overdue" in w.log() for w in workers), "the lost tasks were not re-sent from the store"
     print(f"\nbroker loss: Redis restarted empty with {queued_messages} messages queued and {len(running)} tasks "
           f"running; all {len(task_ids)} tasks completed {recovered_s:.1f} s later, no step repeated")
-
-
-# -- Bad input: the schemas and the store -----------------------------------------------
-
-#: Any JSON-ish value, including what JSON cannot hold (NaN, infinities, integers beyond 64 bits).
-any_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-    max_leaves=10,
-)
-ROLES = ["system", "user", "assistant", "tool"]
-message_like = st.fixed_dictionaries(
-    {"role": st.sampled_from(ROLES) | st.text(max_size=8), "content": st.text(max_size=20) | any_json},
-    optional={"tool_calls": st.lists(st.dictionaries(st.sampled_from(["id", "name", "arguments", "x"]), any_json),
-                                     max_size=2) | any_json,
-              "name": any_json, "tool_call_id": any_json, "mood": any_json},
-)
-item_like = st.fixed_dictionaries(
-    {"tool_name": st.text(max_size=8) | any_json, "success": any_json, "output": st.text(max_size=8) | any_json},
-    optional={"arguments": st.dictionaries(st.text(max_size=8), any_json, max_size=3) | any_json},
-)
-#: Values a fuzzer puts in each field: anything, plus shapes close to the real ones.
-FIELD_VALUES = {
-    "execution_history": st.lists(message_like, max_size=3) | any_json,
-    "resumable_history": st.lists(message_like, max_size=3) | any_json,
-    "new_messages": st.lists(message_like, max_size=3) | any_json,
-    "items": st.lists(item_like, max_size=3) | any_json,
-    "options": st.dictionaries(st.text(max_size=8), any_json, max_size=4) | any_json,
-    "status": st.sampled_from([s.value for s in TaskStatus]) | any_json,
-    "step_index": st.integers() | any_json,
-    "max_steps": st.integers() | any_json,
-    "time_limit_s": st.floats() | any_json,
-}
-#: A valid input per schema, which the fuzzer then damages field by field.
-VALID_INPUTS: dict[type[BaseModel], dict[str, Any]] = {
-    TaskSpec: dict(prompt="do it", options={"steps": 3}),
-    TaskSnapshot: dict(task_id="t", thread_id="th", channel="c", provider="p", model="m", status="running",
-                       execution_history=[{"role": "user", "content": "hi"}]),
-    CheckpointUpdate: dict(task_id="t", thread_id="th", channel="c", provider="p", model="m", step_index=1,
-                           new_messages=[{"role": "assistant", "content": "ok"}],
-                           items=[{"tool_name": "ledger", "success": True, "output": "ok"}]),
-}
-
-
-@st.composite
-def damaged_inputs(draw: st.DrawFn, schema: type[BaseModel]) -> dict[str, Any]:
-    """A valid input with some fields replaced, some dropped and unknown ones added."""
-    fields = dict(VALID_INPUTS[schema])
-    names = sorted(schema.model_fields)
-    for name in draw(st.lists(st.sampled_from(names), max_size=3)):
-        fields[name] = draw(FIELD_VALUES.get(name, st.text(max_size=30) | any_json))
-    for name in draw(st.lists(st.sampled_from(names), max_size=2)):
-        fields.pop(name, None)
-    fields.update(draw(st.dictionaries(st.text(max_size=6), any_json, max_size=1)))
-    return fields
-
-
-@pytest.mark.parametrize("schema", list(VALID_INPUTS), ids=lambda schema: schema.__name__)
-@settings(max_examples=300, deadline=None)
-@given(data=st.data())
-def test_random_input_to_a_schema_is_accepted_or_refused_with_a_validation_error_naming_the_field(schema, data):
-    fields = data.draw(damaged_inputs(schema))
-    try:
-        accepted = schema.model_validate(fields)
-    except pydantic.ValidationError as exc:
-        assert all(error["loc"] for error in exc.errors()), exc
-    else:  # what is accepted survives its JSON form, the way specs are stored
-        assert schema.model_validate_json(accepted.model_dump_json()) == accepted
-    raw = data.draw(st.binary(max_size=60) | st.text(max_size=60) | st.just(json.dumps(fields, default=str)))
-    try:
-        schema.model_validate_json(raw)
-    except pydantic.ValidationError:
-        pass
-
-
-#: What the store can hold: text without lone surrogates (hypothesis's default), 64-bit integers,
-#: finite floats. `test_values_the_schemas_accept_are_stored_or_refused_by_the_schema` covers the rest.
-store_text = st.text(max_size=30)
-store_json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
-    | store_text,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(store_text, inner, max_size=3),
-    max_leaves=8,
-)
-store_arguments = st.dictionaries(store_text, store_json, max_size=3)
-labels = st.text(min_size=1, max_size=20)
-tool_calls = st.builds(ToolCall, id=st.text(max_size=10), name=labels, arguments=store_arguments)
-chat_messages = st.builds(
-    ChatMessage, role=st.sampled_from(ROLES), content=store_text, tool_call_id=st.none() | store_text,
-    name=st.none() | store_text, tool_calls=st.none() | st.lists(tool_calls, max_size=2),
-)
-checkpoint_items = st.builds(CheckpointItem, tool_name=labels, arguments=store_arguments, success=st.booleans(),
-                             output=store_text)
-#: (task number, step, messages, items, note): several tasks, repeated steps, out-of-order steps.
-checkpoint_steps = st.lists(
-    st.tuples(st.integers(0, 2), st.integers(0, 5), st.lists(chat_messages, max_size=3),
-              st.lists(checkpoint_items, max_size=2), st.none() | store_text),
-    min_size=1, max_size=12,
-)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=checkpoint_steps)
-def test_valid_checkpoints_round_trip_through_the_store_and_a_repeated_step_changes_nothing(store, steps):
-    run = uuid.uuid4().hex[:8]  # one store for every example: each example writes its own tasks
-    expected: dict[str, dict[str, Any]] = {}
-    for task, step, messages, items, note in steps:
-        task_id = f"{run}-{task}"
-        want = expected.setdefault(task_id, {"steps": {}, "history": [], "note": None})
-        update = CheckpointUpdate(task_id=task_id, thread_id=task_id, channel="c", provider="p", model="m",
-                                  step_index=step, new_messages=messages, items=items, checkpoint_note=note)
-        first = step not in want["steps"]
-        assert store.record_checkpoint(update) is first
-        if first:
-            want["steps"][step] = (note, [item.model_dump() for item in items])
-            want["history"].extend(message.model_dump() for message in messages)
-            want["note"] = note if note is not None else want["note"]
-
-    for task_id, want in expected.items():
-        record = store.get(task_id)
-        assert {c.step_index: (c.checkpoint_note, [i.model_dump() for i in c.items]) for c in record.checkpoints} \
-            == want["steps"]
-        assert [c.step_index for c in record.checkpoints] == sorted(want["steps"])
-        assert [message.model_dump() for message in record.execution_history] == want["history"]
-        assert (record.checkpoint_count, record.message_count) == (len(want["steps"]), len(want["history"]))
-        assert record.latest_checkpoint_note == want["note"]
-
-
-#: Values the store cannot write: the schemas must refuse them, naming the field.
-UNSTORABLE = {
-    "integer beyond 64 bits in tool arguments": dict(
-        items=[dict(tool_name="ledger", arguments={"issue": 2**64}, success=True, output="ok")]),
-    "integer beyond 64 bits in a tool call": dict(
-        new_messages=[dict(role="assistant", content="", tool_calls=[dict(name="ledger", arguments={"n": -2**70})])]),
-    "lone surrogate in message content": dict(new_messages=[dict(role="assistant", content="half \ud83d emoji")]),
-    "lone surrogate in tool output": dict(items=[dict(tool_name="ledger", success=True, output="\udfff")]),
-}
-
-
-@pytest.mark.parametrize("case", list(UNSTORABLE))
-def test_values_the_schemas_accept_are_stored_or_refused_by_the_schema(store, case):
-    fields = {**VALID_INPUTS[CheckpointUpdate], **UNSTORABLE[case]}
-    try:
-        update = CheckpointUpdate.model_validate(fields)
-    except pydantic.ValidationError:
-        return  # refused before anything is written, naming the field: fine
-    assert store.record_checkpoint(update)
-    stored = store.get("t")
-    assert [m.model_dump() for m in stored.execution_history] == [m.model_dump() for m in update.new_messages]
-    assert [i.model_dump() for i in stored.checkpoints[0].items] == [i.model_dump() for i in update.items]
-
-
-# -- Bad input: messages on the Redis queue ------------------------------------------------
-
-FIVE_MB = 5 * 1024 * 1024
-
-
-def message_body(message_id: str, **fields: Any) -> bytes:
-    """A Dramatiq message body for longhaul's actor, with `fields` overriding the well-formed ones."""
-    body: dict[str, Any] = dict(queue_name="longhaul", actor_name="longhaul.run_task", args=["no-such-task"],
-                                kwargs={}, options={"redis_message_id": message_id}, message_id=message_id,
-                                message_timestamp=int(time.time() * 1000))
-    body.update(fields)
-    return json.dumps(body).encode()
-
-
-def put_on_queue(client: Any, bodies: dict[str, bytes]) -> None:
-    """Place raw bodies on longhaul's queue the way Dramatiq's enqueue does (body in the hash, id in the list)."""
-    for message_id, body in bodies.items():
-        client.hset(BODIES_KEY, message_id, body)
-        client.rpush(QUEUE_KEY, message_id)
-
-
-def dead_lettered(client: Any) -> set[str]:
-    return {message_id.decode() for message_id in client.zrange(DEAD_LETTER_KEY, 0, -1)}
-
-
-def unsettled_messages(client: Any) -> set[str]:
-    """Ids still queued, held in a consumer's ack set, or with a body left behind: neither done nor dead-lettered."""
-    held = {m for key in client.scan_iter("dramatiq:__acks__.*") for m in client.smembers(key)}
-    return {m.decode() for m in {*client.lrange(QUEUE_KEY, 0, -1), *held, *client.hkeys(BODIES_KEY)}}
-
-
-@pytest.mark.redis
-def test_malformed_truncated_and_oversized_messages_are_dead_lettered_while_good_tasks_complete(
-    client_runtime, start_worker, redis_client, rng: random.Random, tmp_path: Path
-):
-    store, ledger = client_runtime.store, tmp_path / "ledger.txt"
-    undecodable = {
-        "not-json": b"\x00\xffnot json at all",
-        "truncated": message_body("truncated")[:40],
-        "oversized-garbage": rng.randbytes(FIVE_MB),
-        "json-array": b"[1, 2, 3]",
-        "json-null": b"null",
-        "missing-fields": b'{"queue_name": "longhaul", "actor_name": "longhaul.run_task"}',
-    }
-    refused = {
-        "unknown-actor": message_body("unknown-actor", actor_name="no.such.actor"),
-        "kwargs-not-object": message_body("kwargs-not-object", kwargs=[1]),
-    }
-    dropped = {
-        "wrong-args": message_body("wrong-args", args=[123, "x"]),
-        "args-not-list": message_body("args-not-list", args="abc"),
-        "unknown-task": message_body("unknown-task"),
-        "oversized-task-id": message_body("oversized-task-id", args=["x" * FIVE_MB]),
-        "bad-eta": message_body("bad-eta", options={"redis_message_id": "bad-eta", "eta": "soon"}),
-    }
-    bad = {**undecodable, **refused, **dropped}
-    good = enqueue_tasks(3, prefix="before", steps=3, ledger=ledger)
-    put_on_queue(redis_client, dict(rng.sample(sorted(bad.items()), len(bad))))
-    good += enqueue_tasks(3, prefix="after", steps=3, ledger=ledger)
-
-    worker_process = start_worker(processes=1, threads=2)
-    wait_until(lambda: all_finished(store, good), timeout_s=60, what="the good tasks around the bad messages")
-    wait_until(lambda: not unsettled_messages(redis_client), timeout_s=30, what="every bad message to be settled")
-
-    assert_each_step_checkpointed_once(store, good, steps=3)
-    assert dead_lettered(redis_client) == {*undecodable, *refused}, "undecodable messages are kept for inspection"
-    assert store.count_tasks() == len(good), "a bad message created a task"
-    log = worker_process.log()
-    assert "not a valid Dramatiq message" in log and "malformed message" in log and "no such task" in log
-    assert worker_process.proc is not None and worker_process.proc.poll() is None
-
-    later = enqueue_tasks(2, prefix="later", steps=3, ledger=ledger)
-    wait_until(lambda: all_finished(store, later), timeout_s=30, what="tasks sent after the bad messages")
-    assert_each_step_checkpointed_once(store, later, steps=3)
-
-
-#: Bodies Dramatiq decodes without complaint but cannot handle (see the xfail reason).
-DECODABLE_BUT_BROKEN = {
-    "options-not-an-object": dict(options=5),
-    "no-redis-message-id": dict(options={}),
-    "another-queue-name": dict(queue_name="elsewhere"),
-}
-
-
-@pytest.mark.redis
-@pytest.mark.parametrize("case", list(DECODABLE_BUT_BROKEN))
-def test_a_decodable_but_malformed_message_is_dead_lettered_without_harming_good_tasks(
-    client_runtime, start_worker, redis_client, tmp_path: Path, case: str
-):
-    store, threads = client_runtime.store, 2
-    ids = [f"{case}-{i}" for i in range(threads)]  # one per thread, fetched in one batch with the good tasks
-    put_on_queue(redis_client, {i: message_body(i, **DECODABLE_BUT_BROKEN[case]) for i in ids})
-    good = enqueue_tasks(4, prefix="good", steps=1, ledger=tmp_path / "ledger.txt")
-
-    start_worker(processes=1, threads=threads)
-    wait_until(lambda: all_finished(store, good) and set(ids) <= dead_lettered(redis_client), timeout_s=10,
-               what="the good tasks to complete and the malformed messages to be dead-lettered")
-
-
-@pytest.mark.redis
-def test_an_oversized_message_leaves_only_a_short_trace_in_the_log(
-    client_runtime, start_worker, redis_client, rng: random.Random, tmp_path: Path
-):
-    put_on_queue(redis_client, {"oversized-garbage": rng.randbytes(FIVE_MB),
-                                "oversized-task-id": message_body("oversized-task-id", args=["x" * FIVE_MB])})
-    good = enqueue_tasks(1, prefix="good", steps=1, ledger=tmp_path / "ledger.txt")
-    worker_process = start_worker(processes=1, threads=2)
-    wait_until(lambda: all_finished(client_runtime.store, good) and not unsettled_messages(redis_client),
-               timeout_s=60, what="both messages to be handled")
-
-    assert len(worker_process.log()) < 100_000
 
 
 # -- Bad input: a corrupt cell in the database ---------------------------------------------

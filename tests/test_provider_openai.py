@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -27,12 +26,12 @@ from longhaul.worker.providers import PermanentProviderError, StepContext, Trans
 from longhaul.worker.providers.openai import OpenAIProvider
 from longhaul.worker.testing import free_port, ledger_counts, wait_until
 from longhaul.worker.tools import LEDGER, TOOLS
+from tests.fixtures.cli import LONGHAUL
 
 from .fake_openai import FakeOpenAI, Recorded, Reply, Responder, answer, error_reply, native_call
 
 #: Matches none of the store's redaction patterns, so these tests catch a leak by the provider itself.
 API_KEY = "lh-test-key-7f3a9c2e5b1d4a8f6e0c"
-LONGHAUL = [sys.executable, "-c", "from longhaul.worker.cli import main; main()"]
 
 
 @pytest.fixture

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import uuid
 from typing import Any, Callable
 
 import pydantic
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from longhaul.models import (
     ChatMessage,
+    CheckpointItem,
     CheckpointUpdate,
     CorruptRecord,
     InvalidDatabaseUrl,
@@ -335,3 +341,153 @@ def test_changing_one_rebuilt_message_leaves_the_others_alone():
 def test_a_stored_message_with_a_damaged_column_is_refused_naming_it(columns, problem):
     with pytest.raises(ValueError, match=problem):
         stored_message(*columns, None)
+
+
+# -- Fuzzing: random and damaged input to the schemas and the store -----------------------------------------------
+
+#: Any JSON-ish value, including what JSON cannot hold (NaN, infinities, integers beyond 64 bits).
+any_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=10,
+)
+ROLES = ["system", "user", "assistant", "tool"]
+message_like = st.fixed_dictionaries(
+    {"role": st.sampled_from(ROLES) | st.text(max_size=8), "content": st.text(max_size=20) | any_json},
+    optional={"tool_calls": st.lists(st.dictionaries(st.sampled_from(["id", "name", "arguments", "x"]), any_json),
+                                     max_size=2) | any_json,
+              "name": any_json, "tool_call_id": any_json, "mood": any_json},
+)
+item_like = st.fixed_dictionaries(
+    {"tool_name": st.text(max_size=8) | any_json, "success": any_json, "output": st.text(max_size=8) | any_json},
+    optional={"arguments": st.dictionaries(st.text(max_size=8), any_json, max_size=3) | any_json},
+)
+#: Values a fuzzer puts in each field: anything, plus shapes close to the real ones.
+FIELD_VALUES = {
+    "execution_history": st.lists(message_like, max_size=3) | any_json,
+    "resumable_history": st.lists(message_like, max_size=3) | any_json,
+    "new_messages": st.lists(message_like, max_size=3) | any_json,
+    "items": st.lists(item_like, max_size=3) | any_json,
+    "options": st.dictionaries(st.text(max_size=8), any_json, max_size=4) | any_json,
+    "status": st.sampled_from([s.value for s in TaskStatus]) | any_json,
+    "step_index": st.integers() | any_json,
+    "max_steps": st.integers() | any_json,
+    "time_limit_s": st.floats() | any_json,
+}
+#: A valid input per schema, which the fuzzer then damages field by field.
+VALID_INPUTS: dict[type[BaseModel], dict[str, Any]] = {
+    TaskSpec: dict(prompt="do it", options={"steps": 3}),
+    TaskSnapshot: dict(task_id="t", thread_id="th", channel="c", provider="p", model="m", status="running",
+                       execution_history=[{"role": "user", "content": "hi"}]),
+    CheckpointUpdate: dict(task_id="t", thread_id="th", channel="c", provider="p", model="m", step_index=1,
+                           new_messages=[{"role": "assistant", "content": "ok"}],
+                           items=[{"tool_name": "ledger", "success": True, "output": "ok"}]),
+}
+
+
+@st.composite
+def damaged_inputs(draw: st.DrawFn, schema: type[BaseModel]) -> dict[str, Any]:
+    """A valid input with some fields replaced, some dropped and unknown ones added."""
+    fields = dict(VALID_INPUTS[schema])
+    names = sorted(schema.model_fields)
+    for name in draw(st.lists(st.sampled_from(names), max_size=3)):
+        fields[name] = draw(FIELD_VALUES.get(name, st.text(max_size=30) | any_json))
+    for name in draw(st.lists(st.sampled_from(names), max_size=2)):
+        fields.pop(name, None)
+    fields.update(draw(st.dictionaries(st.text(max_size=6), any_json, max_size=1)))
+    return fields
+
+
+@pytest.mark.parametrize("schema", list(VALID_INPUTS), ids=lambda schema: schema.__name__)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_random_input_to_a_schema_is_accepted_or_refused_with_a_validation_error_naming_the_field(schema, data):
+    fields = data.draw(damaged_inputs(schema))
+    try:
+        accepted = schema.model_validate(fields)
+    except pydantic.ValidationError as exc:
+        assert all(error["loc"] for error in exc.errors()), exc
+    else:  # what is accepted survives its JSON form, the way specs are stored
+        assert schema.model_validate_json(accepted.model_dump_json()) == accepted
+    raw = data.draw(st.binary(max_size=60) | st.text(max_size=60) | st.just(json.dumps(fields, default=str)))
+    try:
+        schema.model_validate_json(raw)
+    except pydantic.ValidationError:
+        pass
+
+
+#: What the store can hold: text without lone surrogates (hypothesis's default), 64-bit integers,
+#: finite floats. `test_values_the_schemas_accept_are_stored_or_refused_by_the_schema` covers the rest.
+store_text = st.text(max_size=30)
+store_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
+    | store_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(store_text, inner, max_size=3),
+    max_leaves=8,
+)
+store_arguments = st.dictionaries(store_text, store_json, max_size=3)
+labels = st.text(min_size=1, max_size=20)
+tool_calls = st.builds(ToolCall, id=st.text(max_size=10), name=labels, arguments=store_arguments)
+chat_messages = st.builds(
+    ChatMessage, role=st.sampled_from(ROLES), content=store_text, tool_call_id=st.none() | store_text,
+    name=st.none() | store_text, tool_calls=st.none() | st.lists(tool_calls, max_size=2),
+)
+checkpoint_items = st.builds(CheckpointItem, tool_name=labels, arguments=store_arguments, success=st.booleans(),
+                             output=store_text)
+#: (task number, step, messages, items, note): several tasks, repeated steps, out-of-order steps.
+checkpoint_steps = st.lists(
+    st.tuples(st.integers(0, 2), st.integers(0, 5), st.lists(chat_messages, max_size=3),
+              st.lists(checkpoint_items, max_size=2), st.none() | store_text),
+    min_size=1, max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=checkpoint_steps)
+def test_valid_checkpoints_round_trip_through_the_store_and_a_repeated_step_changes_nothing(store, steps):
+    run = uuid.uuid4().hex[:8]  # one store for every example: each example writes its own tasks
+    expected: dict[str, dict[str, Any]] = {}
+    for task, step, messages, items, note in steps:
+        task_id = f"{run}-{task}"
+        want = expected.setdefault(task_id, {"steps": {}, "history": [], "note": None})
+        update = CheckpointUpdate(task_id=task_id, thread_id=task_id, channel="c", provider="p", model="m",
+                                  step_index=step, new_messages=messages, items=items, checkpoint_note=note)
+        first = step not in want["steps"]
+        assert store.record_checkpoint(update) is first
+        if first:
+            want["steps"][step] = (note, [item.model_dump() for item in items])
+            want["history"].extend(message.model_dump() for message in messages)
+            want["note"] = note if note is not None else want["note"]
+
+    for task_id, want in expected.items():
+        record = store.get(task_id)
+        assert {c.step_index: (c.checkpoint_note, [i.model_dump() for i in c.items]) for c in record.checkpoints} \
+            == want["steps"]
+        assert [c.step_index for c in record.checkpoints] == sorted(want["steps"])
+        assert [message.model_dump() for message in record.execution_history] == want["history"]
+        assert (record.checkpoint_count, record.message_count) == (len(want["steps"]), len(want["history"]))
+        assert record.latest_checkpoint_note == want["note"]
+
+
+#: Values the store cannot write: the schemas must refuse them, naming the field.
+UNSTORABLE = {
+    "integer beyond 64 bits in tool arguments": dict(
+        items=[dict(tool_name="ledger", arguments={"issue": 2**64}, success=True, output="ok")]),
+    "integer beyond 64 bits in a tool call": dict(
+        new_messages=[dict(role="assistant", content="", tool_calls=[dict(name="ledger", arguments={"n": -2**70})])]),
+    "lone surrogate in message content": dict(new_messages=[dict(role="assistant", content="half \ud83d emoji")]),
+    "lone surrogate in tool output": dict(items=[dict(tool_name="ledger", success=True, output="\udfff")]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSTORABLE))
+def test_values_the_schemas_accept_are_stored_or_refused_by_the_schema(store, case):
+    fields = {**VALID_INPUTS[CheckpointUpdate], **UNSTORABLE[case]}
+    try:
+        update = CheckpointUpdate.model_validate(fields)
+    except pydantic.ValidationError:
+        return  # refused before anything is written, naming the field: fine
+    assert store.record_checkpoint(update)
+    stored = store.get("t")
+    assert [m.model_dump() for m in stored.execution_history] == [m.model_dump() for m in update.new_messages]
+    assert [i.model_dump() for i in stored.checkpoints[0].items] == [i.model_dump() for i in update.items]
