@@ -1,0 +1,530 @@
+"""How many agent tasks one worker host holds in flight while each waits on a slow model.
+
+A loopback OpenAI-compatible server (its own process, plain asyncio) answers
+every chat request after a fixed latency L: a task's first five requests get
+one ``list_files`` tool call each, the sixth a final answer, so a task is six
+model turns. N tasks are enqueued at once on real Redis, and the worker host
+(``longhaul worker`` with the given arguments) runs them against that server.
+
+Printed per run: the most tasks in flight at once, how long after the last
+enqueue all N were in flight (or done), the makespan (first enqueue to last
+finish; the ideal is 6 x L), failed tasks, the worker host's CPU per model
+turn (ms) and on average (cores), its largest worker process (RSS, MB), and
+the most database connections it held (PostgreSQL: ``pg_stat_activity``;
+SQLite: open descriptors of the database file).
+
+Next to it, in the same invocation, the **plain-asyncio ceiling**: one
+process, one event loop, one shared ``httpx.AsyncClient``, and each turn's
+checkpoint (the assistant message, the tool result, a checkpoint row) written
+in one transaction, on 10 psycopg connections for PostgreSQL or one
+sqlite3 connection (WAL, synchronous=NORMAL) for SQLite. It does the same
+model and store work as longhaul with nothing else, so its CPU per turn is
+the floor that longhaul's is judged against (``ratio`` column).
+
+Nothing asserts on the figures; they are printed for a reader to judge.
+
+    python bench/concurrency.py                                  # N=1,000, L=10 s, SQLite and PostgreSQL
+    python bench/concurrency.py --tasks 1000 --latency-s 1 --backend postgres
+    python bench/concurrency.py --worker-args "--processes 4 --threads 250"
+    python bench/concurrency.py --quick                          # N=20, L=0.2 s, SQLite: about 20 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shlex
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import psutil
+
+from longhaul.worker.testing import PostgresServer, RedisServer, free_port, wait_until
+
+#: Model turns per task: this many tool calls, then the final answer.
+TOOL_TURNS = 5
+TURNS_PER_TASK = TOOL_TURNS + 1
+#: How often the sampler reads the store and the worker processes.
+SAMPLE_INTERVAL_S = 0.25
+
+
+# -- the slow model: an OpenAI-compatible server on loopback -------------------------------------
+
+
+def _completion(request: dict[str, Any]) -> tuple[bytes, str]:
+    """The answer to one chat request (body, content type): a tool call until TOOL_TURNS results are in."""
+    done = sum(1 for message in request.get("messages", []) if message.get("role") == "tool")
+    usage = {"prompt_tokens": 50 + 20 * done, "completion_tokens": 12, "total_tokens": 62 + 20 * done}
+    if done < TOOL_TURNS:
+        call = {"id": f"call_{done}", "type": "function",
+                "function": {"name": "list_files", "arguments": json.dumps({"path": "."})}}
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        finish = "tool_calls"
+    else:
+        message, finish = {"role": "assistant", "content": f"done after {done} tool calls"}, "stop"
+    if not request.get("stream"):
+        body = {"id": "cmpl", "object": "chat.completion", "model": request.get("model", "fake"),
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
+        return json.dumps(body).encode(), "application/json"
+    delta: dict[str, Any] = {"role": "assistant"}
+    if message.get("content"):
+        delta["content"] = message["content"]
+    if message.get("tool_calls"):
+        delta["tool_calls"] = [{"index": 0, **message["tool_calls"][0]}]
+    events = [{"choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]},
+              {"choices": [], "usage": usage}]
+    return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n", "text/event-stream"
+
+
+async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency_s: float) -> None:
+    """HTTP/1.1 with keep-alive: each request answered `latency_s` after it arrived."""
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            headers = dict(line.split(":", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ":" in line)
+            length = int(next((v for k, v in headers.items() if k.strip().lower() == "content-length"), "0"))
+            request = json.loads(await reader.readexactly(length)) if length else {}
+            await asyncio.sleep(latency_s)
+            body, content_type = _completion(request)
+            writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                         "Connection: keep-alive\r\n\r\n".encode() + body)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _serve(port: int, latency_s: float) -> None:
+    server = await asyncio.start_server(lambda r, w: _serve_connection(r, w, latency_s), "127.0.0.1", port,
+                                        backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+class SlowModel:
+    """The fake model server in a process of its own (its CPU is nobody's in the figures)."""
+
+    def __init__(self, latency_s: float) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", str(self.port), str(latency_s)])
+
+    def __enter__(self) -> SlowModel:
+        import socket
+
+        def listening() -> bool:
+            with closing(socket.socket()) as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_until(listening, timeout_s=30, what="the fake model server")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+# -- one measured run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    """What one run measured (times in seconds, CPU in ms per model turn and cores on average)."""
+
+    run: str
+    tasks: int
+    latency_s: float
+    in_flight_max: int
+    all_in_flight_after_s: Optional[float]  # from the last enqueue; None if never all at once
+    makespan_s: float
+    ideal_s: float
+    failed: int
+    unfinished: int
+    cpu_ms_per_turn: float
+    cpu_cores: float
+    rss_mb_max: float
+    db_connections_max: int
+    enqueue_per_s: float
+    ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
+
+
+class StatusCounts:
+    """Reads how many tasks are in each status, straight from the database (not through longhaul)."""
+
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+        self.postgres = db_url.startswith("postgresql://")
+        self._conn: Any = None
+
+    def __call__(self) -> dict[str, int]:
+        rows = self._connection().execute('SELECT "status", COUNT(*) FROM "task" GROUP BY "status"').fetchall()
+        return {status: count for status, count in rows}
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            if self.postgres:
+                import psycopg
+
+                self._conn = psycopg.connect(self.db_url, autocommit=True)
+            else:
+                path = self.db_url.removeprefix("sqlite:///")
+                self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False)  # read by the sampler
+        return self._conn
+
+    def connections(self, database: str) -> int:
+        """PostgreSQL backends serving `database`, this reader's own connection left out."""
+        assert self.postgres
+        (count,) = self._connection().execute("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = %s "
+                                      "AND pid <> pg_backend_pid()", (database,)).fetchone()
+        return int(count)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _tree(root: psutil.Process) -> list[psutil.Process]:
+    try:
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _cpu_s(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class HostSampler(threading.Thread):
+    """Samples a process tree every SAMPLE_INTERVAL_S: CPU, largest RSS, database connections, task counts."""
+
+    def __init__(self, root: psutil.Process, counts: StatusCounts, *, db_file: Optional[str],
+                 pg_database: Optional[str]) -> None:
+        super().__init__(daemon=True)
+        self.root, self.counts, self.db_file, self.pg_database = root, counts, db_file, pg_database
+        self.stop = threading.Event()
+        self.in_flight_max = self.rss_max = self.connections_max = 0
+        self.cpu_seen: dict[int, float] = {}  # pid -> last CPU seconds (children that exit keep their share)
+        self.latest: dict[str, int] = {}
+        self.all_in_flight_at: Optional[float] = None
+        self.total = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(SAMPLE_INTERVAL_S):
+            self.sample()
+
+    def sample(self) -> None:
+        processes = _tree(self.root)
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                self.cpu_seen[process.pid] = times.user + times.system
+                self.rss_max = max(self.rss_max, process.memory_info().rss)
+            except psutil.NoSuchProcess:
+                continue
+        if self.pg_database is not None:
+            self.connections_max = max(self.connections_max, self.counts.connections(self.pg_database))
+        elif self.db_file is not None:
+            held = 0
+            for process in processes:
+                try:
+                    held += sum(1 for f in process.open_files() if f.path == self.db_file)
+                except psutil.NoSuchProcess:
+                    continue
+            self.connections_max = max(self.connections_max, held)
+        self.latest = self.counts()
+        running = self.latest.get("running", 0)
+        self.in_flight_max = max(self.in_flight_max, running)
+        started = sum(n for status, n in self.latest.items() if status != "queued")
+        if self.total and self.all_in_flight_at is None and started >= self.total:
+            self.all_in_flight_at = time.monotonic()
+
+    def cpu_s(self) -> float:
+        return sum(self.cpu_seen.values())
+
+
+def _worker_env(db_url: str, redis_url: str, model: SlowModel, workdir: Path, pool_size: int) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LONGHAUL_")}
+    env.update(LONGHAUL_DATABASE_URL=db_url, LONGHAUL_REDIS_URL=redis_url, LONGHAUL_OPENAI_BASE_URL=model.base_url,
+               LONGHAUL_DEFAULT_PROVIDER="openai", LONGHAUL_DEFAULT_MODEL="fake-slow",
+               LONGHAUL_WORKSPACE_ROOT=str(workdir / "workspaces"), LONGHAUL_DB_POOL_SIZE=str(pool_size),
+               LONGHAUL_LOG_LEVEL="WARNING")
+    return env
+
+
+def _threads_in(worker_args: list[str]) -> int:
+    """The thread count `worker_args` asks for (``--threads N``), for the connection pool size."""
+    return int(worker_args[worker_args.index("--threads") + 1]) if "--threads" in worker_args else 4
+
+
+def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, latency_s: float,
+                 worker_args: list[str], workdir: Path, pg_database: Optional[str]) -> Figures:
+    """Start a `longhaul worker` host, enqueue `tasks` tasks at once, and measure until all finish."""
+    from longhaul.worker import Runtime, api, load_settings, set_runtime
+
+    with SlowModel(latency_s) as model:
+        env = _worker_env(db_url, redis.url, model, workdir, pool_size=_threads_in(worker_args) + 8)
+        longhaul_cli = [sys.executable, "-c", "from longhaul.worker.cli import main; main()"]
+        subprocess.run([*longhaul_cli, "migrate"], env=env, check=True, capture_output=True, timeout=120)
+        log = open(workdir / f"worker-{backend}.log", "wb")
+        host = subprocess.Popen([*longhaul_cli, "worker", *worker_args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        client = Runtime(load_settings(database_url=db_url, redis_url=redis.url))
+        set_runtime(client)
+        counts = StatusCounts(db_url)
+        try:
+            # A warm-up task proves the host is up (its processes booted, connected, consuming).
+            warm = api.enqueue("warm up", provider="openai", model="fake-slow", task_id="warm-up")
+            wait_until(lambda: client.store.summary(warm).status.is_terminal, timeout_s=120 + 10 * latency_s,
+                       what="the warm-up task")
+            sampler = HostSampler(psutil.Process(host.pid), counts,
+                                  db_file=None if pg_database else db_url.removeprefix("sqlite:///"),
+                                  pg_database=pg_database)
+            sampler.sample()
+            cpu_before = sampler.cpu_s()
+            sampler.total = tasks + 1  # the warm-up task counts as started
+            sampler.start()
+            first_enqueue = time.monotonic()
+            for i in range(tasks):
+                api.enqueue(f"bench task {i}", provider="openai", model="fake-slow", task_id=f"bench-{i:05d}")
+            last_enqueue = time.monotonic()
+            deadline = last_enqueue + 60 + 20 * TURNS_PER_TASK * latency_s
+            while time.monotonic() < deadline:
+                finished = sum(n for status, n in sampler.latest.items() if status not in ("queued", "running"))
+                if finished >= tasks + 1:
+                    break
+                time.sleep(SAMPLE_INTERVAL_S)
+            finished_at = time.monotonic()
+            sampler.stop.set()
+            sampler.join()
+            sampler.sample()
+            cpu_s = sampler.cpu_s() - cpu_before
+            final = sampler.latest
+        finally:
+            set_runtime(None)
+            client.broker.close()
+            counts.close()
+            try:
+                os.killpg(host.pid, signal.SIGTERM)
+                host.wait(timeout=60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(host.pid, signal.SIGKILL)
+                host.wait()
+            log.close()
+    makespan_s = finished_at - first_enqueue
+    return Figures(
+        run=f"longhaul worker {' '.join(worker_args)}", tasks=tasks, latency_s=latency_s,
+        in_flight_max=sampler.in_flight_max,
+        all_in_flight_after_s=(None if sampler.all_in_flight_at is None
+                               else max(0.0, sampler.all_in_flight_at - last_enqueue)),
+        makespan_s=makespan_s, ideal_s=TURNS_PER_TASK * latency_s, failed=final.get("failed", 0),
+        unfinished=final.get("queued", 0) + final.get("running", 0),
+        cpu_ms_per_turn=1000 * cpu_s / (tasks * TURNS_PER_TASK), cpu_cores=cpu_s / makespan_s,
+        rss_mb_max=sampler.rss_max / 2**20, db_connections_max=sampler.connections_max,
+        enqueue_per_s=tasks / max(last_enqueue - first_enqueue, 1e-9),
+    )
+
+
+# -- the ceiling: plain asyncio doing the same model and store work --------------------------------
+
+#: PostgreSQL connections the ceiling writes through.
+CEILING_CONNECTIONS = 10
+CEILING_SCHEMA = [
+    "CREATE TABLE IF NOT EXISTS ceiling_message (task TEXT, position INTEGER, role TEXT, content TEXT)",
+    "CREATE TABLE IF NOT EXISTS ceiling_checkpoint (task TEXT, step INTEGER, note TEXT, PRIMARY KEY (task, step))",
+]
+
+
+async def _ceiling(db_url: str, base_url: str, tasks: int) -> dict[str, Any]:
+    import httpx
+
+    postgres = db_url.startswith("postgresql://")
+    if postgres:
+        import psycopg
+
+        # Ten connections handed out through a queue: the smallest pool there is.
+        pool: asyncio.Queue[Any] = asyncio.Queue()
+        for _ in range(CEILING_CONNECTIONS):
+            pool.put_nowait(await psycopg.AsyncConnection.connect(db_url, autocommit=True))
+        conn = pool.get_nowait()
+        for statement in CEILING_SCHEMA:
+            await conn.execute(statement)
+        pool.put_nowait(conn)
+    else:
+        lite = sqlite3.connect(db_url.removeprefix("sqlite:///"), isolation_level=None)
+        lite.execute("PRAGMA journal_mode=WAL")
+        lite.execute("PRAGMA synchronous=NORMAL")
+        for statement in CEILING_SCHEMA:
+            lite.execute(statement)
+    in_flight = in_flight_max = 0
+
+    async def checkpoint(task: str, step: int, messages: list[tuple[int, str, str]]) -> None:
+        rows = [(task, position, role, content) for position, role, content in messages]
+        if postgres:
+            conn = await pool.get()
+            try:
+                async with conn.transaction(), conn.cursor() as cursor:
+                    await cursor.executemany("INSERT INTO ceiling_message VALUES (%s, %s, %s, %s)", rows)
+                    await cursor.execute("INSERT INTO ceiling_checkpoint VALUES (%s, %s, %s)", (task, step, "ok"))
+            finally:
+                pool.put_nowait(conn)
+        else:
+            lite.execute("BEGIN IMMEDIATE")
+            lite.executemany("INSERT INTO ceiling_message VALUES (?, ?, ?, ?)", rows)
+            lite.execute("INSERT INTO ceiling_checkpoint VALUES (?, ?, ?)", (task, step, "ok"))
+            lite.execute("COMMIT")
+
+    async def one_task(client: httpx.AsyncClient, index: int) -> None:
+        nonlocal in_flight, in_flight_max
+        task = f"ceiling-{index:05d}"
+        history: list[dict[str, Any]] = [{"role": "user", "content": f"bench task {index}"}]
+        in_flight += 1
+        in_flight_max = max(in_flight_max, in_flight)
+        for step in range(1, TURNS_PER_TASK + 1):
+            response = await client.post("/chat/completions", json={"model": "fake-slow", "messages": history})
+            message = response.json()["choices"][0]["message"]
+            new = [(len(history), "assistant", message.get("content") or "")]
+            history.append({"role": "assistant", "content": message.get("content"),
+                            **({"tool_calls": message["tool_calls"]} if message.get("tool_calls") else {})})
+            for call in message.get("tool_calls") or []:
+                history.append({"role": "tool", "tool_call_id": call["id"], "content": "[]"})
+                new.append((len(history) - 1, "tool", "[]"))
+            await checkpoint(task, step, new)
+        in_flight -= 1
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=tasks)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        before = resource.getrusage(resource.RUSAGE_SELF)  # imports and connections are off the clock
+        started = time.monotonic()
+        await asyncio.gather(*(one_task(client, i) for i in range(tasks)))
+        makespan_s = time.monotonic() - started
+    if postgres:
+        while not pool.empty():
+            await pool.get_nowait().close()
+    else:
+        lite.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+    return {"makespan_s": makespan_s, "cpu_s": cpu_s, "in_flight_max": in_flight_max,
+            "rss_mb_max": usage.ru_maxrss / 1024, "db_connections_max": CEILING_CONNECTIONS if postgres else 1}
+
+
+def run_ceiling(*, db_url: str, tasks: int, latency_s: float) -> Figures:
+    """The plain-asyncio ceiling in a process of its own (its own CPU and RSS figures)."""
+    with SlowModel(latency_s) as model:
+        done = subprocess.run([sys.executable, __file__, "--ceiling", db_url, model.base_url, str(tasks)],
+                              capture_output=True, text=True, timeout=600 + 20 * latency_s, check=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return Figures(
+        run="plain asyncio ceiling (1 process)", tasks=tasks, latency_s=latency_s,
+        in_flight_max=measured["in_flight_max"], all_in_flight_after_s=0.0, makespan_s=measured["makespan_s"],
+        ideal_s=TURNS_PER_TASK * latency_s, failed=0, unfinished=0,
+        cpu_ms_per_turn=1000 * measured["cpu_s"] / (tasks * TURNS_PER_TASK),
+        cpu_cores=measured["cpu_s"] / measured["makespan_s"], rss_mb_max=measured["rss_mb_max"],
+        db_connections_max=measured["db_connections_max"], enqueue_per_s=float("nan"),
+    )
+
+
+# -- the whole invocation --------------------------------------------------------------------------
+
+
+def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: list[str]) -> list[Figures]:
+    results: list[Figures] = []
+    with tempfile.TemporaryDirectory(prefix="longhaul-concurrency-") as tmp:
+        workdir = Path(tmp)
+        postgres: Optional[PostgresServer] = None
+        try:
+            for backend in backends:
+                if backend == "postgres":
+                    if postgres is None:
+                        postgres = PostgresServer(max_connections=max(200, 4 * _threads_in(worker_args) + 50))
+                        postgres.start()
+                    urls = [postgres.create_database(f"bench_{name}") for name in ("longhaul", "ceiling")]
+                    pg_database: Optional[str] = "bench_longhaul"
+                else:
+                    urls = [f"sqlite:///{workdir / f'{name}.db'}" for name in ("longhaul", "ceiling")]
+                    pg_database = None
+                (workdir / f"redis-{backend}").mkdir()
+                redis = RedisServer(workdir / f"redis-{backend}").start()
+                try:
+                    ours = run_longhaul(backend=backend, db_url=urls[0], redis=redis, tasks=tasks,
+                                        latency_s=latency_s, worker_args=worker_args, workdir=workdir,
+                                        pg_database=pg_database)
+                finally:
+                    redis.stop()
+                ceiling = run_ceiling(db_url=urls[1], tasks=tasks, latency_s=latency_s)
+                ours.ratio = ours.cpu_ms_per_turn / ceiling.cpu_ms_per_turn
+                for figures in (ours, ceiling):
+                    figures.run = f"{backend}: {figures.run}"
+                results += [ours, ceiling]
+        finally:
+            if postgres is not None:
+                postgres.stop()
+    return results
+
+
+def print_table(results: list[Figures]) -> None:
+    print(f"{'run':<58} {'N':>5} {'L s':>5} {'in flight':>9} {'all in':>7} {'makespan':>9} {'ideal':>6} "
+          f"{'failed':>6} {'CPU ms/turn':>11} {'ratio':>6} {'cores':>6} {'RSS MB':>7} {'DB conns':>8} {'enq/s':>7}")
+    for f in results:
+        all_in = "never" if f.all_in_flight_after_s is None else f"{f.all_in_flight_after_s:.1f}"
+        ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
+        failed = f"{f.failed}" + (f"+{f.unfinished}?" if f.unfinished else "")
+        print(f"{f.run:<58} {f.tasks:>5} {f.latency_s:>5g} {f.in_flight_max:>9} {all_in:>7} {f.makespan_s:>8.1f}s "
+              f"{f.ideal_s:>5.0f}s {failed:>6} {f.cpu_ms_per_turn:>11.2f} {ratio:>6} {f.cpu_cores:>6.2f} "
+              f"{f.rss_mb_max:>7.0f} {f.db_connections_max:>8} {f.enqueue_per_s:>7.0f}")
+    print("all in: seconds from the last enqueue until every task was in flight or done; failed: +N? = unfinished "
+          "at the deadline; ratio: CPU per turn over the asyncio ceiling's on the same backend.")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 tasks, L = 0.2 s, SQLite only (CI smoke run)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--tasks", type=int, default=1000)
+    parser.add_argument("--latency-s", type=float, default=10.0, help="the fake model's answer time")
+    parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
+    parser.add_argument("--worker-args", default="--processes 4 --threads 250",
+                        help="arguments of `longhaul worker` (the host under test)")
+    parser.add_argument("--serve", nargs=2, metavar=("PORT", "LATENCY_S"), help=argparse.SUPPRESS)
+    parser.add_argument("--ceiling", nargs=3, metavar=("DB_URL", "BASE_URL", "TASKS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve:
+        asyncio.run(_serve(int(args.serve[0]), float(args.serve[1])))
+        return
+    if args.ceiling:
+        print(json.dumps(asyncio.run(_ceiling(args.ceiling[0], args.ceiling[1], int(args.ceiling[2])))))
+        return
+    if args.quick:
+        args.tasks, args.latency_s, args.backend, args.worker_args = 20, 0.2, "sqlite", "--processes 1 --threads 8"
+    backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    results = measure(backends=backends, tasks=args.tasks, latency_s=args.latency_s,
+                      worker_args=shlex.split(args.worker_args))
+    if args.json:
+        print(json.dumps([asdict(f) for f in results], indent=2))
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
