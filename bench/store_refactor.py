@@ -88,10 +88,15 @@ def measure(root: Path, quick: bool) -> dict[str, Any]:
 
 
 def baseline_commit(ref: str) -> str:
-    """`ref` as a commit; ``merge-base`` means where HEAD left main."""
-    if ref == "merge-base":
-        return _git("merge-base", "HEAD", "main")
-    return _git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    """`ref` as a commit; ``merge-base`` means where HEAD left main. Exits naming `--baseline-ref` if unknown."""
+    try:
+        if ref == "merge-base":
+            return _git("merge-base", "HEAD", "main")
+        return _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except subprocess.CalledProcessError as exc:
+        problem = (exc.stderr or "").strip() or f"git exited with {exc.returncode}"
+        raise SystemExit(f"--baseline-ref {ref!r}: no such commit in {REPO} ({problem}); "
+                         "a shallow clone may lack main's history: git fetch --unshallow") from None
 
 
 def _git(*args: str) -> str:
