@@ -10,8 +10,11 @@ from .errors import (
     LeaseLost,
     LonghaulError,
     SchemaTooNew,
+    StoreUnavailable,
     TaskNotFound,
     TaskNotResumable,
+    TraceSequenceClash,
+    UnstorableValue,
 )
 from .leases import Claim, Claimant, LeaseBook, LeaseRow
 from .schemas import (
@@ -42,7 +45,7 @@ from .turns import (
 __all__ = [
     # Errors
     "LonghaulError", "CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "SchemaTooNew",
-    "TaskNotFound", "TaskNotResumable",
+    "StoreUnavailable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
     # Schemas
     "ChatMessage", "CheckpointItem", "CheckpointUpdate", "LeaseInfo", "TaskCheckpointRecord",
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
-from peewee import Database, OperationalError, SqliteDatabase
+from peewee import Database, InterfaceError, OperationalError, SqliteDatabase
 from playhouse import db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
@@ -101,6 +101,15 @@ def open_database(
         f"unsupported scheme {urlparse(text).scheme!r}; use sqlite:///path/tasks.db (one host) or "
         "postgresql://user:pass@host:5432/db (many hosts)",
     )
+
+
+def connect_or_explain(db: Database, url: str) -> None:
+    """Connect now, so an unreachable server is one clear `InvalidDatabaseUrl`, not a driver traceback."""
+    try:
+        db.connect(reuse_if_open=True)
+    except (OperationalError, InterfaceError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidDatabaseUrl(redact_url(url), f"cannot connect to PostgreSQL: {reason}") from None
 
 
 def _open_sqlite(text: str, path: Path, busy_timeout_ms: int) -> SqliteDatabase:

@@ -6,6 +6,8 @@ went wrong and what to do next without parsing messages.
 
 from __future__ import annotations
 
+from typing import Optional
+
 
 class LonghaulError(Exception):
     """Root of longhaul's own errors."""
@@ -67,6 +69,52 @@ class LeaseLost(LonghaulError):
             "this worker stops and leaves the task to its new owner"
         )
         self.task_id = task_id
+
+
+class StoreUnavailable(LonghaulError):
+    """The task store could not be read or written: a lock held too long, a full disk, a lost connection.
+
+    Transient: nothing of the refused call was stored, and a retry (the step
+    loop's, from the latest checkpoint) can succeed once the store recovers.
+    `problem` names the driver's error and its message.
+    """
+
+    def __init__(self, task_id: Optional[str], problem: str) -> None:
+        if task_id is None:
+            message = f"the task store could not be used ({problem}); nothing was written, so the call can be retried"
+        else:
+            message = (f"task {task_id!r}: the task store could not be written ({problem}); "
+                       "nothing of the step was stored and the task resumes from its latest checkpoint")
+        super().__init__(message)
+        self.task_id = task_id
+        self.problem = problem
+
+
+class TraceSequenceClash(LonghaulError):
+    """Trace events were numbered before ones already stored for the task: two writers for one task.
+
+    The whole write (a checkpoint with its messages, or a batch of events) is
+    refused, so sequence numbers never repeat or go back.
+    """
+
+    def __init__(self, task_id: str, first_sequence: int, next_sequence: int) -> None:
+        super().__init__(
+            f"task {task_id!r}: trace events from sequence {first_sequence} do not come after the stored "
+            f"ones (next is {next_sequence}); two writers for one task?"
+        )
+        self.task_id = task_id
+        self.first_sequence = first_sequence
+        self.next_sequence = next_sequence
+
+
+class UnstorableValue(InvalidInput):
+    """A value the backend cannot hold (too long for its column, out of its integer range); nothing was written."""
+
+    def __init__(self, task_id: Optional[str], problem: str) -> None:
+        where = "the task store" if task_id is None else f"task {task_id!r}: the task store"
+        super().__init__(f"{where} cannot hold a value given ({problem}); shorten or correct it")
+        self.task_id = task_id
+        self.problem = problem
 
 
 class TaskNotResumable(LonghaulError):

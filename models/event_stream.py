@@ -13,9 +13,8 @@ into files of at most `max_events_per_file` events and `max_bytes_per_file`
 bytes, each file named ``<task_id>-chat-events-<start>-<end>.jsonl`` with the
 20-digit, zero-padded byte offsets of its first byte and of the byte after
 its last line. Concatenating a task's files in name order gives the stream.
-Unlike the reference design (which compared the stream's offset with the
-per-file maximum, so that after the first rotation every event got a file of
-its own), the limits apply to each file.
+Both limits apply to each file on its own (its own event count and bytes),
+never to the stream's offset, so every file but a task's last is full.
 
 Consistency: a task is read inside one read transaction, so a task that is
 running while it is exported yields a snapshot of complete steps; every file
@@ -32,16 +31,16 @@ import hashlib
 import os
 import re
 import uuid
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 from urllib.parse import quote
 
 import orjson
-from peewee import Database
 
+from .codec import to_datetime
+from .dialect import StoreFailures
 from .errors import CorruptRecord, TaskNotFound
 from .tables import EXECUTION, Tables
 
@@ -92,25 +91,30 @@ def export_events(
         raise ValueError(f"max_events_per_file: must be at least 1, got {max_events_per_file!r}")
     if max_bytes_per_file < 1:
         raise ValueError(f"max_bytes_per_file: must be at least 1, got {max_bytes_per_file!r}")
-    tables: Tables = store.tables
-    Task = tables.Task
-    if task_ids is None:
-        ids = [row[0] for row in Task.select(Task.task_id).order_by(Task.created_at, Task.id).tuples()]
-    else:
-        ids = list(dict.fromkeys(task_ids))
-        known = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
-            known.update(row[0] for row in Task.select(Task.task_id).where(Task.task_id.in_(chunk)).tuples())
-        missing = [task_id for task_id in ids if task_id not in known]
-        if missing:
-            raise TaskNotFound(missing[0])
+    with StoreFailures():
+        ids = _task_ids(store.tables, task_ids)
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     written: list[EventFile] = []
     for task_id in ids:
         written.extend(_export_task(store, task_id, folder, max_events_per_file, max_bytes_per_file))
     return written
+
+
+def _task_ids(tables: Tables, task_ids: Optional[Sequence[str]]) -> list[str]:
+    """The ids to export: `task_ids` once each, all of them known (else `TaskNotFound`), or every task."""
+    Task = tables.Task
+    if task_ids is None:
+        return [row[0] for row in Task.select(Task.task_id).order_by(Task.created_at, Task.id).tuples()]
+    ids = list(dict.fromkeys(task_ids))
+    known = set()
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        known.update(row[0] for row in Task.select(Task.task_id).where(Task.task_id.in_(chunk)).tuples())
+    missing = [task_id for task_id in ids if task_id not in known]
+    if missing:
+        raise TaskNotFound(missing[0])
+    return ids
 
 
 def event_file_name(task_id: str, start_offset: int, end_offset: int) -> str:
@@ -138,7 +142,7 @@ def truncate_tool_result(content: str, max_bytes: int = MAX_TOOL_RESULT_BYTES) -
 def _export_task(store: TaskStore, task_id: str, folder: Path, max_events: int, max_bytes: int) -> list[EventFile]:
     writer = _RotatingWriter(folder, task_id, max_events=max_events, max_bytes=max_bytes)
     try:
-        with _read_snapshot(store.db):
+        with StoreFailures(task_id), store.read_snapshot():
             for event in _chat_events(store, task_id):
                 writer.write(orjson.dumps(event, option=orjson.OPT_UTC_Z | orjson.OPT_APPEND_NEWLINE))
         files = writer.close()
@@ -148,22 +152,6 @@ def _export_task(store: TaskStore, task_id: str, folder: Path, max_events: int, 
     _remove_stale_files(folder, task_id, keep={file.path.name for file in files})
     _fsync_folder(folder)
     return files
-
-
-def _read_snapshot(db: Database) -> AbstractContextManager[Any]:
-    """One read transaction that sees a single snapshot of the database.
-
-    SQLite (WAL): a deferred transaction, so the export takes no write lock
-    and never holds up the task it reads; its first read fixes the snapshot.
-    PostgreSQL's default (read committed) gives every statement its own
-    snapshot, so ask for repeatable read there.
-    """
-    kind = type(db).__name__
-    if kind.startswith("Sqlite"):
-        return db.atomic("DEFERRED")
-    if "Postgres" in kind:
-        return db.atomic(isolation_level="REPEATABLE READ")
-    return db.atomic()
 
 
 def _chat_events(store: TaskStore, task_id: str) -> Iterator[dict[str, Any]]:
@@ -186,8 +174,8 @@ def _chat_events(store: TaskStore, task_id: str) -> Iterator[dict[str, Any]]:
     # or, for a task that answered at once, after its last user message.
     opening_end = first_stepped if first_stepped is not None else (
         last_user + 1 if last_user is not None else float("inf"))
-    opened_at = _utc(task.started_at or task.created_at)
-    closed_at = _utc(task.completed_at or task.updated_at)
+    opened_at = to_datetime(task.started_at or task.created_at)
+    closed_at = to_datetime(task.completed_at or task.updated_at)
 
     links = _ParentLinks(task_id)
     tool_index: dict[int, int] = {}  # step -> tool results seen so far in it
@@ -249,7 +237,7 @@ def _step_outcomes(tables: Tables, task_id: str, task_pk: int) -> dict[int, _Ste
             successes = tuple(bool(item.get("success")) for item in orjson.loads(items))
         except (orjson.JSONDecodeError, AttributeError, TypeError) as exc:
             raise CorruptRecord(task_id, f"checkpoint[{step}].items", str(exc)) from None
-        outcomes[step] = _StepOutcome(_utc(created_at), successes)
+        outcomes[step] = _StepOutcome(to_datetime(created_at), successes)
     return outcomes
 
 
@@ -276,7 +264,7 @@ class _Durations:
 
 def _tool_durations(store: TaskStore, task_id: str, task_pk: int) -> _Durations:
     durations = _Durations()
-    for _batch, events in store._stored_batches(task_id, task_pk):
+    for _batch, events in store.trace_store.batches(task_id, task_pk):
         for _sequence, _ms, event_type, data, _refs in events:
             if event_type not in _TOOL_END_EVENTS:
                 continue
@@ -317,10 +305,6 @@ def _decode_calls(task_id: str, raw: Optional[str]) -> list[Any]:
     except orjson.JSONDecodeError as exc:
         raise CorruptRecord(task_id, "message.tool_calls", str(exc)) from None
     return calls if isinstance(calls, list) else []
-
-
-def _utc(epoch_s: Optional[float]) -> Optional[datetime]:
-    return None if epoch_s is None else datetime.fromtimestamp(epoch_s, tz=timezone.utc)
 
 
 # -- files ---------------------------------------------------------------------------

@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional
 
 from peewee import Case, fn
 
+from .context import HasContext
+from .dialect import StoreFailures
+from .errors import LeaseLost
 from .schemas import TaskStatus
 from .tables import NO_LEASE
-
-if TYPE_CHECKING:
-    from .store import TaskStore
 
 _CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 
@@ -71,13 +71,24 @@ class LeaseRow:
     delivery_due_at: Optional[float]
 
 
-class LeaseBook:
-    """Lease operations on a `TaskStore`'s tasks."""
+def require_lease(task_id: str, stored_token: Optional[str], lease_token: Optional[str]) -> None:
+    """The fence of every write a lease holder makes: `LeaseLost` unless the task's row still holds its token.
 
-    def __init__(self, store: TaskStore) -> None:
-        self.store = store
-        self.db = store.db
-        self.Task = store.tables.Task
+    `stored_token` is the token on the row read (locked) in the write's own
+    transaction, None if the row or its lease is gone; `lease_token` None is
+    an unfenced write (an operator's, a test's), always allowed.
+    """
+    if lease_token is not None and stored_token != lease_token:
+        raise LeaseLost(task_id)
+
+
+class LeaseBook:
+    """Lease operations on a `TaskStore`'s tasks (driver errors raised as `StoreUnavailable`)."""
+
+    def __init__(self, store: HasContext) -> None:
+        self.ctx = store.context
+        self.db = self.ctx.db
+        self.Task = self.ctx.tables.Task
 
     def claim(
         self, task_id: str, claimant: Claimant, *, lease_s: float, steal_token: Optional[str] = None
@@ -88,12 +99,12 @@ class LeaseBook:
         that was already `running` counts as a recovery.
         """
         Task = self.Task
-        now = self.store.clock()
+        now = self.ctx.clock()
         token = uuid.uuid4().hex
         free = Task.lease_token.is_null() | (Task.lease_expires_at <= now)
         if steal_token is not None:
             free = free | (Task.lease_token == steal_token)
-        with self.db.atomic():
+        with StoreFailures(task_id), self.db.atomic():
             update = (
                 Task.update(
                     lease_token=token,
@@ -112,7 +123,7 @@ class LeaseBook:
                 )
                 .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free)
             )
-            if self.db.returning_clause:
+            if self.ctx.dialect.returning:
                 won = list(update.returning(Task.recovery_count, Task.checkpoint_count).tuples().execute())
                 if not won:
                     return None
@@ -134,9 +145,9 @@ class LeaseBook:
         if not tokens:
             return 0
         Task = self.Task
-        with self.db.atomic():
+        with StoreFailures(), self.db.atomic():
             return (
-                Task.update(lease_expires_at=self.store.clock() + lease_s)
+                Task.update(lease_expires_at=self.ctx.clock() + lease_s)
                 .where(Task.lease_token.in_(tokens))
                 .execute()
             )
@@ -149,26 +160,30 @@ class LeaseBook:
         retry) is due then, and recovery waits for it.
         """
         Task = self.Task
-        with self.db.atomic():
+        with StoreFailures(task_id), self.db.atomic():
             return bool(
-                Task.update(delivery_due_at=redeliver_at, updated_at=self.store.clock(), **NO_LEASE)
+                Task.update(delivery_due_at=redeliver_at, updated_at=self.ctx.clock(), **NO_LEASE)
                 .where((Task.task_id == task_id) & (Task.lease_token == token))
                 .execute()
             )
 
     def holder(self, task_id: str) -> Optional[LeaseRow]:
         """The task's status and lease as stored now, or None if there is no such task."""
-        row = self._lease_rows().where(self.Task.task_id == task_id).first()
+        with StoreFailures(task_id):
+            row = self._lease_rows().where(self.Task.task_id == task_id).first()
         return None if row is None else _lease_row(row)
 
     def holds(self, task_id: str, token: str) -> bool:
+        """Whether `token` still holds the task's lease."""
         Task = self.Task
-        return Task.select().where((Task.task_id == task_id) & (Task.lease_token == token)).exists()
+        with StoreFailures(task_id):
+            return Task.select().where((Task.task_id == task_id) & (Task.lease_token == token)).exists()
 
     def unfinished(self, *, limit: int = 1000) -> list[LeaseRow]:
         """Queued and running tasks, oldest update first: what recovery inspects."""
         rows = self._lease_rows().where(self.Task.status.in_(_CLAIMABLE)).order_by(self.Task.updated_at)
-        return [_lease_row(row) for row in rows.limit(limit)]
+        with StoreFailures():
+            return [_lease_row(row) for row in rows.limit(limit)]
 
     def _lease_rows(self):  # type: ignore[no-untyped-def]
         Task = self.Task
@@ -192,9 +207,9 @@ class LeaseBook:
             same = Task.lease_token.is_null() & Task.delivery_due_at.is_null()
         else:
             same = Task.lease_token.is_null() & (Task.delivery_due_at == row.delivery_due_at)
-        with self.db.atomic():
+        with StoreFailures(row.task_id), self.db.atomic():
             return bool(
-                Task.update(delivery_due_at=self.store.clock(), **NO_LEASE)
+                Task.update(delivery_due_at=self.ctx.clock(), **NO_LEASE)
                 .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & same)
                 .execute()
             )
@@ -202,8 +217,8 @@ class LeaseBook:
     def note_sent(self, task_id: str) -> None:
         """Record that a message for an unleased task was just sent (recovery then waits for it)."""
         Task = self.Task
-        with self.db.atomic():
-            Task.update(delivery_due_at=self.store.clock()).where(
+        with StoreFailures(task_id), self.db.atomic():
+            Task.update(delivery_due_at=self.ctx.clock()).where(
                 (Task.task_id == task_id) & Task.lease_token.is_null()).execute()
 
 

@@ -1,4 +1,4 @@
-"""Numbered schema migrations, applied in order by `TaskStore` when it opens.
+"""Numbered schema migrations, and the runner that applies them when a `TaskStore` opens.
 
 A fresh database gets every table at the current version at once; a database
 written by an older release gets the missing columns here. Each migration
@@ -8,12 +8,88 @@ schema at one version or the next, never between.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Callable
 
 import orjson
-from peewee import Database, Field
+from peewee import Database, Field, OperationalError, fn
 
-from .tables import Tables
+from .context import StoreContext
+from .dialect import is_busy
+from .errors import SchemaTooNew
+from .tables import SCHEMA_VERSION, Tables
+
+
+@dataclass(frozen=True)
+class SchemaMigration:
+    """What opening a store did to its schema: from `from_version` (0: empty database) to `to_version`."""
+
+    from_version: int
+    to_version: int
+
+    @property
+    def changed(self) -> bool:
+        return self.from_version != self.to_version
+
+
+def migrate_waiting_for_writers(ctx: StoreContext, *, timeout_s: float) -> SchemaMigration:
+    """`migrate`, retried while another process holds SQLite's lock, for up to `timeout_s`.
+
+    Switching a fresh file to WAL (a pragma run at connect) gets
+    SQLITE_BUSY at once, without the busy handler, while another
+    connection writes it: workers opening a new database together would
+    crash at start-up. Retry until the busy timeout runs out instead.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return migrate(ctx)
+        except OperationalError as exc:
+            if not ctx.db.is_closed():
+                ctx.db.close()
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
+def migrate(ctx: StoreContext) -> SchemaMigration:
+    """Create the schema if missing and migrate an older one (idempotent); record the version.
+
+    A current schema is only read: no DDL, no write lock. That matters
+    on PostgreSQL, where even ``CREATE INDEX IF NOT EXISTS`` locks its
+    table against writes, so every worker or CLI start would stall the
+    running tasks' checkpoints (and could deadlock with them). Otherwise
+    the whole migration is one transaction (DDL included; PostgreSQL
+    under an advisory lock, as hosts starting together on a fresh
+    database would race in ``CREATE TABLE IF NOT EXISTS``). A database
+    newer than this code raises `SchemaTooNew`.
+    """
+    db, tables = ctx.db, ctx.tables
+    SchemaVersion = tables.SchemaVersion
+    stored = schema_version(tables) if db.table_exists(SchemaVersion._meta.table_name) else 0
+    if stored > SCHEMA_VERSION:
+        raise SchemaTooNew(stored, SCHEMA_VERSION)
+    if stored == SCHEMA_VERSION:
+        return SchemaMigration(from_version=stored, to_version=stored)
+    with db.atomic():
+        ctx.dialect.lock_migrations()
+        db.create_tables(tables.all, safe=True)
+        found = schema_version(tables)
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(found, SCHEMA_VERSION)
+        for version, migration in pending(found, SCHEMA_VERSION):
+            migration(db, tables)
+            SchemaVersion.insert(version=version, applied_at=ctx.clock()).on_conflict_ignore().execute()
+        if found < SCHEMA_VERSION:
+            SchemaVersion.insert(version=SCHEMA_VERSION, applied_at=ctx.clock()).on_conflict_ignore().execute()
+    return SchemaMigration(from_version=found, to_version=max(found, SCHEMA_VERSION))
+
+
+def schema_version(tables: Tables) -> int:
+    """The highest schema version recorded (0 if none); the table must exist."""
+    SchemaVersion = tables.SchemaVersion
+    return SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
 
 #: Columns schema 2 added to `task`, with their constant defaults (its trace table was made by create_tables).
 _V2_TASK_COLUMNS = {

@@ -282,7 +282,3 @@ class TaskRecord(TaskSummary):
     #: Empty when loaded with ``checkpoints=False`` (what a resume needs is `last_step_index`).
     checkpoints: list[TaskCheckpointRecord] = Field(default_factory=list)
 
-
-def dump_json_safe(model: BaseModel) -> dict[str, Any]:
-    """A JSON-ready dict (datetimes as ISO strings, enums as values)."""
-    return model.model_dump(mode="json")

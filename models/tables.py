@@ -29,11 +29,12 @@ from peewee import (
     IntegerField,
     Model,
     SmallIntegerField,
-    SqliteDatabase,
     TextField,
 )
 
-#: The schema this code writes. Bump it with a migration in `models.migrations`.
+from .dialect import is_sqlite
+
+#: The schema this code writes. Bump it with a migration in `migrations.py`.
 SCHEMA_VERSION = 3
 
 #: Column values of a task that nobody holds.
@@ -63,7 +64,7 @@ class Tables:
 def bind_tables(db: Database) -> Tables:
     """Declare longhaul's tables on `db`."""
 
-    sqlite = isinstance(db, SqliteDatabase)
+    sqlite = is_sqlite(db)
 
     class Base(Model):
         class Meta:

@@ -14,9 +14,9 @@ assistant's answer, a tool's output) is stored once, in the message, and the
 event refers to it by position; reads put it back (redacted). So tracing
 adds little more than the events' own metadata to each step's bytes.
 
-Sequence numbers continue after the highest one stored for the task (the
-seed restarted at 0 after a resume and collided); the store refuses a batch
-that does not come after every stored one.
+Sequence numbers continue after the highest one stored for the task, from a
+counter on its row, so they never repeat across resumes and processes; the
+store refuses a batch that does not come after every stored one.
 """
 
 from __future__ import annotations
@@ -33,11 +33,6 @@ from .redact import is_secret_key, might_hold_secret, redact
 
 #: Event types whose consecutive chunks are consolidated into one event.
 STREAMED = frozenset({"content", "reasoning"})
-
-EVENT_TYPES = frozenset({
-    "session_started", "resumed", "content", "reasoning", "tool_call_started", "tool_call_completed",
-    "tool_call_failed", "checkpoint", "turn_completed", "usage_update", "error", "done",
-})
 
 #: Shorter text is stored inline even when a message holds it: a reference would not be smaller.
 MIN_REFERENCED_CHARS = 32

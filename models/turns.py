@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from .schemas import TaskRecord
     from .store import TaskStore
 
-#: Opening tags and their closing tags, in the order the seed lists them.
+#: The tags models wrap tool calls in written as text: opening tag -> closing tag.
 TOOL_CALL_TAGS: dict[str, str] = {
     "<function_calls>": "</function_calls>",
     "<function_call>": "</function_call>",

@@ -9,9 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from peewee import OperationalError
 
-from longhaul.models import ChatMessage, TaskStore
+from longhaul.models import ChatMessage, StoreUnavailable, TaskStore
 from longhaul.models.tables import SCHEMA_VERSION
 from longhaul.worker.testing import free_port, wait_until
 
@@ -168,7 +167,7 @@ def test_a_connection_the_server_dropped_is_replaced_at_the_next_call(store, pos
     backend_pid = store.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
     postgres_server.execute(f"SELECT pg_terminate_backend({backend_pid})")
 
-    with pytest.raises(OperationalError):
+    with pytest.raises(StoreUnavailable):
         store.summary("task-1")  # the call that finds the connection gone fails (transient: retried)
 
     assert store.summary("task-1").checkpoint_count == 1
@@ -206,7 +205,7 @@ def test_a_pool_too_small_for_the_threads_names_the_setting(make_runtime, make_u
     thread.start()
     thread.join(timeout=30)
 
-    assert len(failures) == 1 and isinstance(failures[0], OperationalError)
+    assert len(failures) == 1 and isinstance(failures[0], StoreUnavailable)
     assert "raise LONGHAUL_DB_POOL_SIZE" in str(failures[0])
 
 

@@ -19,7 +19,6 @@ import pytest
 from dramatiq.middleware import Shutdown
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from peewee import IntegrityError
 from playhouse.migrate import SchemaMigrator, migrate
 
 from longhaul import worker
@@ -35,6 +34,7 @@ from longhaul.models import (
     TaskStatus,
     TaskStore,
     ToolCall,
+    TraceSequenceClash,
     Usage,
 )
 from longhaul.models.migrations import _V2_TASK_COLUMNS
@@ -219,7 +219,7 @@ def test_events_numbered_before_the_stored_ones_are_refused_and_nothing_is_writt
     before = clocked_store.traces(task_id)
     stale_writer.emit("error", {"kind": "stale"})
 
-    with pytest.raises(IntegrityError, match="do not come after"):
+    with pytest.raises(TraceSequenceClash, match="do not come after"):
         clocked_store.append_traces(task_id, stale_writer.take())
     assert clocked_store.traces(task_id) == before
     assert clocked_store.next_trace_sequence(task_id) == before[-1].sequence + 1
@@ -232,7 +232,7 @@ def test_a_checkpoint_with_stale_trace_numbers_is_rolled_back_whole(
     before = clocked_store.get(task_id)
     stale_writer.emit("checkpoint", {"step": 2})
 
-    with pytest.raises(IntegrityError):
+    with pytest.raises(TraceSequenceClash):
         clocked_store.record_checkpoint(make_update(2, task_id=task_id), traces=stale_writer.take())
     assert clocked_store.get(task_id) == before  # no checkpoint, message or counter of step 2
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 from longhaul.models import Claim, TaskStatus
 
-from .identity import is_process_alive
+from .identity import holder_is_dead
 from .loop import run_claimed_task
 from .runtime import Runtime
 
@@ -43,12 +43,7 @@ def acquire_lease(rt: Runtime, task_id: str) -> Optional[Claim]:
     if holder.status.is_terminal:
         logger.info("task %r is already %s; dropping duplicate delivery", task_id, holder.status.value)
         return None
-    if (
-        holder.token is not None
-        and holder.host == rt.claimant.host
-        and holder.pid is not None
-        and not is_process_alive(holder.pid, holder.pid_started_at)
-    ):
+    if holder_is_dead(holder, host=rt.claimant.host):
         claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s, steal_token=holder.token)
         if claim is not None:
             logger.info("task %r: took over from dead process %d on this host", task_id, holder.pid)

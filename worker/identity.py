@@ -8,7 +8,7 @@ from typing import Optional
 
 import psutil
 
-from longhaul.models import Claimant
+from longhaul.models import Claimant, LeaseRow
 
 
 def process_started_at(pid: int) -> Optional[float]:
@@ -36,6 +36,16 @@ def is_process_alive(pid: int, started_at: Optional[float]) -> bool:
     except psutil.AccessDenied:
         return True
     return started_at is None or abs(created - started_at) < 0.5
+
+
+def holder_is_dead(row: LeaseRow, *, host: str) -> bool:
+    """True if a process of `host` (this one's) holds the task's lease and that process is gone.
+
+    Only this host's processes can be checked; a lease held on another host
+    is given up by waiting for it to expire.
+    """
+    return (row.token is not None and row.host == host and row.pid is not None
+            and not is_process_alive(row.pid, row.pid_started_at))
 
 
 def current_claimant(host: str) -> Claimant:

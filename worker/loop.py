@@ -14,7 +14,6 @@ import time
 from typing import Any, Optional, Sequence
 
 from dramatiq.middleware import CurrentMessage, Shutdown, TimeLimitExceeded
-from peewee import DatabaseError, InterfaceError
 
 from longhaul.models import (
     ChatMessage,
@@ -23,11 +22,12 @@ from longhaul.models import (
     Claim,
     CorruptRecord,
     LeaseLost,
-    LonghaulError,
+    StoreUnavailable,
     TaskRecord,
     TaskSpec,
     TaskStatus,
     ToolCall,
+    TraceSequenceClash,
     Usage,
     load_resumable_state,
     strip_tool_call_tags,
@@ -47,17 +47,6 @@ from .runtime import Runtime
 from .tools import ToolContext, allowed_tools, checkpoint_item, run_tool_call
 
 logger = logging.getLogger(__name__)
-
-
-class StoreUnavailable(LonghaulError):
-    """A checkpoint could not be written; the task stays resumable and is retried."""
-
-    def __init__(self, task_id: str, problem: str) -> None:
-        super().__init__(
-            f"task {task_id!r}: the task store could not be written ({problem}); "
-            "nothing of the step was stored and the task resumes from its latest checkpoint"
-        )
-        self.task_id = task_id
 
 
 #: Errors worth a Dramatiq retry (with backoff) from the latest checkpoint.
@@ -113,7 +102,12 @@ class TaskRun:
             self._error_event(exc, kind="transient")
             self._release(redeliver_at=_retry_due_at(self.rt))
             raise
-        except (DatabaseError, InterfaceError) as exc:
+        except StoreUnavailable as exc:
+            self._release(redeliver_at=_retry_due_at(self.rt))
+            if exc.task_id == self.task_id:
+                raise
+            raise StoreUnavailable(self.task_id, exc.problem) from exc
+        except TraceSequenceClash as exc:  # another writer got ahead: retry from what it stored
             self._release(redeliver_at=_retry_due_at(self.rt))
             raise StoreUnavailable(self.task_id, f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:  # a bug in a provider or tool: fail the task, never leave it leased
@@ -166,10 +160,8 @@ class TaskRun:
             execution.append(ChatMessage.system(f"Latest checkpoint of this thread: {note}"))
         prompt = ChatMessage.user(spec.prompt)
         execution.append(prompt)
-        token = self.claim.token
-        with self.store.db.atomic():
-            self.store.append_messages(record.task_id, execution, lease_token=token)
-            self.store.append_messages(record.task_id, [*turns, prompt], history="resumable", lease_token=token)
+        self.store.append_histories(record.task_id, execution=execution, resumable=[*turns, prompt],
+                                    lease_token=self.claim.token)
         return execution
 
     # -- the loop ------------------------------------------------------------------

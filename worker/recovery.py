@@ -14,7 +14,7 @@ from typing import Optional
 
 from longhaul.models import LeaseRow
 
-from .identity import is_process_alive
+from .identity import holder_is_dead
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float) -> Opt
         return None
     if row.expires_at is not None and row.expires_at <= now:
         return "its lease expired"
-    if row.host == host and row.pid is not None and not is_process_alive(row.pid, row.pid_started_at):
+    if holder_is_dead(row, host=host):
         return f"its worker process {row.pid} on this host is gone"
     return None
 

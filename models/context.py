@@ -1,0 +1,97 @@
+"""`StoreContext`: what every part of a task store shares, and the row access they all use.
+
+One context per `TaskStore`: its database, tables, dialect, prepared
+statements and clock. The store's parts (`LeaseBook`, `TraceStore`,
+`Checkpoints`, `TaskWrites`, `TaskReads`) each hold it and nothing else of
+one another, so each can be read, and tested, on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, Union
+
+from peewee import Database, __exception_wrapper__
+
+from .dialect import Dialect
+from .errors import TaskNotFound
+from .statements import Statements
+from .tables import EXECUTION, Tables
+
+#: Seconds since the epoch, now; injected so tests can fix time.
+Clock = Callable[[], float]
+
+
+@dataclass
+class StoreContext:
+    """A store's database, tables, dialect, prepared statements and clock (replaceable: read it per call)."""
+
+    db: Database
+    tables: Tables
+    dialect: Dialect
+    sql: Statements
+    clock: Clock
+
+    @property
+    def context(self) -> StoreContext:
+        """Itself, so a part accepts a context wherever it accepts a `TaskStore` (see `HasContext`)."""
+        return self
+
+    def locked_task_row(self, task_id: str) -> Any:
+        """The task's row or None, locked until the transaction ends (see `Dialect.locked`)."""
+        Task = self.tables.Task
+        return self.dialect.locked(Task.select().where(Task.task_id == task_id)).first()
+
+    def task_row(self, task_id: str, *, for_update: bool = False) -> Any:
+        """The task's row (`TaskNotFound` if missing); `for_update` inside write transactions."""
+        if for_update:
+            row = self.locked_task_row(task_id)
+        else:
+            Task = self.tables.Task
+            row = Task.get_or_none(Task.task_id == task_id)
+        if row is None:
+            raise TaskNotFound(task_id)
+        return row
+
+    def insert_messages(self, rows: list[tuple[Any, ...]]) -> None:
+        """Insert `codec.message_rows` output with one ``executemany``."""
+        if rows:
+            # Raw executemany, translated to peewee's exceptions like every other statement.
+            with __exception_wrapper__:
+                self.db.cursor().executemany(self.sql.insert_message, rows)
+
+    def execution_texts(self, task_pk: int, positions: Optional[set[int]]) -> dict[int, str]:
+        """position -> content of the task's execution messages at `positions` (None: all of them)."""
+        Message = self.tables.Message
+        where = (Message.task == task_pk) & (Message.history == EXECUTION)
+        if positions is None:
+            return dict(Message.select(Message.position, Message.content).where(where).tuples())
+        wanted, texts = sorted(positions), {}
+        for start in range(0, len(wanted), 500):
+            query = Message.select(Message.position, Message.content).where(
+                where & Message.position.in_(wanted[start:start + 500]))
+            texts.update(query.tuples())
+        return texts
+
+
+class HasContext(Protocol):
+    """A `TaskStore` or a `StoreContext`: what the store's parts are built from."""
+
+    @property
+    def context(self) -> StoreContext: ...
+
+
+class StoredTexts:
+    """`codec.Texts` read from the database when first asked for: the one position, or the whole history."""
+
+    def __init__(self, ctx: StoreContext, task_pk: int, *, whole_history: bool = False) -> None:
+        self.ctx, self.task_pk, self.whole_history = ctx, task_pk, whole_history
+        self.found: Optional[dict[int, str]] = None
+
+    def __getitem__(self, position: Union[int, Any]) -> str:
+        if self.whole_history:
+            if self.found is None:
+                self.found = self.ctx.execution_texts(self.task_pk, None)
+            return self.found[position]
+        found = self.ctx.execution_texts(self.task_pk, {position}) if isinstance(position, int) else {}
+        return found[position]

@@ -1,0 +1,110 @@
+"""`Dialect`: everything the store does differently on SQLite and on PostgreSQL, and nowhere else.
+
+- Which backend: decided once, from the database class (`is_sqlite`).
+- Read snapshots: SQLite (WAL) reads in a deferred transaction, which takes
+  no write lock and fixes its snapshot at the first read; PostgreSQL's READ
+  COMMITTED takes a new snapshot per statement, so multi-statement reads ask
+  for REPEATABLE READ (a read-only transaction there never fails to
+  serialise).
+- Row locks: a write that reads a task before changing it locks the row on
+  PostgreSQL (``SELECT ... FOR UPDATE``); on SQLite ``BEGIN IMMEDIATE``
+  already serialises writers, and peewee renders no lock clause.
+- ``RETURNING``: PostgreSQL hands back updated columns in the same
+  statement; peewee leaves it off on SQLite, where the writer lock keeps a
+  follow-up read consistent.
+- Advisory locks: schema creation on PostgreSQL is serialised across hosts
+  by a transaction-scoped advisory lock; SQLite's file lock does it there.
+- Driver errors: `StoreFailures` turns peewee's, sqlite3's and psycopg's
+  errors into longhaul's, so nothing above the store sees a driver class.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any, Optional
+
+from peewee import DatabaseError, DataError, InterfaceError, OperationalError, SqliteDatabase
+
+from .errors import StoreUnavailable, UnstorableValue
+
+#: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
+MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
+
+#: What a driver raises for data it cannot bind or a column cannot hold (SQLite: an int beyond 64 bits).
+_VALUE_ERRORS: tuple[type[BaseException], ...] = (DataError, sqlite3.DataError, OverflowError)
+#: Every other driver failure: locks, full disks, lost connections, refused statements.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (DatabaseError, InterfaceError, sqlite3.Error, *_VALUE_ERRORS)
+
+
+def is_sqlite(db: Any) -> bool:
+    """True for a SQLite database (peewee's class or a subclass), False for PostgreSQL."""
+    return isinstance(db, SqliteDatabase)
+
+
+def is_busy(exc: BaseException) -> bool:
+    """True if `exc` is SQLite refusing at once because another connection holds its lock."""
+    text = str(exc)
+    return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text)
+
+
+def describe(exc: BaseException) -> str:
+    """``ClassName: message`` on one line, what `StoreUnavailable` and `UnstorableValue` report."""
+    reason = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
+class StoreFailures:
+    """Context manager: a driver error raised inside becomes a longhaul error about `task_id`.
+
+    `UnstorableValue` (an `InvalidInput`) for a value the backend cannot
+    hold; `StoreUnavailable` (transient) for anything else the driver
+    raises. longhaul's own errors pass through unchanged. The transaction
+    the error aborted has already rolled back, so the message can promise
+    that nothing was written. A class, not a generator: it wraps every
+    store call, the per-step checkpoint included.
+    """
+
+    __slots__ = ("task_id",)
+
+    def __init__(self, task_id: Optional[str] = None) -> None:
+        self.task_id = task_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> bool:
+        if kind is None or exc is None or not issubclass(kind, _DRIVER_ERRORS):
+            return False
+        if issubclass(kind, _VALUE_ERRORS):
+            raise UnstorableValue(self.task_id, describe(exc)) from exc
+        raise StoreUnavailable(self.task_id, describe(exc)) from exc
+
+
+class Dialect:
+    """The backend-specific parts of one store's database (see the module docstring for why each exists)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.is_sqlite = is_sqlite(db)
+        #: Placeholder for a parameter in hand-written SQL: ``?`` or ``%s``.
+        self.param: str = db.param
+        #: Whether ``UPDATE ... RETURNING`` hands back columns (PostgreSQL) or a second read is needed (SQLite).
+        self.returning = bool(db.returning_clause)
+
+    def read_snapshot(self) -> AbstractContextManager[Any]:
+        """A read transaction that sees one snapshot across its statements, taking no write lock."""
+        if self.is_sqlite:
+            return self.db.atomic("DEFERRED")
+        return self.db.atomic(isolation_level="REPEATABLE READ")
+
+    def locked(self, query: Any) -> Any:
+        """`query` locking the rows it reads until the transaction ends (PostgreSQL; SQLite's writer lock covers it)."""
+        return query.for_update() if self.db.for_update else query
+
+    def lock_migrations(self) -> None:
+        """Inside a transaction: wait until no other process or host is creating or migrating the schema."""
+        if not self.is_sqlite:
+            self.db.execute_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")

@@ -1,0 +1,170 @@
+"""`TaskReads`: tasks as records and summaries; what a resume rebuilds and what `show` and `tasks` print.
+
+A whole record is read in one snapshot (`Dialect.read_snapshot`), so it is
+consistent even while its task runs. The resume path (`load` without
+checkpoints) reads each history with one prepared statement and builds
+messages without validating them a second time: that is what keeps
+rebuilding a 5,000-message task cheap.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any, Optional, Union
+
+from .codec import (
+    LoadedTexts,
+    checkpoint_columns,
+    checkpoint_record,
+    decode_spec,
+    decode_tool_calls,
+    summary_fields,
+)
+from .context import StoreContext, StoredTexts
+from .errors import CorruptRecord, TaskNotFound
+from .schemas import ChatMessage, TaskCheckpointRecord, TaskRecord, TaskSpec, TaskStatus, TaskSummary, stored_message
+from .tables import EXECUTION, RESUMABLE
+
+
+class TaskReads:
+    """Reads of a store's tasks."""
+
+    def __init__(self, ctx: StoreContext) -> None:
+        self.ctx = ctx
+
+    def load(self, task_id: str, *, checkpoints: bool = True) -> Optional[TaskRecord]:
+        """The whole record of a task, or None (see `TaskStore.load`)."""
+        ctx = self.ctx
+        with ctx.dialect.read_snapshot():
+            cursor = ctx.db.execute_sql(ctx.sql.select_task_row, (task_id,))
+            values = cursor.fetchone()
+            if values is None:
+                return None
+            # The row's columns by name, without a peewee model instance (a resume reads this).
+            row = SimpleNamespace(**dict(zip((column[0] for column in cursor.description), values, strict=True)))
+            row.cancel_requested = bool(row.cancel_requested)
+            return self._record_from_row(row, with_checkpoints=checkpoints)
+
+    def _record_from_row(self, row: Any, *, with_checkpoints: bool) -> TaskRecord:
+        ctx = self.ctx
+        Checkpoint = ctx.tables.Checkpoint
+        histories: dict[int, list[ChatMessage]] = {EXECUTION: [], RESUMABLE: []}
+        # Every row is fetched before any is decoded: a corrupt cell raises
+        # with no statement left open, so the connection's read snapshot ends
+        # with the transaction and its next write does not hit a stale one.
+        message_rows = {history: ctx.db.execute_sql(ctx.sql.select_history, (row.id, history)).fetchall()
+                        for history in histories}
+        checkpoint_rows = list(
+            Checkpoint.select(*checkpoint_columns(Checkpoint)).where(Checkpoint.task == row.id)
+            .order_by(Checkpoint.step_index)
+        ) if with_checkpoints else []
+        last_step = ctx.db.execute_sql(ctx.sql.select_last_step, (row.id,)).fetchone()[0] or 0
+        try:
+            # No peewee row objects and no second validation per message.
+            for history, rows in message_rows.items():
+                histories[history] = [
+                    stored_message(role, content, tool_call_id, name,
+                                   None if tool_calls is None else decode_tool_calls(row.task_id, tool_calls))
+                    for role, content, tool_call_id, name, tool_calls in rows
+                ]
+        except ValueError as exc:
+            raise CorruptRecord(row.task_id, "message", str(exc)) from None
+        contents = LoadedTexts(histories[EXECUTION])
+        checkpoints = [checkpoint_record(row.task_id, cp, contents) for cp in checkpoint_rows]
+        # Every part is validated above; skip validating the 5,000-message lists again.
+        return TaskRecord.model_construct(
+            **summary_fields(row),
+            spec=decode_spec(row.task_id, row.spec),
+            execution_history=histories[EXECUTION],
+            resumable_history=histories[RESUMABLE],
+            latest_checkpoint_note=row.latest_checkpoint_note,
+            cancel_requested=bool(row.cancel_requested),
+            last_step_index=last_step,
+            checkpoints=checkpoints,
+        )
+
+    def get(self, task_id: str, *, checkpoints: bool = True) -> TaskRecord:
+        """Like `load`, but raises `TaskNotFound`."""
+        record = self.load(task_id, checkpoints=checkpoints)
+        if record is None:
+            raise TaskNotFound(task_id)
+        return record
+
+    def load_by_thread_id(self, thread_id: str, *, exclude_task_id: Optional[str] = None) -> Optional[TaskRecord]:
+        """The thread's most recently updated task, or None."""
+        Task = self.ctx.tables.Task
+        query = Task.select(Task.task_id).where(Task.thread_id == thread_id)
+        if exclude_task_id is not None:
+            query = query.where(Task.task_id != exclude_task_id)
+        task_id = query.order_by(Task.updated_at.desc(), Task.id.desc()).limit(1).scalar()
+        return None if task_id is None else self.load(task_id)
+
+    def summary(self, task_id: str) -> TaskSummary:
+        """A task without its histories (cheap to poll); `TaskNotFound` if missing."""
+        return TaskSummary(**summary_fields(self.ctx.task_row(task_id)))
+
+    def latest_checkpoint(self, task_id: str) -> Optional[TaskCheckpointRecord]:
+        """The checkpoint with the highest step index, or None."""
+        ctx = self.ctx
+        Task, Checkpoint = ctx.tables.Task, ctx.tables.Checkpoint
+        with ctx.dialect.read_snapshot():  # the checkpoint and the message text it refers to, from one snapshot
+            row = (
+                Checkpoint.select(*checkpoint_columns(Checkpoint))
+                .join(Task, on=(Checkpoint.task == Task.id))
+                .where(Task.task_id == task_id)
+                .order_by(Checkpoint.step_index.desc())
+                .first()
+            )
+            if row is None:
+                return None
+            return checkpoint_record(task_id, row, StoredTexts(ctx, row.task_id))
+
+    def list_tasks(self, status: Union[TaskStatus, str, None], thread_id: Optional[str], limit: int, *,
+                   offset: int, order_by: str, provider: Optional[str], since: Optional[datetime],
+                   until: Optional[datetime]) -> list[TaskSummary]:
+        """Tasks without their histories, newest first (see `TaskStore.list_tasks`)."""
+        if limit < 0 or offset < 0:
+            raise ValueError("limit/offset: must not be negative")
+        Task = self.ctx.tables.Task
+        query = Task.select()
+        if status is not None:
+            query = query.where(Task.status == TaskStatus(status).value)
+        if thread_id is not None:
+            query = query.where(Task.thread_id == thread_id)
+        if provider is not None:
+            query = query.where(Task.provider == provider)
+        if since is not None:
+            query = query.where(Task.created_at >= since.timestamp())
+        if until is not None:
+            query = query.where(Task.created_at < until.timestamp())
+        column = {"updated": Task.updated_at, "created": Task.created_at}.get(order_by)
+        if column is None:
+            raise ValueError(f"order_by: expected 'updated' or 'created', got {order_by!r}")
+        rows = query.order_by(column.desc(), Task.id.desc()).limit(limit).offset(offset)
+        return [TaskSummary(**summary_fields(row)) for row in rows]
+
+    def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:
+        """How many tasks are stored (with this status)."""
+        Task = self.ctx.tables.Task
+        query = Task.select()
+        if status is not None:
+            query = query.where(Task.status == TaskStatus(status).value)
+        return query.count()
+
+    def task_spec(self, task_id: str) -> TaskSpec:
+        """The spec a task was created with (`CorruptRecord` if it cannot be read)."""
+        Task = self.ctx.tables.Task
+        row = Task.select(Task.spec).where(Task.task_id == task_id).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return decode_spec(task_id, row.spec) or TaskSpec(prompt="(no prompt stored)")
+
+    def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
+        """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""
+        Task = self.ctx.tables.Task
+        row = Task.select(Task.spec, Task.started_at).where(Task.task_id == task_id).first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        spec = decode_spec(task_id, row.spec)
+        return (spec.time_limit_s if spec else None), row.started_at
