@@ -1,0 +1,60 @@
+"""Turning pydantic's validation errors into `InvalidInput` that names each field."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+from typing import Any, Callable, Iterable, Optional, TypeVar
+
+from pydantic import ConfigDict, ValidationError, validate_call
+
+from longhaul.models import InvalidInput
+
+
+def invalid_input(exc: ValidationError, *, prefix: Optional[str] = None) -> InvalidInput:
+    """One `InvalidInput` listing every problem as ``field: message (got value)``."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(part) for part in err["loc"]) or "input"
+        got = f" (got {err['input']!r:.80})" if "input" in err and err["type"] != "missing" else ""
+        problems.append(f"{where}: {err['msg']}{got}")
+    text = "; ".join(problems)
+    return InvalidInput(f"{prefix}: {text}" if prefix else text)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def strict(fn: F) -> F:
+    """Check a public function's arguments against its signature: `InvalidInput` naming each bad one.
+
+    An unknown keyword or a value of the wrong type is refused before the
+    function runs, as is any `ValidationError` the function itself raises
+    (a value a schema refuses), so callers see one error type that names
+    the field. Values are converted as pydantic converts them (``"5"`` for
+    an int is 5; ``"five"`` is refused).
+    """
+    validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True))(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return validated(*args, **kwargs)
+        except ValidationError as exc:
+            raise invalid_input(exc) from None
+
+    return call  # type: ignore[return-value]
+
+
+def unknown_keywords(given: Iterable[str], accepted: Iterable[str], *, what: str) -> Optional[InvalidInput]:
+    """`InvalidInput` naming each keyword of `given` that is not `accepted` (with a close match), else None."""
+    accepted = sorted(accepted)
+    unknown = [name for name in given if name not in accepted]
+    if not unknown:
+        return None
+    problems = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        problems.append(f"{name}: unknown keyword{hint}")
+    return InvalidInput("; ".join(problems) + f" ({what}: {', '.join(accepted)})")
