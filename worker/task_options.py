@@ -30,8 +30,10 @@ def checked_options(provider: str, tool_names: Optional[Sequence[str]], options:
     tools = [TOOLS[name] for name in tool_names if name in TOOLS] if tool_names is not None else TOOLS.values()
     owners += [(f"tool {t.name!r}", t.options) for t in tools if t.options is not None]
     accepted = {name for _owner, model in owners for name in model.model_fields}
-    problem = unknown_keywords(options, accepted, what=f"parameters are {', '.join(parameters)}; "
-                                                       f"{' and '.join(owner for owner, _ in owners)} take")
+    takes = "take" if len(owners) > 1 else "takes"
+    problem = unknown_keywords(options, accepted, also_known=parameters,
+                               what=f"parameters are {', '.join(parameters)}; "
+                                    f"{' and '.join(owner for owner, _ in owners)} {takes}")
     if problem is not None:
         raise problem
     checked: dict[str, Any] = {}

@@ -16,6 +16,9 @@ def invalid_input(exc: ValidationError, *, prefix: Optional[str] = None) -> Inva
     problems = []
     for err in exc.errors():
         where = ".".join(str(part) for part in err["loc"]) or "input"
+        if err["type"] == "unexpected_keyword_argument":
+            problems.append(f"{where}: unknown keyword")
+            continue
         got = f" (got {err['input']!r:.80})" if "input" in err and err["type"] != "missing" else ""
         problems.append(f"{where}: {err['msg']}{got}")
     text = "; ".join(problems)
@@ -46,15 +49,21 @@ def strict(fn: F) -> F:
     return call  # type: ignore[return-value]
 
 
-def unknown_keywords(given: Iterable[str], accepted: Iterable[str], *, what: str) -> Optional[InvalidInput]:
-    """`InvalidInput` naming each keyword of `given` that is not `accepted` (with a close match), else None."""
+def unknown_keywords(given: Iterable[str], accepted: Iterable[str], *, what: str,
+                     also_known: Iterable[str] = ()) -> Optional[InvalidInput]:
+    """`InvalidInput` naming each keyword of `given` that is not `accepted`, else None.
+
+    Each is shown with its closest match among `accepted` and `also_known`
+    (the caller's own parameters: ``thread`` suggests ``thread_id``).
+    """
     accepted = sorted(accepted)
     unknown = [name for name in given if name not in accepted]
     if not unknown:
         return None
+    candidates = [*accepted, *also_known]
     problems = []
     for name in unknown:
-        close = difflib.get_close_matches(name, accepted, n=1)
+        close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         problems.append(f"{name}: unknown keyword{hint}")
     return InvalidInput("; ".join(problems) + f" ({what}: {', '.join(accepted)})")
