@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import difflib
 import functools
-from typing import Any, Callable, Iterable, Optional, TypeVar
+import inspect
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from pydantic import ConfigDict, ValidationError, validate_call
 
 from longhaul.models import InvalidInput
 
 
-def invalid_input(exc: ValidationError, *, prefix: Optional[str] = None) -> InvalidInput:
-    """One `InvalidInput` listing every problem as ``field: message (got value)``."""
+def invalid_input(exc: ValidationError, *, prefix: Optional[str] = None,
+                  positional: Sequence[str] = ()) -> InvalidInput:
+    """One `InvalidInput` listing every problem as ``field: message (got value)``.
+
+    `positional` names a function's parameters, so an error about its
+    second positional argument says which parameter that is.
+    """
     problems = []
     for err in exc.errors():
-        where = ".".join(str(part) for part in err["loc"]) or "input"
+        loc = list(err["loc"])
+        if loc and isinstance(loc[0], int) and loc[0] < len(positional):
+            loc[0] = positional[loc[0]]
+        where = ".".join(str(part) for part in loc) or "input"
         if err["type"] == "unexpected_keyword_argument":
             problems.append(f"{where}: unknown keyword")
             continue
@@ -38,13 +47,14 @@ def strict(fn: F) -> F:
     an int is 5; ``"five"`` is refused).
     """
     validated = validate_call(config=ConfigDict(arbitrary_types_allowed=True))(fn)
+    positional = list(inspect.signature(fn).parameters)
 
     @functools.wraps(fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         try:
             return validated(*args, **kwargs)
         except ValidationError as exc:
-            raise invalid_input(exc) from None
+            raise invalid_input(exc, positional=positional) from None
 
     return call  # type: ignore[return-value]
 
