@@ -155,6 +155,15 @@ def test_a_budget_holds_across_a_resume_counting_what_the_first_run_stored(embed
     assert ledger_counts(ledger) == {f"split step {i}": 1 for i in (1, 2, 3, 4)}
 
 
+def test_a_rerun_counts_the_task_s_earlier_runs_so_a_spent_budget_stays_spent(embedded_runtime, ledger):
+    worker.run_inline("loop", task_id="again", steps=1000, ledger_path=str(ledger), budget=Budget(max_model_calls=2))
+
+    record = worker.rerun("again")
+
+    assert record.last_error == "budget exceeded: max_model_calls=2, 2 model calls used"
+    assert len(ledger_counts(ledger)) == 2 and sum(ledger_counts(ledger).values()) == 2  # the rerun called nothing
+
+
 @pytest.mark.parametrize("field, value", [("max_model_calls", -1), ("max_cost_usd", "lots"), ("max_tokens", 1.5)])
 def test_a_bad_limit_is_refused_naming_it_before_anything_is_stored(embedded_runtime, field, value):
     with pytest.raises(InvalidInput, match=field):
