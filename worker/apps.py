@@ -63,7 +63,10 @@ def import_apps(modules: Iterable[str]) -> list[str]:
 
 
 def add_to_environment(modules: Iterable[str]) -> None:
-    """Add modules to `LONGHAUL_APP` of this process, so processes it starts import them too."""
+    """Add modules to `LONGHAUL_APP` of this process's environment, so processes it starts import them too.
+
+    (The environment, not the settings: a child process reads its own.)
+    """
     merged = parse_app_modules([os.environ.get(APP_ENV_VAR, ""), *modules])
     if merged:
         os.environ[APP_ENV_VAR] = ",".join(merged)

@@ -478,7 +478,7 @@ def _import_apps(ctx: click.Context, param: click.Parameter, value: tuple[str, .
     ``--app`` modules are added to `LONGHAUL_APP`, so the worker processes
     `longhaul worker` starts import them too.
     """
-    modules = parse_app_modules([os.environ.get(APP_ENV_VAR, ""), *value])
+    modules = parse_app_modules([*load_settings().app_modules, *value])
     import_apps(modules)
     add_to_environment(modules)
 
