@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from longhaul import AssistantTurn, Budget, InvalidInput, StepContext, register_provider
+from longhaul import AssistantTurn, Budget, InvalidInput, StepContext, ToolContext, register_provider, tool
 from longhaul.worker import api as worker
-from longhaul.worker import providers
+from longhaul.worker import providers, tools
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +89,31 @@ def test_each_provider_takes_the_options_it_declares_and_no_other(embedded_runti
 def test_a_tool_s_options_are_accepted_only_for_a_task_that_may_call_it(embedded_runtime):
     refused(embedded_runtime, lambda: worker.submit(embedded_runtime, "x", tools=["read_file"], ledger_path="l"),
             "ledger_path")
+
+
+class LoudArguments(BaseModel):
+    text: str
+
+
+class LoudOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    volume: int = 1
+
+
+def test_a_user_tool_s_declared_options_are_taken_by_tasks_that_may_call_it(embedded_runtime, monkeypatch):
+    monkeypatch.setattr(tools, "TOOLS", dict(tools.TOOLS))
+
+    @tool(options=LoudOptions)
+    def loud(args: LoudArguments, ctx: ToolContext) -> str:
+        """Say it at the task's volume."""
+        return args.text * int(ctx.options.get("volume", 1))
+
+    task_id = worker.submit(embedded_runtime, "x", tools=["loud"], volume="3")
+    assert embedded_runtime.store.task_spec(task_id).options == {"volume": 3, "tools": ["loud"]}
+    with pytest.raises(InvalidInput, match="volume: unknown keyword"):
+        worker.submit(embedded_runtime, "x", tools=["ledger"], volume=3)
+    with pytest.raises(InvalidInput, match="tool 'loud' option: volume"):
+        worker.submit(embedded_runtime, "x", volume="max")
 
 
 class Custom:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 from pydantic import BaseModel, ValidationError
 
 from .providers import provider_options_model
-from .tools import TOOLS
+from .tools import allowed_tools
 from .validation import invalid_input, unknown_keywords
 
 
@@ -27,7 +27,7 @@ def checked_options(provider: str, tool_names: Optional[Sequence[str]], options:
     `parameters` are the caller's own keywords, listed in the error.
     """
     owners: list[tuple[str, type[BaseModel]]] = [(f"provider {provider!r}", provider_options_model(provider))]
-    tools = [TOOLS[name] for name in tool_names if name in TOOLS] if tool_names is not None else TOOLS.values()
+    tools = allowed_tools({} if tool_names is None else {"tools": list(tool_names)})
     owners += [(f"tool {t.name!r}", t.options) for t in tools if t.options is not None]
     accepted = {name for _owner, model in owners for name in model.model_fields}
     takes = "take" if len(owners) > 1 else "takes"

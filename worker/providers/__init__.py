@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from longhaul.models import InvalidInput
 
@@ -50,7 +50,7 @@ _OPTIONS_MODELS: dict[str, type[BaseModel]] = {}
 class NoOptions(BaseModel):
     """The options of a provider that declares none: nothing is accepted."""
 
-    model_config = {"extra": "forbid"}
+    model_config = ConfigDict(extra="forbid")
 
 
 def register_provider(name: str, factory: Callable[[], Any], *, options: Optional[type[BaseModel]] = None) -> None:
