@@ -18,6 +18,8 @@ from .errors import (
 )
 from .leases import Claim, Claimant, LeaseBook, LeaseRow
 from .schemas import (
+    AgentSpec,
+    Budget,
     ChatMessage,
     CheckpointItem,
     CheckpointUpdate,
@@ -47,7 +49,7 @@ __all__ = [
     "LonghaulError", "CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "SchemaTooNew",
     "StoreUnavailable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
     # Schemas
-    "ChatMessage", "CheckpointItem", "CheckpointUpdate", "LeaseInfo", "TaskCheckpointRecord",
+    "AgentSpec", "Budget", "ChatMessage", "CheckpointItem", "CheckpointUpdate", "LeaseInfo", "TaskCheckpointRecord",
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",
     # Store
     "DEFAULT_DATABASE_URL", "TaskStore", "open_database",

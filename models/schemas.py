@@ -164,6 +164,52 @@ class CheckpointItem(_Input):
     output: Text
 
 
+class Budget(_Input):
+    """Limits on what one task may spend, summed over all its runs (resumes, retries, restarts).
+
+    Unset limits do not apply. A count limit stops the task before the call
+    that would pass it; a token or cost limit before the next model call
+    once reached (a model call's spend is known only after it).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    #: Model calls (assistant turns) the task may make.
+    max_model_calls: Optional[int] = Field(default=None, ge=0)
+    #: Tool calls the task may run.
+    max_tool_calls: Optional[int] = Field(default=None, ge=0)
+    #: Input plus output tokens the provider may report.
+    max_tokens: Optional[int] = Field(default=None, ge=0)
+    #: USD the provider's answers may cost (see LONGHAUL_MODEL_PRICES_USD_PER_MTOK).
+    max_cost_usd: Optional[float] = Field(default=None, ge=0)
+
+    def merged_over(self, base: Optional[Budget]) -> Budget:
+        """This budget's limits, with `base`'s where this one sets none."""
+        if base is None:
+            return self
+        return Budget(**{**base.model_dump(exclude_none=True), **self.model_dump(exclude_none=True)})
+
+    @property
+    def is_empty(self) -> bool:
+        return all(value is None for value in self.model_dump().values())
+
+
+class AgentSpec(_Input):
+    """An agent's definition as a task stored it when it was created (see `longhaul.Agent`)."""
+
+    name: Identifier
+    #: A short hash of every other field: it changes whenever the definition does.
+    version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    instructions: Optional[Text] = None
+    provider: Optional[Label] = None
+    model: Optional[Label] = None
+    tools: Optional[list[Label]] = None
+    max_steps: Optional[int] = Field(default=None, ge=1, le=1_000_000)
+    time_limit_s: Optional[float] = Field(default=None, gt=0)
+    budget: Optional[Budget] = None
+    options: dict[str, Json] = Field(default_factory=dict)
+
+
 class TaskSpec(_Input):
     """What to run: everything a worker needs, stored with the task.
 
@@ -178,6 +224,11 @@ class TaskSpec(_Input):
     time_limit_s: Optional[float] = Field(default=None, gt=0)
     #: Provider and tool options (e.g. the scripted provider's ``steps``).
     options: dict[str, Json] = Field(default_factory=dict)
+    #: The agent the task runs, as defined when the task was created: its instructions are
+    #: the first (system) message the provider sees, however the agent changes later.
+    agent: Optional[AgentSpec] = None
+    #: What the task may spend in all (the agent's limits, overridden by the task's own).
+    budget: Optional[Budget] = None
 
 
 class _TaskIdentity(_Input):

@@ -22,6 +22,7 @@ from longhaul.worker.tools import (
     ToolContext,
     ToolResult,
     allowed_tools,
+    define_tool,
     register_tool,
     run_tool_call,
     tool,
@@ -329,7 +330,7 @@ class ShoutArguments(BaseModel):
 def test_a_typed_function_becomes_a_tool_with_a_generated_schema_and_runs_once_registered(call, monkeypatch):
     monkeypatch.setattr(tools, "TOOLS", dict(tools.TOOLS))
 
-    @tool()
+    @define_tool()
     def shout(args: ShoutArguments, ctx: ToolContext) -> str:
         """Repeat the text in capitals."""
         return f"{args.text.upper()} ({ctx.idempotency_key})"
@@ -341,6 +342,19 @@ def test_a_typed_function_becomes_a_tool_with_a_generated_schema_and_runs_once_r
     register_tool(shout)
 
     assert call("shout", step=3, index=2, text="hi") == ToolResult(True, "HI (t1:3:2)")
+
+
+def test_the_tool_decorator_registers_the_tool_when_the_function_is_defined(call, monkeypatch):
+    monkeypatch.setattr(tools, "TOOLS", dict(tools.TOOLS))
+    assert failed(call("whisper", text="HI"), "unknown tool 'whisper'")
+
+    @tool()
+    def whisper(args: ShoutArguments, ctx: ToolContext) -> str:
+        """Repeat the text in lower case."""
+        return args.text.lower()
+
+    assert tools.TOOLS["whisper"] is whisper
+    assert call("whisper", text="HI") == ToolResult(True, "hi")
 
 
 def test_a_function_without_a_pydantic_arguments_model_is_not_a_tool():

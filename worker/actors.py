@@ -1,9 +1,11 @@
 """Entry point for ``dramatiq longhaul.worker.actors`` (what the Procfile runs).
 
-Importing this module builds the process's runtime from the environment
-and makes its broker Dramatiq's global broker. If the store cannot be
-opened (see `models.TaskStore`), the process logs why and exits with
-code 2.
+Importing this module builds the process's runtime from the environment,
+imports the app modules named by `LONGHAUL_APP` (the user's agents, tools
+and providers, see `apps`) and makes its broker Dramatiq's global broker,
+all before the process takes a message. If the store cannot be opened
+(see `models.TaskStore`) or an app module cannot be imported, the process
+logs why in one line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import dramatiq
 
 from longhaul.models import LonghaulError
 
+from .apps import import_apps
 from .runtime import get_runtime
 
-#: Exit code of a worker process that cannot open its store (Dramatiq's "import failed").
+#: Exit code of a worker process that cannot open its store or import an app (Dramatiq's "import failed").
 EXIT_CANNOT_START = 2
 
 try:
     runtime = get_runtime()
+    import_apps(runtime.settings.app_modules)
 except LonghaulError as exc:
     # A schema newer than this code, an unreachable database, a bad setting:
     # one clear line and a non-zero exit, not a traceback per worker process.

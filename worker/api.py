@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 from longhaul.models import (
+    Budget,
     CorruptRecord,
     InvalidInput,
     LonghaulError,
@@ -27,6 +28,7 @@ from longhaul.models.traces import TraceEventRecord
 
 from .recovery import find_interrupted
 from .runtime import BrokerRequired, Runtime, get_runtime
+from .validation import strict
 
 logger = logging.getLogger(__name__)
 
@@ -57,37 +59,65 @@ class Progress:
     elapsed_s: float
 
 
+@strict
 def submit(
     rt: Runtime,
     prompt: str,
     *,
+    agent: Optional[str] = None,
     thread_id: Optional[str] = None,
     task_id: Optional[str] = None,
     channel: str = "api",
     provider: Optional[str] = None,
     model: Optional[str] = None,
+    tools: Optional[list[str]] = None,
     max_steps: Optional[int] = None,
     time_limit_s: Optional[float] = None,
+    budget: Optional[Budget] = None,
     **provider_options: Any,
 ) -> str:
-    """Validate and store a new `queued` task (not yet sent); returns its id."""
+    """Validate and store a new `queued` task (not yet sent); returns its id.
+
+    With `agent`, the task runs that registered agent (its definition is
+    stored with the task); every other argument given overrides the
+    agent's field, and `budget` limits override the agent's one by one.
+    Any further keyword must be an option the provider or one of the
+    task's tools declares (see `task_options`). Anything unknown, of the wrong type or naming an
+    agent, provider or tool this process lacks raises `InvalidInput` naming
+    it, and nothing is stored.
+    """
+    from .agents import get_agent
     from .providers import create_provider
+    from .task_options import checked_options
     from .tools import validate_tool_names
 
-    spec = TaskSpec(prompt=prompt, max_steps=max_steps, time_limit_s=time_limit_s, options=provider_options)
-    provider = provider or rt.settings.default_provider
-    create_provider(provider, settings=rt.settings)  # unknown provider: fail now, not in a worker
-    validate_tool_names(spec.options)  # unknown names in options["tools"]: InvalidInput naming `tools`
+    defined = get_agent(agent).spec if agent is not None else None
+    provider = provider or (defined.provider if defined else None) or rt.settings.default_provider
+    tools = tools if tools is not None else (defined.tools if defined else None)
+    if tools is not None:
+        validate_tool_names({"tools": tools})  # a tool this process lacks: InvalidInput naming `tools`
+    options = checked_options(provider, tools, {**(defined.options if defined else {}), **provider_options},
+                              parameters=SUBMIT_PARAMETERS)  # unknown provider: fail now, not in a worker
+    if tools is not None:
+        options["tools"] = list(tools)
+    create_provider(provider, settings=rt.settings)
+    limits = (budget or Budget()).merged_over(defined.budget if defined else None)
+    spec = TaskSpec(prompt=prompt, options=options, agent=defined, budget=None if limits.is_empty else limits,
+                    max_steps=max_steps if max_steps is not None else (defined.max_steps if defined else None),
+                    time_limit_s=time_limit_s if time_limit_s is not None else (
+                        defined.time_limit_s if defined else None))
     task_id = task_id or f"task-{uuid.uuid4().hex[:16]}"
     # Validate the identity fields before anything is written.
     ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
-                         model=model or rt.settings.default_model, status=TaskStatus.QUEUED)
+                         model=model or (defined.model if defined else None) or rt.settings.default_model,
+                         status=TaskStatus.QUEUED)
     if not rt.store.create_task(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
                                 provider=ident.provider, model=ident.model, spec=spec):
         raise TaskExists(task_id)
     return task_id
 
 
+@strict
 def enqueue(prompt: str, **kwargs: Any) -> str:
     """Store a task and send it to the Redis workers; returns its id at once.
 
@@ -102,6 +132,7 @@ def enqueue(prompt: str, **kwargs: Any) -> str:
     return task_id
 
 
+@strict
 def run_inline(prompt: str, *, on_progress: Optional[Callable[[Progress], None]] = None, **kwargs: Any) -> TaskRecord:
     """Run one task to its end: in this process without Redis, else via the workers.
 
@@ -113,6 +144,7 @@ def run_inline(prompt: str, *, on_progress: Optional[Callable[[Progress], None]]
     return rt.store.get(task_id)
 
 
+@strict
 def resume(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = None) -> TaskRecord:
     """Resume an interrupted task from its latest checkpoint.
 
@@ -131,6 +163,7 @@ def resume(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = 
     return rt.store.get(task_id)
 
 
+@strict
 def resume_interrupted(*, on_progress: Optional[Callable[[Progress], None]] = None) -> list[TaskSummary]:
     """Resume every task that was interrupted (dead worker, expired lease, released).
 
@@ -142,6 +175,7 @@ def resume_interrupted(*, on_progress: Optional[Callable[[Progress], None]] = No
     return _drive(rt, task_ids, on_progress=on_progress) if task_ids else []
 
 
+@strict
 def rerun(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = None) -> TaskRecord:
     """Run a finished task again from step 1 (its stale checkpoints are reset)."""
     rt = get_runtime()
@@ -150,6 +184,7 @@ def rerun(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = N
     return rt.store.get(task_id)
 
 
+@strict
 def follow_traces(task_id: str, *, follow: bool = False, poll_s: float = 0.2) -> Iterator[TraceEventRecord]:
     """The task's trace events in order; with `follow`, keep yielding new ones until the task finishes."""
     store = get_runtime().store
@@ -164,9 +199,15 @@ def follow_traces(task_id: str, *, follow: bool = False, poll_s: float = 0.2) ->
         time.sleep(poll_s)
 
 
+@strict
 def cancel(task_id: str) -> TaskStatus:
     """Cancel a task; a running one stops after its current step. Returns the status now."""
     return get_runtime().store.request_cancel(task_id)
+
+
+#: The keywords `submit` (and so `enqueue` and `run_inline`) declares, beside provider options.
+SUBMIT_PARAMETERS = ("agent", "thread_id", "task_id", "channel", "provider", "model", "tools", "max_steps",
+                     "time_limit_s", "budget")
 
 
 def _drive(rt: Runtime, task_ids: list[str], *, on_progress: Optional[Callable[[Progress], None]],
@@ -192,6 +233,7 @@ def _drive(rt: Runtime, task_ids: list[str], *, on_progress: Optional[Callable[[
         raise
 
 
+@strict
 def wait_for(
     task_id: str,
     *,

@@ -18,11 +18,21 @@ import click
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from longhaul.models import InvalidInput, LonghaulError, TaskStatus, TaskStore, TaskSummary
+from longhaul.models import (
+    Budget,
+    CorruptRecord,
+    InvalidInput,
+    LonghaulError,
+    TaskNotFound,
+    TaskStatus,
+    TaskStore,
+    TaskSummary,
+)
 from longhaul.models.db import is_postgres_url, redact_url
 from longhaul.models.event_stream import export_events
 
 from . import api
+from .apps import APP_ENV_VAR, add_to_environment, import_apps, parse_app_modules
 from .runtime import BrokerRequired, get_runtime
 from .settings import load_settings
 
@@ -102,6 +112,7 @@ def _report(records: Sequence[TaskSummary], as_json: bool) -> None:
 def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options `run` and `enqueue` share."""
     options = [
+        click.option("--agent", help="Run this agent (defined in an app module); other options override it."),
         click.option("--thread", "thread_id", help="Thread id: continue this conversation's history."),
         click.option("--task-id", help="Use this task id instead of a generated one."),
         click.option("--channel", default="cli", show_default=True, help="Where the task came from."),
@@ -115,7 +126,11 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True),
                      help="Seconds the task may run in all, across resumes."),
         click.option("--tool", "tools", multiple=True,
-                     help="A tool the task may call (repeat for more; default: every registered tool)."),
+                     help="A tool the task may call (repeat for more; default: the agent's, else every tool)."),
+        click.option("--max-model-calls", type=click.IntRange(min=0), help="Budget: model calls in all."),
+        click.option("--max-tool-calls", type=click.IntRange(min=0), help="Budget: tool calls in all."),
+        click.option("--max-tokens", type=click.IntRange(min=0), help="Budget: input + output tokens in all."),
+        click.option("--max-cost-usd", type=click.FloatRange(min=0), help="Budget: USD of model answers in all."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -123,7 +138,14 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _submit_kwargs(steps: Optional[int], step_delay: Optional[float], ledger: Optional[Path],
-                   tools: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+                   tools: tuple[str, ...], max_model_calls: Optional[int], max_tool_calls: Optional[int],
+                   max_tokens: Optional[int], max_cost_usd: Optional[float], **kwargs: Any) -> dict[str, Any]:
+    """`submit`'s keywords from the CLI's options: only those given, so an agent's fields stay in force."""
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    budget = Budget(max_model_calls=max_model_calls, max_tool_calls=max_tool_calls, max_tokens=max_tokens,
+                    max_cost_usd=max_cost_usd)
+    if not budget.is_empty:
+        kwargs["budget"] = budget
     if tools:
         kwargs["tools"] = list(tools)
     if steps is not None:
@@ -261,6 +283,23 @@ def _when(moment: Optional[datetime]) -> str:
     return f"{moment:%Y-%m-%d %H:%M:%S}" if moment else "-"
 
 
+def _agents_of(rows: Sequence[TaskSummary]) -> dict[str, Optional[dict[str, str]]]:
+    """``{"name", "version"}`` of each task's agent (None: no agent), read from the stored specs."""
+    store = get_runtime().store
+    agents: dict[str, Optional[dict[str, str]]] = {}
+    for row in rows:
+        try:
+            agent = store.task_spec(row.task_id).agent
+        except (CorruptRecord, TaskNotFound):  # a corrupt spec, or a task deleted meanwhile: no agent shown
+            agent = None
+        agents[row.task_id] = None if agent is None else {"name": agent.name, "version": agent.version}
+    return agents
+
+
+def _agent_text(agent: Optional[dict[str, str]]) -> str:
+    return f"{agent['name']}@{agent['version']}" if agent else "-"
+
+
 @cli.command()
 @click.option("--status", type=click.Choice([s.value for s in TaskStatus]))
 @click.option("--thread", "thread_id")
@@ -276,13 +315,15 @@ def tasks(status: Optional[str], thread_id: Optional[str], provider: Optional[st
     """List tasks with their counts, tokens and cost, newest first."""
     rows = get_runtime().store.list_tasks(status=status, thread_id=thread_id, limit=limit, offset=offset,
                                           order_by=order_by, provider=provider, since=since, until=until)
+    agents = _agents_of(rows)
     if as_json:
-        _dump(rows)
+        _dump([{**row.model_dump(mode="json"), "agent": agents[row.task_id]} for row in rows])
         return
-    click.echo(f"{'TASK':<24} {'THREAD':<20} {'STATUS':<9} {'STEPS':>5} {'MSGS':>5} {'TURNS':>5} {'TOOLS':>5} "
-               f"{'TOKENS':>8} {'COST':>8} {'STARTED':<19} {'UPDATED':<19} {'ENDED':<19} WORKER")
+    click.echo(f"{'TASK':<24} {'THREAD':<20} {'AGENT':<24} {'STATUS':<9} {'STEPS':>5} {'MSGS':>5} {'TURNS':>5} "
+               f"{'TOOLS':>5} {'TOKENS':>8} {'COST':>8} {'STARTED':<19} {'UPDATED':<19} {'ENDED':<19} WORKER")
     for row in rows:
-        click.echo(f"{row.task_id:<24} {row.thread_id:<20} {row.status.value:<9} {row.checkpoint_count:>5} "
+        click.echo(f"{row.task_id:<24} {row.thread_id:<20} {_agent_text(agents[row.task_id]):<24} "
+                   f"{row.status.value:<9} {row.checkpoint_count:>5} "
                    f"{row.message_count:>5} {row.turn_count:>5} {row.tool_call_count:>5} "
                    f"{row.usage.total_tokens:>8} {row.usage.cost_usd:>8.4f} {_when(row.started_at):<19} "
                    f"{_when(row.updated_at):<19} {_when(row.completed_at):<19} {_lease_text(row)}")
@@ -356,11 +397,14 @@ def _lease_text(row: TaskSummary) -> str:
 def show(task_id: str, as_json: bool) -> None:
     """Show a task: record, checkpoints and lease."""
     record = get_runtime().store.get(task_id)
+    agent = record.spec.agent if record.spec else None
+    agent_ref = None if agent is None else {"name": agent.name, "version": agent.version}
     if as_json:
-        _dump(record)
+        _dump({**record.model_dump(mode="json"), "agent": agent_ref})
         return
     for label, value in [
-        ("task", record.task_id), ("thread", record.thread_id), ("status", record.status.value),
+        ("task", record.task_id), ("thread", record.thread_id), ("agent", _agent_text(agent_ref)),
+        ("status", record.status.value),
         ("provider", f"{record.provider} / {record.model}"), ("steps", record.checkpoint_count),
         ("messages", record.message_count), ("recoveries", record.recovery_count),
         ("lease", _lease_text(record) + (f" until {record.lease.expires_at:%H:%M:%S} (worker {record.lease.owner})"
@@ -426,6 +470,27 @@ def delete(thread_id: str) -> None:
     """Delete a thread's tasks with their checkpoints and messages."""
     count = get_runtime().store.delete_by_thread_id(thread_id)
     click.echo(f"deleted {count} task(s) of thread {thread_id}")
+
+
+def _import_apps(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> None:
+    """Import the app modules of ``--app`` and `LONGHAUL_APP` before the command runs.
+
+    ``--app`` modules are added to `LONGHAUL_APP`, so the worker processes
+    `longhaul worker` starts import them too.
+    """
+    modules = parse_app_modules([*load_settings().app_modules, *value])
+    import_apps(modules)
+    add_to_environment(modules)
+
+
+def _app_option() -> click.Option:
+    return click.Option(["--app", "apps"], multiple=True, expose_value=False, is_eager=True, callback=_import_apps,
+                        metavar="MODULE", help=f"Import this app module first (repeat for more; adds to "
+                                               f"{APP_ENV_VAR}): your agents, tools and providers.")
+
+
+for _command in cli.commands.values():
+    _command.params.insert(0, _app_option())
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from longhaul.models import (
 from longhaul.models.redact import redact_text
 from longhaul.models.traces import NullTraceWriter, TraceWriter
 
+from .budgets import BudgetExceeded, Spend, check_budget
 from .providers import (
     PermanentProviderError,
     Provider,
@@ -44,7 +45,7 @@ from .providers import (
     create_provider,
 )
 from .runtime import Runtime
-from .tools import ToolContext, allowed_tools, checkpoint_item, run_tool_call
+from .tools import ToolContext, UnknownTool, allowed_tools, checkpoint_item, run_tool_call, validate_tool_names
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class TaskRun:
         self.tracer: TraceWriter = NullTraceWriter(agent="", model="", job_type="", next_sequence=0,
                                                    started_at=0.0)
         self.usage = Usage()  # this run's, not yet stored
+        self.pending: list[ChatMessage] = []  # the step in progress: its assistant turn and tool results so far
 
     def run(self) -> TaskStatus:
         try:
@@ -86,9 +88,14 @@ class TaskRun:
             self._check_startable(record)
             assert record.spec is not None
             provider = create_provider(record.provider, settings=self.rt.settings)
+            validate_tool_names(record.spec.options)  # a tool this worker lacks: fail now, naming --app
             history = list(record.execution_history) or self._open_histories(record, record.spec)
             return self._step_until_done(record, record.spec, provider, history)
-        except (_TaskFailed, CorruptRecord, UnknownProvider, PermanentProviderError) as exc:
+        except (UnknownProvider, UnknownTool) as exc:
+            return self._fail(exc, message=f"this worker lacks it: {exc}")
+        except BudgetExceeded as exc:
+            return self._over_budget(exc)
+        except (_TaskFailed, CorruptRecord, PermanentProviderError) as exc:
             return self._fail(exc)
         except TimeLimitExceeded:
             return self._finish(TaskStatus.TIMED_OUT, last_error="time limit exceeded")
@@ -152,10 +159,17 @@ class TaskRun:
                 raise TimeLimitExceeded()
 
     def _open_histories(self, record: TaskRecord, spec: TaskSpec) -> list[ChatMessage]:
-        """The first messages of a task: its thread's turns so far, then the prompt."""
+        """The first messages of a task: its agent's instructions, its thread's turns so far, then the prompt.
+
+        Written once, when the task first runs; a resume continues the stored
+        history. A thread's turns hold only user and assistant messages, so
+        the instructions of an earlier task on the thread are not repeated.
+        """
         prior = load_resumable_state(self.store, record.thread_id, exclude_task_id=record.task_id)
         turns, note = prior if prior is not None else ([], None)
-        execution = list(turns)
+        instructions = spec.agent.instructions if spec.agent is not None else None
+        execution = [ChatMessage.system(instructions)] if instructions else []
+        execution.extend(turns)
         if note:
             execution.append(ChatMessage.system(f"Latest checkpoint of this thread: {note}"))
         prompt = ChatMessage.user(spec.prompt)
@@ -172,6 +186,7 @@ class TaskRun:
         options: dict[str, Any] = dict(spec.options)
         tools = allowed_tools(options)
         totals = record.usage
+        spend = Spend.stored(record)
         step = record.last_step_index
         while True:
             if self.rt.stopping.is_set():
@@ -181,6 +196,7 @@ class TaskRun:
             if store.is_cancel_requested(task_id):
                 return self._finish(TaskStatus.CANCELLED, last_error=f"cancelled after step {step}")
             step += 1
+            check_budget(task_id, spec.budget, spend, "model call")
             turn = provider.next_turn(StepContext(task_id=task_id, step_index=step, history=history,
                                                   model=record.model, options=options, tools=tools,
                                                   emit=tracer.emit))
@@ -190,14 +206,18 @@ class TaskRun:
                 self.usage += turn.usage
                 tracer.emit("usage_update", {"step": step, "turn": turn.usage.model_dump(),
                                              "total": (totals + self.usage).model_dump()})
+            spend.add_model_call(turn.usage)
             assistant = ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls)
+            self.pending = [assistant]
             if not turn.tool_calls:
                 tracer.end_turn()
                 return self._finish(TaskStatus.COMPLETED, final_response=turn.content, new_messages=[assistant])
             if spec.max_steps is not None and step > spec.max_steps:
                 raise _TaskFailed(f"max_steps: the task asked for step {step} but max_steps is {spec.max_steps}")
-            new_messages, items = [assistant], []
+            new_messages, items = self.pending, []
             for call_index, call in enumerate(turn.tool_calls):
+                check_budget(task_id, spec.budget, spend, "tool call")
+                spend.tool_calls += 1
                 message, item = self._call_tool(call, ToolContext(task_id=task_id, step_index=step,
                                                                   call_index=call_index, options=options,
                                                                   settings=self.rt.settings))
@@ -219,7 +239,7 @@ class TaskRun:
                 traces=tracer.take(),
                 usage=self.usage,
             )
-            totals, self.usage = totals + self.usage, Usage()
+            totals, self.usage, self.pending = totals + self.usage, Usage(), []
             history.extend(new_messages)
 
     def _call_tool(self, call: ToolCall, ctx: ToolContext) -> tuple[ChatMessage, CheckpointItem]:
@@ -235,6 +255,11 @@ class TaskRun:
         return message, checkpoint_item(call, result)
 
     # -- how a run ends --------------------------------------------------------------
+
+    def _over_budget(self, exc: BudgetExceeded) -> TaskStatus:
+        """Fail the task, keeping what the step in progress already did (its turn, the tools that ran)."""
+        self.tracer.emit("budget_exceeded", {"limit": exc.limit, "limit_value": exc.limit_value, "used": exc.used})
+        return self._finish(TaskStatus.FAILED, last_error=str(exc), new_messages=self.pending)
 
     def _fail(self, exc: BaseException, *, message: Optional[str] = None) -> TaskStatus:
         self._error_event(exc, kind="permanent")

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     traces: bool = True
     # SQLite busy timeout: how long a writer queues behind another.
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # App modules (comma-separated) imported by every CLI command and worker process: the user's agents,
+    # tools and providers (`--app` on the CLI adds to it).
+    app: str = ""
     # Provider and model used when a task names none.
     default_provider: str = "scripted"
     default_model: str = "scripted-v1"
@@ -92,6 +95,13 @@ class Settings(BaseSettings):
     http_get_max_bytes: int = Field(default=1_000_000, ge=1)
     # Let http_get reach loopback, private and link-local addresses (off: no SSRF into the host's network).
     http_get_allow_private: bool = False
+
+    @property
+    def app_modules(self) -> list[str]:
+        """`app` as module names."""
+        from .apps import parse_app_modules
+
+        return parse_app_modules(self.app)
 
     @property
     def heartbeat_every_s(self) -> float:

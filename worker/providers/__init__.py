@@ -1,4 +1,11 @@
-"""Providers by name. Adding one is a module with a class and a line here.
+"""Providers by name: the built-in ones, and those user code adds with `register_provider`.
+
+A provider implements ``next_turn(ctx: StepContext) -> AssistantTurn`` and
+declares the task options it reads as a pydantic model (its ``Options``
+class attribute, or ``register_provider(..., options=Model)``): a task's
+keyword arguments are checked against that model before the task is
+stored, so a typo is refused instead of silently ignored. A provider that
+declares no model takes no options.
 
 HTTP providers take their settings (base URL, key, timeout) from
 `create_provider(name, settings=...)`, else from the process runtime when
@@ -7,7 +14,11 @@ they first need them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from longhaul.models import InvalidInput
 
 from .anthropic import AnthropicProvider
 from .base import (
@@ -32,6 +43,47 @@ PROVIDERS: dict[str, Callable[..., Provider]] = {
     "anthropic": AnthropicProvider,
 }
 
+#: Options models given to `register_provider` explicitly (else a factory's ``Options`` attribute is used).
+_OPTIONS_MODELS: dict[str, type[BaseModel]] = {}
+
+
+class NoOptions(BaseModel):
+    """The options of a provider that declares none: nothing is accepted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def register_provider(name: str, factory: Callable[[], Any], *, options: Optional[type[BaseModel]] = None) -> None:
+    """Make a provider available by name in this process (replacing one of the same name).
+
+    `factory` is a provider class or any zero-argument callable returning an
+    object with ``next_turn(ctx: StepContext) -> AssistantTurn``. The task
+    options it reads are `options` (a pydantic model), else the factory's
+    ``Options`` attribute, else none. Call it at module level of an app
+    module (``--app`` / ``LONGHAUL_APP``) so every worker process has it.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput(f"register_provider: name must be a non-empty string, got {name!r}")
+    if not callable(factory):
+        raise InvalidInput(f"register_provider({name!r}): factory must be a class or a zero-argument callable, "
+                           f"got {factory!r}")
+    if options is not None and not (isinstance(options, type) and issubclass(options, BaseModel)):
+        raise InvalidInput(f"register_provider({name!r}): options must be a pydantic model class, got {options!r}")
+    PROVIDERS[name] = factory
+    if options is not None:
+        _OPTIONS_MODELS[name] = options
+    else:
+        _OPTIONS_MODELS.pop(name, None)
+
+
+def provider_options_model(name: str) -> type[BaseModel]:
+    """The options model the named provider declares (`NoOptions` if none); `UnknownProvider` if unknown."""
+    factory = PROVIDERS.get(name)
+    if factory is None:
+        raise UnknownProvider(name, list(PROVIDERS))
+    model = _OPTIONS_MODELS.get(name) or getattr(factory, "Options", None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else NoOptions
+
 
 def create_provider(name: str, *, settings: Optional[Settings] = None) -> Provider:
     """A provider instance by name; `UnknownProvider` lists the known ones.
@@ -50,6 +102,7 @@ def create_provider(name: str, *, settings: Optional[Settings] = None) -> Provid
 
 __all__ = [
     "AssistantTurn", "EmitEvent", "PermanentProviderError", "Provider", "ProviderError", "StepContext",
-    "TransientProviderError", "UnknownProvider", "PROVIDERS", "create_provider",
+    "TransientProviderError", "UnknownProvider", "PROVIDERS", "NoOptions", "create_provider", "provider_options_model",
+    "register_provider",
     "AnthropicProvider", "OpenAIProvider", "ScriptedProvider",
 ]

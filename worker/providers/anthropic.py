@@ -9,9 +9,10 @@ Settings: `LONGHAUL_ANTHROPIC_BASE_URL`, the key (`ANTHROPIC_API_KEY` or
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
 from longhaul.models import ChatMessage, Usage, parse_tool_call_tags, strip_tool_call_tags
 
@@ -39,10 +40,20 @@ HINTS = {
 }
 
 
+class AnthropicOptions(BaseModel):
+    """The task options the anthropic provider reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Output tokens per answer (default: LONGHAUL_ANTHROPIC_MAX_TOKENS).
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+
+
 class AnthropicProvider(SettingsProvider):
     """Messages against `settings.anthropic_base_url` (settings default to the runtime's)."""
 
     name = NAME
+    Options = AnthropicOptions
 
     def next_turn(self, ctx: StepContext) -> AssistantTurn:
         settings = self.settings

@@ -80,6 +80,9 @@ class PermanentProviderError(ProviderError):
 
 
 class UnknownProvider(InvalidInput):
+    """No provider of this name is registered in this process."""
+
     def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"provider: unknown provider {name!r}; known providers: {', '.join(sorted(known))}")
+        super().__init__(f"provider: unknown provider {name!r}; known providers: {', '.join(sorted(known))} "
+                         "(a provider from your code is registered by an app module: --app / LONGHAUL_APP)")
         self.name = name

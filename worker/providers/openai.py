@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import json
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import httpx
+from pydantic import BaseModel, ConfigDict, Field
 
 from longhaul.models import ChatMessage, ToolCall, Usage, parse_tool_call_tags, strip_tool_call_tags
 
@@ -47,10 +48,27 @@ from .common import (
 if TYPE_CHECKING:
     pass
 
+
+class OpenAIOptions(BaseModel):
+    """The task options sent through to the chat-completions request body as they are."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    temperature: Optional[float] = Field(default=None, ge=0, le=2)
+    top_p: Optional[float] = Field(default=None, ge=0, le=1)
+    max_tokens: Optional[int] = Field(default=None, ge=1)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    reasoning_effort: Optional[str] = Field(default=None, min_length=1)
+    parallel_tool_calls: Optional[bool] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
+
+
 #: Task options passed through to the request body as they are.
-REQUEST_OPTIONS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop",
-                   "reasoning_effort", "parallel_tool_calls", "tool_choice", "frequency_penalty",
-                   "presence_penalty")
+REQUEST_OPTIONS = tuple(OpenAIOptions.model_fields)
 
 #: What to do about each permanent status, said in the error message.
 HINTS = {
@@ -71,6 +89,7 @@ class OpenAIProvider(SettingsProvider):
     """
 
     name = NAME
+    Options = OpenAIOptions
 
     @property
     def client(self) -> httpx.Client:

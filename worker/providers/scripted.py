@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from longhaul.models import parse_tool_call_tags
 
@@ -19,8 +22,21 @@ from .base import AssistantTurn, StepContext, TransientProviderError
 DEFAULT_STEPS = 3
 
 
+class ScriptedOptions(BaseModel):
+    """The task options the scripted provider reads (its ledger tool declares its own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: How many ledger steps to plan before answering.
+    steps: int = Field(default=DEFAULT_STEPS, ge=0, le=1_000_000)
+    #: Fault injection: one transient failure at this step, remembered by the marker file.
+    fail_once_at_step: Optional[int] = Field(default=None, ge=1)
+    fail_once_marker: Optional[str] = Field(default=None, min_length=1)
+
+
 class ScriptedProvider:
     name = "scripted"
+    Options = ScriptedOptions
 
     def next_turn(self, ctx: StepContext) -> AssistantTurn:
         steps = int(ctx.options.get("steps", DEFAULT_STEPS))

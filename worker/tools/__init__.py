@@ -3,19 +3,22 @@
 Built in: `ledger` (the scripted provider's), `read_file`, `write_file` and
 `list_files` (confined to the task's workspace, see `files`), and
 `http_get` (size-capped, public addresses only by default, see `http`).
-A task chooses its tools with ``options["tools"]`` (a list of names);
-without it, every registered tool is offered.
+User code adds tools with ``@tool()`` at module level of an app module
+(registered when the module is imported, in every process that imports
+it) or with `register_tool` for tools built at run time. A task chooses
+its tools with ``options["tools"]`` (a list of names); without it, every
+registered tool is offered.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from longhaul.models import CheckpointItem, InvalidInput, ToolCall
 
-from .base import INVALID_ARGUMENTS_KEY, Tool, ToolContext, ToolError, ToolResult, tool
+from .base import INVALID_ARGUMENTS_KEY, Tool, ToolContext, ToolError, ToolFunction, ToolResult, define_tool
 from .files import LIST_FILES, READ_FILE, WRITE_FILE
 from .http import HTTP_GET
 from .ledger import LEDGER
@@ -28,17 +31,42 @@ class UnknownTool(InvalidInput):
 
     def __init__(self, names: list[str], known: list[str]) -> None:
         super().__init__(f"tools: unknown tool{'s' if len(names) > 1 else ''} "
-                         f"{', '.join(repr(n) for n in names)}; known tools: {', '.join(sorted(known))}")
+                         f"{', '.join(repr(n) for n in names)}; known tools: {', '.join(sorted(known))} "
+                         "(a tool from your code is registered by an app module: --app / LONGHAUL_APP)")
         self.names = names
 
 
 def register_tool(tool: Tool) -> None:
-    """Make `tool` callable by name (replacing any tool of the same name)."""
+    """Make `tool` callable by name in this process (replacing any tool of the same name)."""
     TOOLS[tool.name] = tool
 
 
+def tool(name: Optional[str] = None, *, description: Optional[str] = None,
+         options: Optional[type[BaseModel]] = None) -> Callable[[ToolFunction], Tool]:
+    """Decorate ``fn(args: SomeModel, ctx: ToolContext) -> str`` to make it a registered `Tool`.
+
+    At module level of an app module (``--app`` / ``LONGHAUL_APP``) the tool
+    is registered in every process that imports the module, workers
+    included. The name defaults to the function's, the description to its
+    docstring; `options` is a pydantic model of the task options the tool
+    reads (see `Tool`). Every parameter is keyword-only but the name, so
+    later ones can be added freely.
+    """
+    make = define_tool(name, description=description, options=options)
+
+    def register(fn: ToolFunction) -> Tool:
+        made = make(fn)
+        register_tool(made)
+        return made
+
+    return register
+
+
 def validate_tool_names(options: dict[str, Any]) -> None:
-    """Check ``options["tools"]`` before a task is stored: `InvalidInput` naming `tools` if it is bad."""
+    """Check ``options["tools"]`` against this process's tools: `UnknownTool`/`InvalidInput` naming `tools`.
+
+    Called before a task is stored, and by the worker before it runs one.
+    """
     names = options.get("tools")
     if names is None:
         return
@@ -98,7 +126,7 @@ def checkpoint_item(call: ToolCall, result: ToolResult) -> CheckpointItem:
 
 __all__ = [
     # Registry
-    "TOOLS", "UnknownTool", "allowed_tools", "register_tool", "tool", "validate_tool_names",
+    "TOOLS", "UnknownTool", "allowed_tools", "define_tool", "register_tool", "tool", "validate_tool_names",
     # Calls
     "INVALID_ARGUMENTS_KEY", "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "run_tool_call",
     # Built-ins

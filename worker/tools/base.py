@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel
 
+from longhaul.models import LonghaulError
+
 if TYPE_CHECKING:
     from ..settings import Settings
 
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
 INVALID_ARGUMENTS_KEY = "__longhaul_invalid_arguments__"
 
 
-class ToolError(Exception):
+class ToolError(LonghaulError):
     """An expected failure of a tool (bad path, too large, unreachable URL).
 
     Its message goes to the model as the failed result, so it says what was
@@ -61,13 +63,19 @@ class ToolResult:
 
 @dataclass(frozen=True)
 class Tool:
-    """A named function with pydantic-validated arguments."""
+    """A named function with pydantic-validated arguments.
+
+    `options` declares the task options the tool reads from
+    ``ctx.options`` (a pydantic model): a task may set them as keyword
+    arguments, checked like its provider's options.
+    """
 
     name: str
     description: str
     arguments: type[BaseModel]
     run: Callable[[Any, ToolContext], str]
     schema: Optional[dict[str, Any]] = None
+    options: Optional[type[BaseModel]] = None
 
     def json_schema(self) -> dict[str, Any]:
         """The arguments' JSON schema, as providers send it to the model."""
@@ -77,13 +85,14 @@ class Tool:
 ToolFunction = Callable[[Any, ToolContext], str]
 
 
-def tool(name: Optional[str] = None, *, description: Optional[str] = None) -> Callable[[ToolFunction], Tool]:
-    """Make a `Tool` of a typed function ``fn(args: SomeModel, ctx: ToolContext) -> str``.
+def define_tool(name: Optional[str] = None, *, description: Optional[str] = None,
+                options: Optional[type[BaseModel]] = None) -> Callable[[ToolFunction], Tool]:
+    """Make a `Tool` of a typed function ``fn(args: SomeModel, ctx: ToolContext) -> str``, unregistered.
 
     The arguments model is the first parameter's annotation (a pydantic
     model; its JSON schema is what the model sees), the name defaults to the
-    function's and the description to its docstring. Register the result
-    with `register_tool` to make it callable by name.
+    function's and the description to its docstring. `worker.tools.tool`
+    does the same and registers the result.
     """
 
     def make(fn: ToolFunction) -> Tool:
@@ -94,6 +103,6 @@ def tool(name: Optional[str] = None, *, description: Optional[str] = None) -> Ca
         text = description or inspect.getdoc(fn)
         if not text:
             raise TypeError(f"tool {fn.__name__}: give it a docstring or a description; the model reads it")
-        return Tool(name=name or fn.__name__, description=text, arguments=model, run=fn)
+        return Tool(name=name or fn.__name__, description=text, arguments=model, run=fn, options=options)
 
     return make

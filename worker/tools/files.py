@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import ToolContext, ToolError, ToolFunction, tool
+from .base import ToolContext, ToolError, ToolFunction, define_tool
 
 #: How many entries `list_files` shows at most.
 MAX_LIST_ENTRIES = 1000
@@ -212,7 +212,7 @@ def _naming_the_path(fn: ToolFunction) -> ToolFunction:
     return run
 
 
-@tool("read_file")
+@define_tool("read_file")
 @_naming_the_path
 def read_file(args: ReadFileArguments, ctx: ToolContext) -> str:
     """Read a text file from this task's workspace. Long files are cut off at the size limit, and say so."""
@@ -226,7 +226,7 @@ def read_file(args: ReadFileArguments, ctx: ToolContext) -> str:
     return text
 
 
-@tool("write_file")
+@define_tool("write_file")
 @_naming_the_path
 def write_file(args: WriteFileArguments, ctx: ToolContext) -> str:
     """Write (or with append=true, add to) a text file in this task's workspace."""
@@ -269,7 +269,7 @@ def _already_done(entry: dict[str, Any], ctx: ToolContext) -> str:
     return entry["output"] + f" (already done by this call, idempotency key {ctx.idempotency_key})"
 
 
-@tool("list_files")
+@define_tool("list_files")
 @_naming_the_path
 def list_files(args: ListFilesArguments, ctx: ToolContext) -> str:
     """List the files and folders in this task's workspace (sizes in bytes; folders end in '/')."""

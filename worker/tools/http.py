@@ -22,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import ToolContext, ToolError, tool
+from .base import ToolContext, ToolError, define_tool
 
 #: Redirects followed at most (each one checked like the first URL).
 MAX_REDIRECTS = 5
@@ -86,7 +86,7 @@ def _describe(response: httpx.Response, body: bytes, truncated: bool, cap: int) 
     return head + text
 
 
-@tool("http_get")
+@define_tool("http_get")
 def http_get(args: HttpGetArguments, ctx: ToolContext) -> str:
     """Fetch a web page or API response with HTTP GET. Returns the status, content type and body (size-capped)."""
     settings = ctx.get_settings()

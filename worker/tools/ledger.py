@@ -9,14 +9,26 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .base import Tool, ToolContext
 
 
 class LedgerArguments(BaseModel):
     line: str = Field(min_length=1, max_length=10_000)
+
+
+class LedgerOptions(BaseModel):
+    """The task options the ledger tool reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The ledger file: one fsync'd line per executed step (none: lines are not written anywhere).
+    ledger_path: Optional[str] = Field(default=None, min_length=1)
+    #: Seconds to wait after each line (to make a task slow enough to interrupt).
+    step_delay_s: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 def append_to_ledger(args: LedgerArguments, ctx: ToolContext) -> str:
@@ -40,4 +52,5 @@ LEDGER = Tool(
     description="Append one line to the task's ledger file.",
     arguments=LedgerArguments,
     run=append_to_ledger,
+    options=LedgerOptions,
 )
