@@ -16,11 +16,14 @@ from longhaul.models import (
     LeaseLost,
     LonghaulError,
     SchemaTooNew,
+    StoreUnavailable,
     TaskNotFound,
     TaskNotResumable,
     TaskStatus,
     TaskStore,
     ToolCall,
+    TraceSequenceClash,
+    UnstorableValue,
     Usage,
 )
 from longhaul.worker import (
@@ -38,7 +41,6 @@ from longhaul.worker import (
 from longhaul.worker.agents import Agent, DuplicateAgent, UnknownAgent
 from longhaul.worker.apps import AppImportError
 from longhaul.worker.budgets import BudgetExceeded
-from longhaul.worker.loop import StoreUnavailable
 from longhaul.worker.providers import (
     AssistantTurn,
     PermanentProviderError,
@@ -63,6 +65,6 @@ __all__ = [
     "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidDatabaseUrl", "SettingsError",
     "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool",
     "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy", "TaskNotFound",
-    "TaskNotResumable", "ToolError",
+    "TaskNotResumable", "ToolError", "TraceSequenceClash", "UnstorableValue",
     "ProviderError", "PermanentProviderError", "TransientProviderError",
 ]
