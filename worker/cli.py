@@ -22,7 +22,7 @@ from longhaul.models import InvalidInput, LonghaulError, TaskStatus, TaskStore, 
 from longhaul.models.db import is_postgres_url, redact_url
 from longhaul.models.event_stream import export_events
 
-from . import api
+from . import api, workspaces
 from .runtime import BrokerRequired, get_runtime
 from .settings import load_settings
 
@@ -338,7 +338,9 @@ def prune(max_tasks: Optional[int], older_than_s: Optional[float], dry_run: bool
     """Delete old finished tasks (never queued or running ones) with all their data."""
     if max_tasks is None and older_than_s is None:
         raise click.UsageError("give --max-tasks and/or --older-than")
-    deleted = get_runtime().store.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
+    rt = get_runtime()
+    deleted = workspaces.prune(rt.store, rt.settings.workspace_root, max_tasks=max_tasks, older_than_s=older_than_s,
+                               dry_run=dry_run)
     if as_json:
         _dump({"dry_run": dry_run, "deleted": deleted})
         return
@@ -423,8 +425,9 @@ def cancel(task_id: str) -> None:
 @cli.command()
 @click.option("--thread", "thread_id", required=True, help="Delete every task of this thread.")
 def delete(thread_id: str) -> None:
-    """Delete a thread's tasks with their checkpoints and messages."""
-    count = get_runtime().store.delete_by_thread_id(thread_id)
+    """Delete a thread's tasks with their checkpoints, messages, traces, workspaces and write journals."""
+    rt = get_runtime()
+    count = workspaces.delete_thread(rt.store, rt.settings.workspace_root, thread_id)
     click.echo(f"deleted {count} task(s) of thread {thread_id}")
 
 

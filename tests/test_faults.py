@@ -1,0 +1,198 @@
+"""Everyday production faults (issue 13): supervision, secrets, sandbox, fork safety, deployment files.
+
+Each test reproduces one fault on real parts (worker processes killed with
+real signals, a real Redis, the CLI as a subprocess, a real ``os.fork()``)
+and checks that nothing fails, stalls, leaks or repeats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from longhaul.models import TaskSpec, TaskStatus, TaskStore, ToolCall
+from longhaul.models.db import is_postgres_url
+from longhaul.worker import load_settings
+from longhaul.worker.tools import ToolContext, run_tool_call
+from longhaul.worker.tools.http import check_url, embedded_ipv4, is_public_address
+from longhaul.worker.workspaces import journal_path, task_folder_name, workspace_path
+
+pytestmark = pytest.mark.chaos
+
+
+# -- 10. sandbox and workspaces ------------------------------------------------------------------
+
+
+def _tool(root: Path, task_id: str, name: str, *, step: int = 1, index: int = 0, **arguments: Any) -> Any:
+    """One tool call of `task_id`, as its step loop makes it, with files under `root`."""
+    context = ToolContext(task_id=task_id, step_index=step, call_index=index,
+                          settings=load_settings(workspace_root=str(root)))
+    return run_tool_call(ToolCall(id="c", name=name, arguments=arguments), context)
+
+
+def test_a_hard_link_planted_in_a_workspace_is_neither_read_nor_written_through(tmp_path: Path):
+    root = tmp_path / "ws"
+    outside = tmp_path / "outside.txt"
+    outside.write_text("host secret")
+    assert _tool(root, "t1", "write_file", path="own.txt", content="mine").success
+    os.link(outside, workspace_path(root, "t1") / "planted.txt")
+
+    read = _tool(root, "t1", "read_file", path="planted.txt")
+    overwrite = _tool(root, "t1", "write_file", step=2, path="planted.txt", content="overwritten")
+    append = _tool(root, "t1", "write_file", step=3, path="planted.txt", content="+", append=True)
+
+    for result in (read, overwrite, append):
+        assert not result.success and "hard link" in result.output, result.output
+        assert "host secret" not in result.output
+    assert outside.read_text() == "host secret"
+    assert _tool(root, "t1", "read_file", path="own.txt").output == "mine"
+
+
+@pytest.mark.parametrize("address, embedded", [
+    ("64:ff9b::a00:1", "10.0.0.1"),            # NAT64 well-known prefix
+    ("64:ff9b::7f00:1", "127.0.0.1"),
+    ("64:ff9b::a9fe:a9fe", "169.254.169.254"),  # the cloud metadata endpoint behind NAT64
+    ("2002:c0a8:101::1", "192.168.1.1"),       # 6to4
+    ("::ffff:10.1.2.3", "10.1.2.3"),           # IPv4-mapped
+    ("::127.0.0.1", "127.0.0.1"),              # IPv4-compatible
+])
+def test_ipv6_addresses_embedding_a_private_ipv4_address_are_refused_offline(address: str, embedded: str):
+    parsed = ipaddress.IPv6Address(address)
+
+    assert ipaddress.IPv4Address(embedded) in embedded_ipv4(parsed)
+    assert not is_public_address(parsed)
+    # A literal address resolves without any lookup or packet: the guard runs on the parsed address.
+    with pytest.raises(Exception, match="not a public address"):
+        check_url(f"http://[{address}]/", allow_private=False)
+
+
+@pytest.mark.parametrize("address", ["64:ff9b:1::a00:1", "64:ff9b:1:ffff::808:808",  # NAT64 local-use: never public
+                                     "2001:0:4136:e378:8000:63bf:3fff:fdd2"])       # Teredo
+def test_local_use_nat64_and_teredo_addresses_are_refused(address: str):
+    assert not is_public_address(ipaddress.IPv6Address(address))
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::808:808", "2002:808:808::1", "2606:4700:4700::1111", "8.8.8.8"])
+def test_addresses_embedding_public_ipv4_addresses_stay_allowed(address: str):
+    assert is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("ids", [
+    # An unsafe id's hashed folder name, spelled out as a second id: one folder under a sanitise-and-hash scheme.
+    ("../../evil", "task-______evil-" + hashlib.sha256(b"../../evil").hexdigest()[:16]),
+    ("Task-A", "task-a"),                            # differ only by case (case-insensitive filesystems)
+    ("a/b", "a_b"), ("a.b", "a_2eb"), ("x" * 200, "x" * 201), ("é", "e\u0301"),
+])
+def test_distinct_task_ids_never_share_a_workspace_or_a_journal(tmp_path: Path, ids: tuple[str, str]):
+    first, second = ids
+    names = {task_folder_name(first), task_folder_name(second)}
+    assert len(names) == 2 and all(name.casefold() == name and not name.startswith(".") for name in names)
+
+    root = tmp_path / "ws"
+    assert _tool(root, first, "write_file", path="f.txt", content="first's").success
+    assert _tool(root, second, "write_file", path="f.txt", content="second's").success
+    assert _tool(root, first, "read_file", path="f.txt").output == "first's"
+    assert _tool(root, second, "read_file", path="f.txt").output == "second's"
+    assert journal_path(root, first) != journal_path(root, second)
+
+
+def _task_files(root: Path, task_id: str) -> list[Path]:
+    return [path for path in (workspace_path(root, task_id), journal_path(root, task_id)) if path.exists()]
+
+
+def test_delete_and_prune_delete_the_tasks_workspaces_and_journals(longhaul, tmp_path: Path):
+    root = tmp_path / "ws"
+    env = {"LONGHAUL_WORKSPACE_ROOT": str(root)}
+    for task_id, thread in (("chat-1", "chat"), ("chat-2", "chat"), ("old", "other"), ("kept", "other")):
+        assert longhaul("run", "x", "--task-id", task_id, "--thread", thread, "--steps", "1", **env).returncode == 0
+        assert _tool(root, task_id, "write_file", path="notes.txt", content=f"{task_id}'s notes").success
+        assert len(_task_files(root, task_id)) == 2
+
+    deleted = longhaul("delete", "--thread", "chat", **env)
+    assert deleted.returncode == 0 and "deleted 2 task(s)" in deleted.stdout, deleted.stderr
+    pruned = longhaul("prune", "--max-tasks", "1", **env)
+    assert pruned.returncode == 0 and "deleted 1 finished task(s): old" in pruned.stdout, pruned.stdout
+
+    assert [_task_files(root, t) for t in ("chat-1", "chat-2", "old")] == [[], [], []]
+    assert len(_task_files(root, "kept")) == 2
+    # A new task reusing a deleted id starts with an empty workspace.
+    assert longhaul("run", "x", "--task-id", "old", "--thread", "new", "--steps", "1", **env).returncode == 0
+    assert "no such file" in _tool(root, "old", "read_file", path="notes.txt").output
+
+
+def test_rerun_starts_a_fresh_write_journal(longhaul, tmp_path: Path):
+    root = tmp_path / "ws"
+    env = {"LONGHAUL_WORKSPACE_ROOT": str(root)}
+    assert longhaul("run", "x", "--task-id", "again", "--steps", "1", **env).returncode == 0
+    assert _tool(root, "again", "write_file", path="report.md", content="v1").success
+    (workspace_path(root, "again") / "report.md").unlink()  # the operator removes the output
+
+    rerun = longhaul("rerun", "again", **env)
+
+    assert rerun.returncode == 0, rerun.stderr
+    again = _tool(root, "again", "write_file", path="report.md", content="v1")  # the same call, same key
+    assert again.success and "already done" not in again.output, again.output
+    assert (workspace_path(root, "again") / "report.md").read_text() == "v1"
+
+
+# -- 11. fork safety -------------------------------------------------------------------------------
+
+
+def _fork_and_use(store: TaskStore, child: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Fork; in the child run `child` (its dict goes back through a pipe) and exit without cleanup."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        code = 0
+        try:
+            os.close(read_end)
+            report = child()
+        except BaseException as exc:  # noqa: B036 - whatever happens, report it and leave
+            report, code = {"error": f"{type(exc).__name__}: {exc}"}, 1
+        with os.fdopen(write_end, "w") as pipe:
+            pipe.write(json.dumps(report))
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        report = json.loads(pipe.read() or "{}")
+    _pid, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0, report
+    return report
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_forked_child_gets_fresh_connections_and_the_parent_keeps_its_own(db_url: str):
+    store = TaskStore(db_url)
+    try:
+        store.create_task(task_id="before", thread_id="t", channel="c", provider="scripted", model="m",
+                          spec=TaskSpec(prompt="p"))
+        parent_connection = store.db.connection()
+        backend = "SELECT pg_backend_pid()" if is_postgres_url(db_url) else "SELECT 1"
+        parent_backend = store.db.execute_sql(backend).fetchone()[0]
+
+        def in_child() -> dict[str, Any]:
+            fresh = store.db.connection() is not parent_connection
+            store.create_task(task_id="from-child", thread_id="t", channel="c", provider="scripted", model="m",
+                              spec=TaskSpec(prompt="p"))
+            child_backend = store.db.execute_sql(backend).fetchone()[0]
+            store.close_all()  # closes what the child opened, never the parent's connection
+            return {"fresh": fresh, "backend": child_backend}
+
+        child = _fork_and_use(store, in_child)
+
+        assert child["fresh"], "the child was handed the parent's open connection"
+        if is_postgres_url(db_url):
+            assert child["backend"] != parent_backend
+        assert store.db.connection() is parent_connection
+        assert store.db.execute_sql(backend).fetchone()[0] == parent_backend  # the parent's session survived
+        assert store.summary("from-child").status is TaskStatus.QUEUED
+        if not is_postgres_url(db_url):
+            assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        store.close_all()
