@@ -11,19 +11,29 @@ import hashlib
 import ipaddress
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import psutil
 import pytest
 
+from longhaul import worker
 from longhaul.models import TaskSpec, TaskStatus, TaskStore, ToolCall
 from longhaul.models.db import is_postgres_url
 from longhaul.worker import load_settings
+from longhaul.worker.testing import WorkerProcess, ledger_counts, wait_until
 from longhaul.worker.tools import ToolContext, run_tool_call
 from longhaul.worker.tools.http import check_url, embedded_ipv4, is_public_address
 from longhaul.worker.workspaces import journal_path, task_folder_name, workspace_path
 
 pytestmark = pytest.mark.chaos
+
+#: The repository checkout (Procfile, Dockerfile, docker-compose.yml).
+REPO = Path(__file__).resolve().parent.parent
 
 
 # -- 10. sandbox and workspaces ------------------------------------------------------------------
@@ -196,3 +206,127 @@ def test_a_forked_child_gets_fresh_connections_and_the_parent_keeps_its_own(db_u
             assert store.db.execute_sql("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         store.close_all()
+
+
+# -- 6. process supervision -----------------------------------------------------------------------
+
+#: `longhaul worker`, independent of PATH.
+LONGHAUL_WORKER = [sys.executable, "-c", "from longhaul.worker.cli import main; main()", "worker"]
+
+
+def _children(worker_process: WorkerProcess) -> list[int]:
+    assert worker_process.proc is not None
+    return sorted(child.pid for child in psutil.Process(worker_process.proc.pid).children()
+                  if child.status() != psutil.STATUS_ZOMBIE)
+
+
+def _start_pool(worker_env: dict[str, str], tmp_path: Path, *, processes: int, threads: int) -> WorkerProcess:
+    # Each process fetches only what its threads can run, so every task starts at once.
+    worker_env = {**worker_env, "dramatiq_queue_prefetch": str(threads)}
+    return WorkerProcess(worker_env, processes=processes, threads=threads, log_path=tmp_path / "pool.log",
+                         argv=[*LONGHAUL_WORKER, "--processes", str(processes), "--threads", str(threads)]).start()
+
+
+def _enqueue(count: int, *, steps: int, step_delay_s: float, ledger: Path, prefix: str = "job") -> list[str]:
+    return [worker.enqueue(f"{prefix} {i}", task_id=f"{prefix}-{i}", steps=steps, step_delay_s=step_delay_s,
+                           ledger_path=str(ledger)) for i in range(count)]
+
+
+@pytest.fixture
+def pool(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `longhaul worker` pools; whatever still runs is SIGKILLed (the whole group) at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(processes: int = 2, threads: int = 2) -> WorkerProcess:
+        started.append(_start_pool(worker_env, tmp_path, processes=processes, threads=threads))
+        return started[-1]
+
+    yield start
+    for pool_process in started:
+        pool_process.kill()
+
+
+@pytest.mark.redis
+@pytest.mark.crash
+def test_a_sigkilled_worker_process_is_replaced_while_the_others_keep_serving(client_runtime, pool, tmp_path: Path):
+    store, ledger, steps = client_runtime.store, tmp_path / "ledger.txt", 8
+    supervisor = pool(processes=2, threads=2)
+    first = wait_until(lambda: len(_children(supervisor)) == 2 and _children(supervisor), timeout_s=30,
+                       what="two worker processes")
+    task_ids = _enqueue(4, steps=steps, step_delay_s=0.25, ledger=ledger)
+    wait_until(lambda: all(store.summary(t).checkpoint_count >= 1 for t in task_ids), timeout_s=60,
+               what="every task to make progress")
+    victim, survivor = first
+    os.kill(victim, signal.SIGKILL)
+
+    replaced = wait_until(lambda: len(now := _children(supervisor)) == 2 and victim not in now and now,
+                          timeout_s=30, what="a replacement worker process")
+    wait_until(lambda: all(store.summary(t).status.is_terminal for t in task_ids), timeout_s=120,
+               what="every task to finish")
+
+    assert survivor in replaced and supervisor.proc is not None and supervisor.proc.poll() is None
+    for task_id in task_ids:
+        record = store.get(task_id)
+        assert record.status is TaskStatus.COMPLETED, (task_id, record.last_error)
+        assert [c.step_index for c in record.checkpoints] == list(range(1, steps + 1))
+    # Only the steps in flight in the killed process may have run twice.
+    assert sum(ledger_counts(ledger).values()) <= len(task_ids) * steps + 2
+    log = supervisor.log()
+    assert "exited unexpectedly" not in log and "Shutting down..." not in log.split("SIGKILL")[0]
+    assert f"(pid {victim}) was killed by SIGKILL" in log
+
+
+@pytest.mark.redis
+@pytest.mark.crash
+def test_sigterm_to_the_whole_process_group_stops_every_process_gracefully(client_runtime, pool, tmp_path: Path):
+    store, ledger, steps = client_runtime.store, tmp_path / "ledger.txt", 40
+    supervisor = pool(processes=2, threads=2)
+    task_ids = _enqueue(4, steps=steps, step_delay_s=0.4, ledger=ledger)
+
+    def every_task_mid_step() -> bool:
+        counts = ledger_counts(ledger)
+        return all(sum(v for k, v in counts.items() if k.startswith(f"{t} ")) ==
+                   store.summary(t).checkpoint_count + 1 >= 2 for t in task_ids)
+
+    wait_until(every_task_mid_step, timeout_s=60, what="a step in flight in every task")
+    assert supervisor.proc is not None
+    os.killpg(supervisor.proc.pid, signal.SIGTERM)  # what systemd, honcho and docker's init send
+    assert supervisor.proc.wait(timeout=60) == 0
+
+    log = supervisor.log()
+    assert "Killing worker process" not in log and "Traceback" not in log, log[-3000:]
+    counts = ledger_counts(ledger)
+    for task_id in task_ids:
+        record = store.get(task_id)
+        assert record.status is TaskStatus.RUNNING and record.lease is None, (task_id, record.lease)
+        ran = sum(v for k, v in counts.items() if k.startswith(f"{task_id} "))
+        assert record.checkpoint_count == ran, f"{task_id}: the step in flight was cut off"
+        assert record.checkpoint_count < steps
+
+
+def test_the_procfile_runs_under_honcho_until_it_is_stopped(client_runtime, worker_env: dict[str, str],
+                                                           tmp_path: Path):
+    honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or shutil.which("honcho")
+    if honcho is None:
+        pytest.skip("honcho is not installed (pip install -e '.[dev]')")
+    shutil.copy(REPO / "Procfile", tmp_path / "Procfile")
+    env = {**worker_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{worker_env.get('PATH', '')}"}
+    with open(tmp_path / "honcho.log", "wb") as log:
+        runner = subprocess.Popen([honcho, "start"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        store, ledger = client_runtime.store, tmp_path / "ledger.txt"
+        (task_id,) = _enqueue(1, steps=3, step_delay_s=0.1, ledger=ledger, prefix="honcho")
+        wait_until(lambda: store.summary(task_id).status.is_terminal, timeout_s=60, what="the task to finish")
+        assert store.summary(task_id).status is TaskStatus.COMPLETED
+        # Every process type keeps running: honcho stops all of them when any one exits.
+        assert runner.poll() is None, (tmp_path / "honcho.log").read_text()
+        runner.send_signal(signal.SIGTERM)  # honcho passes SIGTERM to each process group
+        runner.wait(timeout=60)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+    output = (tmp_path / "honcho.log").read_text(errors="replace")
+    assert "every worker process stopped" in output or "worker process stopped" in output, output[-3000:]
+    assert "Killing worker process" not in output

@@ -178,16 +178,21 @@ def enqueue(prompt: str, **options: Any) -> None:
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
 def worker(processes: int, threads: int) -> None:
-    """Run Dramatiq worker processes for longhaul (needs Redis)."""
+    """Run a supervised pool of worker processes for longhaul (needs Redis).
+
+    A worker process that dies is replaced while the others keep serving;
+    SIGTERM or SIGINT (to this process or its whole process group) stops
+    every process after its current steps; SIGHUP restarts them gracefully.
+    """
+    from .supervisor import supervise
+
     settings = get_runtime().settings
     if settings.redis_url is None:
         raise BrokerRequired("`longhaul worker`")
-    argv = [sys.executable, "-m", "dramatiq", "longhaul.worker.actors", "--processes", str(processes),
-            "--threads", str(threads)]
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads))
-    os.execvp(argv[0], argv)
+    sys.exit(supervise(processes=processes, threads=threads))
 
 
 @cli.command()

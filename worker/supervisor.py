@@ -1,0 +1,162 @@
+"""`longhaul worker`: a pool of worker processes that replaces the ones that die.
+
+Dramatiq's own command (``dramatiq longhaul.worker.actors --processes N``)
+stops the whole pool when one worker process dies ("exited unexpectedly
+... Shutting down"), so one OOM kill takes a host's every worker down; and
+its worker processes die mid-step on the second SIGTERM a process-group
+signal delivers. This supervisor keeps N `worker.worker_process` children
+running instead:
+
+- A child that exits while the pool is not stopping is replaced at once;
+  one that keeps dying within `HEALTHY_AFTER_S` of its start is restarted
+  after a growing delay (up to `MAX_RESTART_DELAY_S`), so a crash loop
+  does not spin. A child that exits with code 2 (it cannot open the store,
+  or a setting is invalid) stops the pool with code 2: a new child would
+  fail the same way.
+- SIGTERM or SIGINT, sent to the supervisor or to the whole process group
+  (``kill -TERM -- -PGID``, what systemd, honcho and docker send), is a
+  graceful stop: each child finishes its current steps, checkpoints and
+  releases its leases; the supervisor exits 0 once every child has.
+- SIGHUP restarts the children gracefully (new code, new settings); the
+  supervisor itself keeps running.
+
+Children run in the supervisor's process group, so a supervisor that
+signals the group reaches them all; the supervisor forwards the signal
+too, which a child treats as the same request.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+#: Exit code of a child that cannot start (see `worker.actors`), and of the pool it then stops.
+EXIT_CANNOT_START = 2
+#: A child that lived this long was healthy: its death is not part of a crash loop.
+HEALTHY_AFTER_S = 10.0
+#: The first restart delay of a crash loop, doubled at each quick death, in seconds.
+FIRST_RESTART_DELAY_S = 0.5
+#: The longest delay between restarts of a child that keeps dying, in seconds.
+MAX_RESTART_DELAY_S = 30.0
+#: How often the supervisor looks at its children, in seconds.
+POLL_S = 0.1
+
+
+@dataclass
+class Slot:
+    """One place in the pool: the child running there, and how its predecessors died."""
+
+    index: int
+    child: Optional[subprocess.Popen[bytes]] = None
+    started_at_s: float = 0.0  # time.monotonic() when `child` started
+    quick_deaths: int = 0  # deaths in a row within HEALTHY_AFTER_S of their start
+    restart_at_s: float = field(default=0.0)  # time.monotonic() from which a new child may start
+
+
+class Supervisor:
+    """Runs `processes` worker processes of `threads` threads each until asked to stop."""
+
+    def __init__(self, *, processes: int, threads: int, python: str = sys.executable) -> None:
+        if processes < 1 or threads < 1:
+            raise ValueError("processes and threads: must be at least 1")
+        self.threads = threads
+        self.python = python
+        self.slots = [Slot(index) for index in range(processes)]
+        self._stopping = False
+        self._restart_requested = False
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _on_stop(self, signum: int, _frame: Optional[FrameType]) -> None:
+        if not self._stopping:
+            logger.info("%s: stopping %d worker process(es) after their current steps",
+                        signal.Signals(signum).name, len(self.live_children()))
+        self._stopping = True
+
+    def _on_restart(self, _signum: int, _frame: Optional[FrameType]) -> None:
+        self._restart_requested = True
+
+    # -- children ----------------------------------------------------------------------------
+
+    def live_children(self) -> list[subprocess.Popen[bytes]]:
+        return [slot.child for slot in self.slots if slot.child is not None and slot.child.poll() is None]
+
+    def _start(self, slot: Slot) -> None:
+        argv = [self.python, "-m", "longhaul.worker.worker_process", "--threads", str(self.threads)]
+        slot.child = subprocess.Popen(argv)
+        slot.started_at_s = time.monotonic()
+        logger.info("worker process %d started (pid %d)", slot.index, slot.child.pid)
+
+    def _signal_children(self, signum: signal.Signals) -> None:
+        for child in self.live_children():
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self, slot: Slot, now_s: float) -> Optional[int]:
+        """Handle a child that exited: schedule its replacement, or return the pool's exit code."""
+        assert slot.child is not None
+        code = slot.child.returncode
+        pid = slot.child.pid
+        slot.child = None
+        if self._stopping:
+            return None
+        if code == EXIT_CANNOT_START:
+            logger.critical("worker process %d (pid %d) cannot start (exit code %d); stopping the pool",
+                            slot.index, pid, code)
+            return EXIT_CANNOT_START
+        lived_s = now_s - slot.started_at_s
+        slot.quick_deaths = slot.quick_deaths + 1 if lived_s < HEALTHY_AFTER_S else 0
+        delay_s = 0.0 if slot.quick_deaths <= 1 else min(
+            MAX_RESTART_DELAY_S, FIRST_RESTART_DELAY_S * 2 ** (slot.quick_deaths - 2))
+        slot.restart_at_s = now_s + delay_s
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        log = logger.info if code == 0 else logger.warning
+        log("worker process %d (pid %d) %s after %.1f s; starting a replacement%s", slot.index, pid, how, lived_s,
+            f" in {delay_s:.1f} s" if delay_s else "")
+        return None
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Supervise until stopped; returns the exit code (0 after a graceful stop)."""
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_restart)
+        for slot in self.slots:
+            self._start(slot)
+        exit_code = 0
+        while not self._stopping:
+            now_s = time.monotonic()
+            if self._restart_requested:
+                self._restart_requested = False
+                logger.info("SIGHUP: restarting the worker processes after their current steps")
+                self._signal_children(signal.SIGTERM)
+            for slot in self.slots:
+                if slot.child is not None and slot.child.poll() is not None:
+                    fatal = self._reap(slot, now_s)
+                    if fatal is not None:
+                        exit_code, self._stopping = fatal, True
+                        break
+                if slot.child is None and not self._stopping and now_s >= slot.restart_at_s:
+                    self._start(slot)
+            time.sleep(POLL_S)
+        self._signal_children(signal.SIGTERM)
+        for child in [slot.child for slot in self.slots if slot.child is not None]:
+            child.wait()
+        logger.info("every worker process stopped")
+        return exit_code
+
+
+def supervise(*, processes: int, threads: int) -> int:
+    """Run a supervised pool of worker processes in this process; returns its exit code."""
+    return Supervisor(processes=processes, threads=threads).run()
