@@ -2,13 +2,22 @@
 
 Trace payloads and error messages come from providers and tools, which see
 request headers and URLs; none of that may reach the database.
+
+Two kinds of secret are removed: anything shaped like one (``Bearer ...``,
+``sk-...``, ``api_key=...``), and the exact values this process was
+configured with (`register_secrets`: the providers' API keys), whatever
+their shape, so a 32-hex key a gateway echoes back is caught too. Text is
+redacted before it is cut to a length, never after: a cut through a key
+would leave a piece no pattern recognises.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterable, Optional
 
 REDACTED = "[redacted]"
 
@@ -36,8 +45,39 @@ _SECRET_MARKERS = (
 )
 
 
+#: Configured secret values shorter than this are not registered: they would blank ordinary words.
+MIN_SECRET_CHARS = 8
+
+#: The configured secret values, longest first (a key containing another is replaced whole).
+_configured: tuple[str, ...] = ()
+_configured_lock = threading.Lock()
+
+
+def register_secrets(values: Iterable[Optional[str]]) -> None:
+    """Remove these exact values (and their whitespace-stripped forms) from everything redacted from now on.
+
+    Process-wide and additive: `load_settings` registers the API keys it
+    reads. Values under `MIN_SECRET_CHARS` characters are ignored.
+    """
+    global _configured
+    fresh = {form for value in values if value for form in (value, value.strip()) if len(form) >= MIN_SECRET_CHARS}
+    with _configured_lock:
+        _configured = tuple(sorted(set(_configured) | fresh, key=len, reverse=True))
+
+
+def scrub_configured(text: str) -> str:
+    """`text` with every configured secret value replaced by ``[redacted]`` (cheap when none occurs)."""
+    for secret in _configured:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
 def might_hold_secret(text: str) -> bool:
     """False when `redact` would change nothing in `text`, or in any value whose JSON text is `text`."""
+    for secret in _configured:
+        if secret in text:
+            return True
     folded = text.casefold()
     for marker in _SECRET_MARKERS:
         if marker in folded:
@@ -46,9 +86,10 @@ def might_hold_secret(text: str) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """`text` with secret-looking substrings replaced by ``[redacted]``."""
+    """`text` with the configured secrets and secret-looking substrings replaced by ``[redacted]``."""
     if not might_hold_secret(text):
         return text
+    text = scrub_configured(text)
     for pattern, replacement in _SECRET_TEXT:
         text = pattern.sub(replacement, text)
     return text
@@ -70,3 +111,21 @@ def redact(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact(item) for item in value]
     return value
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats a log record with another formatter, then redacts the whole line (message and traceback)."""
+
+    def __init__(self, inner: Optional[logging.Formatter]) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(self.inner.format(record))
+
+
+def redact_log_handlers(logger: Optional[logging.Logger] = None) -> None:
+    """Make every handler of `logger` (default: the root logger) write redacted lines; safe to repeat."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(handler.formatter))

@@ -30,6 +30,8 @@ from longhaul.worker.tools import ToolContext, run_tool_call
 from longhaul.worker.tools.http import check_url, embedded_ipv4, is_public_address
 from longhaul.worker.workspaces import journal_path, task_folder_name, workspace_path
 
+from .fake_openai import FakeOpenAI, Reply, answer
+
 pytestmark = pytest.mark.chaos
 
 #: The repository checkout (Procfile, Dockerfile, docker-compose.yml).
@@ -330,3 +332,72 @@ def test_the_procfile_runs_under_honcho_until_it_is_stopped(client_runtime, work
     output = (tmp_path / "honcho.log").read_text(errors="replace")
     assert "every worker process stopped" in output or "worker process stopped" in output, output[-3000:]
     assert "Killing worker process" not in output
+
+
+# -- 9. secrets --------------------------------------------------------------------------------------
+
+#: A configured API key no pattern recognises (32 hex digits, as some gateways issue).
+API_KEY = "5f0c8e2a9b7d4613a0e1c2b3d4f5a6b7"
+
+
+def _leaks(text: str, key: str = API_KEY) -> list[str]:
+    """Every 8-character run of `key` found in `text`."""
+    return [key[i:i + 8] for i in range(len(key) - 7) if key[i:i + 8] in text]
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("prefix_chars", [443, 480])
+@pytest.mark.parametrize("as_json", [True, False], ids=["json-error", "text-error"])
+def test_an_api_key_in_a_provider_error_never_reaches_the_store_the_log_or_the_traces(
+    longhaul, fake_openai: FakeOpenAI, db_path: Path, tmp_path: Path, prefix_chars: int, as_json: bool
+):
+    leak = "x" * prefix_chars + API_KEY + " was rejected"
+    body: Any = {"error": {"message": leak, "code": "bad_key"}} if as_json else leak
+    fake_openai.queue(Reply(429, body), Reply(400, body))  # retried once, then failed
+    env = {"OPENAI_API_KEY": API_KEY, "LONGHAUL_OPENAI_BASE_URL": fake_openai.base_url, "LONGHAUL_LOG_LEVEL": "DEBUG",
+           "LONGHAUL_MIN_BACKOFF_MS": "10", "LONGHAUL_MAX_BACKOFF_MS": "20"}
+
+    run = longhaul("run", "hi", "--task-id", "leaky", "--provider", "openai", "--model", "m", **env)
+    # The key was sent to the endpoint: had it not been, the test would prove nothing.
+    assert [request.headers["authorization"] for request in fake_openai.chats] == [f"Bearer {API_KEY}"] * 2
+
+    assert run.returncode == 1, run.stderr
+    _assert_nowhere(longhaul, db_path, tmp_path, run, env)
+    assert "HTTP 400" in run.stderr and "x[redacted]" in run.stderr
+
+
+def test_an_api_key_the_model_streams_back_is_stored_nowhere(longhaul, fake_openai: FakeOpenAI, db_path: Path,
+                                                            tmp_path: Path):
+    fake_openai.script = lambda request: answer(request, f"your key is {API_KEY} keep it safe")
+    env = {"OPENAI_API_KEY": API_KEY, "LONGHAUL_OPENAI_BASE_URL": fake_openai.base_url, "LONGHAUL_LOG_LEVEL": "DEBUG"}
+
+    run = longhaul("run", "hi", "--task-id", "leaky", "--provider", "openai", "--model", "m", "--json", **env)
+
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["final_response"] == "your key is [redacted] keep it safe"
+    _assert_nowhere(longhaul, db_path, tmp_path, run, env)
+
+
+def _assert_nowhere(longhaul, db_path: Path, tmp_path: Path, run: subprocess.CompletedProcess[str],
+                    env: dict[str, str]) -> None:
+    """No 8-character run of the key in the run's output and log, show, traces, an export, the database or WAL."""
+    artifacts = {"run stdout": run.stdout, "run log": run.stderr}
+    for command in (["show", "leaky", "--json"], ["traces", "leaky", "--json"],
+                    ["export", "leaky", "--out", str(tmp_path / "export")]):
+        result = longhaul(*command, **env)
+        assert result.returncode == 0, result.stderr
+        artifacts[" ".join(command[:1])] = result.stdout + result.stderr
+    assert '"error"' in artifacts["traces"] or '"content"' in artifacts["traces"]
+    for exported in (tmp_path / "export").glob("*.jsonl"):
+        artifacts[exported.name] = exported.read_text()
+    for path in (db_path, db_path.with_name(db_path.name + "-wal")):
+        if path.exists():
+            artifacts[path.name] = path.read_bytes().decode("latin-1")
+    leaked = {name: runs for name, text in artifacts.items() if (runs := _leaks(text))}
+    assert not leaked, leaked
