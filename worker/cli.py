@@ -221,6 +221,24 @@ def migrate(as_json: bool) -> None:
         click.echo(f"schema up to date at version {migration.to_version} ({database})")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def health(ctx: click.Context, as_json: bool) -> None:
+    """Check that the store and the broker answer: exit 0 if so, else 1 naming what failed (a HEALTHCHECK)."""
+    from .health import check_health
+
+    checks = check_health(load_settings())
+    healthy = all(check.ok for check in checks)
+    if as_json:
+        _dump({"healthy": healthy, "checks": [vars(check) for check in checks]})
+    else:
+        for check in checks:
+            click.echo(f"{'ok' if check.ok else 'FAILED'}: {check.name}: {check.detail}", err=not check.ok)
+    if not healthy:
+        ctx.exit(EXIT_FAILED)
+
+
 class Duration(click.ParamType):
     """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or plain seconds), as seconds."""
 
