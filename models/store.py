@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from . import migrations
 from .db import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_POOL_SIZE, open_database, redact_url
 from .errors import CorruptRecord, InvalidDatabaseUrl, LeaseLost, SchemaTooNew, TaskNotFound, TaskNotResumable
-from .redact import redact_text, scrub_configured
+from .redact import redact_text
 from .schemas import (
     ChatMessage,
     CheckpointItem,
@@ -423,7 +423,7 @@ class TaskStore:
 
         Releases the lease. With `lease_token`, only the lease holder may
         finish the task (else `LeaseLost`, nothing written). `last_error` is
-        stored with secrets redacted, `final_response` without the configured ones.
+        stored with secrets redacted.
         """
         status = TaskStatus(status)
         if not status.is_terminal:
@@ -443,8 +443,7 @@ class TaskStore:
             turns, tool_calls = _counters(new_messages)
             added = usage or Usage()
             Task.update(
-                status=status.value,
-                final_response=None if final_response is None else scrub_configured(final_response),
+                status=status.value, final_response=final_response,
                 last_error=None if last_error is None else redact_text(last_error),
                 updated_at=now, completed_at=now,
                 execution_count=row.execution_count + len(new_messages),
