@@ -46,37 +46,92 @@ _SECRET_MARKERS = (
 
 
 #: Configured secret values shorter than this are not registered: they would blank ordinary words.
+#: It is also the shortest run of a configured secret that is removed from text.
 MIN_SECRET_CHARS = 8
+#: Length of the aligned pieces a secret is searched by (any run of `MIN_SECRET_CHARS` holds one whole).
+_PIECE_CHARS = 4
 
-#: The configured secret values, longest first (a key containing another is replaced whole).
-_configured: tuple[str, ...] = ()
+
+class _Secret:
+    """A configured secret, and its aligned pieces: the cheap substring searches that find any run of it."""
+
+    __slots__ = ("value", "pieces")
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        # A run of >= 2 * _PIECE_CHARS - 1 characters of the value holds a whole piece starting at
+        # a multiple of _PIECE_CHARS, so searching for these pieces misses no run of MIN_SECRET_CHARS.
+        self.pieces = [(start, value[start:start + _PIECE_CHARS])
+                       for start in range(0, len(value) - _PIECE_CHARS + 1, _PIECE_CHARS)]
+
+    def appears_in(self, text: str) -> bool:
+        for _start, piece in self.pieces:
+            if piece in text:
+                return True
+        return False
+
+    def runs_in(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) of every run of at least `MIN_SECRET_CHARS` characters of the value in `text`."""
+        runs = []
+        value = self.value
+        for offset, piece in self.pieces:
+            at = text.find(piece)
+            while at != -1:
+                left, secret_left = at, offset
+                while left > 0 and secret_left > 0 and text[left - 1] == value[secret_left - 1]:
+                    left, secret_left = left - 1, secret_left - 1
+                right, secret_right = at + len(piece), offset + len(piece)
+                while right < len(text) and secret_right < len(value) and text[right] == value[secret_right]:
+                    right, secret_right = right + 1, secret_right + 1
+                if right - left >= MIN_SECRET_CHARS:
+                    runs.append((left, right))
+                at = text.find(piece, at + 1)
+        return runs
+
+
+#: The configured secrets.
+_configured: tuple[_Secret, ...] = ()
 _configured_lock = threading.Lock()
 
 
 def register_secrets(values: Iterable[Optional[str]]) -> None:
-    """Remove these exact values (and their whitespace-stripped forms) from everything redacted from now on.
+    """Remove these values (and their whitespace-stripped forms) from everything redacted from now on.
 
-    Process-wide and additive: `load_settings` registers the API keys it
-    reads. Values under `MIN_SECRET_CHARS` characters are ignored.
+    Not only whole: any run of `MIN_SECRET_CHARS` or more of their
+    characters is removed too (a gateway that quotes half a key, a cut
+    through one). Process-wide and additive: `load_settings` registers the
+    API keys it reads. Values under `MIN_SECRET_CHARS` characters are ignored.
     """
     global _configured
     fresh = {form for value in values if value for form in (value, value.strip()) if len(form) >= MIN_SECRET_CHARS}
     with _configured_lock:
-        _configured = tuple(sorted(set(_configured) | fresh, key=len, reverse=True))
+        known = {secret.value for secret in _configured}
+        _configured = _configured + tuple(_Secret(value) for value in sorted(fresh - known))
 
 
 def scrub_configured(text: str) -> str:
-    """`text` with every configured secret value replaced by ``[redacted]`` (cheap when none occurs)."""
-    for secret in _configured:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return text
+    """`text` with every run of a configured secret replaced by ``[redacted]`` (cheap when none occurs)."""
+    if not _configured:
+        return text
+    runs = [run for secret in _configured if secret.appears_in(text) for run in secret.runs_in(text)]
+    if not runs:
+        return text
+    pieces, kept_from = [], 0
+    for start, end in sorted(runs):
+        if end <= kept_from:
+            continue
+        if start >= kept_from:
+            pieces.append(text[kept_from:start])
+            pieces.append(REDACTED)
+        kept_from = end
+    pieces.append(text[kept_from:])
+    return "".join(pieces)
 
 
 def might_hold_secret(text: str) -> bool:
     """False when `redact` would change nothing in `text`, or in any value whose JSON text is `text`."""
     for secret in _configured:
-        if secret in text:
+        if secret.appears_in(text):
             return True
     folded = text.casefold()
     for marker in _SECRET_MARKERS:

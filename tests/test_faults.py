@@ -21,10 +21,13 @@ from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longhaul import worker
-from longhaul.models import TaskSpec, TaskStatus, TaskStore, ToolCall
+from longhaul.models import TaskSpec, TaskStatus, TaskStore, ToolCall, redact
 from longhaul.models.db import is_postgres_url, sqlite_path_from_url
+from longhaul.models.redact import register_secrets, scrub_configured
 from longhaul.worker import load_settings
 from longhaul.worker.testing import WorkerProcess, ledger_counts, wait_until
 from longhaul.worker.tools import ToolContext, run_tool_call
@@ -354,6 +357,21 @@ def _leaks(text: str, key: str = API_KEY) -> list[str]:
     return [key[i:i + 8] for i in range(len(key) - 7) if key[i:i + 8] in text]
 
 
+@settings(max_examples=300, deadline=None)
+@given(key=st.text("0123456789abcdef", min_size=8, max_size=64),
+       parts=st.lists(st.tuples(st.integers(0, 64), st.integers(0, 64), st.text(max_size=12)), max_size=6))
+def test_no_run_of_eight_characters_of_a_configured_key_survives_scrubbing(key: str, parts: list) -> None:
+    text = "".join(noise + key[start:start + length] for start, length, noise in parts)
+    registered = redact._configured
+    try:
+        register_secrets([key])
+        scrubbed = scrub_configured(text)
+    finally:
+        redact._configured = registered  # keep this process's registry as the other tests found it
+
+    assert _leaks(scrubbed, key) == []
+
+
 @pytest.fixture
 def fake_openai() -> Iterator[FakeOpenAI]:
     server = FakeOpenAI().start()
@@ -361,12 +379,15 @@ def fake_openai() -> Iterator[FakeOpenAI]:
     server.stop()
 
 
-@pytest.mark.parametrize("prefix_chars", [443, 480])
+@pytest.mark.parametrize("leak", [
+    "x" * 443 + API_KEY + " was rejected",
+    "x" * 480 + API_KEY + " was rejected",  # the 500-character cut falls inside the key
+    f"key {API_KEY[:16]}... (ends in {API_KEY[-10:]}) was rejected",  # a gateway quoting parts of it
+], ids=["at-443", "at-480", "in-parts"])
 @pytest.mark.parametrize("as_json", [True, False], ids=["json-error", "text-error"])
 def test_an_api_key_in_a_provider_error_never_reaches_the_store_the_log_or_the_traces(
-    longhaul, fake_openai: FakeOpenAI, db_path: Path, tmp_path: Path, prefix_chars: int, as_json: bool
+    longhaul, fake_openai: FakeOpenAI, db_path: Path, tmp_path: Path, leak: str, as_json: bool
 ):
-    leak = "x" * prefix_chars + API_KEY + " was rejected"
     body: Any = {"error": {"message": leak, "code": "bad_key"}} if as_json else leak
     fake_openai.queue(Reply(429, body), Reply(400, body))  # retried once, then failed
     env = {"OPENAI_API_KEY": API_KEY, "LONGHAUL_OPENAI_BASE_URL": fake_openai.base_url, "LONGHAUL_LOG_LEVEL": "DEBUG",
@@ -378,18 +399,19 @@ def test_an_api_key_in_a_provider_error_never_reaches_the_store_the_log_or_the_t
 
     assert run.returncode == 1, run.stderr
     _assert_nowhere(longhaul, db_path, tmp_path, run, env)
-    assert "HTTP 400" in run.stderr and "x[redacted]" in run.stderr
+    assert "HTTP 400" in run.stderr and "[redacted]" in run.stderr
 
 
 def test_an_api_key_the_model_streams_back_is_stored_nowhere(longhaul, fake_openai: FakeOpenAI, db_path: Path,
                                                             tmp_path: Path):
-    fake_openai.script = lambda request: answer(request, f"your key is {API_KEY} keep it safe")
+    fake_openai.script = lambda request: answer(request, f"your key is {API_KEY} keep it safe, "
+                                                         f"it starts {API_KEY[:12]}")
     env = {"OPENAI_API_KEY": API_KEY, "LONGHAUL_OPENAI_BASE_URL": fake_openai.base_url, "LONGHAUL_LOG_LEVEL": "DEBUG"}
 
     run = longhaul("run", "hi", "--task-id", "leaky", "--provider", "openai", "--model", "m", "--json", **env)
 
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["final_response"] == "your key is [redacted] keep it safe"
+    assert json.loads(run.stdout)["final_response"] == "your key is [redacted] keep it safe, it starts [redacted]"
     _assert_nowhere(longhaul, db_path, tmp_path, run, env)
 
 

@@ -15,6 +15,7 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from longhaul.models import ToolCall
+from longhaul.models.redact import register_secrets, scrub_configured
 
 from ..settings import Settings
 from ..tools import INVALID_ARGUMENTS_KEY
@@ -47,15 +48,17 @@ class SettingsProvider:
 
 
 def secret_values(*secrets: Optional[SecretStr]) -> list[str]:
-    """The plain values of the configured secrets (empty ones left out)."""
-    return [value for secret in secrets if secret is not None and (value := secret.get_secret_value())]
+    """The plain values of the configured secrets (empty ones left out), registered with `models.redact`."""
+    values = [value for secret in secrets if secret is not None and (value := secret.get_secret_value())]
+    register_secrets(values)
+    return values
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` without the given secret values and without any ``Bearer <token>``."""
+    """`text` without the given secret values, any run of 8 characters of a registered one, or ``Bearer <token>``."""
     for secret in secrets:
         text = text.replace(secret, "[redacted]")
-    return _BEARER.sub(r"\1 [redacted]", text)
+    return _BEARER.sub(r"\1 [redacted]", scrub_configured(text))
 
 
 def display_url(url: str) -> str:
