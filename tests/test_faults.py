@@ -518,3 +518,25 @@ def test_longhaul_health_says_whether_the_store_and_the_broker_answer(longhaul, 
     assert sick.returncode == 1
     assert sick.stdout.startswith("ok: store") and "FAILED: broker: LONGHAUL_REDIS_URL" in sick.stderr
     assert "Traceback" not in sick.stderr and len(sick.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.redis
+@pytest.mark.crash
+def test_a_sigkilled_supervisor_leaves_no_worker_serving_on_and_no_lease_held(client_runtime, pool, tmp_path: Path):
+    store, ledger = client_runtime.store, tmp_path / "ledger.txt"
+    supervisor = pool(processes=2, threads=1)
+    task_ids = _enqueue(2, steps=40, step_delay_s=0.3, ledger=ledger)
+    wait_until(lambda: all(store.summary(t).checkpoint_count >= 1 for t in task_ids), timeout_s=60,
+               what="both tasks to make progress")
+    children = [psutil.Process(pid) for pid in _children(supervisor)]
+    assert supervisor.proc is not None
+
+    supervisor.proc.kill()  # the supervisor alone: its children are orphaned
+    supervisor.proc.wait()
+
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, "orphaned worker processes kept serving"
+    for task_id in task_ids:
+        record = store.get(task_id)
+        assert record.status is TaskStatus.RUNNING and record.lease is None, (task_id, record.lease)
+    assert "the supervisor" in supervisor.log() and "is gone" in supervisor.log()

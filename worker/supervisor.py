@@ -19,6 +19,8 @@ running instead:
   releases its leases; the supervisor exits 0 once every child has.
 - SIGHUP restarts the children gracefully (new code, new settings); the
   supervisor itself keeps running.
+- A supervisor that is SIGKILLed leaves no orphans: each child notices
+  its parent is gone and stops gracefully.
 
 Children run in the supervisor's process group, so a supervisor that
 signals the group reaches them all; the supervisor forwards the signal
@@ -28,6 +30,7 @@ too, which a child treats as the same request.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -90,7 +93,8 @@ class Supervisor:
         return [slot.child for slot in self.slots if slot.child is not None and slot.child.poll() is None]
 
     def _start(self, slot: Slot) -> None:
-        argv = [self.python, "-m", "longhaul.worker.worker_process", "--threads", str(self.threads)]
+        argv = [self.python, "-m", "longhaul.worker.worker_process", "--threads", str(self.threads),
+                "--supervisor-pid", str(os.getpid())]
         slot.child = subprocess.Popen(argv)
         slot.started_at_s = time.monotonic()
         logger.info("worker process %d started (pid %d)", slot.index, slot.child.pid)

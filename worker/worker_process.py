@@ -44,8 +44,13 @@ def configure_logging() -> None:
                         format="%(asctime)s [pid %(process)d] %(levelname)s %(name)s: %(message)s")
 
 
-def run_worker_process(*, threads: int) -> int:
-    """Serve longhaul's queue with `threads` worker threads until a stop signal; returns the exit code."""
+def run_worker_process(*, threads: int, supervisor_pid: Optional[int] = None) -> int:
+    """Serve longhaul's queue with `threads` worker threads until a stop signal; returns the exit code.
+
+    With `supervisor_pid`, the process also stops (gracefully) once that
+    process is no longer its parent: a SIGKILLed supervisor leaves no
+    orphaned workers serving on unsupervised.
+    """
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: Optional[FrameType]) -> None:
@@ -65,7 +70,9 @@ def run_worker_process(*, threads: int) -> int:
     worker.start()
     logger.info("worker process ready: %d thread(s) on queue %r", threads, actors.runtime.settings.queue_name)
     while not stop.wait(POLL_S):
-        pass
+        if supervisor_pid is not None and os.getppid() != supervisor_pid:
+            logger.warning("the supervisor (pid %d) is gone; stopping after the current steps", supervisor_pid)
+            break
     worker.stop(timeout=SHUTDOWN_TIMEOUT_MS)
     broker.close()
     logger.info("worker process stopped")
@@ -75,11 +82,12 @@ def run_worker_process(*, threads: int) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m longhaul.worker.worker_process", description=__doc__)
     parser.add_argument("--threads", type=int, default=4, help="worker threads (at least 1)")
+    parser.add_argument("--supervisor-pid", type=int, help="stop when this process is no longer the parent")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error("--threads: must be at least 1")
     configure_logging()
-    sys.exit(run_worker_process(threads=args.threads))
+    sys.exit(run_worker_process(threads=args.threads, supervisor_pid=args.supervisor_pid))
 
 
 if __name__ == "__main__":
