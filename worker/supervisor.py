@@ -10,9 +10,9 @@ running instead:
 - A child that exits while the pool is not stopping is replaced at once;
   one that keeps dying within `HEALTHY_AFTER_S` of its start is restarted
   after a growing delay (up to `MAX_RESTART_DELAY_S`), so a crash loop
-  does not spin. A child that exits with code 2 (it cannot open the store,
-  or a setting is invalid) stops the pool with code 2: a new child would
-  fail the same way.
+  does not spin. That includes a child that cannot open the store (exit
+  code 2, say while PostgreSQL restarts): the pool keeps trying, and
+  `longhaul health` reports the store as down meanwhile.
 - SIGTERM or SIGINT, sent to the supervisor or to the whole process group
   (``kill -TERM -- -PGID``, what systemd, honcho and docker send), is a
   graceful stop: each child finishes its current steps, checkpoints and
@@ -41,7 +41,7 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-#: Exit code of a child that cannot start (see `worker.actors`), and of the pool it then stops.
+#: Exit code of a child that cannot open its store (see `worker.actors`).
 EXIT_CANNOT_START = 2
 #: A child that lived this long was healthy: its death is not part of a crash loop.
 HEALTHY_AFTER_S = 10.0
@@ -73,16 +73,16 @@ class Supervisor:
         self.threads = threads
         self.python = python
         self.slots = [Slot(index) for index in range(processes)]
-        self._stopping = False
+        # Set by the signal handlers, acted on (and logged) by the loop: a handler that logged could
+        # interrupt a log write of the main thread and fail with a reentrant call.
+        self._stop_signal: Optional[int] = None
         self._restart_requested = False
 
     # -- signals -----------------------------------------------------------------------------
 
     def _on_stop(self, signum: int, _frame: Optional[FrameType]) -> None:
-        if not self._stopping:
-            logger.info("%s: stopping %d worker process(es) after their current steps",
-                        signal.Signals(signum).name, len(self.live_children()))
-        self._stopping = True
+        if self._stop_signal is None:
+            self._stop_signal = signum
 
     def _on_restart(self, _signum: int, _frame: Optional[FrameType]) -> None:
         self._restart_requested = True
@@ -106,59 +106,57 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
-    def _reap(self, slot: Slot, now_s: float) -> Optional[int]:
-        """Handle a child that exited: schedule its replacement, or return the pool's exit code."""
+    def _reap(self, slot: Slot, now_s: float) -> None:
+        """Forget a child that exited and schedule its replacement."""
         assert slot.child is not None
         code = slot.child.returncode
         pid = slot.child.pid
         slot.child = None
-        if self._stopping:
-            return None
-        if code == EXIT_CANNOT_START:
-            logger.critical("worker process %d (pid %d) cannot start (exit code %d); stopping the pool",
-                            slot.index, pid, code)
-            return EXIT_CANNOT_START
         lived_s = now_s - slot.started_at_s
         slot.quick_deaths = slot.quick_deaths + 1 if lived_s < HEALTHY_AFTER_S else 0
         delay_s = 0.0 if slot.quick_deaths <= 1 else min(
             MAX_RESTART_DELAY_S, FIRST_RESTART_DELAY_S * 2 ** (slot.quick_deaths - 2))
         slot.restart_at_s = now_s + delay_s
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        if code < 0:
+            how = f"was killed by {signal.Signals(-code).name if -code in signal.valid_signals() else -code}"
+        elif code == EXIT_CANNOT_START:
+            how = "could not open the task store (exit code 2, its log says why)"
+        else:
+            how = f"exited with code {code}"
         log = logger.info if code == 0 else logger.warning
         log("worker process %d (pid %d) %s after %.1f s; starting a replacement%s", slot.index, pid, how, lived_s,
             f" in {delay_s:.1f} s" if delay_s else "")
-        return None
 
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Supervise until stopped; returns the exit code (0 after a graceful stop)."""
+        """Supervise until SIGTERM or SIGINT; returns the exit code (0: every child stopped gracefully)."""
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_restart)
         for slot in self.slots:
             self._start(slot)
-        exit_code = 0
-        while not self._stopping:
+        while self._stop_signal is None:
             now_s = time.monotonic()
             if self._restart_requested:
                 self._restart_requested = False
                 logger.info("SIGHUP: restarting the worker processes after their current steps")
                 self._signal_children(signal.SIGTERM)
             for slot in self.slots:
+                if self._stop_signal is not None:
+                    break
                 if slot.child is not None and slot.child.poll() is not None:
-                    fatal = self._reap(slot, now_s)
-                    if fatal is not None:
-                        exit_code, self._stopping = fatal, True
-                        break
-                if slot.child is None and not self._stopping and now_s >= slot.restart_at_s:
+                    self._reap(slot, now_s)
+                if slot.child is None and now_s >= slot.restart_at_s:
                     self._start(slot)
             time.sleep(POLL_S)
+        logger.info("%s: stopping %d worker process(es) after their current steps",
+                    signal.Signals(self._stop_signal).name, len(self.live_children()))
         self._signal_children(signal.SIGTERM)
         for child in [slot.child for slot in self.slots if slot.child is not None]:
             child.wait()
         logger.info("every worker process stopped")
-        return exit_code
+        return 0
 
 
 def supervise(*, processes: int, threads: int) -> int:

@@ -40,8 +40,12 @@ POLL_S = 0.2
 
 def configure_logging() -> None:
     """Log lines with the process id, at `LONGHAUL_LOG_LEVEL` (default INFO, as Dramatiq's workers)."""
-    logging.basicConfig(level=os.environ.get("LONGHAUL_LOG_LEVEL", "INFO").upper(), stream=sys.stderr,
+    name = os.environ.get("LONGHAUL_LOG_LEVEL", "INFO").upper()
+    level = logging.getLevelName(name)
+    logging.basicConfig(level=level if isinstance(level, int) else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s [pid %(process)d] %(levelname)s %(name)s: %(message)s")
+    if not isinstance(level, int):
+        logger.warning("LONGHAUL_LOG_LEVEL: %r is not a level (DEBUG, INFO, WARNING, ERROR); using INFO", name)
 
 
 def run_worker_process(*, threads: int, supervisor_pid: Optional[int] = None) -> int:
@@ -52,10 +56,11 @@ def run_worker_process(*, threads: int, supervisor_pid: Optional[int] = None) ->
     orphaned workers serving on unsupervised.
     """
     stop = threading.Event()
+    stop_signals: list[int] = []
 
     def request_stop(signum: int, _frame: Optional[FrameType]) -> None:
-        if not stop.is_set():
-            logger.info("%s: stopping after the current steps", signal.Signals(signum).name)
+        # Only note it: logging here could interrupt a log write of this thread (a reentrant call).
+        stop_signals.append(signum)
         stop.set()
 
     # Installed before the runtime is built: a stop asked for while booting is honoured once booted.
@@ -73,6 +78,8 @@ def run_worker_process(*, threads: int, supervisor_pid: Optional[int] = None) ->
         if supervisor_pid is not None and os.getppid() != supervisor_pid:
             logger.warning("the supervisor (pid %d) is gone; stopping after the current steps", supervisor_pid)
             break
+    if stop_signals:
+        logger.info("%s: stopping after the current steps", signal.Signals(stop_signals[0]).name)
     worker.stop(timeout=SHUTDOWN_TIMEOUT_MS)
     broker.close()
     logger.info("worker process stopped")
