@@ -29,6 +29,7 @@ from longhaul.models import TaskSpec, TaskStatus, TaskStore, ToolCall, redact
 from longhaul.models.db import is_postgres_url, sqlite_path_from_url
 from longhaul.models.redact import register_secrets, scrub_configured
 from longhaul.worker import load_settings
+from longhaul.worker.supervisor import Supervisor
 from longhaul.worker.testing import WorkerProcess, ledger_counts, wait_until
 from longhaul.worker.tools import ToolContext, run_tool_call
 from longhaul.worker.tools.http import check_url, embedded_ipv4, is_public_address
@@ -540,3 +541,37 @@ def test_a_sigkilled_supervisor_leaves_no_worker_serving_on_and_no_lease_held(cl
         record = store.get(task_id)
         assert record.status is TaskStatus.RUNNING and record.lease is None, (task_id, record.lease)
     assert "the supervisor" in supervisor.log() and "is gone" in supervisor.log()
+
+
+@pytest.mark.redis
+def test_sighup_restarts_every_worker_process_and_the_pool_keeps_running(client_runtime, pool):
+    supervisor = pool(processes=2, threads=1)
+    before = wait_until(lambda: len(_children(supervisor)) == 2 and _children(supervisor), timeout_s=30,
+                        what="two worker processes")
+    assert supervisor.proc is not None
+
+    supervisor.proc.send_signal(signal.SIGHUP)
+
+    after = wait_until(lambda: len(now := _children(supervisor)) == 2 and not set(now) & set(before) and now,
+                       timeout_s=30, what="two new worker processes")
+    assert supervisor.proc.poll() is None and len(after) == 2
+    assert "Killing worker process" not in supervisor.log()
+
+
+def test_a_worker_process_that_keeps_dying_is_restarted_after_a_growing_delay():
+    supervisor = Supervisor(processes=1, threads=1)
+    (slot,) = supervisor.slots
+    delays = []
+    for _ in range(9):
+        slot.child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+        slot.child.wait()
+        slot.started_at_s = now_s = time.monotonic()  # died at once
+        supervisor._reap(slot, now_s)
+        delays.append(round(slot.restart_at_s - now_s, 3))
+    slot.child = subprocess.Popen([sys.executable, "-c", "pass"])
+    slot.child.wait()
+    slot.started_at_s = time.monotonic() - 60  # lived a minute: healthy
+    supervisor._reap(slot, time.monotonic())
+
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert slot.quick_deaths == 0 and slot.restart_at_s <= time.monotonic()
