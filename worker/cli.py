@@ -186,9 +186,10 @@ def worker(processes: int, threads: int) -> None:
     """
     from .supervisor import supervise
 
-    settings = get_runtime().settings
-    if settings.redis_url is None:
+    runtime = get_runtime()  # the settings and the store are checked once, here, before any child starts
+    if runtime.settings.redis_url is None:
         raise BrokerRequired("`longhaul worker`")
+    runtime.store.close_all()  # the supervisor runs no task: it holds no database connection
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads))
