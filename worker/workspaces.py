@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 JOURNAL_FOLDER = ".journal"
 #: Longest folder name spelled out; longer encodings become a hash (file names stop at 255 bytes).
 MAX_SPELLED_NAME_CHARS = 120
+#: Tasks read per page when listing a thread's tasks before deleting them.
+LIST_PAGE = 1000
 #: Characters a folder name keeps as they are; every other byte is escaped as ``_xx`` (lower-case hex).
 _KEPT = re.compile(r"[a-z0-9-]")
 
@@ -83,13 +85,12 @@ def remove_task_files(root: str | Path, task_ids: Iterable[str]) -> None:
 
 def delete_thread(store: TaskStore, root: str | Path, thread_id: str) -> int:
     """Delete every task of a thread with its rows and its files; returns how many tasks were deleted."""
-    deleted = 0
-    while True:
-        task_ids = [row.task_id for row in store.list_tasks(thread_id=thread_id, limit=500)]
-        if not task_ids:
-            return deleted
-        deleted += sum(store.delete_task(task_id) for task_id in task_ids)
-        remove_task_files(root, task_ids)
+    task_ids: list[str] = []
+    while page := store.list_tasks(thread_id=thread_id, limit=LIST_PAGE, offset=len(task_ids)):
+        task_ids.extend(row.task_id for row in page)
+    deleted = store.delete_by_thread_id(thread_id)
+    remove_task_files(root, task_ids)
+    return deleted
 
 
 def prune(store: TaskStore, root: str | Path, *, max_tasks: Optional[int] = None,
