@@ -28,6 +28,7 @@ from playhouse import db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from .errors import InvalidDatabaseUrl
+from .fork_safety import track
 
 #: Where a task store lives when nothing else is configured.
 DEFAULT_DATABASE_URL = "sqlite:///state/tasks.db"
@@ -83,7 +84,8 @@ def open_database(
     """Open (but do not connect) the database named by a URL or a path.
 
     Parent folders of a SQLite file are created; `pool_size` bounds a
-    PostgreSQL store's connections in this process. Raises
+    PostgreSQL store's connections in this process; a forked child gets
+    fresh connections (`models.fork_safety`). Raises
     `InvalidDatabaseUrl` naming the problem for anything that cannot hold a
     shared, durable store (an in-memory SQLite database, an unsupported
     scheme, PostgreSQL without its driver).
@@ -93,9 +95,9 @@ def open_database(
         raise InvalidDatabaseUrl(text, "empty; give a path or a URL such as sqlite:///state/tasks.db")
     path = sqlite_path_from_url(text)
     if path is not None:
-        return _open_sqlite(text, path, busy_timeout_ms)
+        return track(_open_sqlite(text, path, busy_timeout_ms))
     if is_postgres_url(text):
-        return _open_postgres(text, pool_size)
+        return track(_open_postgres(text, pool_size))
     raise InvalidDatabaseUrl(
         redact_url(text),
         f"unsupported scheme {urlparse(text).scheme!r}; use sqlite:///path/tasks.db (one host) or "

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Optional, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
 
+from .redact import scrub_configured
+
 _INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
 
 
@@ -44,8 +46,8 @@ def _storable(value: JsonValue) -> JsonValue:
     return value
 
 
-#: Text that can be stored.
-Text = Annotated[str, AfterValidator(_encodable)]
+#: Text that can be stored; the configured secrets (API keys) never are, whoever echoes them.
+Text = Annotated[str, AfterValidator(_encodable), AfterValidator(scrub_configured)]
 #: A JSON value that can be stored.
 Json = Annotated[JsonValue, AfterValidator(_storable)]
 #: An identifier: non-empty, no whitespace, short enough to index.

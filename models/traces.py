@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import orjson
 from pydantic import BaseModel
 
-from .redact import is_secret_key, might_hold_secret, redact
+from .redact import is_secret_key, might_hold_secret, redact, redact_text
 
 #: Event types whose consecutive chunks are consolidated into one event.
 STREAMED = frozenset({"content", "reasoning"})
@@ -95,8 +95,8 @@ INLINE_CAPS = {"output": 2_000, "final_response": 2_000}
 
 
 def _capped(data: dict[str, Any]) -> dict[str, Any]:
-    """`data` with each `INLINE_CAPS` text cut to its cap (copied only when one is cut)."""
-    cut = {key: value[:cap] for key, cap in INLINE_CAPS.items()
+    """`data` with each `INLINE_CAPS` text redacted and cut to its cap (copied only when one is cut)."""
+    cut = {key: redact_text(value)[:cap] for key, cap in INLINE_CAPS.items()
            if (value := data.get(key)).__class__ is str and len(value) > cap}
     return {**data, **cut} if cut else data
 

@@ -29,6 +29,7 @@ from longhaul.worker.tools import (
     validate_tool_names,
 )
 from longhaul.worker.tools.files import WriteJournal
+from longhaul.worker.workspaces import task_folder_name
 
 from .fake_openai import LoopbackServer, Reply
 
@@ -151,8 +152,8 @@ def test_a_task_id_shaped_like_a_path_still_gets_a_workspace_under_the_root(call
 
     assert result.success, result.output
     (written,) = [p for p in tmp_path.rglob("x.txt")]
-    assert (tmp_path / "ws") in written.parents
-    assert written.parent.name.startswith("task-")
+    assert written.parent == tmp_path / "ws" / task_folder_name("../../evil")
+    assert written.parent.name == "_2e_2e_2f_2e_2e_2fevil"
 
 
 # -- files: caps ------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from longhaul.models.traces import TraceEventRecord
 from .recovery import find_interrupted
 from .runtime import BrokerRequired, Runtime, get_runtime
 from .validation import strict
+from .workspaces import remove_journal
 
 logger = logging.getLogger(__name__)
 
@@ -177,9 +178,10 @@ def resume_interrupted(*, on_progress: Optional[Callable[[Progress], None]] = No
 
 @strict
 def rerun(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = None) -> TaskRecord:
-    """Run a finished task again from step 1 (its stale checkpoints are reset)."""
+    """Run a finished task again from step 1 (its stale checkpoints and its write journal are reset)."""
     rt = get_runtime()
     rt.store.reset_for_rerun(task_id)
+    remove_journal(rt.settings.workspace_root, task_id)
     _drive(rt, [task_id], on_progress=on_progress)
     return rt.store.get(task_id)
 

@@ -31,7 +31,7 @@ from longhaul.models import (
 from longhaul.models.db import is_postgres_url, redact_url
 from longhaul.models.event_stream import export_events
 
-from . import api
+from . import api, workspaces
 from .apps import APP_ENV_VAR, add_to_environment, import_apps, parse_app_modules
 from .runtime import BrokerRequired, get_runtime
 from .settings import load_settings
@@ -200,16 +200,22 @@ def enqueue(prompt: str, **options: Any) -> None:
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
 def worker(processes: int, threads: int) -> None:
-    """Run Dramatiq worker processes for longhaul (needs Redis)."""
-    settings = get_runtime().settings
-    if settings.redis_url is None:
+    """Run a supervised pool of worker processes for longhaul (needs Redis).
+
+    A worker process that dies is replaced while the others keep serving;
+    SIGTERM or SIGINT (to this process or its whole process group) stops
+    every process after its current steps; SIGHUP restarts them gracefully.
+    """
+    from .supervisor import supervise
+
+    runtime = get_runtime()  # the settings and the store are checked once, here, before any child starts
+    if runtime.settings.redis_url is None:
         raise BrokerRequired("`longhaul worker`")
-    argv = [sys.executable, "-m", "dramatiq", "longhaul.worker.actors", "--processes", str(processes),
-            "--threads", str(threads)]
+    runtime.store.close_all()  # the supervisor runs no task: it holds no database connection
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads))
-    os.execvp(argv[0], argv)
+    sys.exit(supervise(processes=processes, threads=threads))
 
 
 @cli.command()
@@ -236,6 +242,24 @@ def migrate(as_json: bool) -> None:
         click.echo(f"schema upgraded from version {migration.from_version} to {migration.to_version} ({database})")
     else:
         click.echo(f"schema up to date at version {migration.to_version} ({database})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def health(ctx: click.Context, as_json: bool) -> None:
+    """Check that the store and the broker answer: exit 0 if so, else 1 naming what failed (a HEALTHCHECK)."""
+    from .health import check_health
+
+    checks = check_health(load_settings())
+    healthy = all(check.ok for check in checks)
+    if as_json:
+        _dump({"healthy": healthy, "checks": [vars(check) for check in checks]})
+    else:
+        for check in checks:
+            click.echo(f"{'ok' if check.ok else 'FAILED'}: {check.name}: {check.detail}", err=not check.ok)
+    if not healthy:
+        ctx.exit(EXIT_FAILED)
 
 
 class Duration(click.ParamType):
@@ -379,7 +403,9 @@ def prune(max_tasks: Optional[int], older_than_s: Optional[float], dry_run: bool
     """Delete old finished tasks (never queued or running ones) with all their data."""
     if max_tasks is None and older_than_s is None:
         raise click.UsageError("give --max-tasks and/or --older-than")
-    deleted = get_runtime().store.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
+    rt = get_runtime()
+    deleted = workspaces.prune(rt.store, rt.settings.workspace_root, max_tasks=max_tasks, older_than_s=older_than_s,
+                               dry_run=dry_run)
     if as_json:
         _dump({"dry_run": dry_run, "deleted": deleted})
         return
@@ -467,8 +493,9 @@ def cancel(task_id: str) -> None:
 @cli.command()
 @click.option("--thread", "thread_id", required=True, help="Delete every task of this thread.")
 def delete(thread_id: str) -> None:
-    """Delete a thread's tasks with their checkpoints and messages."""
-    count = get_runtime().store.delete_by_thread_id(thread_id)
+    """Delete a thread's tasks with their checkpoints, messages, traces, workspaces and write journals."""
+    rt = get_runtime()
+    count = workspaces.delete_thread(rt.store, rt.settings.workspace_root, thread_id)
     click.echo(f"deleted {count} task(s) of thread {thread_id}")
 
 

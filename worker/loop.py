@@ -32,7 +32,7 @@ from longhaul.models import (
     load_resumable_state,
     strip_tool_call_tags,
 )
-from longhaul.models.redact import redact_text
+from longhaul.models.redact import redact_text, scrub_configured
 from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .budgets import BudgetExceeded, Spend, check_budget
@@ -274,6 +274,8 @@ class TaskRun:
                 last_error: Optional[str] = None, new_messages: Sequence[ChatMessage] = ()) -> TaskStatus:
         resumable = []
         if final_response:
+            final_response = scrub_configured(final_response)  # a model that echoes an API key
+
             visible = strip_tool_call_tags(final_response)
             if visible:
                 resumable.append(ChatMessage.assistant(visible))

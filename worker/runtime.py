@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Optional
 from dramatiq import Actor, Broker, Worker
 
 from longhaul.models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, TaskStore
+from longhaul.models.redact import redact_log_handlers
 
 from .identity import current_claimant
 from .settings import Settings, load_settings
@@ -48,6 +49,8 @@ class Runtime:
         from .broker import build_broker
 
         self.settings = settings
+        # Log lines pass through the same redaction as stored text (the configured API keys included).
+        redact_log_handlers()
         self.embedded = settings.redis_url is None if embedded is None else embedded
         self.store = TaskStore(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms,
                                pool_size=settings.db_pool_size)

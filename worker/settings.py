@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from longhaul.models import DEFAULT_DATABASE_URL, InvalidInput
 from longhaul.models.db import DEFAULT_POOL_SIZE
+from longhaul.models.redact import register_secrets
 
 
 class SettingsError(InvalidInput):
@@ -109,9 +110,13 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read settings from the environment; a bad value names its variable."""
+    """Read settings from the environment; a bad value names its variable.
+
+    The API keys read are registered with `models.redact`: from then on
+    they are removed from every trace, error, log line and stored text.
+    """
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -119,3 +124,6 @@ def load_settings(**overrides: object) -> Settings:
             var = "LONGHAUL_" + field.upper() if not field.startswith("LONGHAUL_") else field
             problems.append(f"{var}: {err['msg']} (got {err.get('input')!r})")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+    register_secrets(secret.get_secret_value() for secret in (settings.openai_api_key, settings.anthropic_api_key)
+                     if secret is not None)
+    return settings

@@ -15,6 +15,7 @@ import httpx
 from pydantic import SecretStr, ValidationError
 
 from longhaul.models import ToolCall
+from longhaul.models.redact import register_secrets, scrub_configured
 
 from ..settings import Settings
 from ..tools import INVALID_ARGUMENTS_KEY
@@ -47,15 +48,17 @@ class SettingsProvider:
 
 
 def secret_values(*secrets: Optional[SecretStr]) -> list[str]:
-    """The plain values of the configured secrets (empty ones left out)."""
-    return [value for secret in secrets if secret is not None and (value := secret.get_secret_value())]
+    """The plain values of the configured secrets (empty ones left out), registered with `models.redact`."""
+    values = [value for secret in secrets if secret is not None and (value := secret.get_secret_value())]
+    register_secrets(values)
+    return values
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` without the given secret values and without any ``Bearer <token>``."""
+    """`text` without the given secret values, any run of 8 characters of a registered one, or ``Bearer <token>``."""
     for secret in secrets:
         text = text.replace(secret, "[redacted]")
-    return _BEARER.sub(r"\1 [redacted]", text)
+    return _BEARER.sub(r"\1 [redacted]", scrub_configured(text))
 
 
 def display_url(url: str) -> str:
@@ -67,13 +70,17 @@ def display_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def provider_message(body: bytes) -> str:
-    """The human part of an error body: ``{"error": {"message": ...}}`` and its variants, else the text."""
+def provider_message(body: bytes, secrets: Iterable[str] = ()) -> str:
+    """The human part of an error body: ``{"error": {"message": ...}}`` and its variants, else the text.
+
+    Redacted (`secrets` and ``Bearer`` tokens) before it is cut to
+    `MAX_QUOTED_CHARS`: a cut through a key would leave a piece of it.
+    """
     text = body.decode("utf-8", errors="replace").strip()
     try:
         data = json.loads(text)
     except ValueError:
-        return text[:MAX_QUOTED_CHARS] or "(empty body)"
+        return redact(text, secrets)[:MAX_QUOTED_CHARS] or "(empty body)"
     error = data.get("error", data) if isinstance(data, dict) else data
     if isinstance(error, dict):
         message = error.get("message") or error.get("detail") or error.get("msg") or json.dumps(error)
@@ -81,7 +88,7 @@ def provider_message(body: bytes) -> str:
         text = f"{message} ({code})" if code and str(code) not in str(message) else str(message)
     elif isinstance(error, str):
         text = error
-    return text[:MAX_QUOTED_CHARS]
+    return redact(text, secrets)[:MAX_QUOTED_CHARS]
 
 
 def status_error(provider: str, response: httpx.Response, body: bytes, *, secrets: Iterable[str],
@@ -93,7 +100,7 @@ def status_error(provider: str, response: httpx.Response, body: bytes, *, secret
     """
     status = response.status_code
     where = display_url(str(response.request.url))
-    message = redact(provider_message(body), secrets)
+    message = provider_message(body, secrets)
     text = f"{provider}: HTTP {status} {response.reason_phrase} from {where}: {message}"
     if status in TRANSIENT_STATUSES or status >= 500:
         retry_after = response.headers.get("retry-after")

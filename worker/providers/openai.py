@@ -252,7 +252,7 @@ def read_completion(body: bytes, ctx: StepContext, *, secrets: list[str]) -> Ans
         data = json.loads(body)
     except ValueError:
         raise TransientProviderError(f"{NAME}: the endpoint answered 200 with a body that is not JSON: "
-                                     f"{redact(body[:200].decode('utf-8', 'replace'), secrets)!r}") from None
+                                     f"{redact(body.decode('utf-8', 'replace'), secrets)[:200]!r}") from None
     if not isinstance(data, dict):
         raise TransientProviderError(f"{NAME}: the endpoint answered 200 with JSON that is not an object")
     _raise_embedded_error(data, secrets)

@@ -1,10 +1,12 @@
 """`read_file`, `write_file`, `list_files`: files confined to the task's own workspace.
 
-A task's workspace is ``<LONGHAUL_WORKSPACE_ROOT>/<task_id>``, created on
-first use. Paths are relative to it. Refused: absolute paths, any ``..``
-component, and any path that resolves (through symlinks) outside the
-workspace; files are opened with ``O_NOFOLLOW`` after that check, so a
-symlink swapped in between cannot redirect the open. Sizes are capped per
+A task's workspace is ``<LONGHAUL_WORKSPACE_ROOT>/<folder>``, its folder
+name an injective encoding of the task id (`worker.workspaces`), created on
+first use and deleted with the task. Paths are relative to it. Refused:
+absolute paths, any ``..`` component, any path that resolves (through
+symlinks) outside the workspace, and files with more than one hard link;
+files are opened with ``O_NOFOLLOW`` after that check, so a symlink swapped
+in between cannot redirect the open. Sizes are capped per
 file (`LONGHAUL_WORKSPACE_MAX_FILE_BYTES`) and per workspace
 (`LONGHAUL_WORKSPACE_MAX_BYTES`).
 
@@ -24,7 +26,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import stat
 import uuid
 from pathlib import Path, PurePosixPath
@@ -32,6 +33,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..workspaces import journal_path, workspace_path
 from .base import ToolContext, ToolError, ToolFunction, define_tool
 
 #: How many entries `list_files` shows at most.
@@ -39,18 +41,7 @@ MAX_LIST_ENTRIES = 1000
 #: Names of files a crashed write may leave behind; never listed.
 TEMP_PREFIX = ".longhaul-tmp-"
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
-
-
 # -- the workspace ---------------------------------------------------------------------------
-
-
-def task_dir_name(task_id: str) -> str:
-    """A directory name for `task_id`: the id itself when it is a safe name, else a hash of it."""
-    if _SAFE_NAME.match(task_id):
-        return task_id
-    digest = hashlib.sha256(task_id.encode()).hexdigest()[:16]
-    return "task-" + re.sub(r"[^A-Za-z0-9_-]", "_", task_id)[:40] + "-" + digest
 
 
 def workspace_root(ctx: ToolContext) -> Path:
@@ -59,7 +50,7 @@ def workspace_root(ctx: ToolContext) -> Path:
 
 def workspace_of(ctx: ToolContext) -> Path:
     """The task's workspace directory (created if needed), fully resolved."""
-    path = workspace_root(ctx) / task_dir_name(ctx.task_id)
+    path = workspace_path(workspace_root(ctx), ctx.task_id)
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
 
@@ -99,6 +90,9 @@ def _read_bytes(path: Path, limit: int) -> tuple[bytes, int]:
 
     Opened with ``O_NOFOLLOW`` (a symlink swapped in after the containment
     check is refused) and ``O_NONBLOCK`` (a FIFO cannot hang the worker).
+    A file with more than one link is refused, judged on the open file: a
+    hard link planted in the workspace may name any file of the worker's
+    filesystem, and no path check can tell it from the real thing.
     """
     try:
         mode = os.lstat(path).st_mode
@@ -110,8 +104,11 @@ def _read_bytes(path: Path, limit: int) -> tuple[bytes, int]:
         raise ToolError("is not a regular file")
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        return handle.read(limit), size
+        info = os.fstat(handle.fileno())
+        if info.st_nlink > 1:
+            raise ToolError(f"is a hard link ({info.st_nlink} names for one file), which may lead outside "
+                            "the workspace; refused")
+        return handle.read(limit), info.st_size
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -148,7 +145,7 @@ class WriteJournal:
     """One small JSON file per idempotency key: what a write was asked to do, and whether it is done."""
 
     def __init__(self, ctx: ToolContext) -> None:
-        self.folder = workspace_root(ctx) / ".journal" / task_dir_name(ctx.task_id)
+        self.folder = journal_path(workspace_root(ctx), ctx.task_id)
         key = ctx.idempotency_key
         self.path = self.folder / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
         self.key = key

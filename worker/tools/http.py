@@ -5,7 +5,9 @@ Safe by default: only ``http`` and ``https``; the body is read up to
 so); the request gives up after `LONGHAUL_HTTP_GET_TIMEOUT_S`; and unless
 `LONGHAUL_HTTP_GET_ALLOW_PRIVATE` is set, every host (and every redirect's
 host) must resolve to public addresses only, so a model cannot reach the
-worker's loopback, private network or cloud metadata endpoint.
+worker's loopback, private network or cloud metadata endpoint, not even
+through an IPv6 address that embeds a private IPv4 one (NAT64, 6to4,
+Teredo, IPv4-mapped or -compatible).
 (The check resolves the name before httpx does: a DNS server that answers
 differently the second time could still slip past it; run workers behind an
 egress proxy where that matters.)
@@ -38,6 +40,46 @@ class HttpGetArguments(BaseModel):
                                                  "(default and upper bound: the worker's limit).")
 
 
+#: NAT64 prefixes (RFC 6052 well-known, RFC 8215 local-use): the last 32 bits are an IPv4 address a
+#: NAT64 gateway connects to. The local-use prefix may embed it elsewhere, and is never public: refused whole.
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+#: IPv4-compatible addresses (``::a.b.c.d``, deprecated by RFC 4291) carry an IPv4 address in their last 32 bits.
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address reaches through a translator or tunnel.
+
+    IPv4-mapped (``::ffff:a.b.c.d``), IPv4-compatible (``::a.b.c.d``), NAT64
+    ``64:ff9b::/96``, 6to4 ``2002::/16`` and Teredo ``2001::/32`` (its server
+    and its client). Python's ``is_global`` judges such an address by its
+    IPv6 prefix alone, so ``64:ff9b::a00:1`` (10.0.0.1 behind a NAT64
+    gateway) would pass as public.
+    """
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if address in IPV4_COMPATIBLE or address in NAT64_WELL_KNOWN:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF))
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    return found
+
+
+def is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether http_get may connect to `address`: global unicast, and so is every IPv4 address it embeds."""
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in NAT64_LOCAL_USE:
+            return False
+        return all(inner.is_global and not inner.is_multicast for inner in embedded_ipv4(address))
+    return True
+
+
 def check_url(url: str, *, allow_private: bool) -> None:
     """`ToolError` unless `url` is http(s) with a host that resolves to public addresses only."""
     parts = urlsplit(url)
@@ -55,7 +97,7 @@ def check_url(url: str, *, allow_private: bool) -> None:
         raise ToolError(f"url {url!r}: cannot resolve {host!r} ({exc})") from None
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not address.is_global or address.is_multicast:
+        if not is_public_address(address):
             raise ToolError(f"url {url!r}: {host} resolves to {address}, which is not a public address; "
                             "http_get reaches public addresses only (LONGHAUL_HTTP_GET_ALLOW_PRIVATE allows more)")
 
