@@ -27,6 +27,7 @@ from peewee import Database, InterfaceError, OperationalError, SqliteDatabase
 from playhouse import db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
+from .codec import escape_nul, unescape_nul
 from .errors import InvalidDatabaseUrl
 
 #: Where a task store lives when nothing else is configured.
@@ -159,11 +160,60 @@ def _open_postgres(text: str, pool_size: int) -> PostgresStore:
                          prefer_psycopg3=True, **params)
 
 
+def install_nul_escaping(conn: Any) -> None:
+    """Make a psycopg connection write NUL in text as `codec.escape_nul` does, and read it back.
+
+    PostgreSQL refuses NUL in ``text`` (SQLite stores it), and model or tool
+    output can hold one. Escaping in the driver's text adapters covers every
+    text column and parameter at once, so no write path can miss it.
+    """
+    from psycopg.types.string import StrBinaryDumper, StrDumper, StrDumperUnknown, TextBinaryLoader, TextLoader
+
+    class EscapingDumper(StrDumperUnknown):
+        def dump(self, obj: str) -> Any:
+            return super().dump(escape_nul(obj))
+
+    class EscapingTextDumper(StrDumper):
+        def dump(self, obj: str) -> Any:
+            return super().dump(escape_nul(obj))
+
+    class EscapingBinaryDumper(StrBinaryDumper):
+        def dump(self, obj: str) -> Any:
+            return super().dump(escape_nul(obj))
+
+    class UnescapingLoader(TextLoader):
+        def load(self, data: Any) -> Any:
+            return unescape_nul(super().load(data))
+
+    class UnescapingBinaryLoader(TextBinaryLoader):
+        def load(self, data: Any) -> Any:
+            return unescape_nul(super().load(data))
+
+    adapters = conn.adapters
+    adapters.register_dumper(str, EscapingBinaryDumper)
+    adapters.register_dumper(str, EscapingTextDumper)
+    adapters.register_dumper(str, EscapingDumper)
+    for type_name in ("text", "varchar", "bpchar"):
+        adapters.register_loader(type_name, UnescapingLoader)
+        adapters.register_loader(type_name, UnescapingBinaryLoader)
+    conn._longhaul_nul_escaping = True
+
+
 class PostgresStore(PooledPostgresqlDatabase):
     """peewee's pooled PostgreSQL database, with three repairs for long-running workers.
 
     - A thread whose connection broke (a server restart, a proxy that cut
       it) gets a fresh one at its next statement instead of failing forever.
+    - A dead connection is replaced before it fails a call: when the first
+      statement of a transaction (``BEGIN``) or a read outside one fails
+      because the connection is broken, the connection is replaced and the
+      statement sent once more. Nothing can have been written by then:
+      ``BEGIN`` changes nothing and a lone ``SELECT`` only reads, so the
+      repeat is safe, and it costs nothing while connections are healthy
+      (a liveness ping on checkout would cost a round trip per
+      transaction). A failure later in a transaction, or of ``COMMIT``, is
+      not repeated here (the outcome of a lost ``COMMIT`` is unknown): it
+      surfaces as `StoreUnavailable`, which callers retry from stored state.
     - A thread that ended without closing its connection (peewee keeps one
       per thread) gives it back when another thread needs one.
     - A pool with no free connection raises `OperationalError` (transient,
@@ -180,8 +230,36 @@ class PostgresStore(PooledPostgresqlDatabase):
             self.close()  # the pool sees the broken connection and discards it
         return super().cursor(named_cursor)
 
+    def begin(self, isolation_level: Optional[str] = None) -> None:
+        try:
+            super().begin(isolation_level)
+        except (OperationalError, InterfaceError):
+            if not self._replace_broken_connection():
+                raise
+            super().begin(isolation_level)
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        if self.in_transaction() or not sql.lstrip()[:6].upper() == "SELECT":
+            return super().execute_sql(sql, params)
+        try:
+            return super().execute_sql(sql, params)
+        except (OperationalError, InterfaceError):
+            if not self._replace_broken_connection():
+                raise
+            return super().execute_sql(sql, params)
+
+    def _replace_broken_connection(self) -> bool:
+        """If this thread's connection is broken, discard it (a fresh one opens on next use); whether it was."""
+        conn = None if self.is_closed() else self._state.conn
+        if conn is None or not (conn.closed or getattr(conn, "broken", False)):
+            return False
+        self.close()  # the pool sees the broken connection and discards it
+        return True
+
     def _connect(self) -> Any:
         conn = super()._connect()
+        if not getattr(conn, "_longhaul_nul_escaping", False):
+            install_nul_escaping(conn)
         with self._pool_lock:
             self._owners[self.conn_key(conn)] = threading.current_thread()
         return conn
