@@ -122,7 +122,8 @@ class Maintenance:
         self.threads = [_Every("longhaul-lease-renewal", self._renew, interval_s=settings.heartbeat_every_s,
                                first_after_s=0.0)]
         if recover:
-            self.threads.append(_Every("longhaul-recovery", lambda: resend_interrupted(rt),
+            # A worker shutting down resumes nothing: what it just released is for the next worker.
+            self.threads.append(_Every("longhaul-recovery", lambda: rt.stopping.is_set() or resend_interrupted(rt),
                                        interval_s=settings.recovery_interval_s,
                                        first_after_s=settings.recovery_interval_s))
 
