@@ -53,8 +53,9 @@ def fault_env(redis_server: RedisServer) -> Callable[[str], dict[str, str]]:
         values.update(
             LONGHAUL_DATABASE_URL=db_url, LONGHAUL_REDIS_URL=redis_server.url, LONGHAUL_LEASE_S="5",
             LONGHAUL_RECOVERY_INTERVAL_S="0.5", LONGHAUL_MIN_BACKOFF_MS="100", LONGHAUL_MAX_BACKOFF_MS="2000",
-            LONGHAUL_LOG_LEVEL="INFO", dramatiq_queue_prefetch="4", **extra,
+            LONGHAUL_LOG_LEVEL="INFO", dramatiq_queue_prefetch="4",
         )
+        values.update(extra)
         return values
 
     return env
