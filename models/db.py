@@ -1,7 +1,8 @@
 """Opening the database behind a task store: SQLite (embedded) or PostgreSQL (shared).
 
 SQLite is the embedded default. Each thread gets its own connection
-(peewee's default), every connection runs with WAL, ``synchronous=NORMAL``,
+(peewee's default), every connection runs with WAL, ``synchronous=NORMAL``
+(or ``FULL``, see `DEFAULT_SQLITE_SYNCHRONOUS`),
 foreign keys on and a busy timeout, and every write transaction starts with
 ``BEGIN IMMEDIATE`` so that concurrent writers queue on the busy timeout
 instead of failing with ``database is locked`` when a read lock cannot be
@@ -34,6 +35,10 @@ from .errors import InvalidDatabaseUrl
 DEFAULT_DATABASE_URL = "sqlite:///state/tasks.db"
 #: How long a writer waits for another writer's transaction, in milliseconds.
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+#: SQLite's durability: ``normal`` (WAL) survives process crashes, the last commits may roll back on power
+#: loss; ``full`` syncs every commit and survives that too (LONGHAUL_SQLITE_SYNCHRONOUS).
+DEFAULT_SQLITE_SYNCHRONOUS = "normal"
+SQLITE_SYNCHRONOUS_LEVELS = ("normal", "full")
 #: PostgreSQL connections one process may hold (LONGHAUL_DB_POOL_SIZE).
 DEFAULT_POOL_SIZE = 16
 #: URL schemes that select PostgreSQL.
@@ -80,6 +85,7 @@ def open_database(
     *,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     pool_size: int = DEFAULT_POOL_SIZE,
+    sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS,
 ) -> Database:
     """Open (but do not connect) the database named by a URL or a path.
 
@@ -94,7 +100,7 @@ def open_database(
         raise InvalidDatabaseUrl(text, "empty; give a path or a URL such as sqlite:///state/tasks.db")
     path = sqlite_path_from_url(text)
     if path is not None:
-        return _open_sqlite(text, path, busy_timeout_ms)
+        return _open_sqlite(text, path, busy_timeout_ms, sqlite_synchronous)
     if is_postgres_url(text):
         return _open_postgres(text, pool_size)
     raise InvalidDatabaseUrl(
@@ -113,7 +119,10 @@ def connect_or_explain(db: Database, url: str) -> None:
         raise InvalidDatabaseUrl(redact_url(url), f"cannot connect to PostgreSQL: {reason}") from None
 
 
-def _open_sqlite(text: str, path: Path, busy_timeout_ms: int) -> SqliteDatabase:
+def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) -> SqliteDatabase:
+    if synchronous not in SQLITE_SYNCHRONOUS_LEVELS:
+        raise InvalidDatabaseUrl(text, f"LONGHAUL_SQLITE_SYNCHRONOUS must be one of "
+                                       f"{', '.join(SQLITE_SYNCHRONOUS_LEVELS)}, got {synchronous!r}")
     if str(path) in ("", ":memory:"):
         raise InvalidDatabaseUrl(
             text,
@@ -130,7 +139,7 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int) -> SqliteDatabase:
         str(path),
         pragmas={
             "journal_mode": "wal",
-            "synchronous": "normal",
+            "synchronous": synchronous,
             "foreign_keys": 1,
             "busy_timeout": busy_timeout_ms,
             "cache_size": -16_000,  # 16 MB page cache per connection

@@ -26,7 +26,13 @@ from .checkpoints import Checkpoints
 from .clock import Clock, ServerClock
 from .codec import NUL_FREE_FIELDS, refuse_nul_identifiers
 from .context import StoreContext
-from .db import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_POOL_SIZE, connect_or_explain, open_database
+from .db import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_SQLITE_SYNCHRONOUS,
+    connect_or_explain,
+    open_database,
+)
 from .dialect import Dialect, StoreFailures
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .reads import TaskReads
@@ -69,9 +75,11 @@ class TaskStore:
     """
 
     def __init__(self, url_or_path: Union[str, Path], *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
-                 pool_size: int = DEFAULT_POOL_SIZE, clock: Optional[Clock] = None) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, clock: Optional[Clock] = None,
+                 sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS) -> None:
         self.url = str(url_or_path)
-        self.db = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+        self.db = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size,
+                                sqlite_synchronous=sqlite_synchronous)
         self.tables = bind_tables(self.db)
         dialect = Dialect(self.db)
         #: The database server's clock as this host sees it, unless a clock was injected (see `sync_clock`).

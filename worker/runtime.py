@@ -50,7 +50,7 @@ class Runtime:
         self.settings = settings
         self.embedded = settings.redis_url is None if embedded is None else embedded
         self.store = TaskStore(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-                               pool_size=settings.db_pool_size)
+                               pool_size=settings.db_pool_size, sqlite_synchronous=settings.sqlite_synchronous)
         self.leases = LeaseBook(self.store)
         #: Set when the worker is shutting down: running loops stop after their current step.
         self.stopping = threading.Event()

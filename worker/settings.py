@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     traces: bool = True
     # SQLite busy timeout: how long a writer queues behind another.
     sqlite_busy_timeout_ms: int = Field(default=30_000, ge=0)
+    # SQLite durability: normal survives process crashes (last commits may roll back on power loss); full syncs each.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     # Provider and model used when a task names none.
     default_provider: str = "scripted"
     default_model: str = "scripted-v1"
