@@ -29,7 +29,7 @@ from playhouse import db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from .codec import escape_nul, unescape_nul
-from .errors import InvalidDatabaseUrl
+from .errors import InvalidDatabaseUrl, InvalidInput
 
 #: Where a task store lives when nothing else is configured.
 DEFAULT_DATABASE_URL = "sqlite:///state/tasks.db"
@@ -121,8 +121,8 @@ def connect_or_explain(db: Database, url: str) -> None:
 
 def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) -> SqliteDatabase:
     if synchronous not in SQLITE_SYNCHRONOUS_LEVELS:
-        raise InvalidDatabaseUrl(text, f"LONGHAUL_SQLITE_SYNCHRONOUS must be one of "
-                                       f"{', '.join(SQLITE_SYNCHRONOUS_LEVELS)}, got {synchronous!r}")
+        raise InvalidInput(f"sqlite_synchronous (LONGHAUL_SQLITE_SYNCHRONOUS): must be one of "
+                           f"{', '.join(SQLITE_SYNCHRONOUS_LEVELS)}, got {synchronous!r}")
     if str(path) in ("", ":memory:"):
         raise InvalidDatabaseUrl(
             text,
@@ -209,7 +209,7 @@ def install_nul_escaping(conn: Any) -> None:
 
 
 class PostgresStore(PooledPostgresqlDatabase):
-    """peewee's pooled PostgreSQL database, with three repairs for long-running workers.
+    """peewee's pooled PostgreSQL database, with repairs for long-running workers.
 
     - A thread whose connection broke (a server restart, a proxy that cut
       it) gets a fresh one at its next statement instead of failing forever.
@@ -228,6 +228,7 @@ class PostgresStore(PooledPostgresqlDatabase):
     - A pool with no free connection raises `OperationalError` (transient,
       so the task is retried) naming LONGHAUL_DB_POOL_SIZE, not a bare
       ``ValueError``.
+    - Text holding NUL is stored escaped (`install_nul_escaping`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

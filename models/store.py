@@ -238,8 +238,9 @@ class TaskStore:
         statement; `lease_s` renews it to `lease_s` seconds after the moment
         that statement runs (after any wait for the row lock), which is what
         a lease holder wants: a renewal computed before a long wait could
-        already have expired when it commits. `traces` (from a `TraceWriter`) and the step's `usage` are
-        written in the same transaction: a checkpoint and its trace events
+        already have expired when it commits. `traces` (from a
+        `TraceWriter`) and the step's `usage` are written in the same
+        transaction: a checkpoint and its trace events
         are stored together or not at all (`TraceSequenceClash` if the
         events do not come after the stored ones). Cost does not grow with
         the history already stored.

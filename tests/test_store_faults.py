@@ -322,6 +322,8 @@ def test_a_worker_host_sixty_seconds_fast_takes_over_no_live_task(
     repeats = sum(repeated_steps(ledger, task_ids, SKEWED_STEPS).values())
     assert fast.proc is not None and fast.proc.poll() is None, fast.log()[-3000:]
     assert taken == set(), f"the fast host took over live tasks {sorted(taken)}"
+    # Nor did it judge the on-time host's Redis heartbeats stale and requeue the messages it was running.
+    assert "requeued" not in fast.log(), fast.log()[-2000:]
     assert repeats == 0
     assert_each_step_checkpointed_once(rt.store, task_ids, SKEWED_STEPS)
     print(f"clock skew: a host 60 s fast beside {SKEWED_TASKS} live tasks ({steps_left} steps to go) for 6 s "
