@@ -36,6 +36,7 @@ class Checkpoints:
         *,
         lease_token: Optional[str] = None,
         lease_expires_at: Optional[float] = None,
+        lease_s: Optional[float] = None,
         traces: Optional[PendingTraces] = None,
         usage: Optional[Usage] = None,
     ) -> bool:
@@ -79,6 +80,8 @@ class Checkpoints:
                 self.traces.insert(task_pk, traces, positions)
             ctx.insert_messages(message_rows(task_pk, EXECUTION, execution_count, update.new_messages,
                                              update.step_index))
+            if lease_s is not None:  # read the clock now: the row lock above may have been waited for
+                lease_expires_at = ctx.clock() + lease_s
             db.execute_sql(
                 sql.update_task_after_checkpoint,
                 (

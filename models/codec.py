@@ -10,16 +10,23 @@ through a `Texts` lookup. A stored cell that cannot be decoded raises
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Any, Optional, Protocol, Sequence
 
 import orjson
 from pydantic import ValidationError
 
-from .errors import CorruptRecord
+from .errors import CorruptRecord, InvalidInput
 from .redact import redact_text
 from .schemas import ChatMessage, CheckpointItem, LeaseInfo, TaskCheckpointRecord, TaskSpec, TaskStatus, ToolCall, Usage
 from .traces import MIN_REFERENCED_CHARS, StoredBatch, StoredEvent, decode_events, decode_step_trace
+
+#: PostgreSQL text cannot hold NUL; `escape_nul` writes it as DLE (``\x10``, "data link escape") and ``0``.
+_DLE, _NUL = "\x10", "\x00"
+_ESCAPED_NUL = re.compile("\x10([\x100])")
+#: The identifiers that may not hold NUL on either backend (they are compared, indexed and shown).
+NUL_FREE_FIELDS = ("task_id", "thread_id", "channel")
 
 #: The usage counters summed on a task row, in `Usage` field order.
 USAGE_FIELDS = tuple(Usage.model_fields)
@@ -29,6 +36,35 @@ _NO_USAGE = Usage()
 def to_datetime(epoch_s: Optional[float]) -> Optional[datetime]:
     """A stored time (epoch seconds) as an aware UTC datetime; None stays None."""
     return None if epoch_s is None else datetime.fromtimestamp(epoch_s, tz=timezone.utc)
+
+
+# -- text PostgreSQL cannot hold ------------------------------------------------------
+
+
+def escape_nul(text: str) -> str:
+    """`text` with NUL written as DLE ``0`` and DLE as DLE DLE, so PostgreSQL can store it; `unescape_nul` undoes it.
+
+    Applied to every text parameter and result of a PostgreSQL connection
+    (`db.PostgresStore`), so model and tool text round-trips byte-exact on
+    both backends. Text without DLE or NUL (nearly all) is returned as is.
+    """
+    if _DLE not in text and _NUL not in text:
+        return text
+    return text.replace(_DLE, _DLE + _DLE).replace(_NUL, _DLE + "0")
+
+
+def unescape_nul(text: str) -> str:
+    """The text `escape_nul` was given."""
+    if _DLE not in text:
+        return text
+    return _ESCAPED_NUL.sub(lambda found: _NUL if found.group(1) == "0" else _DLE, text)
+
+
+def refuse_nul_identifiers(**fields: object) -> None:
+    """`InvalidInput` naming the first of `fields` (task_id, thread_id, channel) that holds a NUL character."""
+    for name, value in fields.items():
+        if isinstance(value, str) and _NUL in value:
+            raise InvalidInput(f"{name}: must not contain a NUL character (\\x00), got {value!r}")
 
 
 # -- writing ---------------------------------------------------------------------------

@@ -9,17 +9,15 @@ one another, so each can be read, and tested, on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 from peewee import Database, __exception_wrapper__
 
+from .clock import Clock
 from .dialect import Dialect
 from .errors import TaskNotFound
 from .statements import Statements
 from .tables import EXECUTION, Tables
-
-#: Seconds since the epoch, now; injected so tests can fix time.
-Clock = Callable[[], float]
 
 
 @dataclass

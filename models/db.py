@@ -1,7 +1,8 @@
 """Opening the database behind a task store: SQLite (embedded) or PostgreSQL (shared).
 
 SQLite is the embedded default. Each thread gets its own connection
-(peewee's default), every connection runs with WAL, ``synchronous=NORMAL``,
+(peewee's default), every connection runs with WAL, ``synchronous=NORMAL``
+(or ``FULL``, see `DEFAULT_SQLITE_SYNCHRONOUS`),
 foreign keys on and a busy timeout, and every write transaction starts with
 ``BEGIN IMMEDIATE`` so that concurrent writers queue on the busy timeout
 instead of failing with ``database is locked`` when a read lock cannot be
@@ -27,13 +28,18 @@ from peewee import Database, InterfaceError, OperationalError, SqliteDatabase
 from playhouse import db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
-from .errors import InvalidDatabaseUrl
+from .codec import escape_nul, unescape_nul
+from .errors import InvalidDatabaseUrl, InvalidInput
 from .fork_safety import track
 
 #: Where a task store lives when nothing else is configured.
 DEFAULT_DATABASE_URL = "sqlite:///state/tasks.db"
 #: How long a writer waits for another writer's transaction, in milliseconds.
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
+#: SQLite's durability: ``normal`` (WAL) survives process crashes, the last commits may roll back on power
+#: loss; ``full`` syncs every commit and survives that too (LONGHAUL_SQLITE_SYNCHRONOUS).
+DEFAULT_SQLITE_SYNCHRONOUS = "normal"
+SQLITE_SYNCHRONOUS_LEVELS = ("normal", "full")
 #: PostgreSQL connections one process may hold (LONGHAUL_DB_POOL_SIZE).
 DEFAULT_POOL_SIZE = 16
 #: URL schemes that select PostgreSQL.
@@ -80,6 +86,7 @@ def open_database(
     *,
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     pool_size: int = DEFAULT_POOL_SIZE,
+    sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS,
 ) -> Database:
     """Open (but do not connect) the database named by a URL or a path.
 
@@ -95,7 +102,7 @@ def open_database(
         raise InvalidDatabaseUrl(text, "empty; give a path or a URL such as sqlite:///state/tasks.db")
     path = sqlite_path_from_url(text)
     if path is not None:
-        return track(_open_sqlite(text, path, busy_timeout_ms))
+        return track(_open_sqlite(text, path, busy_timeout_ms, sqlite_synchronous))
     if is_postgres_url(text):
         return track(_open_postgres(text, pool_size))
     raise InvalidDatabaseUrl(
@@ -114,7 +121,10 @@ def connect_or_explain(db: Database, url: str) -> None:
         raise InvalidDatabaseUrl(redact_url(url), f"cannot connect to PostgreSQL: {reason}") from None
 
 
-def _open_sqlite(text: str, path: Path, busy_timeout_ms: int) -> SqliteDatabase:
+def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) -> SqliteDatabase:
+    if synchronous not in SQLITE_SYNCHRONOUS_LEVELS:
+        raise InvalidInput(f"sqlite_synchronous (LONGHAUL_SQLITE_SYNCHRONOUS): must be one of "
+                           f"{', '.join(SQLITE_SYNCHRONOUS_LEVELS)}, got {synchronous!r}")
     if str(path) in ("", ":memory:"):
         raise InvalidDatabaseUrl(
             text,
@@ -131,7 +141,7 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int) -> SqliteDatabase:
         str(path),
         pragmas={
             "journal_mode": "wal",
-            "synchronous": "normal",
+            "synchronous": synchronous,
             "foreign_keys": 1,
             "busy_timeout": busy_timeout_ms,
             "cache_size": -16_000,  # 16 MB page cache per connection
@@ -161,16 +171,66 @@ def _open_postgres(text: str, pool_size: int) -> PostgresStore:
                          prefer_psycopg3=True, **params)
 
 
+def install_nul_escaping(conn: Any) -> None:
+    """Make a psycopg connection write NUL in text as `codec.escape_nul` does, and read it back.
+
+    PostgreSQL refuses NUL in ``text`` (SQLite stores it), and model or tool
+    output can hold one. Escaping in the driver's text adapters covers every
+    text column and parameter at once, so no write path can miss it.
+    """
+    from psycopg.types.string import StrBinaryDumper, StrDumper, StrDumperUnknown, TextBinaryLoader, TextLoader
+
+    class EscapingDumper(StrDumperUnknown):
+        def dump(self, obj: str) -> Any:
+            return super().dump(escape_nul(obj))
+
+    class EscapingTextDumper(StrDumper):
+        def dump(self, obj: str) -> Any:
+            return super().dump(escape_nul(obj))
+
+    class EscapingBinaryDumper(StrBinaryDumper):
+        def dump(self, obj: str) -> Any:
+            return super().dump(escape_nul(obj))
+
+    class UnescapingLoader(TextLoader):
+        def load(self, data: Any) -> Any:
+            return unescape_nul(super().load(data))
+
+    class UnescapingBinaryLoader(TextBinaryLoader):
+        def load(self, data: Any) -> Any:
+            return unescape_nul(super().load(data))
+
+    adapters = conn.adapters
+    adapters.register_dumper(str, EscapingBinaryDumper)
+    adapters.register_dumper(str, EscapingTextDumper)
+    adapters.register_dumper(str, EscapingDumper)
+    for type_name in ("text", "varchar", "bpchar"):
+        adapters.register_loader(type_name, UnescapingLoader)
+        adapters.register_loader(type_name, UnescapingBinaryLoader)
+    conn._longhaul_nul_escaping = True
+
+
 class PostgresStore(PooledPostgresqlDatabase):
-    """peewee's pooled PostgreSQL database, with three repairs for long-running workers.
+    """peewee's pooled PostgreSQL database, with repairs for long-running workers.
 
     - A thread whose connection broke (a server restart, a proxy that cut
       it) gets a fresh one at its next statement instead of failing forever.
+    - A dead connection is replaced before it fails a call: when the first
+      statement of a transaction (``BEGIN``) or a read outside one fails
+      because the connection is broken, the connection is replaced and the
+      statement sent once more. Nothing can have been written by then:
+      ``BEGIN`` changes nothing and a lone ``SELECT`` only reads, so the
+      repeat is safe, and it costs nothing while connections are healthy
+      (a liveness ping on checkout would cost a round trip per
+      transaction). A failure later in a transaction, or of ``COMMIT``, is
+      not repeated here (the outcome of a lost ``COMMIT`` is unknown): it
+      surfaces as `StoreUnavailable`, which callers retry from stored state.
     - A thread that ended without closing its connection (peewee keeps one
       per thread) gives it back when another thread needs one.
     - A pool with no free connection raises `OperationalError` (transient,
       so the task is retried) naming LONGHAUL_DB_POOL_SIZE, not a bare
       ``ValueError``.
+    - Text holding NUL is stored escaped (`install_nul_escaping`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -182,8 +242,36 @@ class PostgresStore(PooledPostgresqlDatabase):
             self.close()  # the pool sees the broken connection and discards it
         return super().cursor(named_cursor)
 
+    def begin(self, isolation_level: Optional[str] = None) -> None:
+        try:
+            super().begin(isolation_level)
+        except (OperationalError, InterfaceError):
+            if not self._replace_broken_connection():
+                raise
+            super().begin(isolation_level)
+
+    def execute_sql(self, sql: str, params: Any = None) -> Any:
+        if self.in_transaction() or not sql.lstrip()[:6].upper() == "SELECT":
+            return super().execute_sql(sql, params)
+        try:
+            return super().execute_sql(sql, params)
+        except (OperationalError, InterfaceError):
+            if not self._replace_broken_connection():
+                raise
+            return super().execute_sql(sql, params)
+
+    def _replace_broken_connection(self) -> bool:
+        """If this thread's connection is broken, discard it (a fresh one opens on next use); whether it was."""
+        conn = None if self.is_closed() else self._state.conn
+        if conn is None or not (conn.closed or getattr(conn, "broken", False)):
+            return False
+        self.close()  # the pool sees the broken connection and discards it
+        return True
+
     def _connect(self) -> Any:
         conn = super()._connect()
+        if not getattr(conn, "_longhaul_nul_escaping", False):
+            install_nul_escaping(conn)
         with self._pool_lock:
             self._owners[self.conn_key(conn)] = threading.current_thread()
         return conn

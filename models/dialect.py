@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Optional
@@ -32,10 +33,23 @@ from .errors import StoreUnavailable, UnstorableValue
 #: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
 MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
 
+try:  # psycopg is a dependency, but SQLite-only code paths must not need it importable
+    import psycopg
+
+    _PSYCOPG_VALUE_ERRORS: tuple[type[BaseException], ...] = (psycopg.DataError,)
+    _PSYCOPG_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error,)
+except ImportError:  # pragma: no cover
+    _PSYCOPG_VALUE_ERRORS = _PSYCOPG_ERRORS = ()
+
 #: What a driver raises for data it cannot bind or a column cannot hold (SQLite: an int beyond 64 bits).
-_VALUE_ERRORS: tuple[type[BaseException], ...] = (DataError, sqlite3.DataError, OverflowError)
-#: Every other driver failure: locks, full disks, lost connections, refused statements.
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (DatabaseError, InterfaceError, sqlite3.Error, *_VALUE_ERRORS)
+#: Permanent: retrying the same value fails the same way, so these are never treated as an outage.
+_VALUE_ERRORS: tuple[type[BaseException], ...] = (DataError, sqlite3.DataError, OverflowError, *_PSYCOPG_VALUE_ERRORS)
+#: Every other driver failure: locks, full disks, lost connections, refused statements. Raw psycopg
+#: errors count too: peewee lets some through unwrapped (a connection lost while rolling back).
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseError, InterfaceError, sqlite3.Error, *_PSYCOPG_ERRORS, *_VALUE_ERRORS)
+#: How long recovery and lease renewal wait for another transaction's row lock on PostgreSQL, in ms.
+ROW_LOCK_TIMEOUT_MS = 2_000
 
 
 def is_sqlite(db: Any) -> bool:
@@ -103,6 +117,23 @@ class Dialect:
     def locked(self, query: Any) -> Any:
         """`query` locking the rows it reads until the transaction ends (PostgreSQL; SQLite's writer lock covers it)."""
         return query.for_update() if self.db.for_update else query
+
+    def limit_lock_wait(self, timeout_ms: int = ROW_LOCK_TIMEOUT_MS) -> None:
+        """Inside a transaction on PostgreSQL: give up (`StoreUnavailable`) on a row lock held past `timeout_ms`.
+
+        Lease renewal and recovery must never queue behind a checkpoint
+        transaction of a paused or stuck worker: a lock timeout turns that
+        wait into an error the caller skips and retries on its next pass.
+        On SQLite the busy timeout bounds every wait already.
+        """
+        if not self.is_sqlite:
+            self.db.execute_sql(f"SET LOCAL lock_timeout = {int(timeout_ms)}")
+
+    def server_epoch_s(self) -> float:
+        """The database server's clock, seconds since the epoch (PostgreSQL); this host's on SQLite."""
+        if self.is_sqlite:
+            return time.time()
+        return float(self.db.execute_sql("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
 
     def lock_migrations(self) -> None:
         """Inside a transaction: wait until no other process or host is creating or migrating the schema."""

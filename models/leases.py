@@ -95,8 +95,12 @@ class LeaseBook:
     ) -> Optional[Claim]:
         """Take the task's lease, or None if a live lease (other than `steal_token`) holds it.
 
-        Only `queued` and `running` tasks can be claimed. A claim of a task
-        that was already `running` counts as a recovery.
+        Only `queued` and `running` tasks can be claimed. Taking over a
+        lease that another holder still had on the row (it expired, or its
+        process died) counts as a recovery; claiming a task whose lease was
+        given back (a graceful shutdown, a retry) does not. A checkpoint
+        resets the count (`Checkpoints.record`), so it counts interruptions
+        without progress, not a task's age.
         """
         Task = self.Task
         now = self.ctx.clock()
@@ -116,28 +120,29 @@ class LeaseBook:
                     status=TaskStatus.RUNNING.value,
                     started_at=fn.COALESCE(Task.started_at, now),
                     recovery_count=Case(
-                        None, [(Task.status == TaskStatus.RUNNING.value, Task.recovery_count + 1)],
-                        Task.recovery_count,
+                        None, [(Task.lease_token.is_null(False), Task.recovery_count + 1)], Task.recovery_count,
                     ),
                     updated_at=now,
                 )
                 .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free)
             )
             if self.ctx.dialect.returning:
-                won = list(update.returning(Task.recovery_count, Task.checkpoint_count).tuples().execute())
+                won = list(update.returning(Task.recovery_count, Task.checkpoint_count, Task.execution_count)
+                           .tuples().execute())
                 if not won:
                     return None
-                recovery_count, checkpoint_count = won[0]
+                recovery_count, checkpoint_count, execution_count = won[0]
             else:
                 # SQLite: peewee leaves RETURNING off (it needs 3.35+); BEGIN IMMEDIATE keeps this read consistent.
                 if not update.execute():
                     return None
-                recovery_count, checkpoint_count = (
-                    Task.select(Task.recovery_count, Task.checkpoint_count).where(Task.task_id == task_id)
-                    .tuples().get()
+                recovery_count, checkpoint_count, execution_count = (
+                    Task.select(Task.recovery_count, Task.checkpoint_count, Task.execution_count)
+                    .where(Task.task_id == task_id).tuples().get()
                 )
+        # It ran before if it was interrupted, stored a step, or opened its histories.
         return Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=recovery_count,
-                     resumed=recovery_count > 0 or checkpoint_count > 0)
+                     resumed=recovery_count > 0 or checkpoint_count > 0 or execution_count > 0)
 
     def renew(self, tokens: Iterable[str], *, lease_s: float) -> int:
         """Extend the leases with these tokens; returns how many are still held."""
@@ -146,6 +151,7 @@ class LeaseBook:
             return 0
         Task = self.Task
         with StoreFailures(), self.db.atomic():
+            self.ctx.dialect.limit_lock_wait()
             return (
                 Task.update(lease_expires_at=self.ctx.clock() + lease_s)
                 .where(Task.lease_token.in_(tokens))
@@ -198,18 +204,25 @@ class LeaseBook:
         A compare-and-set against what the recovery scan read (the lease
         token, else the delivery time), so when every worker process scans
         at boot exactly one of them wins and re-sends the task. Returns
-        False if the task changed in between.
+        False if the task changed in between. Clearing a lease its holder
+        still had (expired, or its process is gone) counts as a recovery,
+        as a takeover by `claim` does.
         """
         Task = self.Task
         if row.token is not None:
-            same = Task.lease_token == row.token
+            # Unchanged expiry too: a holder that renewed (or checkpointed) since the scan keeps its task.
+            expiry = (Task.lease_expires_at.is_null() if row.expires_at is None
+                      else Task.lease_expires_at == row.expires_at)
+            same = (Task.lease_token == row.token) & expiry
         elif row.delivery_due_at is None:
             same = Task.lease_token.is_null() & Task.delivery_due_at.is_null()
         else:
             same = Task.lease_token.is_null() & (Task.delivery_due_at == row.delivery_due_at)
         with StoreFailures(row.task_id), self.db.atomic():
+            self.ctx.dialect.limit_lock_wait()
+            recoveries = Task.recovery_count + (0 if row.token is None else 1)
             return bool(
-                Task.update(delivery_due_at=self.ctx.clock(), **NO_LEASE)
+                Task.update(delivery_due_at=self.ctx.clock(), recovery_count=recoveries, **NO_LEASE)
                 .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & same)
                 .execute()
             )

@@ -53,11 +53,12 @@ class Statements:
                            tool_call_id="", name="", tool_calls="").returning()
         )
         # Counter increments and COALESCEs: written out, parameters in the
-        # order `Checkpoints.record` passes them.
+        # order `Checkpoints.record` passes them. A step is progress, so the
+        # crash-loop counter starts again from 0.
         p = dialect.param
         self.update_task_after_checkpoint = (
             f'UPDATE "task" SET "thread_id" = {p}, "channel" = {p}, "provider" = {p}, "model" = {p}, '
-            f'"status" = \'running\', "checkpoint_count" = "checkpoint_count" + 1, '
+            f'"status" = \'running\', "checkpoint_count" = "checkpoint_count" + 1, "recovery_count" = 0, '
             f'"execution_count" = "execution_count" + {p}, '
             f'"turn_count" = "turn_count" + {p}, "tool_call_count" = "tool_call_count" + {p}, '
             + "".join(f'"{name}" = "{name}" + {p}, ' for name in USAGE_FIELDS) +

@@ -17,15 +17,22 @@ callers handle longhaul's errors only.
 
 from __future__ import annotations
 
-import time
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .checkpoints import Checkpoints
-from .context import Clock, StoreContext
-from .db import DEFAULT_BUSY_TIMEOUT_MS, DEFAULT_POOL_SIZE, connect_or_explain, open_database
+from .clock import Clock, ServerClock
+from .codec import NUL_FREE_FIELDS, refuse_nul_identifiers
+from .context import StoreContext
+from .db import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    DEFAULT_POOL_SIZE,
+    DEFAULT_SQLITE_SYNCHRONOUS,
+    connect_or_explain,
+    open_database,
+)
 from .dialect import Dialect, StoreFailures
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .reads import TaskReads
@@ -68,16 +75,21 @@ class TaskStore:
     """
 
     def __init__(self, url_or_path: Union[str, Path], *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
-                 pool_size: int = DEFAULT_POOL_SIZE, clock: Clock = time.time) -> None:
+                 pool_size: int = DEFAULT_POOL_SIZE, clock: Optional[Clock] = None,
+                 sqlite_synchronous: str = DEFAULT_SQLITE_SYNCHRONOUS) -> None:
         self.url = str(url_or_path)
-        self.db = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size)
+        self.db = open_database(url_or_path, busy_timeout_ms=busy_timeout_ms, pool_size=pool_size,
+                                sqlite_synchronous=sqlite_synchronous)
         self.tables = bind_tables(self.db)
         dialect = Dialect(self.db)
+        #: The database server's clock as this host sees it, unless a clock was injected (see `sync_clock`).
+        self.server_clock: Optional[ServerClock] = ServerClock() if clock is None else None
         #: What every part of this store shares.
         self.context = StoreContext(db=self.db, tables=self.tables, dialect=dialect,
-                                    sql=Statements(dialect, self.tables), clock=clock)
+                                    sql=Statements(dialect, self.tables), clock=clock or self.server_clock)
         if not dialect.is_sqlite:
             connect_or_explain(self.db, self.url)
+            self.sync_clock()
         with StoreFailures():
             self.schema_migration: SchemaMigration = migrate_waiting_for_writers(
                 self.context, timeout_s=busy_timeout_ms / 1000)
@@ -98,6 +110,17 @@ class TaskStore:
     @clock.setter
     def clock(self, clock: Clock) -> None:
         self.context.clock = clock
+
+    def sync_clock(self) -> float:
+        """Measure this host's offset from the database server's clock again; returns it in seconds.
+
+        Lease renewal calls this on every heartbeat. A no-op (0.0) on SQLite
+        and for a store built with an injected clock, which is the truth.
+        """
+        if self.server_clock is None or self.context.dialect.is_sqlite:
+            return 0.0
+        with StoreFailures():
+            return self.server_clock.sync(self.context.dialect.server_epoch_s)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -136,6 +159,7 @@ class TaskStore:
     def create_task(self, *, task_id: str, thread_id: str, channel: str, provider: str, model: str,
                     spec: TaskSpec) -> bool:
         """Store a new `queued` task with its spec. False if the id exists (nothing changes)."""
+        refuse_nul_identifiers(task_id=task_id, thread_id=thread_id, channel=channel)
         with StoreFailures(task_id):
             return self._tasks.create(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                       model=model, spec=spec)
@@ -150,6 +174,7 @@ class TaskStore:
         `completed_at`, and starts the histories afresh. A terminal snapshot
         sets `completed_at` and releases the lease.
         """
+        refuse_nul_identifiers(**{name: getattr(snapshot, name, None) for name in NUL_FREE_FIELDS})
         with StoreFailures(getattr(snapshot, "task_id", None)):
             self._tasks.save_snapshot(snapshot, lease_token=lease_token)
 
@@ -198,8 +223,8 @@ class TaskStore:
     # -- writes of a running task ------------------------------------------------
 
     def record_checkpoint(self, update: CheckpointUpdate, *, lease_token: Optional[str] = None,
-                          lease_expires_at: Optional[float] = None, traces: Optional[PendingTraces] = None,
-                          usage: Optional[Usage] = None) -> bool:
+                          lease_expires_at: Optional[float] = None, lease_s: Optional[float] = None,
+                          traces: Optional[PendingTraces] = None, usage: Optional[Usage] = None) -> bool:
         """Append one step's messages and checkpoint, in one transaction.
 
         Creates the task if missing, increments `checkpoint_count` and sets
@@ -210,15 +235,20 @@ class TaskStore:
 
         With `lease_token`, the write happens only while that lease is held
         (else `LeaseLost`), and `lease_expires_at` renews it in the same
-        statement. `traces` (from a `TraceWriter`) and the step's `usage` are
-        written in the same transaction: a checkpoint and its trace events
+        statement; `lease_s` renews it to `lease_s` seconds after the moment
+        that statement runs (after any wait for the row lock), which is what
+        a lease holder wants: a renewal computed before a long wait could
+        already have expired when it commits. `traces` (from a
+        `TraceWriter`) and the step's `usage` are written in the same
+        transaction: a checkpoint and its trace events
         are stored together or not at all (`TraceSequenceClash` if the
         events do not come after the stored ones). Cost does not grow with
         the history already stored.
         """
+        refuse_nul_identifiers(**{name: getattr(update, name, None) for name in NUL_FREE_FIELDS})
         with StoreFailures(getattr(update, "task_id", None)):
             return self._checkpoints.record(update, lease_token=lease_token, lease_expires_at=lease_expires_at,
-                                            traces=traces, usage=usage)
+                                            lease_s=lease_s, traces=traces, usage=usage)
 
     def append_messages(self, task_id: str, messages: Sequence[ChatMessage], *, history: str = "execution",
                         lease_token: Optional[str] = None) -> None:

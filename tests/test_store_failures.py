@@ -104,12 +104,14 @@ def test_a_session_killed_mid_call_is_store_unavailable_and_the_next_call_works(
     if backend == "postgres":
         server = request.getfixturevalue("postgres_server")
         backend_pid = store.db.execute_sql("SELECT pg_backend_pid()").fetchone()[0]
-        server.execute(f"SELECT pg_terminate_backend({backend_pid})")
+        with pytest.raises(StoreUnavailable) as raised, store.db.atomic():
+            store.db.execute_sql("SELECT 1")
+            server.execute(f"SELECT pg_terminate_backend({backend_pid})")  # mid-transaction: not repeated
+            store.summary("task-1")
     else:
         store.db.connection().close()  # the driver's connection goes away under peewee
-
-    with pytest.raises(StoreUnavailable) as raised:
-        store.summary("task-1")
+        with pytest.raises(StoreUnavailable) as raised:
+            store.summary("task-1")
 
     assert raised.value.task_id == "task-1"
     store.close()

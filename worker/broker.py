@@ -60,6 +60,8 @@ def build_broker(rt: Runtime) -> tuple[Broker, Actor]:
 
 
 def declare_run_task(broker: Broker, rt: Runtime) -> Actor:
+    from longhaul.models import StoreUnavailable
+
     from .execute import execute_task
     from .loop import TRANSIENT_ERRORS
 
@@ -74,6 +76,10 @@ def declare_run_task(broker: Broker, rt: Runtime) -> Actor:
         execute_task(rt, args[0])
 
     def retry_when(retries: int, exception: BaseException) -> bool:
+        # A store outage is retried for as long as it lasts: the task cannot be failed without the
+        # store anyway, and a restart or failover must never cost a task (backoff caps at max_backoff).
+        if isinstance(exception, StoreUnavailable):
+            return True
         return isinstance(exception, TRANSIENT_ERRORS) and retries < settings.max_retries
 
     return Actor(

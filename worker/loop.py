@@ -235,12 +235,13 @@ class TaskRun:
                     new_messages=new_messages, items=items, checkpoint_note=note,
                 ),
                 lease_token=self.claim.token,
-                lease_expires_at=store.clock() + self.rt.settings.lease_s,
+                lease_s=self.rt.settings.lease_s,
                 traces=tracer.take(),
                 usage=self.usage,
             )
             totals, self.usage, self.pending = totals + self.usage, Usage(), []
             history.extend(new_messages)
+            _reset_retries()
 
     def _call_tool(self, call: ToolCall, ctx: ToolContext) -> tuple[ChatMessage, CheckpointItem]:
         self.tracer.emit("tool_call_started", {"step": ctx.step_index, "tool": call.name, "call_id": call.id,
@@ -305,6 +306,19 @@ class TaskRun:
         except Exception:  # the lease then simply expires
             logger.warning("task %r: could not release its lease; it resumes when the lease expires",
                            self.task_id, exc_info=True)
+
+
+def _reset_retries() -> None:
+    """A step was stored: the message's retry count starts again from 0.
+
+    Dramatiq's Retries middleware counts on the message (``options["retries"]``)
+    and never resets, so a task that meets one rate limit per step would
+    give up after `max_retries` steps however well it progresses. The count
+    is meant to measure trouble since the last progress, not a task's age.
+    """
+    message = CurrentMessage.get_current_message()
+    if message is not None:
+        message.options["retries"] = 0
 
 
 def _retry_due_at(rt: Runtime) -> float:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
-from longhaul.models import LeaseRow
+from longhaul.models import LeaseRow, LonghaulError, StoreUnavailable
 
 from .identity import holder_is_dead
 from .runtime import Runtime
@@ -64,52 +64,84 @@ def resend_interrupted(rt: Runtime) -> list[str]:
         requeue(stale_after_s=rt.settings.broker_stale_consumer_s)
     sent = []
     for row, reason in find_interrupted(rt):
-        if rt.leases.take_for_redelivery(row):
+        try:
+            taken = rt.leases.take_for_redelivery(row)
+        except StoreUnavailable as exc:  # its row is locked by a writer (a paused worker?): next pass
+            logger.info("task %r: skipped this recovery pass (%s)", row.task_id, exc.problem)
+            continue
+        if taken:
             logger.info("resuming task %r: %s", row.task_id, reason)
             rt.actor.send_with_options(args=(row.task_id,), time_limit=rt.remaining_time_limit_ms(row.task_id))
             sent.append(row.task_id)
     return sent
 
 
-class Maintenance(threading.Thread):
+class _Every(threading.Thread):
+    """Calls `work` every `interval_s` seconds on a thread of its own (so a database connection of its own)."""
+
+    def __init__(self, name: str, work: Callable[[], object], *, interval_s: float, first_after_s: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self.work = work
+        self.interval_s = interval_s
+        self.first_after_s = first_after_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        delay_s = self.first_after_s
+        while not self.stopped.wait(delay_s):
+            try:
+                self.work()
+            except LonghaulError as exc:  # a store or broker outage: said once per pass, no traceback
+                logger.warning("%s pass failed (%s); retrying in %.1f s", self.name, exc, self.interval_s)
+            except Exception:
+                logger.exception("%s pass failed; retrying in %.1f s", self.name, self.interval_s)
+            delay_s = self.interval_s
+
+
+class Maintenance:
     """Renews the leases this process holds; with `recover`, resumes interrupted tasks.
+
+    Renewal and recovery run on two threads, each with its own database
+    connection: a recovery pass may wait (up to its row-lock timeout) on a
+    task row that a paused or stuck worker holds locked, and renewal must
+    never wait behind it, or this process's own live tasks would lose their
+    leases. Each renewal also measures the offset from the database
+    server's clock again (`TaskStore.sync_clock`), so lease times stay on
+    the server's clock however this host's drifts.
 
     The first recovery pass runs at worker boot (`LonghaulMiddleware`), which
     is what makes a restarted worker pick up its predecessor's tasks within a
     second or two instead of waiting for the broker's redelivery timeout;
-    this thread repeats it every `recovery_interval_s` for tasks whose
+    the recovery thread repeats it every `recovery_interval_s` for tasks whose
     leases expire later (another host died).
     """
 
     def __init__(self, rt: Runtime, *, recover: bool) -> None:
-        super().__init__(name="longhaul-maintenance", daemon=True)
         self.rt = rt
-        self.recover = recover
-        self._stop_event = threading.Event()
+        settings = rt.settings
+        self.threads = [_Every("longhaul-lease-renewal", self._renew, interval_s=settings.heartbeat_every_s,
+                               first_after_s=0.0)]
+        if recover:
+            # A worker shutting down resumes nothing: what it just released is for the next worker.
+            self.threads.append(_Every("longhaul-recovery", lambda: rt.stopping.is_set() or resend_interrupted(rt),
+                                       interval_s=settings.recovery_interval_s,
+                                       first_after_s=settings.recovery_interval_s))
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def is_alive(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
 
     def stop(self) -> None:
-        self._stop_event.set()
-        self.join(timeout=5)
-
-    def run(self) -> None:
-        settings = self.rt.settings
-        tick_s = min(settings.heartbeat_every_s, settings.recovery_interval_s)
-        next_renew = 0.0
-        next_recovery = self.rt.store.clock() + settings.recovery_interval_s
-        while not self._stop_event.is_set():
-            now = self.rt.store.clock()
-            try:
-                if now >= next_renew:
-                    self._renew()
-                    next_renew = now + settings.heartbeat_every_s
-                if self.recover and now >= next_recovery:
-                    resend_interrupted(self.rt)
-                    next_recovery = now + settings.recovery_interval_s
-            except Exception:  # keep renewing through transient store or broker errors
-                logger.exception("maintenance pass failed; retrying in %.1f s", tick_s)
-            self._stop_event.wait(tick_s)
+        for thread in self.threads:
+            thread.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
 
     def _renew(self) -> None:
+        self.rt.store.sync_clock()
         tokens = self.rt.held_tokens()
         held = self.rt.leases.renew(tokens, lease_s=self.rt.settings.lease_s)
         if held < len(tokens):

@@ -13,16 +13,25 @@ Two gaps in the stock broker matter to a durable worker:
   requeues the ack sets of consumers whose heartbeat has gone quiet for a
   few seconds; a duplicate this may cause is harmless, because a task runs
   only under its lease.
+
+Heartbeats are judged by one clock, Redis's own (``TIME``): a host whose
+clock runs fast would otherwise see every other consumer as silent and
+requeue what they are running. Dramatiq stamps heartbeats with the local
+clock, so `LonghaulRedisBroker` stamps them with the local clock corrected
+by its measured offset from Redis's, and the stale-consumer cutoff is
+computed inside Redis from ``TIME``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any, Callable, Optional
 
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import current_millis
 from dramatiq.errors import DecodeError
 
 logger = logging.getLogger(__name__)
@@ -32,9 +41,11 @@ PREVIEW_BYTES = 120
 
 # Move every message id of stale consumers' ack sets back to the head of their
 # queue (if its body still exists), then forget those consumers.
-# KEYS[1] heartbeats zset; ARGV[1] namespace, ARGV[2] cutoff (ms), ARGV[3] own id, ARGV[4..] queue names.
+# KEYS[1] heartbeats zset; ARGV[1] namespace, ARGV[2] silence (ms), ARGV[3] own id, ARGV[4..] queue names.
 _REQUEUE_STALE_ACKS = """
-local stale = redis.call("zrangebyscore", KEYS[1], 0, ARGV[2])
+local now = redis.call("time")
+local cutoff = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) - tonumber(ARGV[2])
+local stale = redis.call("zrangebyscore", KEYS[1], 0, cutoff)
 local moved = 0
 for _, consumer in ipairs(stale) do
     if consumer ~= ARGV[3] then
@@ -56,7 +67,43 @@ return moved
 """
 
 
+#: How often the offset from Redis's clock is measured again, in seconds.
+CLOCK_SYNC_EVERY_S = 30.0
+
+
 class LonghaulRedisBroker(RedisBroker):
+    """Dramatiq's Redis broker with dead-lettering consumers and heartbeats on Redis's clock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._redis_offset_ms = 0
+        self._offset_measured_at = float("-inf")  # time.monotonic()
+        self._offset_lock = threading.Lock()
+
+    def redis_millis(self) -> int:
+        """Redis's clock in ms since the epoch, as this host sees it (local clock plus the measured offset)."""
+        if time.monotonic() - self._offset_measured_at >= CLOCK_SYNC_EVERY_S:
+            with self._offset_lock:
+                if time.monotonic() - self._offset_measured_at >= CLOCK_SYNC_EVERY_S:
+                    sent = time.time()
+                    seconds, micros = self.client.time()
+                    received = time.time()
+                    self._redis_offset_ms = int((seconds + micros / 1e6 - (sent + received) / 2) * 1000)
+                    self._offset_measured_at = time.monotonic()
+        return current_millis() + self._redis_offset_ms
+
+    def _dispatch(self, command: str) -> Callable[..., Any]:
+        """Dramatiq's dispatch call, its timestamp (heartbeats, dead-consumer sweep) on Redis's clock."""
+        dispatch = self.scripts["dispatch"]
+        keys = [self.namespace]
+
+        def do_dispatch(queue_name: str, *args: Any) -> Any:
+            return dispatch(args=[command, self.redis_millis(), queue_name, self.broker_id, self.heartbeat_timeout,
+                                  self.dead_message_ttl, self._should_do_maintenance(command),
+                                  self._max_unpack_size(), *args], keys=keys)
+
+        return do_dispatch
+
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
         return _DeadLetteringConsumer
@@ -66,10 +113,9 @@ class LonghaulRedisBroker(RedisBroker):
         queues = sorted(self.get_declared_queues() | {f"{q}.DQ" for q in self.get_declared_queues()})
         if not queues:
             return 0
-        cutoff_ms = int((time.time() - stale_after_s) * 1000)
         script = self.client.register_script(_REQUEUE_STALE_ACKS)
         moved = int(script(keys=[f"{self.namespace}:__heartbeats__"],
-                           args=[self.namespace, cutoff_ms, self.broker_id, *queues]))
+                           args=[self.namespace, int(stale_after_s * 1000), self.broker_id, *queues]))
         if moved:
             logger.info("requeued %d message(s) fetched by consumers silent for %.0f s", moved, stale_after_s)
         return moved

@@ -53,7 +53,7 @@ class Runtime:
         redact_log_handlers()
         self.embedded = settings.redis_url is None if embedded is None else embedded
         self.store = TaskStore(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-                               pool_size=settings.db_pool_size)
+                               pool_size=settings.db_pool_size, sqlite_synchronous=settings.sqlite_synchronous)
         self.leases = LeaseBook(self.store)
         #: Set when the worker is shutting down: running loops stop after their current step.
         self.stopping = threading.Event()
@@ -117,18 +117,21 @@ class Runtime:
 
     # -- the embedded worker -----------------------------------------------------
 
-    def start_embedded_worker(self, *, worker_threads: int = 8) -> None:
+    def start_embedded_worker(self, *, worker_threads: int = 8, worker_timeout_ms: int = 100) -> None:
         """Run Dramatiq's in-process worker on this runtime's StubBroker (once per runtime).
 
         It runs until `stop_embedded_worker` or process exit; stopping lets
         each running loop finish its current step and release its lease.
+        `worker_timeout_ms` is how often its consumers look for retries that
+        have come due (and for a stop request).
         """
         if self._embedded_worker is not None:
             return
         if not self.embedded:
             raise RuntimeError("only an embedded runtime runs an in-process worker")
         self.broker.emit_after("process_boot")
-        self._embedded_worker = Worker(self.broker, worker_threads=worker_threads, worker_timeout=100)
+        self._embedded_worker = Worker(self.broker, worker_threads=worker_threads,
+                                       worker_timeout=worker_timeout_ms)
         self._embedded_worker.start()
         atexit.register(self.stop_embedded_worker)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     # App modules (comma-separated) imported by every CLI command and worker process: the user's agents,
     # tools and providers (`--app` on the CLI adds to it).
     app: str = ""
+    # SQLite durability: normal survives process crashes (last commits may roll back on power loss); full syncs each.
+    sqlite_synchronous: Literal["normal", "full"] = "normal"
     # Provider and model used when a task names none.
     default_provider: str = "scripted"
     default_model: str = "scripted-v1"

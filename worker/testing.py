@@ -234,6 +234,10 @@ class PostgresServer:
             os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
         self._run("initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
                   "--locale=C", "--no-sync")
+        return self.start_server()
+
+    def start_server(self) -> PostgresServer:
+        """Start the server of the existing cluster (after `stop_server`) and wait until it answers."""
         options = " ".join([
             f"-p {self.port}", f"-k {self.root}", "-c listen_addresses=127.0.0.1",
             f"-c max_connections={self.max_connections}", "-c shared_buffers=64MB",
@@ -244,6 +248,15 @@ class PostgresServer:
                   "-t", "60", "start")
         wait_until(self.answers, timeout_s=30, what="PostgreSQL to accept connections")
         return self
+
+    def stop_server(self, *, mode: str = "fast") -> None:
+        """Shut the server down, keeping the cluster: ``fast`` ends every session, as an operator's restart does."""
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", mode, "-w", "-t", "60", "stop")
+
+    def restart(self, *, mode: str = "fast") -> None:
+        """``pg_ctl restart -m fast`` in two halves: every open connection dies, the data stays."""
+        self.stop_server(mode=mode)
+        self.start_server()
 
     def answers(self) -> bool:
         try:

@@ -55,8 +55,16 @@ class ScriptedProvider:
         """Fault injection: ``fail_once_at_step=i`` with ``fail_once_marker=PATH``.
 
         Raises one transient error at step i; the marker file records that
-        it happened, so the retry (in any process) goes through.
+        it happened, so the retry (in any process) goes through. With
+        ``rate_limit_each_step_dir=DIR``, every step first answers a rate
+        limit once (a marker per step in DIR), as a busy API does.
         """
+        rate_limits = ctx.options.get("rate_limit_each_step_dir")
+        if rate_limits is not None:
+            marker = Path(str(rate_limits)) / f"{ctx.task_id}.{ctx.step_index}"
+            if not marker.exists():
+                marker.touch()
+                raise TransientProviderError(f"scripted provider: 429 rate limited at step {ctx.step_index}")
         fail_at = ctx.options.get("fail_once_at_step")
         marker = ctx.options.get("fail_once_marker")
         if fail_at is None or marker is None or ctx.step_index != int(fail_at):
