@@ -32,6 +32,8 @@ class ScriptedOptions(BaseModel):
     #: Fault injection: one transient failure at this step, remembered by the marker file.
     fail_once_at_step: Optional[int] = Field(default=None, ge=1)
     fail_once_marker: Optional[str] = Field(default=None, min_length=1)
+    #: Fault injection: every step first answers one rate limit, remembered as a file in this folder.
+    rate_limit_each_step_dir: Optional[str] = Field(default=None, min_length=1)
 
 
 class ScriptedProvider:
