@@ -121,8 +121,12 @@ class TaskNotResumable(LonghaulError):
     """The task is in a state that cannot be run again without `rerun`."""
 
     def __init__(self, task_id: str, status: str) -> None:
-        super().__init__(
-            f"task {task_id!r} is {status}; use `longhaul rerun {task_id}` to run it again from step 1"
-        )
+        if status in ("queued", "running"):
+            # Not finished: rerun does not apply; say what the task will do and how to stop it.
+            hint = (f"it will run to its end without a rerun: `longhaul show {task_id}` shows its progress, "
+                    f"`longhaul cancel {task_id}` stops it (then it can be rerun)")
+        else:
+            hint = f"use `longhaul rerun {task_id}` to run it again from step 1"
+        super().__init__(f"task {task_id!r} is {status}; {hint}")
         self.task_id = task_id
         self.status = status
