@@ -71,6 +71,14 @@ class LeaseLost(LonghaulError):
         self.task_id = task_id
 
 
+class StoreUnusable(InvalidInput):
+    """The database file cannot be used at all: damaged, not a database, or read-only. Permanent, never retried."""
+
+    def __init__(self, problem: str, remedy: str) -> None:
+        super().__init__(f"LONGHAUL_DATABASE_URL: the task store cannot be used ({problem}); {remedy}")
+        self.problem = problem
+
+
 class StoreUnavailable(LonghaulError):
     """The task store could not be read or written: a lock held too long, a full disk, a lost connection.
 
