@@ -7,14 +7,17 @@ without its data, real dramatiq worker processes.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
-from longhaul.models import TaskStatus, TaskStore
+from longhaul.models import StoreUnavailable, TaskSpec, TaskStatus, TaskStore
 from longhaul.worker.testing import RedisServer, WorkerProcess, wait_until
 
 pytestmark = [pytest.mark.chaos]
@@ -126,3 +129,156 @@ def test_messages_waiting_in_a_long_queue_are_not_sent_twice(
         store.close()
     log = worker.log()
     assert "resuming task" not in log, log[-2000:]
+
+
+# -- point 12: error hygiene ------------------------------------------------------------------------------
+
+#: The `dramatiq longhaul.worker.actors` command the Procfile runs, one process, one thread.
+DRAMATIQ_WORKER = [sys.executable, "-m", "dramatiq", "longhaul.worker.actors", "-p", "1", "-t", "1"]
+
+
+def _clean_error(result: "subprocess.CompletedProcess[str]", code: int, *needles: str) -> str:
+    """The one stderr line of a refused command, after checking its exit code and what it names."""
+    line = _one_line(result.stderr)
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert line.startswith("error: ") and "internal error" not in line and "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in line, line
+    return line
+
+
+def _start_dramatiq(env: dict[str, str], workdir: Path) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run(DRAMATIQ_WORKER, env=env, cwd=workdir, capture_output=True, text=True, timeout=60)
+
+
+def _refused_worker_start(result: "subprocess.CompletedProcess[str]", *needles: str) -> None:
+    """A worker that cannot start: exit 2 and one CRITICAL line from longhaul saying why, no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if "cannot start a longhaul worker" in line]
+    assert len(said) == 1, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in said[0], said[0]
+
+
+@pytest.mark.parametrize("out_dir", ["/dev/null", "/proc/x"])
+def test_export_to_a_folder_it_cannot_write_names_out(longhaul: Run, out_dir: str):
+    ran = longhaul("run", "--steps", "1", "--task-id", "t", "count")
+    assert ran.returncode == 0, ran.stderr
+    _clean_error(longhaul("export", "--all", "--out", out_dir), 2, "out_dir (--out)", repr(out_dir))
+
+
+def _damaged(path: Path) -> None:
+    """Overwrite every page after the header with junk: SQLite reads it as a malformed image."""
+    size = path.stat().st_size
+    with open(path, "r+b") as file:
+        file.seek(100)
+        file.write(b"\x13" * (size - 100))
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "malformed pages"])
+def test_a_corrupt_database_is_one_permanent_error_naming_the_setting(longhaul: Run, tmp_path: Path,
+                                                                      damage: str):
+    path = tmp_path / "state" / "tasks.db"
+    if damage == "random bytes":
+        path.parent.mkdir(parents=True)
+        path.write_bytes(os.urandom(8192))
+    else:
+        assert longhaul("run", "--steps", "1", "--task-id", "t", "count").returncode == 0
+        assert longhaul("tasks").returncode == 0  # checkpoints the WAL into the file
+        _damaged(path)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    for args in (("tasks",), ("run", "--steps", "1", "x")):
+        line = _clean_error(longhaul(*args), 2, "LONGHAUL_DATABASE_URL")
+        assert "file is not a database" in line or "malformed" in line
+        assert "retried" not in line
+
+
+@pytest.fixture
+def read_only_state(tmp_path: Path) -> Iterator[Path]:
+    """A read-only bind mount of a folder holding a store with one task (root ignores file modes)."""
+    source, view = tmp_path / "rw", tmp_path / "ro"
+    source.mkdir()
+    view.mkdir()
+    store = TaskStore(f"sqlite:///{source / 'tasks.db'}")
+    store.close()
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(view)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make a read-only bind mount here: {mounted.stderr.decode(errors='replace')}")
+    try:
+        yield view
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+
+
+def test_a_read_only_database_is_one_line_for_the_cli_and_exit_2_for_a_worker(
+        longhaul: Run, cli_env: dict[str, str], read_only_state: Path, tmp_path: Path):
+    url = f"sqlite:///{read_only_state / 'tasks.db'}"
+    for args in (("tasks",), ("run", "--steps", "1", "x")):
+        line = _clean_error(longhaul(*args, LONGHAUL_DATABASE_URL=url), 2, "LONGHAUL_DATABASE_URL", "writable")
+        assert "retried" not in line
+    _refused_worker_start(_start_dramatiq({**cli_env, "LONGHAUL_DATABASE_URL": url}, tmp_path),
+                          "LONGHAUL_DATABASE_URL", "writable")
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    ("LONGHAUL_MODEL_PRICES_USD_PER_MTOK", "notjson"),
+    ("LONGHAUL_REDIS_URL", "notaurl"),
+    ("LONGHAUL_REDIS_URL", "redis://localhost:notaport/0"),
+])
+def test_a_bad_setting_is_one_line_naming_its_variable(longhaul: Run, cli_env: dict[str, str], tmp_path: Path,
+                                                        variable: str, value: str):
+    _clean_error(longhaul("enqueue", "x", **{variable: value}), 2, variable, repr(value))
+    _refused_worker_start(_start_dramatiq({**cli_env, variable: value}, tmp_path), variable)
+
+
+def test_a_bad_log_level_stops_a_worker_with_one_line(cli_env: dict[str, str], tmp_path: Path):
+    _refused_worker_start(_start_dramatiq({**cli_env, "LONGHAUL_LOG_LEVEL": "bogus"}, tmp_path),
+                          "LONGHAUL_LOG_LEVEL", "'bogus'")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MB file system (tmpfs), to fill up."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace')}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def _fill(folder: Path, *, leave_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    with open(folder / "filler", "wb") as filler:
+        filler.write(b"\0" * max(0, free - leave_bytes))
+
+
+def test_a_full_disk_is_reported_as_full_not_as_a_failed_rollback(small_disk: Path):
+    store = TaskStore(f"sqlite:///{small_disk / 'tasks.db'}")
+    try:
+        assert store.create_task(task_id="t", thread_id="t", channel="test", provider="scripted",
+                                 model="scripted-v1", spec=TaskSpec(prompt="p"))
+        _fill(small_disk, leave_bytes=64 * 1024)
+        problems = []
+        for i in range(200):  # each task's spec is larger than what is left on the disk
+            try:
+                store.create_task(task_id=f"big-{i}", thread_id="t", channel="test", provider="scripted",
+                                  model="scripted-v1", spec=TaskSpec(prompt=os.urandom(64 * 1024).hex()))
+            except StoreUnavailable as exc:
+                problems.append(exc.problem)
+                if len(problems) == 3:
+                    break
+        assert problems, "the disk never filled up"
+        for problem in problems:
+            assert "database or disk is full" in problem, problems
+            assert "cannot rollback" not in problem
+        (small_disk / "filler").unlink()
+        assert store.summary("t").status is TaskStatus.QUEUED  # nothing already stored was lost
+    finally:
+        store.close()
