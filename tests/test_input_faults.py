@@ -83,7 +83,7 @@ def test_enqueue_with_redis_down_returns_the_id_and_the_task_runs_once_redis_is_
 
 
 @pytest.mark.redis
-def test_redis_restarted_empty_resends_every_queued_task_within_10_s_by_default(
+def test_redis_restarted_empty_before_the_worker_starts_resends_every_queued_task_within_10_s(
         longhaul: Run, worker_env: dict[str, str], redis_server: RedisServer,
         start_worker: Callable[..., WorkerProcess], db_url: str, tmp_path: Path):
     ids = [f"lost-{i}" for i in range(5)]
@@ -107,6 +107,44 @@ def test_redis_restarted_empty_resends_every_queued_task_within_10_s_by_default(
         store.close()
         worker.kill()
     assert "no longer holds its message" in worker.log()
+
+
+@pytest.mark.redis
+def test_redis_restarted_empty_under_a_running_worker_resends_the_waiting_tasks_within_10_s(
+        longhaul: Run, worker_env: dict[str, str], redis_server: RedisServer, db_url: str, tmp_path: Path):
+    # Default recovery interval and redelivery grace; 2 threads busy, so 3 messages wait in Redis.
+    env = {key: value for key, value in worker_env.items() if key != "LONGHAUL_RECOVERY_INTERVAL_S"}
+    env["dramatiq_queue_prefetch"] = "2"
+    worker = WorkerProcess(env, processes=1, threads=2, log_path=tmp_path / "busy-worker.log").start()
+    store = TaskStore(db_url)
+    busy, waiting = ["busy-0", "busy-1"], ["behind-0", "behind-1", "behind-2"]
+    try:
+        for task_id in busy:
+            sent = _cli(longhaul, worker_env, "enqueue", "--steps", "30", "--step-delay", "0.5", "--task-id",
+                        task_id, "count")
+            assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: all(store.summary(t).checkpoint_count >= 1 for t in busy), timeout_s=30,
+                   what="both threads busy")
+        for task_id in waiting:
+            sent = _cli(longhaul, worker_env, "enqueue", "--steps", "1", "--task-id", task_id, "count")
+            assert sent.returncode == 0, sent.stderr
+        redis_server.restart_empty()
+        restarted_at = time.monotonic()
+
+        def resent() -> bool:
+            log = worker.log()
+            return all(f"resuming task {t!r}: the broker no longer holds its message" in log for t in waiting)
+
+        wait_until(resent, timeout_s=15, what="the waiting tasks to be sent again")
+        took_s = time.monotonic() - restarted_at
+        print(f"\n{len(waiting)} waiting tasks sent again {took_s:.2f} s after Redis restarted empty")
+        assert took_s < 10
+        wait_until(lambda: all(store.summary(t).status is TaskStatus.COMPLETED for t in busy + waiting),
+                   timeout_s=60, what="every task to finish")
+        assert not any(f"resuming task {t!r}" in worker.log() for t in busy)  # running tasks are left alone
+    finally:
+        store.close()
+        worker.kill()
 
 
 @pytest.mark.redis
