@@ -233,6 +233,17 @@ def test_a_corrupt_database_is_one_permanent_error_naming_the_setting(longhaul: 
         assert "retried" not in line
 
 
+def _mounted(mount_args: list[str], mount_point: Path, what: str) -> Iterator[Path]:
+    """`mount_args` mounted at `mount_point` for the test, unmounted after it (skipped where mount is refused)."""
+    mounted = subprocess.run(["mount", *mount_args, str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount {what} here: {mounted.stderr.decode(errors='replace')}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
 @pytest.fixture
 def read_only_state(tmp_path: Path) -> Iterator[Path]:
     """A read-only bind mount of a folder holding a store with one task (root ignores file modes)."""
@@ -241,13 +252,7 @@ def read_only_state(tmp_path: Path) -> Iterator[Path]:
     view.mkdir()
     store = TaskStore(f"sqlite:///{source / 'tasks.db'}")
     store.close()
-    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(source), str(view)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot make a read-only bind mount here: {mounted.stderr.decode(errors='replace')}")
-    try:
-        yield view
-    finally:
-        subprocess.run(["umount", str(view)], check=True)
+    yield from _mounted(["--bind", "-o", "ro", str(source)], view, "a read-only bind mount")
 
 
 def test_a_read_only_database_is_one_line_for_the_cli_and_exit_2_for_a_worker(
@@ -281,14 +286,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MB file system (tmpfs), to fill up."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                             capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode(errors='replace')}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
+    yield from _mounted(["-t", "tmpfs", "-o", "size=2m", "tmpfs"], mount_point, "a tmpfs")
 
 
 def _fill(folder: Path, *, leave_bytes: int) -> None:

@@ -35,10 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 class TaskExists(InvalidInput):
-    def __init__(self, task_id: str) -> None:
+    """`task_id` is taken; `identical` if by a task with the same identity and spec (a repeated submit)."""
+
+    def __init__(self, task_id: str, *, identical: bool = False) -> None:
         super().__init__(f"task_id: a task {task_id!r} already exists; "
                          f"use `longhaul rerun {task_id}` to run it again, or choose another id")
         self.task_id = task_id
+        self.identical = identical
 
 
 class TaskBusy(LonghaulError):
@@ -85,34 +88,9 @@ def submit(
     Any further keyword must be an option the provider or one of the
     task's tools declares (see `task_options`). Anything unknown, of the wrong type or naming an
     agent, provider or tool this process lacks raises `InvalidInput` naming
-    it, and nothing is stored. `TaskExists` if `task_id` is taken.
+    it, and nothing is stored. `TaskExists` if `task_id` is taken (its
+    `identical` says whether by this very task: a repeated call).
     """
-    ident, spec = _new_task(rt, prompt, agent=agent, thread_id=thread_id, task_id=task_id, channel=channel,
-                            provider=provider, model=model, tools=tools, max_steps=max_steps,
-                            time_limit_s=time_limit_s, budget=budget, **provider_options)
-    if not _create(rt, ident, spec):
-        raise TaskExists(ident.task_id)
-    return ident.task_id
-
-
-@strict
-def _new_task(
-    rt: Runtime,
-    prompt: str,
-    *,
-    agent: Optional[str] = None,
-    thread_id: Optional[str] = None,
-    task_id: Optional[str] = None,
-    channel: str = "api",
-    provider: Optional[str] = None,
-    model: Optional[str] = None,
-    tools: Optional[list[str]] = None,
-    max_steps: Optional[int] = None,
-    time_limit_s: Optional[float] = None,
-    budget: Optional[Budget] = None,
-    **provider_options: Any,
-) -> tuple[TaskSnapshot, TaskSpec]:
-    """The identity and spec `submit` stores, validated (see `submit`); nothing is written."""
     from .agents import get_agent
     from .providers import create_provider
     from .task_options import checked_options
@@ -138,21 +116,17 @@ def _new_task(
     ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
                          model=model or (defined.model if defined else None) or rt.settings.default_model,
                          status=TaskStatus.QUEUED)
-    return ident, spec
-
-
-def _create(rt: Runtime, ident: TaskSnapshot, spec: TaskSpec) -> bool:
-    """Store the new task; False if its id is taken (nothing changes)."""
-    return rt.store.create_task(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
-                                provider=ident.provider, model=ident.model, spec=spec)
+    if not rt.store.create_task(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
+                                provider=ident.provider, model=ident.model, spec=spec):
+        raise TaskExists(task_id, identical=_is_stored_as(rt, ident, spec))
+    return task_id
 
 
 def _is_stored_as(rt: Runtime, ident: TaskSnapshot, spec: TaskSpec) -> bool:
     """Whether the task stored under `ident.task_id` has this identity and spec (a repeated enqueue)."""
-    stored = rt.store.summary(ident.task_id)
     try:
-        stored_spec = rt.store.task_spec(ident.task_id)
-    except CorruptRecord:
+        stored, stored_spec = rt.store.summary(ident.task_id), rt.store.task_spec(ident.task_id)
+    except (CorruptRecord, TaskNotFound):  # unreadable, or deleted since: not this task
         return False
     return ((stored.thread_id, stored.channel, stored.provider, stored.model)
             == (ident.thread_id, ident.channel, ident.provider, ident.model)
@@ -175,18 +149,20 @@ def enqueue(prompt: str, **kwargs: Any) -> str:
     rt = get_runtime()
     if rt.embedded:
         raise BrokerRequired("enqueue")
-    ident, spec = _new_task(rt, prompt, **kwargs)
-    if not _create(rt, ident, spec):
-        if not _is_stored_as(rt, ident, spec):
-            raise TaskExists(ident.task_id)
-        holder = rt.leases.holder(ident.task_id)
-        if holder is None or holder.token is not None or holder.delivery_due_at is not None:
-            return ident.task_id  # running, finished, or its message is on its way
     try:
-        rt.send(ident.task_id)
+        task_id = submit(rt, prompt, **kwargs)
+    except TaskExists as exc:
+        if not exc.identical:
+            raise
+        task_id = exc.task_id
+        holder = rt.leases.holder(task_id)
+        if holder is None or holder.token is not None or holder.delivery_due_at is not None:
+            return task_id  # running, finished, or its message is on its way
+    try:
+        rt.send(task_id)
     except BrokerUnavailable as exc:
         logger.warning("%s", exc)
-    return ident.task_id
+    return task_id
 
 
 @strict
