@@ -11,6 +11,7 @@ from .errors import (
     LonghaulError,
     SchemaTooNew,
     StoreUnavailable,
+    StoreUnusable,
     TaskNotFound,
     TaskNotResumable,
     TraceSequenceClash,
@@ -47,7 +48,7 @@ from .turns import (
 __all__ = [
     # Errors
     "LonghaulError", "CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "SchemaTooNew",
-    "StoreUnavailable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
+    "StoreUnavailable", "StoreUnusable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
     # Schemas
     "AgentSpec", "Budget", "ChatMessage", "CheckpointItem", "CheckpointUpdate", "LeaseInfo", "TaskCheckpointRecord",
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",

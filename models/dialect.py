@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from peewee import DatabaseError, DataError, InterfaceError, OperationalError, SqliteDatabase
 
-from .errors import StoreUnavailable, UnstorableValue
+from .errors import StoreUnavailable, StoreUnusable, UnstorableValue
 
 #: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
 MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
@@ -48,6 +48,15 @@ _VALUE_ERRORS: tuple[type[BaseException], ...] = (DataError, sqlite3.DataError, 
 #: errors count too: peewee lets some through unwrapped (a connection lost while rolling back).
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     DatabaseError, InterfaceError, sqlite3.Error, *_PSYCOPG_ERRORS, *_VALUE_ERRORS)
+#: SQLite's messages for a file it can never use as it is, each with what the operator can do about it.
+_UNUSABLE_SQLITE_FILE: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("file is not a database", "database disk image is malformed"),
+     "the file is damaged or not a longhaul database: restore it from a backup, or point LONGHAUL_DATABASE_URL "
+     "at another file"),
+    (("attempt to write a readonly database", "unable to open database file"),
+     "longhaul must write the file, its -wal and -shm files and its folder: make them writable, or point "
+     "LONGHAUL_DATABASE_URL at a writable place"),
+)
 #: How long recovery and lease renewal wait for another transaction's row lock on PostgreSQL, in ms.
 ROW_LOCK_TIMEOUT_MS = 2_000
 
@@ -63,6 +72,34 @@ def is_busy(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) and ("locked" in text or "busy" in text)
 
 
+#: What SQLite says when asked to roll back a transaction it already rolled back itself.
+_NOTHING_TO_ROLL_BACK = "cannot rollback - no transaction is active"
+
+
+def original_error(exc: BaseException) -> BaseException:
+    """The error that failed the call, not the failed rollback after it.
+
+    When a COMMIT fails on a full disk (or an I/O error), SQLite rolls the
+    transaction back itself; the rollback peewee then issues fails with
+    "cannot rollback - no transaction is active", and that error would hide
+    the one that matters ("database or disk is full"), kept as its context.
+    """
+    while _NOTHING_TO_ROLL_BACK in str(exc) and isinstance(exc.__context__, _DRIVER_ERRORS):
+        exc = exc.__context__
+    return exc
+
+
+def unusable_file_remedy(exc: BaseException) -> Optional[str]:
+    """What to do about a SQLite file that no retry can make usable (damaged, read-only), or None."""
+    if not isinstance(exc, (DatabaseError, sqlite3.DatabaseError)) or isinstance(exc, _VALUE_ERRORS):
+        return None
+    text = str(exc)
+    for messages, remedy in _UNUSABLE_SQLITE_FILE:
+        if any(message in text for message in messages):
+            return remedy
+    return None
+
+
 def describe(exc: BaseException) -> str:
     """``ClassName: message`` on one line, what `StoreUnavailable` and `UnstorableValue` report."""
     reason = " ".join(str(exc).split())
@@ -73,8 +110,9 @@ class StoreFailures:
     """Context manager: a driver error raised inside becomes a longhaul error about `task_id`.
 
     `UnstorableValue` (an `InvalidInput`) for a value the backend cannot
-    hold; `StoreUnavailable` (transient) for anything else the driver
-    raises. longhaul's own errors pass through unchanged. The transaction
+    hold; `StoreUnusable` (an `InvalidInput`, permanent) for a SQLite file
+    that is damaged or read-only; `StoreUnavailable` (transient) for
+    anything else the driver raises. longhaul's own errors pass through unchanged. The transaction
     the error aborted has already rolled back, so the message can promise
     that nothing was written. A class, not a generator: it wraps every
     store call, the per-step checkpoint included.
@@ -92,8 +130,13 @@ class StoreFailures:
                  traceback: Optional[TracebackType]) -> bool:
         if kind is None or exc is None or not issubclass(kind, _DRIVER_ERRORS):
             return False
+        exc = original_error(exc)
+        kind = type(exc)
         if issubclass(kind, _VALUE_ERRORS):
             raise UnstorableValue(self.task_id, describe(exc)) from exc
+        remedy = unusable_file_remedy(exc)
+        if remedy is not None:
+            raise StoreUnusable(describe(exc), remedy) from exc
         raise StoreUnavailable(self.task_id, describe(exc)) from exc
 
 

@@ -71,6 +71,14 @@ class LeaseLost(LonghaulError):
         self.task_id = task_id
 
 
+class StoreUnusable(InvalidInput):
+    """The database file cannot be used at all: damaged, not a database, or read-only. Permanent, never retried."""
+
+    def __init__(self, problem: str, remedy: str) -> None:
+        super().__init__(f"LONGHAUL_DATABASE_URL: the task store cannot be used ({problem}); {remedy}")
+        self.problem = problem
+
+
 class StoreUnavailable(LonghaulError):
     """The task store could not be read or written: a lock held too long, a full disk, a lost connection.
 
@@ -121,8 +129,12 @@ class TaskNotResumable(LonghaulError):
     """The task is in a state that cannot be run again without `rerun`."""
 
     def __init__(self, task_id: str, status: str) -> None:
-        super().__init__(
-            f"task {task_id!r} is {status}; use `longhaul rerun {task_id}` to run it again from step 1"
-        )
+        if status in ("queued", "running"):
+            # Not finished: rerun does not apply; say what the task will do and how to stop it.
+            hint = (f"it will run to its end without a rerun: `longhaul show {task_id}` shows its progress, "
+                    f"`longhaul cancel {task_id}` stops it (then it can be rerun)")
+        else:
+            hint = f"use `longhaul rerun {task_id}` to run it again from step 1"
+        super().__init__(f"task {task_id!r} is {status}; {hint}")
         self.task_id = task_id
         self.status = status

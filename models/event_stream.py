@@ -41,7 +41,7 @@ import orjson
 
 from .codec import to_datetime
 from .dialect import StoreFailures
-from .errors import CorruptRecord, TaskNotFound
+from .errors import CorruptRecord, InvalidInput, TaskNotFound
 from .tables import EXECUTION, Tables
 
 if TYPE_CHECKING:
@@ -84,8 +84,9 @@ def export_events(
     given (all tasks: oldest first). A task with no messages yet writes no
     file. A single event larger than `max_bytes_per_file` goes alone into
     one file. Raises `ValueError` naming the parameter for a limit below 1,
-    and `TaskNotFound` for an unknown task id (checked before anything is
-    written).
+    `TaskNotFound` for an unknown task id (checked before anything is
+    written), and `InvalidInput` naming `out_dir` for a folder that cannot be
+    created or written (``/dev/null``, ``/proc/x``, a read-only place).
     """
     if max_events_per_file < 1:
         raise ValueError(f"max_events_per_file: must be at least 1, got {max_events_per_file!r}")
@@ -94,10 +95,15 @@ def export_events(
     with StoreFailures():
         ids = _task_ids(store.tables, task_ids)
     folder = Path(out_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     written: list[EventFile] = []
-    for task_id in ids:
-        written.extend(_export_task(store, task_id, folder, max_events_per_file, max_bytes_per_file))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for task_id in ids:
+            written.extend(_export_task(store, task_id, folder, max_events_per_file, max_bytes_per_file))
+    except OSError as exc:
+        problem = "it is not a folder" if folder.exists() and not folder.is_dir() else exc.strerror or str(exc)
+        raise InvalidInput(f"out_dir (--out): cannot write export files in {str(folder)!r} ({problem}); "
+                           "give a writable folder") from None
     return written
 
 

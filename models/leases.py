@@ -69,6 +69,8 @@ class LeaseRow:
     pid_started_at: Optional[float]
     expires_at: Optional[float]
     delivery_due_at: Optional[float]
+    #: The broker's id of the message last sent, if known (cleared when a retry or recovery replaces it).
+    message_id: Optional[str] = None
 
 
 def require_lease(task_id: str, stored_token: Optional[str], lease_token: Optional[str]) -> None:
@@ -168,7 +170,8 @@ class LeaseBook:
         Task = self.Task
         with StoreFailures(task_id), self.db.atomic():
             return bool(
-                Task.update(delivery_due_at=redeliver_at, updated_at=self.ctx.clock(), **NO_LEASE)
+                Task.update(delivery_due_at=redeliver_at, delivery_message_id=None, updated_at=self.ctx.clock(),
+                            **NO_LEASE)
                 .where((Task.task_id == task_id) & (Task.lease_token == token))
                 .execute()
             )
@@ -195,7 +198,7 @@ class LeaseBook:
         Task = self.Task
         return Task.select(
             Task.task_id, Task.status, Task.lease_token, Task.lease_host, Task.lease_pid,
-            Task.lease_pid_started_at, Task.lease_expires_at, Task.delivery_due_at,
+            Task.lease_pid_started_at, Task.lease_expires_at, Task.delivery_due_at, Task.delivery_message_id,
         ).tuples()
 
     def take_for_redelivery(self, row: LeaseRow) -> bool:
@@ -222,19 +225,31 @@ class LeaseBook:
             self.ctx.dialect.limit_lock_wait()
             recoveries = Task.recovery_count + (0 if row.token is None else 1)
             return bool(
-                Task.update(delivery_due_at=self.ctx.clock(), recovery_count=recoveries, **NO_LEASE)
+                Task.update(delivery_due_at=self.ctx.clock(), delivery_message_id=None, recovery_count=recoveries,
+                            **NO_LEASE)
                 .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & same)
                 .execute()
             )
 
-    def note_sent(self, task_id: str) -> None:
-        """Record that a message for an unleased task was just sent (recovery then waits for it)."""
+    def note_sent(self, task_id: str, *, message_id: Optional[str] = None) -> None:
+        """Record that a message (with this broker id, if known) for an unleased task was just sent.
+
+        Recovery then waits for it: while the broker still holds the message
+        when `message_id` is known, else for the redelivery grace period.
+        """
         Task = self.Task
         with StoreFailures(task_id), self.db.atomic():
-            Task.update(delivery_due_at=self.ctx.clock()).where(
+            Task.update(delivery_due_at=self.ctx.clock(), delivery_message_id=message_id).where(
+                (Task.task_id == task_id) & Task.lease_token.is_null()).execute()
+
+    def note_unsent(self, task_id: str) -> None:
+        """Record that no message for an unleased task is on its way (the broker refused it): recovery sends one."""
+        Task = self.Task
+        with StoreFailures(task_id), self.db.atomic():
+            Task.update(delivery_due_at=None, delivery_message_id=None).where(
                 (Task.task_id == task_id) & Task.lease_token.is_null()).execute()
 
 
 def _lease_row(row: tuple) -> LeaseRow:  # type: ignore[type-arg]
-    task_id, status, token, host, pid, started, expires, due = row
-    return LeaseRow(task_id, TaskStatus(status), token, host, pid, started, expires, due)
+    task_id, status, token, host, pid, started, expires, due, message_id = row
+    return LeaseRow(task_id, TaskStatus(status), token, host, pid, started, expires, due, message_id)

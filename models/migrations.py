@@ -167,6 +167,13 @@ def _to_v3(db: Database, tables: Tables) -> None:
     )
 
 
+def _to_v4(db: Database, tables: Tables) -> None:
+    """Schema 4: `task` records the broker's id of the message last sent for it (`delivery_message_id`)."""
+    if "delivery_message_id" not in {column.name for column in db.get_columns("task")}:
+        column_type = sql_type(db, tables.Task._meta.fields["delivery_message_id"])
+        db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "delivery_message_id" {column_type}')
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -177,7 +184,7 @@ def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
 
 
 #: version -> migration that brings the schema from version - 1 to it.
-MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3}
+MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
 
 
 def pending(found: int, target: int) -> list[tuple[int, Callable[[Database, Tables], None]]]:

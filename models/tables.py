@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -94,6 +94,9 @@ def bind_tables(db: Database) -> Tables:
         # When the latest message sent for this task should reach a worker;
         # recovery leaves the task alone until then (plus a grace period).
         delivery_due_at = DoubleField(null=True)
+        # The broker's id of that message (Redis's ``redis_message_id``), if known: recovery checks it still
+        # exists, so a message lost with the broker's data is re-sent at once, not after the grace period.
+        delivery_message_id = CharField(max_length=64, null=True)
         # The lease: who runs the task now. `lease_token` is unique per claim.
         lease_token = CharField(max_length=64, null=True)
         lease_owner = CharField(max_length=200, null=True)

@@ -27,7 +27,7 @@ from longhaul.models import (
 from longhaul.models.traces import TraceEventRecord
 
 from .recovery import find_interrupted
-from .runtime import BrokerRequired, Runtime, get_runtime
+from .runtime import BrokerRequired, BrokerUnavailable, Runtime, get_runtime
 from .validation import strict
 from .workspaces import remove_journal
 
@@ -35,10 +35,13 @@ logger = logging.getLogger(__name__)
 
 
 class TaskExists(InvalidInput):
-    def __init__(self, task_id: str) -> None:
+    """`task_id` is taken; `identical` if by a task with the same identity and spec (a repeated submit)."""
+
+    def __init__(self, task_id: str, *, identical: bool = False) -> None:
         super().__init__(f"task_id: a task {task_id!r} already exists; "
                          f"use `longhaul rerun {task_id}` to run it again, or choose another id")
         self.task_id = task_id
+        self.identical = identical
 
 
 class TaskBusy(LonghaulError):
@@ -85,7 +88,8 @@ def submit(
     Any further keyword must be an option the provider or one of the
     task's tools declares (see `task_options`). Anything unknown, of the wrong type or naming an
     agent, provider or tool this process lacks raises `InvalidInput` naming
-    it, and nothing is stored.
+    it, and nothing is stored. `TaskExists` if `task_id` is taken (its
+    `identical` says whether by this very task: a repeated call).
     """
     from .agents import get_agent
     from .providers import create_provider
@@ -114,8 +118,19 @@ def submit(
                          status=TaskStatus.QUEUED)
     if not rt.store.create_task(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
                                 provider=ident.provider, model=ident.model, spec=spec):
-        raise TaskExists(task_id)
+        raise TaskExists(task_id, identical=_is_stored_as(rt, ident, spec))
     return task_id
+
+
+def _is_stored_as(rt: Runtime, ident: TaskSnapshot, spec: TaskSpec) -> bool:
+    """Whether the task stored under `ident.task_id` has this identity and spec (a repeated enqueue)."""
+    try:
+        stored, stored_spec = rt.store.summary(ident.task_id), rt.store.task_spec(ident.task_id)
+    except (CorruptRecord, TaskNotFound):  # unreadable, or deleted since: not this task
+        return False
+    return ((stored.thread_id, stored.channel, stored.provider, stored.model)
+            == (ident.thread_id, ident.channel, ident.provider, ident.model)
+            and stored_spec.model_dump(mode="json") == spec.model_dump(mode="json"))
 
 
 @strict
@@ -124,12 +139,29 @@ def enqueue(prompt: str, **kwargs: Any) -> str:
 
     Takes the arguments of `submit`. Raises `BrokerRequired` without Redis:
     use `run_inline` to run a task in this process instead.
+
+    Idempotent: repeating a call with the same `task_id` and the same task
+    returns that id again (`TaskExists` if the stored task differs). A task
+    once stored is never reported as failed: with Redis unreachable the id is
+    returned and one warning logged, and a worker sends the task within one
+    recovery interval of Redis being reachable again.
     """
     rt = get_runtime()
     if rt.embedded:
         raise BrokerRequired("enqueue")
-    task_id = submit(rt, prompt, **kwargs)
-    rt.send(task_id)
+    try:
+        task_id = submit(rt, prompt, **kwargs)
+    except TaskExists as exc:
+        if not exc.identical:
+            raise
+        task_id = exc.task_id
+        holder = rt.leases.holder(task_id)
+        if holder is None or holder.token is not None or holder.delivery_due_at is not None:
+            return task_id  # running, finished, or its message is on its way
+    try:
+        rt.send(task_id)
+    except BrokerUnavailable as exc:
+        logger.warning("%s", exc)
     return task_id
 
 

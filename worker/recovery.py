@@ -12,26 +12,35 @@ import logging
 import threading
 from typing import Callable, Optional
 
-from longhaul.models import LeaseRow, LonghaulError, StoreUnavailable
+from longhaul.models import LeaseRow, LonghaulError, StoreUnavailable, TaskStatus
 
 from .identity import holder_is_dead
-from .runtime import Runtime
+from .runtime import BROKER_ERRORS, BrokerUnavailable, Runtime
 
 logger = logging.getLogger(__name__)
 
 
-def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float) -> Optional[str]:
+def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float,
+                 message_held: Optional[bool] = None) -> Optional[str]:
     """Why the task needs a new delivery now, or None if it does not.
 
     Without a lease, a task waits for a message: none is due (a graceful
-    shutdown released it), or the one due is overdue by `grace_s` (lost
-    with the broker, or stranded in a dead worker's prefetch). With a
-    lease, its holder must be alive: not expired, and on this host a live
-    process.
+    shutdown released it, or the broker refused it), or the one sent is
+    lost. `message_held` says whether the broker still holds it (None: not
+    known, for a message sent without its id recorded or when Redis cannot
+    be asked); a message held is waiting in the queue, however long, and
+    one gone was lost with Redis's data. Unknown, the message counts as
+    lost once it is overdue by `grace_s` (lost with the broker, or
+    stranded in a dead worker's prefetch). With a lease, its holder must be alive: not
+    expired, and on this host a live process.
     """
     if row.token is None:
         if row.delivery_due_at is None:
+            if row.status is TaskStatus.QUEUED:
+                return "no message was sent for it (the broker was unreachable)"
             return "it was interrupted and released"
+        if message_held is not None:
+            return None if message_held else "the broker no longer holds its message (Redis restarted empty?)"
         if row.delivery_due_at + grace_s <= now:
             return "its message is overdue (lost by the broker?)"
         return None
@@ -45,12 +54,32 @@ def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float) -> Opt
 def find_interrupted(rt: Runtime) -> list[tuple[LeaseRow, str]]:
     """Unfinished tasks that nobody is running and no message is coming for."""
     now, host, grace_s = rt.store.clock(), rt.claimant.host, rt.settings.redelivery_grace_s
+    rows = rt.leases.unfinished()
+    held = _held_messages(rt, rows)
     found = []
-    for row in rt.leases.unfinished():
-        reason = interruption(row, host=host, now=now, grace_s=grace_s)
+    for row in rows:
+        reason = interruption(row, host=host, now=now, grace_s=grace_s,
+                              message_held=held.get(row.message_id) if row.message_id is not None else None)
         if reason is not None:
             found.append((row, reason))
     return found
+
+
+def _held_messages(rt: Runtime, rows: list[LeaseRow]) -> dict[str, bool]:
+    """Whether the broker still holds each recorded message of an unleased task, by message id.
+
+    Empty without Redis, or when Redis cannot be asked: the grace period
+    then decides, as for messages sent without their id recorded.
+    """
+    holds = getattr(rt.broker, "holds_messages", None)
+    waiting = [row.message_id for row in rows if row.token is None and row.message_id is not None]
+    if holds is None or not waiting:
+        return {}
+    try:
+        return dict(zip(waiting, holds(rt.settings.queue_name, waiting), strict=True))
+    except BROKER_ERRORS as exc:
+        logger.info("could not ask Redis which queued messages it holds (%s: %s)", type(exc).__name__, exc)
+        return {}
 
 
 def resend_interrupted(rt: Runtime) -> list[str]:
@@ -71,7 +100,11 @@ def resend_interrupted(rt: Runtime) -> list[str]:
             continue
         if taken:
             logger.info("resuming task %r: %s", row.task_id, reason)
-            rt.actor.send_with_options(args=(row.task_id,), time_limit=rt.remaining_time_limit_ms(row.task_id))
+            try:
+                rt.send(row.task_id)
+            except BrokerUnavailable as exc:  # marked unsent again: the next pass sends it
+                logger.warning("recovery pass stopped: %s", exc)
+                break
             sent.append(row.task_id)
     return sent
 

@@ -121,6 +121,21 @@ class LonghaulRedisBroker(RedisBroker):
         return moved
 
 
+    def holds_messages(self, queue_name: str, message_ids: list[str]) -> list[bool]:
+        """Whether `queue_name` or its delay queue still holds each of these Redis message ids.
+
+        A message's body stays in the queue's ``.msgs`` hash from enqueue
+        until its ack, prefetched and unacked ones included, so an id
+        missing there was lost with Redis's data (or consumed since).
+        """
+        pipe = self.client.pipeline(transaction=False)
+        for message_id in message_ids:
+            for queue in (queue_name, f"{queue_name}.DQ"):
+                pipe.hexists(f"{self.namespace}:{queue}.msgs", message_id)
+        found = pipe.execute()
+        return [bool(found[2 * i] or found[2 * i + 1]) for i in range(len(message_ids))]
+
+
 class _DeadLetteringConsumer(_RedisConsumer):
     def __next__(self) -> Any:
         while True:

@@ -14,8 +14,10 @@ import threading
 from typing import TYPE_CHECKING, Optional
 
 from dramatiq import Actor, Broker, Worker
+from dramatiq.errors import BrokerError
+from redis.exceptions import RedisError
 
-from longhaul.models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, TaskStore
+from longhaul.models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, LonghaulError, TaskStore
 from longhaul.models.redact import redact_log_handlers
 
 from .identity import current_claimant
@@ -35,6 +37,22 @@ class BrokerRequired(InvalidInput):
             f"{what} needs Redis: set LONGHAUL_REDIS_URL (e.g. redis://localhost:6379/0), "
             "or use `longhaul run`, which runs the task in-process"
         )
+
+
+class BrokerUnavailable(LonghaulError):
+    """The broker could not take a task's message; the task stays stored and recovery sends it later."""
+
+    def __init__(self, task_id: str, problem: str) -> None:
+        super().__init__(
+            f"task {task_id!r} is stored, but the broker is unreachable ({problem}); a worker sends it within "
+            "LONGHAUL_RECOVERY_INTERVAL_S of Redis being reachable again"
+        )
+        self.task_id = task_id
+        self.problem = problem
+
+
+#: What a broker raises when it cannot be reached (redis-py's errors, Dramatiq's own).
+BROKER_ERRORS: tuple[type[Exception], ...] = (RedisError, BrokerError)
 
 
 class Runtime:
@@ -99,9 +117,20 @@ class Runtime:
 
         The message carries only the task id; its time limit is what is left
         of the task's budget, so a resumed task does not get a fresh one.
+        The broker's id of the message is stored with the task, so recovery
+        can tell a message lost with the broker's data (Redis restarted
+        empty) from one waiting in a long queue. `BrokerUnavailable` if the
+        broker cannot be reached: the task is then marked unsent, and the
+        next recovery pass of any worker sends it.
         """
-        self.actor.send_with_options(args=(task_id,), time_limit=self.remaining_time_limit_ms(task_id))
-        self.leases.note_sent(task_id)
+        time_limit_ms = self.remaining_time_limit_ms(task_id)
+        try:
+            message = self.actor.send_with_options(args=(task_id,), time_limit=time_limit_ms)
+        except BROKER_ERRORS as exc:
+            self.leases.note_unsent(task_id)
+            raise BrokerUnavailable(task_id, f"{type(exc).__name__}: {exc}") from None
+        message_id = message.options.get("redis_message_id")
+        self.leases.note_sent(task_id, message_id=message_id if isinstance(message_id, str) else None)
 
     def remaining_time_limit_ms(self, task_id: str) -> int:
         """The task's time budget left (at least 1 s), or the default per-delivery limit."""

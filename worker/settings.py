@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 from typing import Literal, Optional
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceParseError
 
 from longhaul.models import DEFAULT_DATABASE_URL, InvalidInput
 from longhaul.models.db import DEFAULT_POOL_SIZE
@@ -15,6 +19,26 @@ from longhaul.models.redact import register_secrets
 
 class SettingsError(InvalidInput):
     """An environment variable holds a value longhaul cannot use."""
+
+
+#: The log levels `LONGHAUL_LOG_LEVEL` accepts (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The URL schemes a Redis URL may have (what redis-py accepts).
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+def log_level_from_env(default: str) -> str:
+    """`LONGHAUL_LOG_LEVEL` as a level name (`default` when unset); `SettingsError` naming it otherwise.
+
+    Read on its own, before the other settings: logging is set up before
+    anything else is loaded.
+    """
+    raw = os.environ.get("LONGHAUL_LOG_LEVEL")
+    if raw is None or not raw.strip():
+        return default
+    if raw.strip().upper() not in LOG_LEVELS:
+        raise SettingsError(f"LONGHAUL_LOG_LEVEL: must be one of {', '.join(LOG_LEVELS)} (got {raw!r})")
+    return raw.strip().upper()
 
 
 class Settings(BaseSettings):
@@ -28,6 +52,9 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1)
     # Redis broker URL (LONGHAUL_REDIS_URL or REDIS_URL); unset = embedded in-process broker.
     redis_url: Optional[str] = Field(default=None, validation_alias=AliasChoices("LONGHAUL_REDIS_URL", "REDIS_URL"))
+    # Log level of the CLI and the worker processes: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: the
+    # CLI's WARNING, the workers' INFO).
+    log_level: Optional[str] = None
     # The Dramatiq queue longhaul's actor consumes.
     queue_name: str = Field(default="longhaul", min_length=1)
     # How long a claimed task stays leased without a checkpoint or heartbeat.
@@ -99,6 +126,32 @@ class Settings(BaseSettings):
     # Let http_get reach loopback, private and link-local addresses (off: no SSRF into the host's network).
     http_get_allow_private: bool = False
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_has_a_scheme(cls, url: Optional[str]) -> Optional[str]:
+        """Refuse a URL redis-py cannot use now, not with a traceback when the broker is built."""
+        if url is None:
+            return None
+        try:
+            parts = urlsplit(url)
+            _ = parts.port  # a port that is not a number, or out of range, raises here
+        except ValueError as exc:
+            raise ValueError(f"not a valid URL ({exc})") from None
+        if parts.scheme not in REDIS_URL_SCHEMES:
+            raise ValueError("must be a URL such as redis://localhost:6379/0 (scheme redis, rediss or unix)")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("names no host (e.g. redis://localhost:6379/0)")
+        return url
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level_is_a_level(cls, level: Optional[str]) -> Optional[str]:
+        if level is None or not level.strip():
+            return None
+        if level.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return level.strip().upper()
+
     @property
     def app_modules(self) -> list[str]:
         """`app` as module names."""
@@ -119,13 +172,25 @@ def load_settings(**overrides: object) -> Settings:
     """
     try:
         settings = Settings(**overrides)
+    except SourceParseError as exc:  # a JSON-valued variable (a dict or list setting) that is not JSON
+        raise SettingsError("invalid configuration: " + _unparsable(str(exc))) from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
             var = "LONGHAUL_" + field.upper() if not field.startswith("LONGHAUL_") else field
-            problems.append(f"{var}: {err['msg']} (got {err.get('input')!r})")
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{var}: {msg} (got {err.get('input')!r})")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
     register_secrets(secret.get_secret_value() for secret in (settings.openai_api_key, settings.anthropic_api_key)
                      if secret is not None)
     return settings
+
+
+def _unparsable(problem: str) -> str:
+    """pydantic-settings' "error parsing value for field ..." as ``VARIABLE: must be JSON (got ...)``."""
+    found = re.search(r'field "([^"]+)"', problem)
+    if found is None:
+        return problem
+    var = "LONGHAUL_" + found.group(1).upper()
+    return f"{var}: must be JSON, e.g. {{\"gpt-4o\": [2.5, 10]}} (got {os.environ.get(var)!r})"
