@@ -14,8 +14,6 @@ from typing import Any, Callable, Iterator, Optional
 from longhaul.models import (
     Budget,
     CorruptRecord,
-    InvalidInput,
-    LonghaulError,
     TaskNotFound,
     TaskNotResumable,
     TaskRecord,
@@ -26,26 +24,15 @@ from longhaul.models import (
 )
 from longhaul.models.traces import TraceEventRecord
 
+from .errors import BrokerRequired, TaskBusy, TaskExists
 from .recovery import find_interrupted
-from .runtime import BrokerRequired, Runtime, get_runtime
+from .runtime import Runtime, get_runtime
 from .validation import strict
 from .workspaces import remove_journal
 
 logger = logging.getLogger(__name__)
 
 
-class TaskExists(InvalidInput):
-    def __init__(self, task_id: str) -> None:
-        super().__init__(f"task_id: a task {task_id!r} already exists; "
-                         f"use `longhaul rerun {task_id}` to run it again, or choose another id")
-        self.task_id = task_id
-
-
-class TaskBusy(LonghaulError):
-    def __init__(self, task_id: str, host: Optional[str], pid: Optional[int]) -> None:
-        super().__init__(f"task {task_id!r} is running now (leased by {host} pid {pid}); "
-                         "it needs no resume. `longhaul show` shows its progress")
-        self.task_id = task_id
 
 
 @dataclass(frozen=True)

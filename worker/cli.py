@@ -33,7 +33,8 @@ from longhaul.models.event_stream import export_events
 
 from . import api, workspaces
 from .apps import APP_ENV_VAR, add_to_environment, import_apps, parse_app_modules
-from .runtime import BrokerRequired, get_runtime
+from .errors import BrokerRequired
+from .runtime import get_runtime
 from .settings import load_settings
 
 EXIT_FAILED = 1

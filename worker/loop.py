@@ -36,6 +36,7 @@ from longhaul.models.redact import redact_text, scrub_configured
 from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .budgets import BudgetExceeded, Spend, check_budget
+from .context import WorkerContext
 from .providers import (
     PermanentProviderError,
     Provider,
@@ -44,7 +45,6 @@ from .providers import (
     UnknownProvider,
     create_provider,
 )
-from .runtime import Runtime
 from .tools import ToolContext, UnknownTool, allowed_tools, checkpoint_item, run_tool_call, validate_tool_names
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class _TaskFailed(Exception):
     """Internal: stop the loop and mark the task failed with this message."""
 
 
-def run_claimed_task(rt: Runtime, claim: Claim) -> TaskStatus:
+def run_claimed_task(rt: WorkerContext, claim: Claim) -> TaskStatus:
     """Run the task until it finishes or is interrupted; returns its status then.
 
     `running` means the task was interrupted and is resumable (shutdown,
@@ -71,7 +71,7 @@ def run_claimed_task(rt: Runtime, claim: Claim) -> TaskStatus:
 class TaskRun:
     """One claimed run of a task: its tracer, its usage so far, and how it ends."""
 
-    def __init__(self, rt: Runtime, claim: Claim) -> None:
+    def __init__(self, rt: WorkerContext, claim: Claim) -> None:
         self.rt = rt
         self.store = rt.store
         self.claim = claim
@@ -307,7 +307,7 @@ class TaskRun:
                            self.task_id, exc_info=True)
 
 
-def _retry_due_at(rt: Runtime) -> float:
+def _retry_due_at(rt: WorkerContext) -> float:
     """When Dramatiq's retry of the current message will be delivered at the latest."""
     message = CurrentMessage.get_current_message()
     retries = int(message.options.get("retries", 0)) if message is not None else 0

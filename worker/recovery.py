@@ -14,8 +14,8 @@ from typing import Optional
 
 from longhaul.models import LeaseRow
 
+from .context import WorkerContext
 from .identity import holder_is_dead
-from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float) -> Opt
     return None
 
 
-def find_interrupted(rt: Runtime) -> list[tuple[LeaseRow, str]]:
+def find_interrupted(rt: WorkerContext) -> list[tuple[LeaseRow, str]]:
     """Unfinished tasks that nobody is running and no message is coming for."""
     now, host, grace_s = rt.store.clock(), rt.claimant.host, rt.settings.redelivery_grace_s
     found = []
@@ -53,7 +53,7 @@ def find_interrupted(rt: Runtime) -> list[tuple[LeaseRow, str]]:
     return found
 
 
-def resend_interrupted(rt: Runtime) -> list[str]:
+def resend_interrupted(rt: WorkerContext) -> list[str]:
     """Re-send a message for every interrupted task this process wins; returns their ids.
 
     First, on Redis, requeue what dead consumers had fetched but never
@@ -81,7 +81,7 @@ class Maintenance(threading.Thread):
     leases expire later (another host died).
     """
 
-    def __init__(self, rt: Runtime, *, recover: bool) -> None:
+    def __init__(self, rt: WorkerContext, *, recover: bool) -> None:
         super().__init__(name="longhaul-maintenance", daemon=True)
         self.rt = rt
         self.recover = recover

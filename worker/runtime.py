@@ -11,30 +11,20 @@ import atexit
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from dramatiq import Actor, Broker, Worker
 
-from longhaul.models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, TaskStore
+from longhaul.models import Claim, Claimant, CorruptRecord, LeaseBook, TaskStore
 from longhaul.models.redact import redact_log_handlers
 
+from .broker import build_broker
 from .identity import current_claimant
+from .recovery import Maintenance
 from .settings import Settings, load_settings
-
-if TYPE_CHECKING:
-    from .recovery import Maintenance
 
 logger = logging.getLogger(__name__)
 
-
-class BrokerRequired(InvalidInput):
-    """The call needs a shared broker, and none is configured."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"{what} needs Redis: set LONGHAUL_REDIS_URL (e.g. redis://localhost:6379/0), "
-            "or use `longhaul run`, which runs the task in-process"
-        )
 
 
 class Runtime:
@@ -46,8 +36,6 @@ class Runtime:
     """
 
     def __init__(self, settings: Settings, *, embedded: Optional[bool] = None) -> None:
-        from .broker import build_broker
-
         self.settings = settings
         # Log lines pass through the same redaction as stored text (the configured API keys included).
         redact_log_handlers()
@@ -141,8 +129,6 @@ class Runtime:
     # -- maintenance thread ------------------------------------------------------
 
     def start_maintenance(self, *, recover: bool) -> None:
-        from .recovery import Maintenance
-
         if self._maintenance is None or not self._maintenance.is_alive():
             self._maintenance = Maintenance(self, recover=recover)
             self._maintenance.start()

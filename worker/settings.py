@@ -8,13 +8,11 @@ from typing import Optional
 from pydantic import AliasChoices, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from longhaul.models import DEFAULT_DATABASE_URL, InvalidInput
+from longhaul.models import DEFAULT_DATABASE_URL
 from longhaul.models.db import DEFAULT_POOL_SIZE
 from longhaul.models.redact import register_secrets
 
-
-class SettingsError(InvalidInput):
-    """An environment variable holds a value longhaul cannot use."""
+from .errors import SettingsError
 
 
 class Settings(BaseSettings):

@@ -8,8 +8,8 @@ stored, so a typo is refused instead of silently ignored. A provider that
 declares no model takes no options.
 
 HTTP providers take their settings (base URL, key, timeout) from
-`create_provider(name, settings=...)`, else from the process runtime when
-they first need them.
+`create_provider(name, settings=...)` (the step loop hands in its
+process's), else from the environment when they first need them.
 """
 
 from __future__ import annotations
@@ -20,17 +20,9 @@ from pydantic import BaseModel, ConfigDict
 
 from longhaul.models import InvalidInput
 
+from ..errors import PermanentProviderError, ProviderError, TransientProviderError, UnknownProvider
 from .anthropic import AnthropicProvider
-from .base import (
-    AssistantTurn,
-    EmitEvent,
-    PermanentProviderError,
-    Provider,
-    ProviderError,
-    StepContext,
-    TransientProviderError,
-    UnknownProvider,
-)
+from .base import AssistantTurn, EmitEvent, Provider, StepContext
 from .openai import OpenAIProvider
 from .scripted import ScriptedProvider
 
@@ -89,7 +81,7 @@ def create_provider(name: str, *, settings: Optional[Settings] = None) -> Provid
     """A provider instance by name; `UnknownProvider` lists the known ones.
 
     Providers that read settings (their class says ``takes_settings = True``)
-    get `settings`; without it they read the process runtime's on first use.
+    get `settings`; without it they read the environment's on first use.
     Creating one never touches the network.
     """
     factory = PROVIDERS.get(name)

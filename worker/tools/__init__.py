@@ -18,22 +18,14 @@ from pydantic import BaseModel, ValidationError
 
 from longhaul.models import CheckpointItem, InvalidInput, ToolCall
 
-from .base import INVALID_ARGUMENTS_KEY, Tool, ToolContext, ToolError, ToolFunction, ToolResult, define_tool
+from ..errors import ToolError, UnknownTool
+from .base import Tool, ToolContext, ToolFunction, ToolResult, define_tool
 from .files import LIST_FILES, READ_FILE, WRITE_FILE
 from .http import HTTP_GET
 from .ledger import LEDGER
 
 TOOLS: dict[str, Tool] = {t.name: t for t in (LEDGER, READ_FILE, WRITE_FILE, LIST_FILES, HTTP_GET)}
 
-
-class UnknownTool(InvalidInput):
-    """A task asked for tools that are not registered."""
-
-    def __init__(self, names: list[str], known: list[str]) -> None:
-        super().__init__(f"tools: unknown tool{'s' if len(names) > 1 else ''} "
-                         f"{', '.join(repr(n) for n in names)}; known tools: {', '.join(sorted(known))} "
-                         "(a tool from your code is registered by an app module: --app / LONGHAUL_APP)")
-        self.names = names
 
 
 def register_tool(tool: Tool) -> None:
@@ -89,7 +81,7 @@ def run_tool_call(call: ToolCall, ctx: ToolContext) -> ToolResult:
     """Run one call; anything wrong with it becomes a failed result the model sees.
 
     Refused: a tool the task may not call, an unknown tool, arguments that
-    were not a JSON object (`INVALID_ARGUMENTS_KEY`), arguments that fail
+    were not a JSON object (`ToolCall.invalid_arguments`), arguments that fail
     validation (the message names each field). A `ToolError` is reported as
     its message; any other exception with its type.
     """
@@ -98,11 +90,9 @@ def run_tool_call(call: ToolCall, ctx: ToolContext) -> ToolResult:
         known = "unknown tool" if call.name not in TOOLS else "tool not allowed for this task"
         return ToolResult(False, f"{known} {call.name!r}; available: {', '.join(t.name for t in offered)}")
     tool_ = TOOLS[call.name]
-    invalid = call.arguments.get(INVALID_ARGUMENTS_KEY)
+    invalid = call.invalid_arguments
     if invalid is not None:
-        problem = invalid.get("problem") if isinstance(invalid, dict) else invalid
-        raw = invalid.get("raw") if isinstance(invalid, dict) else None
-        return ToolResult(False, f"invalid arguments for {call.name}: {problem}; they were {raw!r}. "
+        return ToolResult(False, f"invalid arguments for {call.name}: {invalid.problem}; they were {invalid.raw!r}. "
                                  "Send the arguments as one JSON object matching the tool's schema.")
     try:
         args = tool_.arguments.model_validate(call.arguments)
@@ -128,7 +118,7 @@ __all__ = [
     # Registry
     "TOOLS", "UnknownTool", "allowed_tools", "define_tool", "register_tool", "tool", "validate_tool_names",
     # Calls
-    "INVALID_ARGUMENTS_KEY", "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "run_tool_call",
+    "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "run_tool_call",
     # Built-ins
     "HTTP_GET", "LEDGER", "LIST_FILES", "READ_FILE", "WRITE_FILE",
 ]
