@@ -1,8 +1,11 @@
 """`Runtime`: what one process needs to run tasks, built once from settings.
 
-A runtime owns the task store, the lease book, the Dramatiq broker (Redis,
-or the embedded in-process broker) with longhaul's actor declared on it,
-and the maintenance thread that renews leases and resumes interrupted tasks.
+This is the one place a process is wired: the settings, the store, the
+broker with the actor declared on it (`broker`), the maintenance thread
+(`recovery`) and, for a worker process, the app modules. The parts below it
+are handed the runtime (they see it as a `context.WorkerContext`) and
+never look one up. The broker is Redis, or the embedded in-process one;
+the maintenance thread renews leases and resumes interrupted tasks.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import os
 import threading
 from typing import Optional
 
+import dramatiq
 from dramatiq import Actor, Broker, Worker
 
 from longhaul.models import Claim, Claimant, CorruptRecord, LeaseBook, TaskStore
 from longhaul.models.redact import redact_log_handlers
 
+from .apps import import_apps
 from .broker import build_broker
 from .identity import current_claimant
 from .recovery import Maintenance
@@ -157,3 +162,15 @@ def set_runtime(runtime: Optional[Runtime]) -> None:
     global _default
     with _default_lock:
         _default = runtime
+
+
+def wire_worker_process() -> Runtime:
+    """The worker process's runtime: built from the environment, app modules imported, broker made Dramatiq's.
+
+    Raises `LonghaulError` (a bad setting, an unreachable or too new store,
+    an app module that cannot be imported) before the process takes a message.
+    """
+    runtime = get_runtime()
+    import_apps(runtime.settings.app_modules)
+    dramatiq.set_broker(runtime.broker)
+    return runtime
