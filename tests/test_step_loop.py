@@ -120,9 +120,7 @@ def clocked_runtime(make_runtime: Callable[..., Runtime], clock: FakeClock) -> C
     """Build an embedded runtime whose store (and so every lease) follows `clock`."""
 
     def make(**overrides: object) -> Runtime:
-        rt = make_runtime(**overrides)
-        rt.store.clock = clock
-        return rt
+        return make_runtime(clock=clock, **overrides)
 
     return make
 

@@ -14,12 +14,14 @@ import atexit
 import logging
 import os
 import threading
+import time
 from typing import Optional
 
 import dramatiq
 from dramatiq import Actor, Broker, Worker
 
 from longhaul.models import Claim, Claimant, CorruptRecord, LeaseBook, TaskStore
+from longhaul.models.context import Clock
 from longhaul.models.redact import redact_log_handlers
 
 from .apps import import_apps
@@ -38,15 +40,17 @@ class Runtime:
     `embedded` runtimes use Dramatiq's in-process StubBroker (run by a worker
     thread in the same process) and do not resume other tasks on boot: a
     `longhaul run` runs its own task, not whatever else is interrupted.
+    `clock` (seconds since the epoch) is the store's, so every lease and
+    time budget follows it: a test hands in a `testing.FakeClock`.
     """
 
-    def __init__(self, settings: Settings, *, embedded: Optional[bool] = None) -> None:
+    def __init__(self, settings: Settings, *, embedded: Optional[bool] = None, clock: Clock = time.time) -> None:
         self.settings = settings
         # Log lines pass through the same redaction as stored text (the configured API keys included).
         redact_log_handlers()
         self.embedded = settings.redis_url is None if embedded is None else embedded
         self.store = TaskStore(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-                               pool_size=settings.db_pool_size)
+                               pool_size=settings.db_pool_size, clock=clock)
         self.leases = LeaseBook(self.store)
         #: Set when the worker is shutting down: running loops stop after their current step.
         self.stopping = threading.Event()
