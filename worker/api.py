@@ -85,10 +85,11 @@ def submit(
     if tools is not None:
         validate_tool_names({"tools": tools})  # a tool this process lacks: InvalidInput naming `tools`
     options = checked_options(provider, tools, {**(defined.options if defined else {}), **provider_options},
-                              parameters=SUBMIT_PARAMETERS)  # unknown provider: fail now, not in a worker
+                              parameters=SUBMIT_PARAMETERS,
+                              providers=rt.providers)  # unknown provider: fail now, not in a worker
     if tools is not None:
         options["tools"] = list(tools)
-    create_provider(provider, settings=rt.settings)
+    create_provider(provider, settings=rt.settings, providers=rt.providers)
     limits = (budget or Budget()).merged_over(defined.budget if defined else None)
     spec = TaskSpec(prompt=prompt, options=options, agent=defined, budget=None if limits.is_empty else limits,
                     max_steps=max_steps if max_steps is not None else (defined.max_steps if defined else None),

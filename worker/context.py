@@ -9,12 +9,13 @@ That keeps the wiring at the top of the import ladder.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from dramatiq import Actor, Broker
 
 from longhaul.models import Claim, Claimant, LeaseBook, TaskStore
 
+from .providers import ProviderFactory
 from .settings import Settings
 
 
@@ -30,6 +31,8 @@ class WorkerContext(Protocol):
     stopping: threading.Event
     broker: Broker
     actor: Actor
+    #: The providers tasks may name: the process's registry unless the runtime was handed others.
+    providers: Mapping[str, ProviderFactory]
 
     @property
     def claimant(self) -> Claimant:

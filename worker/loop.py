@@ -71,8 +71,8 @@ def run_claimed_task(rt: WorkerContext, claim: Claim) -> TaskStatus:
 class TaskRun:
     """One claimed run of a task: its tracer, its usage so far, and how it ends.
 
-    The run asks `provider` (default: the one the task names, built with
-    the process's settings) and calls the tools of `tools` (default: the
+    The run asks `provider` (default: the one the task names, built from
+    the process's providers with its settings) and calls the tools of `tools` (default: the
     process's registry), so a test hands it its own parts. Time is the
     store's clock (`TaskStore(clock=...)`, `Runtime(clock=...)`), the one
     its leases follow.
@@ -97,7 +97,8 @@ class TaskRun:
             self.tracer = self._open_tracer(record)
             self._check_startable(record)
             assert record.spec is not None
-            provider = self.provider or create_provider(record.provider, settings=self.rt.settings)
+            provider = self.provider or create_provider(record.provider, settings=self.rt.settings,
+                                                        providers=self.rt.providers)
             validate_tool_names(record.spec.options, self.tools)  # a tool this worker lacks: fail now, naming --app
             history = list(record.execution_history) or self._open_histories(record, record.spec)
             return self._step_until_done(record, record.spec, provider, history)
