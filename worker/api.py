@@ -24,9 +24,13 @@ from longhaul.models import (
 )
 from longhaul.models.traces import TraceEventRecord
 
+from .agents import get_agent
 from .errors import BrokerRequired, TaskBusy, TaskExists
+from .providers import create_provider
 from .recovery import find_interrupted
 from .runtime import Runtime, get_runtime
+from .task_options import checked_options
+from .tools import validate_tool_names
 from .validation import strict
 from .workspaces import remove_journal
 
@@ -74,11 +78,6 @@ def submit(
     agent, provider or tool this process lacks raises `InvalidInput` naming
     it, and nothing is stored.
     """
-    from .agents import get_agent
-    from .providers import create_provider
-    from .task_options import checked_options
-    from .tools import validate_tool_names
-
     defined = get_agent(agent).spec if agent is not None else None
     provider = provider or (defined.provider if defined else None) or rt.settings.default_provider
     tools = tools if tools is not None else (defined.tools if defined else None)

@@ -12,6 +12,7 @@ from longhaul.models import DEFAULT_DATABASE_URL
 from longhaul.models.db import DEFAULT_POOL_SIZE
 from longhaul.models.redact import register_secrets
 
+from .apps import parse_app_modules
 from .errors import SettingsError
 
 
@@ -98,8 +99,6 @@ class Settings(BaseSettings):
     @property
     def app_modules(self) -> list[str]:
         """`app` as module names."""
-        from .apps import parse_app_modules
-
         return parse_app_modules(self.app)
 
     @property
