@@ -29,8 +29,6 @@ from .validation import invalid_input
 VERSION_CHARS = 12
 
 
-
-
 class Agent:
     """A named agent; constructing one registers it in this process.
 

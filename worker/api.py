@@ -37,8 +37,6 @@ from .workspaces import remove_journal
 logger = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True)
 class Progress:
     """A running task as `wait_for` reports it."""

@@ -19,7 +19,6 @@ from .errors import BudgetExceeded
 CallKind = Literal["model call", "tool call"]
 
 
-
 @dataclass
 class Spend:
     """What a task has used: stored totals plus the current run's calls."""

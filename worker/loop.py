@@ -72,10 +72,10 @@ class TaskRun:
     """One claimed run of a task: its tracer, its usage so far, and how it ends.
 
     The run asks `provider` (default: the one the task names, built from
-    the process's providers with its settings) and calls the tools of `tools` (default: the
-    process's registry), so a test hands it its own parts. Time is the
-    store's clock (`TaskStore(clock=...)`, `Runtime(clock=...)`), the one
-    its leases follow.
+    the process's providers with its settings) and calls the tools of
+    `tools` (default: the process's registry), so a test hands it its own
+    parts. Time is the store's clock (`TaskStore(clock=...)`,
+    `Runtime(clock=...)`), the one its leases follow.
     """
 
     def __init__(self, rt: WorkerContext, claim: Claim, *, provider: Optional[Provider] = None,

@@ -34,7 +34,6 @@ from .settings import Settings, load_settings
 logger = logging.getLogger(__name__)
 
 
-
 class Runtime:
     """Settings, store, broker and leases of one process.
 

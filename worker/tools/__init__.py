@@ -27,7 +27,6 @@ from .ledger import LEDGER
 TOOLS: dict[str, Tool] = {t.name: t for t in (LEDGER, READ_FILE, WRITE_FILE, LIST_FILES, HTTP_GET)}
 
 
-
 def register_tool(tool: Tool) -> None:
     """Make `tool` callable by name in this process (replacing any tool of the same name)."""
     TOOLS[tool.name] = tool
