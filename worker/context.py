@@ -9,7 +9,7 @@ That keeps the wiring at the top of the import ladder.
 from __future__ import annotations
 
 import threading
-from typing import Mapping, Protocol
+from typing import Mapping, Optional, Protocol
 
 from dramatiq import Actor, Broker
 
@@ -31,8 +31,8 @@ class WorkerContext(Protocol):
     stopping: threading.Event
     broker: Broker
     actor: Actor
-    #: The providers tasks may name: the process's registry unless the runtime was handed others.
-    providers: Mapping[str, ProviderFactory]
+    #: The providers tasks may name; None: the process's registry, read at each use.
+    providers: Optional[Mapping[str, ProviderFactory]]
 
     @property
     def claimant(self) -> Claimant:

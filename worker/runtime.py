@@ -27,7 +27,7 @@ from longhaul.models.redact import redact_log_handlers
 from .apps import import_apps
 from .broker import build_broker
 from .identity import current_claimant
-from .providers import PROVIDERS, ProviderFactory
+from .providers import ProviderFactory
 from .recovery import Maintenance
 from .settings import Settings, load_settings
 
@@ -43,13 +43,14 @@ class Runtime:
     `clock` (seconds since the epoch) is the store's, so every lease and
     time budget follows it: a test hands in a `testing.FakeClock`.
     `providers` (name -> factory) are the ones its tasks may name and its
-    workers build; by default the process's registry (`register_provider`).
+    workers build; None means the process's registry (`register_provider`),
+    read at each use so a provider registered later is found.
     """
 
     def __init__(self, settings: Settings, *, embedded: Optional[bool] = None, clock: Clock = time.time,
                  providers: Optional[Mapping[str, ProviderFactory]] = None) -> None:
         self.settings = settings
-        self.providers: Mapping[str, ProviderFactory] = PROVIDERS if providers is None else providers
+        self.providers = providers
         # Log lines pass through the same redaction as stored text (the configured API keys included).
         redact_log_handlers()
         self.embedded = settings.redis_url is None if embedded is None else embedded
