@@ -7,50 +7,64 @@ worker imports it), then enqueue or run tasks.
 
 from __future__ import annotations
 
-from longhaul.models import (
-    Budget,
-    ChatMessage,
-    CorruptRecord,
-    InvalidDatabaseUrl,
-    InvalidInput,
-    LeaseLost,
-    LonghaulError,
-    SchemaTooNew,
-    StoreUnavailable,
-    TaskNotFound,
-    TaskNotResumable,
-    TaskStatus,
-    TaskStore,
-    ToolCall,
-    TraceSequenceClash,
-    UnstorableValue,
-    Usage,
-)
-from longhaul.worker import (
-    BrokerRequired,
-    SettingsError,
-    TaskBusy,
-    TaskExists,
-    cancel,
-    enqueue,
-    rerun,
-    resume,
-    run_inline,
-    wait_for,
-)
-from longhaul.worker.agents import Agent, DuplicateAgent, UnknownAgent
-from longhaul.worker.apps import AppImportError
-from longhaul.worker.budgets import BudgetExceeded
-from longhaul.worker.providers import (
-    AssistantTurn,
-    PermanentProviderError,
-    ProviderError,
-    StepContext,
-    TransientProviderError,
-    UnknownProvider,
-    register_provider,
-)
-from longhaul.worker.tools import ToolContext, ToolError, UnknownTool, register_tool, tool
+from typing import TYPE_CHECKING
+
+from longhaul._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from longhaul.models import Budget, ChatMessage, TaskStatus, TaskStore, ToolCall, Usage
+    from longhaul.models.errors import (
+        CorruptRecord,
+        InvalidDatabaseUrl,
+        InvalidInput,
+        LeaseLost,
+        LonghaulError,
+        SchemaTooNew,
+        StoreUnavailable,
+        StoreUnusable,
+        TaskNotFound,
+        TaskNotResumable,
+        TraceSequenceClash,
+        UnstorableValue,
+    )
+    from longhaul.worker.agents import Agent
+    from longhaul.worker.api import cancel, enqueue, rerun, resume, run_inline, wait_for
+    from longhaul.worker.errors import (
+        AppImportError,
+        BrokerRequired,
+        BrokerUnavailable,
+        BudgetExceeded,
+        DuplicateAgent,
+        PermanentProviderError,
+        ProviderError,
+        SettingsError,
+        TaskBusy,
+        TaskExists,
+        ToolError,
+        TransientProviderError,
+        UnknownAgent,
+        UnknownProvider,
+        UnknownTool,
+    )
+    from longhaul.worker.providers import AssistantTurn, StepContext, register_provider
+    from longhaul.worker.tools import ToolContext, register_tool, tool
+
+#: Each public name and the module that defines it; a name's module is imported when the name is first read.
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["Budget", "ChatMessage", "TaskStatus", "TaskStore", "ToolCall", "Usage"], "longhaul.models"),
+    **dict.fromkeys(["CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "LonghaulError",
+                     "SchemaTooNew", "StoreUnavailable", "StoreUnusable",
+                     "TaskNotFound", "TaskNotResumable", "TraceSequenceClash",
+                     "UnstorableValue"], "longhaul.models.errors"),
+    "Agent": "longhaul.worker.agents",
+    **dict.fromkeys(["cancel", "enqueue", "rerun", "resume", "run_inline", "wait_for"], "longhaul.worker.api"),
+    **dict.fromkeys(["AppImportError", "BrokerRequired", "BrokerUnavailable", "BudgetExceeded", "DuplicateAgent",
+                     "PermanentProviderError", "ProviderError", "SettingsError", "TaskBusy", "TaskExists", "ToolError",
+                     "TransientProviderError", "UnknownAgent", "UnknownProvider", "UnknownTool"],
+                    "longhaul.worker.errors"),
+    **dict.fromkeys(["AssistantTurn", "StepContext", "register_provider"], "longhaul.worker.providers"),
+    **dict.fromkeys(["ToolContext", "register_tool", "tool"], "longhaul.worker.tools"),
+})
 
 __all__ = [
     # Running tasks
@@ -64,7 +78,7 @@ __all__ = [
     "LonghaulError",
     "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidDatabaseUrl", "SettingsError",
     "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool",
-    "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy", "TaskNotFound",
-    "TaskNotResumable", "ToolError", "TraceSequenceClash", "UnstorableValue",
+    "BrokerUnavailable", "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy",
+    "StoreUnusable", "TaskNotFound", "TaskNotResumable", "ToolError", "TraceSequenceClash", "UnstorableValue",
     "ProviderError", "PermanentProviderError", "TransientProviderError",
 ]

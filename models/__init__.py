@@ -24,6 +24,7 @@ from .schemas import (
     ChatMessage,
     CheckpointItem,
     CheckpointUpdate,
+    InvalidArguments,
     LeaseInfo,
     TaskCheckpointRecord,
     TaskRecord,
@@ -50,7 +51,8 @@ __all__ = [
     "LonghaulError", "CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "SchemaTooNew",
     "StoreUnavailable", "StoreUnusable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
     # Schemas
-    "AgentSpec", "Budget", "ChatMessage", "CheckpointItem", "CheckpointUpdate", "LeaseInfo", "TaskCheckpointRecord",
+    "AgentSpec", "Budget", "ChatMessage", "CheckpointItem", "CheckpointUpdate", "InvalidArguments", "LeaseInfo",
+    "TaskCheckpointRecord",
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",
     # Store
     "DEFAULT_DATABASE_URL", "TaskStore", "open_database",

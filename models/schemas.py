@@ -11,7 +11,17 @@ from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    model_serializer,
+    model_validator,
+)
 
 from .redact import scrub_configured
 
@@ -83,12 +93,52 @@ class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid", revalidate_instances="subclass-instances", allow_inf_nan=False)
 
 
+class InvalidArguments(_Input):
+    """Tool-call arguments a provider could not decode into a JSON object.
+
+    The call is not run: the model gets a failed result naming `problem`,
+    and the history replays `raw` (the text it sent, cut to a quote).
+    """
+
+    problem: Text
+    raw: Text = ""
+
+
+#: Where rows stored before `ToolCall.invalid_arguments` existed carry that field: a key inside `arguments`.
+_STORED_INVALID_ARGUMENTS_KEY = "__longhaul_invalid_arguments__"
+
+
 class ToolCall(_Input):
-    """One tool invocation requested by the assistant."""
+    """One tool invocation requested by the assistant.
+
+    `invalid_arguments` is set (and `arguments` empty) when the model's
+    arguments were not a JSON object. It is left out of the dumped form
+    when unset, so a well-formed call serialises as it always has.
+    """
 
     id: Text = Field(default="", max_length=200)
     name: Label
     arguments: dict[str, Json] = Field(default_factory=dict)
+    invalid_arguments: Optional[InvalidArguments] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_stored_marker(cls, data: Any) -> Any:
+        """Read a stored call whose bad arguments sit under the marker key as `invalid_arguments`."""
+        if isinstance(data, dict) and isinstance(data.get("arguments"), dict):
+            marker = data["arguments"].get(_STORED_INVALID_ARGUMENTS_KEY)
+            if isinstance(marker, dict) and "invalid_arguments" not in data:
+                return {**data, "arguments": {},
+                        "invalid_arguments": {"problem": str(marker.get("problem", "")),
+                                              "raw": str(marker.get("raw", ""))}}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _dump_without_unset_invalid_arguments(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        dumped = handler(self)
+        if dumped.get("invalid_arguments", ...) is None:
+            del dumped["invalid_arguments"]
+        return dumped
 
 
 Role = Literal["system", "user", "assistant", "tool"]

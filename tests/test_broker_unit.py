@@ -45,8 +45,11 @@ def fake_redis() -> Any:
 
 
 @pytest.fixture
-def redis_runtime(db_url: str, fake_redis: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runtime]:
+def redis_runtime(db_url: str, fake_redis: Any, monkeypatch: pytest.MonkeyPatch,
+                  clock: FakeClock) -> Iterator[Runtime]:
     """A Redis-mode runtime (as `dramatiq longhaul.worker.actors` builds it) whose connections go to fakeredis.
+
+    Its store (and so every lease and time budget) follows the test's `clock`.
 
     The fake is plugged in under the broker, at the connection pool its URL
     opens, so the broker class and middleware are exactly the worker's.
@@ -60,7 +63,7 @@ def redis_runtime(db_url: str, fake_redis: Any, monkeypatch: pytest.MonkeyPatch)
         return redis.ConnectionPool(connection_class=fakeredis.FakeRedisConnection, server=server)
 
     monkeypatch.setattr(redis.ConnectionPool, "from_url", classmethod(pool_from_url))
-    runtime = Runtime(load_settings(database_url=db_url, redis_url="redis://fake:6379/0"))
+    runtime = Runtime(load_settings(database_url=db_url, redis_url="redis://fake:6379/0"), clock=clock)
     set_runtime(runtime)
     yield runtime
     set_runtime(None)
@@ -98,9 +101,8 @@ def test_a_message_s_time_limit_is_the_task_s_budget_or_the_24_hour_default(redi
     assert message.options["time_limit"] == expected_ms
 
 
-def test_a_resumed_task_s_message_gets_what_is_left_of_its_budget_not_a_fresh_one(redis_runtime):
-    rt, clock = redis_runtime, FakeClock()
-    rt.store.clock = clock
+def test_a_resumed_task_s_message_gets_what_is_left_of_its_budget_not_a_fresh_one(redis_runtime, clock):
+    rt = redis_runtime
     task_id = worker.submit(rt, "half done", time_limit_s=60)
     assert rt.leases.claim(task_id, Claimant(owner="first", host="elsewhere", pid=1), lease_s=5)
     clock.advance(45)  # it ran for 45 s, then its worker died
@@ -111,9 +113,8 @@ def test_a_resumed_task_s_message_gets_what_is_left_of_its_budget_not_a_fresh_on
     assert message.options["time_limit"] == 15_000
 
 
-def test_a_task_over_its_budget_still_gets_a_one_second_message_to_record_that_it_timed_out(redis_runtime):
-    rt, clock = redis_runtime, FakeClock()
-    rt.store.clock = clock
+def test_a_task_over_its_budget_still_gets_a_one_second_message_to_record_that_it_timed_out(redis_runtime, clock):
+    rt = redis_runtime
     task_id = worker.submit(rt, "over budget", time_limit_s=10)
     assert rt.leases.claim(task_id, Claimant(owner="first", host="elsewhere", pid=1), lease_s=5)
     clock.advance(30)
@@ -260,9 +261,8 @@ def test_longhaul_redis_url_wins_over_redis_url(monkeypatch):
 # -- corrupt messages -------------------------------------------------------------------------
 
 
-def test_a_corrupt_message_body_is_dead_lettered_and_the_consumer_goes_on_to_the_next(redis_runtime, caplog):
-    rt, clock = redis_runtime, FakeClock()
-    rt.store.clock = clock
+def test_a_corrupt_message_body_is_dead_lettered_and_the_consumer_goes_on_to_the_next(redis_runtime, clock, caplog):
+    rt = redis_runtime
     client = rt.broker.client  # type: ignore[attr-defined]
     worker.enqueue("will be mangled", task_id="mangled")
     [mangled_id] = [raw.decode() for raw in client.lrange("dramatiq:longhaul", 0, -1)]

@@ -14,9 +14,9 @@ from longhaul.models import InvalidInput
 from longhaul.worker import api as worker
 from longhaul.worker.agents import Agent
 from longhaul.worker.execute import execute_task
-from longhaul.worker.providers import PROVIDERS
 from longhaul.worker.runtime import Runtime
 from longhaul.worker.testing import ledger_counts, wait_until
+from tests.fixtures.runtimes import with_providers
 
 #: Usage each `Metered` turn reports.
 TOKENS_PER_TURN = 100
@@ -54,11 +54,15 @@ class TwoCallsPerTurn:
 
 
 @pytest.fixture(autouse=True)
-def fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
-    for provider in (Metered, TwoCallsPerTurn):
-        monkeypatch.setitem(PROVIDERS, provider.name, provider)
+def fresh_fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Metered, "calls", 0)
     monkeypatch.setattr(Metered, "stop_at", None)
+
+
+@pytest.fixture
+def make_runtime(make_runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    """This module's runtimes are handed its fake providers beside the built-in ones; nothing is registered."""
+    return with_providers(make_runtime, Metered, TwoCallsPerTurn)
 
 
 @pytest.fixture(autouse=True)

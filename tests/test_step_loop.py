@@ -32,7 +32,6 @@ from longhaul.models import (
 from longhaul.worker import Runtime
 from longhaul.worker.execute import execute_task
 from longhaul.worker.providers import (
-    PROVIDERS,
     AssistantTurn,
     PermanentProviderError,
     StepContext,
@@ -41,6 +40,7 @@ from longhaul.worker.providers import (
 from longhaul.worker.providers.scripted import ScriptedProvider
 from longhaul.worker.recovery import find_interrupted, interruption, resend_interrupted
 from longhaul.worker.testing import FakeClock, ledger_counts, wait_until
+from tests.fixtures.runtimes import with_providers
 
 #: A worker process on another host: its liveness cannot be checked from here.
 ELSEWHERE = Claimant(owner="other", host="elsewhere", pid=1)
@@ -104,10 +104,14 @@ FAKE_PROVIDERS = (AlwaysTransient, AlwaysPermanent, Crashing, BadArgumentsOnce, 
 
 
 @pytest.fixture(autouse=True)
-def fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
-    for provider in FAKE_PROVIDERS:
-        monkeypatch.setitem(PROVIDERS, provider.name, provider)
+def fresh_fake_providers() -> None:
     AlwaysTransient.calls = 0
+
+
+@pytest.fixture
+def make_runtime(make_runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    """This module's runtimes are handed its fake providers beside the built-in ones; nothing is registered."""
+    return with_providers(make_runtime, *FAKE_PROVIDERS)
 
 
 @pytest.fixture
@@ -120,9 +124,7 @@ def clocked_runtime(make_runtime: Callable[..., Runtime], clock: FakeClock) -> C
     """Build an embedded runtime whose store (and so every lease) follows `clock`."""
 
     def make(**overrides: object) -> Runtime:
-        rt = make_runtime(**overrides)
-        rt.store.clock = clock
-        return rt
+        return make_runtime(clock=clock, **overrides)
 
     return make
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 import longhaul.worker.tools as tools
 from longhaul.models import InvalidInput, ToolCall
 from longhaul.worker import Settings, load_settings
-from longhaul.worker.providers.common import make_tool_call
+from longhaul.worker.providers.common import make_tool_call, raw_arguments_of
 from longhaul.worker.tools import (
     ToolContext,
     ToolResult,
@@ -404,3 +404,25 @@ def test_an_unknown_tool_name_fails_at_submit_naming_tools_and_stores_nothing(em
         worker.run_inline("use a tool that does not exist", task_id="no-such-tool", tools=["nope"])
 
     assert embedded_runtime.store.load("no-such-tool") is None
+
+
+def test_bad_arguments_travel_in_their_own_field_and_replay_as_the_text_the_model_sent():
+    bad = make_tool_call("c", "ledger", '{"line": ')
+
+    assert bad.arguments == {} and bad.invalid_arguments is not None
+    assert "not valid JSON" in bad.invalid_arguments.problem
+    assert raw_arguments_of(bad) == '{"line": '
+    assert "invalid_arguments" not in make_tool_call("c", "ledger", '{"line": "ok"}').model_dump()
+
+
+def test_a_call_stored_with_bad_arguments_under_the_old_marker_key_still_reads_and_fails_the_same(call):
+    stored = {"id": "c", "name": "ledger",
+              "arguments": {"__longhaul_invalid_arguments__": {"problem": "the arguments are not valid JSON (x)",
+                                                              "raw": '{"line": '}}}
+
+    old = ToolCall.model_validate(stored)
+
+    assert old.arguments == {} and old.invalid_arguments is not None and old.invalid_arguments.raw == '{"line": '
+    result = run_tool_call(old, ToolContext(task_id=TASK, step_index=1, call_index=0))
+    assert failed(result, "invalid arguments for ledger", "not valid JSON", "JSON object")
+    assert ToolCall.model_validate_json(make_tool_call("c", "ledger", "[1]").model_dump_json()).invalid_arguments

@@ -43,8 +43,9 @@ from longhaul.models.tables import SCHEMA_VERSION
 from longhaul.models.traces import INLINE_CAPS, PendingTraces, TraceWriter
 from longhaul.worker import Runtime
 from longhaul.worker.execute import execute_task
-from longhaul.worker.providers import PROVIDERS, AssistantTurn, PermanentProviderError, StepContext
+from longhaul.worker.providers import AssistantTurn, PermanentProviderError, StepContext
 from longhaul.worker.testing import FakeClock, wait_until
+from tests.fixtures.runtimes import with_providers
 
 # -- fake providers -----------------------------------------------------------------
 
@@ -122,10 +123,14 @@ class Leaky:
 
 
 @pytest.fixture(autouse=True)
-def fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
-    for provider in (StreamsFirstTurn, StreamsThenStops, Metered, Leaky):
-        monkeypatch.setitem(PROVIDERS, provider.name, provider)
+def fresh_fake_providers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Metered, "stop_at", None)
+
+
+@pytest.fixture
+def make_runtime(make_runtime: Callable[..., Runtime]) -> Callable[..., Runtime]:
+    """This module's runtimes are handed its fake providers beside the built-in ones; nothing is registered."""
+    return with_providers(make_runtime, StreamsFirstTurn, StreamsThenStops, Metered, Leaky)
 
 
 # -- helpers and fixtures ---------------------------------------------------------------

@@ -13,19 +13,15 @@ from __future__ import annotations
 import logging
 import sys
 
-import dramatiq
-
 from longhaul.models import LonghaulError
 
-from .apps import import_apps
-from .runtime import get_runtime
+from .runtime import wire_worker_process
 
 #: Exit code of a worker process that cannot open its store or import an app (Dramatiq's "import failed").
 EXIT_CANNOT_START = 2
 
 try:
-    runtime = get_runtime()
-    import_apps(runtime.settings.app_modules)
+    runtime = wire_worker_process()
 except LonghaulError as exc:
     # A schema newer than this code, an unreachable database, a bad setting:
     # one clear line and a non-zero exit, not a traceback per worker process.
@@ -33,6 +29,5 @@ except LonghaulError as exc:
     sys.exit(EXIT_CANNOT_START)
 broker = runtime.broker
 run_task = runtime.actor
-dramatiq.set_broker(broker)
 
 __all__ = ["broker", "run_task", "runtime"]

@@ -19,31 +19,14 @@ from typing import Any, Optional, Sequence, Union
 import orjson
 from pydantic import ValidationError
 
-from longhaul.models import AgentSpec, Budget, InvalidInput
+from longhaul.models import AgentSpec, Budget
 
+from .errors import DuplicateAgent, UnknownAgent
 from .tools import Tool
 from .validation import invalid_input
 
 #: Characters of the definition's sha256 kept as its version: short to read, long enough not to collide.
 VERSION_CHARS = 12
-
-
-class DuplicateAgent(InvalidInput):
-    """Two different definitions claim one agent name."""
-
-    def __init__(self, name: str, first: str, second: str) -> None:
-        super().__init__(f"agent {name!r} is defined twice: at {first} and at {second}; "
-                         "give each agent its own name")
-        self.name = name
-
-
-class UnknownAgent(InvalidInput):
-    """No agent of this name is registered in this process."""
-
-    def __init__(self, name: str, known: Sequence[str]) -> None:
-        super().__init__(f"agent: unknown agent {name!r}; known agents: {', '.join(sorted(known)) or 'none'} "
-                         "(agents are defined in app modules: --app / LONGHAUL_APP)")
-        self.name = name
 
 
 class Agent:

@@ -14,8 +14,6 @@ from typing import Any, Callable, Iterator, Optional
 from longhaul.models import (
     Budget,
     CorruptRecord,
-    InvalidInput,
-    LonghaulError,
     TaskNotFound,
     TaskNotResumable,
     TaskRecord,
@@ -26,29 +24,17 @@ from longhaul.models import (
 )
 from longhaul.models.traces import TraceEventRecord
 
+from .agents import get_agent
+from .errors import BrokerRequired, BrokerUnavailable, TaskBusy, TaskExists
+from .providers import create_provider
 from .recovery import find_interrupted
-from .runtime import BrokerRequired, BrokerUnavailable, Runtime, get_runtime
+from .runtime import Runtime, get_runtime
+from .task_options import checked_options
+from .tools import validate_tool_names
 from .validation import strict
 from .workspaces import remove_journal
 
 logger = logging.getLogger(__name__)
-
-
-class TaskExists(InvalidInput):
-    """`task_id` is taken; `identical` if by a task with the same identity and spec (a repeated submit)."""
-
-    def __init__(self, task_id: str, *, identical: bool = False) -> None:
-        super().__init__(f"task_id: a task {task_id!r} already exists; "
-                         f"use `longhaul rerun {task_id}` to run it again, or choose another id")
-        self.task_id = task_id
-        self.identical = identical
-
-
-class TaskBusy(LonghaulError):
-    def __init__(self, task_id: str, host: Optional[str], pid: Optional[int]) -> None:
-        super().__init__(f"task {task_id!r} is running now (leased by {host} pid {pid}); "
-                         "it needs no resume. `longhaul show` shows its progress")
-        self.task_id = task_id
 
 
 @dataclass(frozen=True)
@@ -91,21 +77,17 @@ def submit(
     it, and nothing is stored. `TaskExists` if `task_id` is taken (its
     `identical` says whether by this very task: a repeated call).
     """
-    from .agents import get_agent
-    from .providers import create_provider
-    from .task_options import checked_options
-    from .tools import validate_tool_names
-
     defined = get_agent(agent).spec if agent is not None else None
     provider = provider or (defined.provider if defined else None) or rt.settings.default_provider
     tools = tools if tools is not None else (defined.tools if defined else None)
     if tools is not None:
         validate_tool_names({"tools": tools})  # a tool this process lacks: InvalidInput naming `tools`
     options = checked_options(provider, tools, {**(defined.options if defined else {}), **provider_options},
-                              parameters=SUBMIT_PARAMETERS)  # unknown provider: fail now, not in a worker
+                              parameters=SUBMIT_PARAMETERS,
+                              providers=rt.providers)  # unknown provider: fail now, not in a worker
     if tools is not None:
         options["tools"] = list(tools)
-    create_provider(provider, settings=rt.settings)
+    create_provider(provider, settings=rt.settings, providers=rt.providers)
     limits = (budget or Budget()).merged_over(defined.budget if defined else None)
     spec = TaskSpec(prompt=prompt, options=options, agent=defined, budget=None if limits.is_empty else limits,
                     max_steps=max_steps if max_steps is not None else (defined.max_steps if defined else None),

@@ -17,16 +17,7 @@ from typing import Iterable
 
 from longhaul.models import InvalidInput
 
-#: The environment variable that names app modules; `longhaul worker --app` hands it to its processes.
-APP_ENV_VAR = "LONGHAUL_APP"
-
-
-class AppImportError(InvalidInput):
-    """An app module could not be imported (the CLI and the worker exit with code 2)."""
-
-    def __init__(self, module: str, problem: str) -> None:
-        super().__init__(f"app module {module!r} (--app / {APP_ENV_VAR}) cannot be imported: {problem}")
-        self.module = module
+from .errors import APP_ENV_VAR, AppImportError
 
 
 def parse_app_modules(value: str | Iterable[str] | None) -> list[str]:

@@ -8,7 +8,7 @@ errors that a later attempt can fix.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dramatiq import Actor, Broker
 from dramatiq.brokers.stub import StubBroker
@@ -22,10 +22,12 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from .middleware import LonghaulMiddleware
+from longhaul.models import StoreUnavailable
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from .context import WorkerContext
+from .execute import execute_task
+from .loop import TRANSIENT_ERRORS
+from .middleware import LonghaulMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 RUN_TASK = "longhaul.run_task"
 
 
-def build_broker(rt: Runtime) -> tuple[Broker, Actor]:
+def build_broker(rt: WorkerContext) -> tuple[Broker, Actor]:
     """A Redis broker (or the embedded StubBroker) with longhaul's actor declared."""
     settings = rt.settings
     middleware = [
@@ -59,12 +61,7 @@ def build_broker(rt: Runtime) -> tuple[Broker, Actor]:
     return broker, declare_run_task(broker, rt)
 
 
-def declare_run_task(broker: Broker, rt: Runtime) -> Actor:
-    from longhaul.models import StoreUnavailable
-
-    from .execute import execute_task
-    from .loop import TRANSIENT_ERRORS
-
+def declare_run_task(broker: Broker, rt: WorkerContext) -> Actor:
     settings = rt.settings
 
     def run_task(*args: Any, **kwargs: Any) -> None:

@@ -12,20 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from longhaul.models import Budget, LonghaulError, TaskSummary, Usage
+from longhaul.models import Budget, TaskSummary, Usage
+
+from .errors import BudgetExceeded
 
 CallKind = Literal["model call", "tool call"]
-
-
-class BudgetExceeded(LonghaulError):
-    """The task reached one of its budget's limits; it is failed and makes no further call."""
-
-    def __init__(self, task_id: str, limit: str, limit_value: float, used: float, unit: str) -> None:
-        super().__init__(f"budget exceeded: {limit}={limit_value:g}, {used:g} {unit} used")
-        self.task_id = task_id
-        self.limit = limit
-        self.limit_value = limit_value
-        self.used = used
 
 
 @dataclass

@@ -7,14 +7,14 @@ from typing import Optional
 
 from longhaul.models import Claim, TaskStatus
 
+from .context import WorkerContext
 from .identity import holder_is_dead
 from .loop import run_claimed_task
-from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
 
-def execute_task(rt: Runtime, task_id: str) -> Optional[TaskStatus]:
+def execute_task(rt: WorkerContext, task_id: str) -> Optional[TaskStatus]:
     """Run the task if this delivery wins its lease; None if it is not ours to run.
 
     A duplicate delivery (a redelivered message, a recovery re-send racing an
@@ -30,7 +30,7 @@ def execute_task(rt: Runtime, task_id: str) -> Optional[TaskStatus]:
         rt.untrack(claim)
 
 
-def acquire_lease(rt: Runtime, task_id: str) -> Optional[Claim]:
+def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
     """Claim the task, taking it over from a dead process on this host if need be."""
     lease_s = rt.settings.lease_s
     claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from dramatiq.middleware import CurrentMessage, Shutdown, TimeLimitExceeded
 
@@ -36,6 +36,7 @@ from longhaul.models.redact import redact_text, scrub_configured
 from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .budgets import BudgetExceeded, Spend, check_budget
+from .context import WorkerContext
 from .providers import (
     PermanentProviderError,
     Provider,
@@ -44,8 +45,7 @@ from .providers import (
     UnknownProvider,
     create_provider,
 )
-from .runtime import Runtime
-from .tools import ToolContext, UnknownTool, allowed_tools, checkpoint_item, run_tool_call, validate_tool_names
+from .tools import Tool, ToolContext, UnknownTool, allowed_tools, checkpoint_item, run_tool_call, validate_tool_names
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class _TaskFailed(Exception):
     """Internal: stop the loop and mark the task failed with this message."""
 
 
-def run_claimed_task(rt: Runtime, claim: Claim) -> TaskStatus:
+def run_claimed_task(rt: WorkerContext, claim: Claim) -> TaskStatus:
     """Run the task until it finishes or is interrupted; returns its status then.
 
     `running` means the task was interrupted and is resumable (shutdown,
@@ -69,10 +69,20 @@ def run_claimed_task(rt: Runtime, claim: Claim) -> TaskStatus:
 
 
 class TaskRun:
-    """One claimed run of a task: its tracer, its usage so far, and how it ends."""
+    """One claimed run of a task: its tracer, its usage so far, and how it ends.
 
-    def __init__(self, rt: Runtime, claim: Claim) -> None:
+    The run asks `provider` (default: the one the task names, built from
+    the process's providers with its settings) and calls the tools of
+    `tools` (default: the process's registry), so a test hands it its own
+    parts. Time is the store's clock (`TaskStore(clock=...)`,
+    `Runtime(clock=...)`), the one its leases follow.
+    """
+
+    def __init__(self, rt: WorkerContext, claim: Claim, *, provider: Optional[Provider] = None,
+                 tools: Optional[Mapping[str, Tool]] = None) -> None:
         self.rt = rt
+        self.provider = provider
+        self.tools = tools
         self.store = rt.store
         self.claim = claim
         self.task_id = claim.task_id
@@ -87,8 +97,9 @@ class TaskRun:
             self.tracer = self._open_tracer(record)
             self._check_startable(record)
             assert record.spec is not None
-            provider = create_provider(record.provider, settings=self.rt.settings)
-            validate_tool_names(record.spec.options)  # a tool this worker lacks: fail now, naming --app
+            provider = self.provider or create_provider(record.provider, settings=self.rt.settings,
+                                                        providers=self.rt.providers)
+            validate_tool_names(record.spec.options, self.tools)  # a tool this worker lacks: fail now, naming --app
             history = list(record.execution_history) or self._open_histories(record, record.spec)
             return self._step_until_done(record, record.spec, provider, history)
         except (UnknownProvider, UnknownTool) as exc:
@@ -184,7 +195,7 @@ class TaskRun:
                          history: list[ChatMessage]) -> TaskStatus:
         store, task_id, tracer = self.store, self.task_id, self.tracer
         options: dict[str, Any] = dict(spec.options)
-        tools = allowed_tools(options)
+        tools = allowed_tools(options, self.tools)
         totals = record.usage
         spend = Spend.stored(record)
         step = record.last_step_index
@@ -247,7 +258,7 @@ class TaskRun:
         self.tracer.emit("tool_call_started", {"step": ctx.step_index, "tool": call.name, "call_id": call.id,
                                                "arguments": call.arguments, "idempotency_key": ctx.idempotency_key})
         started = time.perf_counter()
-        result = run_tool_call(call, ctx)
+        result = run_tool_call(call, ctx, self.tools)
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         self.tracer.emit("tool_call_completed" if result.success else "tool_call_failed",
                          {"step": ctx.step_index, "tool": call.name, "call_id": call.id, "duration_ms": duration_ms,
@@ -321,7 +332,7 @@ def _reset_retries() -> None:
         message.options["retries"] = 0
 
 
-def _retry_due_at(rt: Runtime) -> float:
+def _retry_due_at(rt: WorkerContext) -> float:
     """When Dramatiq's retry of the current message will be delivered at the latest."""
     message = CurrentMessage.get_current_message()
     retries = int(message.options.get("retries", 0)) if message is not None else 0

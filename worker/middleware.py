@@ -11,8 +11,8 @@ from dramatiq.middleware import Middleware
 
 from longhaul.models import LonghaulError, TaskStatus
 
+from .context import WorkerContext
 from .recovery import resend_interrupted
-from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class LonghaulMiddleware(Middleware):
     step, checkpointed, with its lease released for the next worker.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: WorkerContext) -> None:
         self.rt = runtime
 
     def before_worker_boot(self, broker: Broker, worker: Worker) -> None:

@@ -14,8 +14,9 @@ from typing import Callable, Optional
 
 from longhaul.models import LeaseRow, LonghaulError, StoreUnavailable, TaskStatus
 
+from .context import WorkerContext
+from .errors import BROKER_ERRORS, BrokerUnavailable
 from .identity import holder_is_dead
-from .runtime import BROKER_ERRORS, BrokerUnavailable, Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float,
     return None
 
 
-def find_interrupted(rt: Runtime) -> list[tuple[LeaseRow, str]]:
+def find_interrupted(rt: WorkerContext) -> list[tuple[LeaseRow, str]]:
     """Unfinished tasks that nobody is running and no message is coming for."""
     now, host, grace_s = rt.store.clock(), rt.claimant.host, rt.settings.redelivery_grace_s
     rows = rt.leases.unfinished()
@@ -65,7 +66,7 @@ def find_interrupted(rt: Runtime) -> list[tuple[LeaseRow, str]]:
     return found
 
 
-def _held_messages(rt: Runtime, rows: list[LeaseRow]) -> dict[str, bool]:
+def _held_messages(rt: WorkerContext, rows: list[LeaseRow]) -> dict[str, bool]:
     """Whether the broker still holds each recorded message of an unleased task, by message id.
 
     Empty without Redis, or when Redis cannot be asked: the grace period
@@ -82,7 +83,7 @@ def _held_messages(rt: Runtime, rows: list[LeaseRow]) -> dict[str, bool]:
         return {}
 
 
-def resend_interrupted(rt: Runtime) -> list[str]:
+def resend_interrupted(rt: WorkerContext) -> list[str]:
     """Re-send a message for every interrupted task this process wins; returns their ids.
 
     First, on Redis, requeue what dead consumers had fetched but never
@@ -149,7 +150,7 @@ class Maintenance:
     leases expire later (another host died).
     """
 
-    def __init__(self, rt: Runtime, *, recover: bool) -> None:
+    def __init__(self, rt: WorkerContext, *, recover: bool) -> None:
         self.rt = rt
         settings = rt.settings
         self.threads = [_Every("longhaul-lease-renewal", self._renew, interval_s=settings.heartbeat_every_s,

@@ -1,8 +1,11 @@
 """`Runtime`: what one process needs to run tasks, built once from settings.
 
-A runtime owns the task store, the lease book, the Dramatiq broker (Redis,
-or the embedded in-process broker) with longhaul's actor declared on it,
-and the maintenance thread that renews leases and resumes interrupted tasks.
+This is the one place a process is wired: the settings, the store, the
+broker with the actor declared on it (`broker`), the maintenance thread
+(`recovery`) and, for a worker process, the app modules. The parts below it
+are handed the runtime (they see it as a `context.WorkerContext`) and
+never look one up. The broker is Redis, or the embedded in-process one;
+the maintenance thread renews leases and resumes interrupted tasks.
 """
 
 from __future__ import annotations
@@ -11,48 +14,25 @@ import atexit
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Optional
+import time
+from typing import Mapping, Optional
 
+import dramatiq
 from dramatiq import Actor, Broker, Worker
-from dramatiq.errors import BrokerError
-from redis.exceptions import RedisError
 
-from longhaul.models import Claim, Claimant, CorruptRecord, InvalidInput, LeaseBook, LonghaulError, TaskStore
+from longhaul.models import Claim, Claimant, CorruptRecord, LeaseBook, TaskStore
+from longhaul.models.context import Clock
 from longhaul.models.redact import redact_log_handlers
 
+from .apps import import_apps
+from .broker import build_broker
+from .errors import BROKER_ERRORS, BrokerUnavailable
 from .identity import current_claimant
+from .providers import ProviderFactory
+from .recovery import Maintenance
 from .settings import Settings, load_settings
 
-if TYPE_CHECKING:
-    from .recovery import Maintenance
-
 logger = logging.getLogger(__name__)
-
-
-class BrokerRequired(InvalidInput):
-    """The call needs a shared broker, and none is configured."""
-
-    def __init__(self, what: str) -> None:
-        super().__init__(
-            f"{what} needs Redis: set LONGHAUL_REDIS_URL (e.g. redis://localhost:6379/0), "
-            "or use `longhaul run`, which runs the task in-process"
-        )
-
-
-class BrokerUnavailable(LonghaulError):
-    """The broker could not take a task's message; the task stays stored and recovery sends it later."""
-
-    def __init__(self, task_id: str, problem: str) -> None:
-        super().__init__(
-            f"task {task_id!r} is stored, but the broker is unreachable ({problem}); a worker sends it within "
-            "LONGHAUL_RECOVERY_INTERVAL_S of Redis being reachable again"
-        )
-        self.task_id = task_id
-        self.problem = problem
-
-
-#: What a broker raises when it cannot be reached (redis-py's errors, Dramatiq's own).
-BROKER_ERRORS: tuple[type[Exception], ...] = (RedisError, BrokerError)
 
 
 class Runtime:
@@ -61,17 +41,23 @@ class Runtime:
     `embedded` runtimes use Dramatiq's in-process StubBroker (run by a worker
     thread in the same process) and do not resume other tasks on boot: a
     `longhaul run` runs its own task, not whatever else is interrupted.
+    `clock` (seconds since the epoch) is the store's, so every lease and
+    time budget follows it: a test hands in a `testing.FakeClock`.
+    `providers` (name -> factory) are the ones its tasks may name and its
+    workers build; None means the process's registry (`register_provider`),
+    read at each use so a provider registered later is found.
     """
 
-    def __init__(self, settings: Settings, *, embedded: Optional[bool] = None) -> None:
-        from .broker import build_broker
-
+    def __init__(self, settings: Settings, *, embedded: Optional[bool] = None, clock: Clock = time.time,
+                 providers: Optional[Mapping[str, ProviderFactory]] = None) -> None:
         self.settings = settings
+        self.providers = providers
         # Log lines pass through the same redaction as stored text (the configured API keys included).
         redact_log_handlers()
         self.embedded = settings.redis_url is None if embedded is None else embedded
         self.store = TaskStore(settings.database_url, busy_timeout_ms=settings.sqlite_busy_timeout_ms,
-                               pool_size=settings.db_pool_size, sqlite_synchronous=settings.sqlite_synchronous)
+                               pool_size=settings.db_pool_size, sqlite_synchronous=settings.sqlite_synchronous,
+                               clock=clock)
         self.leases = LeaseBook(self.store)
         #: Set when the worker is shutting down: running loops stop after their current step.
         self.stopping = threading.Event()
@@ -173,8 +159,6 @@ class Runtime:
     # -- maintenance thread ------------------------------------------------------
 
     def start_maintenance(self, *, recover: bool) -> None:
-        from .recovery import Maintenance
-
         if self._maintenance is None or not self._maintenance.is_alive():
             self._maintenance = Maintenance(self, recover=recover)
             self._maintenance.start()
@@ -203,3 +187,15 @@ def set_runtime(runtime: Optional[Runtime]) -> None:
     global _default
     with _default_lock:
         _default = runtime
+
+
+def wire_worker_process() -> Runtime:
+    """The worker process's runtime: built from the environment, app modules imported, broker made Dramatiq's.
+
+    Raises `LonghaulError` (a bad setting, an unreachable or too new store,
+    an app module that cannot be imported) before the process takes a message.
+    """
+    runtime = get_runtime()
+    import_apps(runtime.settings.app_modules)
+    dramatiq.set_broker(runtime.broker)
+    return runtime

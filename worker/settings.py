@@ -12,13 +12,12 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceParseError
 
-from longhaul.models import DEFAULT_DATABASE_URL, InvalidInput
+from longhaul.models import DEFAULT_DATABASE_URL
 from longhaul.models.db import DEFAULT_POOL_SIZE
 from longhaul.models.redact import register_secrets
 
-
-class SettingsError(InvalidInput):
-    """An environment variable holds a value longhaul cannot use."""
+from .apps import parse_app_modules
+from .errors import SettingsError
 
 
 #: The log levels `LONGHAUL_LOG_LEVEL` accepts (any case).
@@ -155,8 +154,6 @@ class Settings(BaseSettings):
     @property
     def app_modules(self) -> list[str]:
         """`app` as module names."""
-        from .apps import parse_app_modules
-
         return parse_app_modules(self.app)
 
     @property

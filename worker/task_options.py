@@ -10,23 +10,26 @@ is refused at once instead of ignored, or failing later in a worker.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from .providers import provider_options_model
+from .providers import ProviderFactory, provider_options_model
 from .tools import allowed_tools
 from .validation import invalid_input, unknown_keywords
 
 
 def checked_options(provider: str, tool_names: Optional[Sequence[str]], options: dict[str, Any], *,
-                    parameters: Sequence[str]) -> dict[str, Any]:
+                    parameters: Sequence[str],
+                    providers: Optional[Mapping[str, ProviderFactory]] = None) -> dict[str, Any]:
     """`options` validated by their declaring models, as JSON values; `InvalidInput` naming any bad one.
 
     `tool_names` are the task's tools (None: every registered tool);
-    `parameters` are the caller's own keywords, listed in the error.
+    `parameters` are the caller's own keywords, listed in the error;
+    `providers` are the process's (default: the registry).
     """
-    owners: list[tuple[str, type[BaseModel]]] = [(f"provider {provider!r}", provider_options_model(provider))]
+    owners: list[tuple[str, type[BaseModel]]] = [
+        (f"provider {provider!r}", provider_options_model(provider, providers))]
     tools = allowed_tools({} if tool_names is None else {"tools": list(tool_names)})
     owners += [(f"tool {t.name!r}", t.options) for t in tools if t.options is not None]
     accepted = {name for _owner, model in owners for name in model.model_fields}

@@ -288,10 +288,6 @@ class PostgresServer:
             self._version_num = int(self.execute("SHOW server_version_num")[0])
         return self._version_num
 
-    def drop_database(self, name: str) -> None:
-        """Drop a database, disconnecting whoever still uses it."""
-        self.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
     def create_schema(self, database: str, schema: str) -> str:
         """Create an empty schema in `database` and return a URL whose connections work in it.
 

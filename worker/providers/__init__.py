@@ -8,36 +8,31 @@ stored, so a typo is refused instead of silently ignored. A provider that
 declares no model takes no options.
 
 HTTP providers take their settings (base URL, key, timeout) from
-`create_provider(name, settings=...)`, else from the process runtime when
-they first need them.
+`create_provider(name, settings=...)` (the step loop hands in its
+process's), else from the environment when they first need them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict
 
 from longhaul.models import InvalidInput
 
+from ..errors import PermanentProviderError, ProviderError, TransientProviderError, UnknownProvider
 from .anthropic import AnthropicProvider
-from .base import (
-    AssistantTurn,
-    EmitEvent,
-    PermanentProviderError,
-    Provider,
-    ProviderError,
-    StepContext,
-    TransientProviderError,
-    UnknownProvider,
-)
+from .base import AssistantTurn, EmitEvent, Provider, StepContext
 from .openai import OpenAIProvider
 from .scripted import ScriptedProvider
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-PROVIDERS: dict[str, Callable[..., Provider]] = {
+#: A provider class, or a callable building one (given ``settings=`` if it says ``takes_settings = True``).
+ProviderFactory = Callable[..., Provider]
+
+PROVIDERS: dict[str, ProviderFactory] = {
     "scripted": ScriptedProvider,
     "openai": OpenAIProvider,
     "anthropic": AnthropicProvider,
@@ -76,25 +71,32 @@ def register_provider(name: str, factory: Callable[[], Any], *, options: Optiona
         _OPTIONS_MODELS.pop(name, None)
 
 
-def provider_options_model(name: str) -> type[BaseModel]:
-    """The options model the named provider declares (`NoOptions` if none); `UnknownProvider` if unknown."""
-    factory = PROVIDERS.get(name)
+def provider_options_model(name: str, providers: Optional[Mapping[str, ProviderFactory]] = None) -> type[BaseModel]:
+    """The options model the named provider of `providers` (default: the registry) declares (`NoOptions` if none).
+
+    `UnknownProvider` if there is no provider of that name.
+    """
+    known = PROVIDERS if providers is None else providers
+    factory = known.get(name)
     if factory is None:
-        raise UnknownProvider(name, list(PROVIDERS))
-    model = _OPTIONS_MODELS.get(name) or getattr(factory, "Options", None)
+        raise UnknownProvider(name, list(known))
+    registered = _OPTIONS_MODELS.get(name) if factory is PROVIDERS.get(name) else None
+    model = registered or getattr(factory, "Options", None)
     return model if isinstance(model, type) and issubclass(model, BaseModel) else NoOptions
 
 
-def create_provider(name: str, *, settings: Optional[Settings] = None) -> Provider:
-    """A provider instance by name; `UnknownProvider` lists the known ones.
+def create_provider(name: str, *, settings: Optional[Settings] = None,
+                    providers: Optional[Mapping[str, ProviderFactory]] = None) -> Provider:
+    """A provider instance by name from `providers` (default: the registry); `UnknownProvider` lists the known ones.
 
     Providers that read settings (their class says ``takes_settings = True``)
-    get `settings`; without it they read the process runtime's on first use.
+    get `settings`; without it they read the environment's on first use.
     Creating one never touches the network.
     """
-    factory = PROVIDERS.get(name)
+    known = PROVIDERS if providers is None else providers
+    factory = known.get(name)
     if factory is None:
-        raise UnknownProvider(name, list(PROVIDERS))
+        raise UnknownProvider(name, list(known))
     if settings is not None and getattr(factory, "takes_settings", False):
         return factory(settings=settings)  # type: ignore[call-arg]
     return factory()
@@ -102,7 +104,7 @@ def create_provider(name: str, *, settings: Optional[Settings] = None) -> Provid
 
 __all__ = [
     "AssistantTurn", "EmitEvent", "PermanentProviderError", "Provider", "ProviderError", "StepContext",
-    "TransientProviderError", "UnknownProvider", "PROVIDERS", "NoOptions", "create_provider", "provider_options_model",
-    "register_provider",
+    "TransientProviderError", "UnknownProvider", "PROVIDERS", "ProviderFactory", "NoOptions", "create_provider",
+    "provider_options_model", "register_provider",
     "AnthropicProvider", "OpenAIProvider", "ScriptedProvider",
 ]

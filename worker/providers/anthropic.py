@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from longhaul.models import ChatMessage, Usage, parse_tool_call_tags, strip_tool_call_tags
 
-from .base import AssistantTurn, StepContext, TransientProviderError
+from ..errors import TransientProviderError
+from .base import AssistantTurn, StepContext
 from .common import (
     SettingsProvider,
     int_field,
@@ -50,7 +51,7 @@ class AnthropicOptions(BaseModel):
 
 
 class AnthropicProvider(SettingsProvider):
-    """Messages against `settings.anthropic_base_url` (settings default to the runtime's)."""
+    """Messages against `settings.anthropic_base_url` (settings default to the environment's)."""
 
     name = NAME
     Options = AnthropicOptions

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
-from longhaul.models import ChatMessage, InvalidInput, LonghaulError, ToolCall, Usage
+from longhaul.models import ChatMessage, ToolCall, Usage
 
-from ..tools.base import Tool
+from ..errors import PermanentProviderError, ProviderError, TransientProviderError, UnknownProvider
+
+if TYPE_CHECKING:
+    # Only the type: a provider reads the tools it is handed, so importing one imports no tool.
+    from ..tools.base import Tool
 
 #: Receives trace events as they happen: ``emit("content", {"text": chunk})``.
 EmitEvent = Callable[[str, dict[str, Any]], None]
@@ -59,30 +63,8 @@ class Provider(Protocol):
         ...
 
 
-class ProviderError(LonghaulError):
-    """A provider could not produce the next turn.
-
-    `status_code` is the HTTP status the provider answered with, if any.
-    Messages never contain credentials (see `worker.providers.common.redact`).
-    """
-
-    def __init__(self, message: str, *, status_code: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
-
-class TransientProviderError(ProviderError):
-    """Worth retrying: the task resumes from its latest checkpoint after a backoff."""
-
-
-class PermanentProviderError(ProviderError):
-    """Will fail again: the task is marked failed with this message."""
-
-
-class UnknownProvider(InvalidInput):
-    """No provider of this name is registered in this process."""
-
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"provider: unknown provider {name!r}; known providers: {', '.join(sorted(known))} "
-                         "(a provider from your code is registered by an app module: --app / LONGHAUL_APP)")
-        self.name = name
+__all__ = [
+    "AssistantTurn", "EmitEvent", "Provider", "StepContext", "ignore_event",
+    # The errors a provider raises, defined with every worker error in `worker.errors`.
+    "PermanentProviderError", "ProviderError", "TransientProviderError", "UnknownProvider",
+]

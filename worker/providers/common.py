@@ -14,12 +14,11 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import SecretStr, ValidationError
 
-from longhaul.models import ToolCall
+from longhaul.models import InvalidArguments, ToolCall
 from longhaul.models.redact import register_secrets, scrub_configured
 
-from ..settings import Settings
-from ..tools import INVALID_ARGUMENTS_KEY
-from .base import PermanentProviderError, ProviderError, TransientProviderError
+from ..errors import PermanentProviderError, ProviderError, TransientProviderError
+from ..settings import Settings, load_settings
 
 #: Statuses a later attempt can get past: rate limits, timeouts, overload, server errors.
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
@@ -30,7 +29,7 @@ _BEARER = re.compile(r"(?i)\b(bearer)\s+\S+")
 
 
 class SettingsProvider:
-    """Base of providers configured by `Settings`: passed in, or the process runtime's on first use."""
+    """Base of providers configured by `Settings`: the ones handed in, else the environment's on first use."""
 
     takes_settings = True
 
@@ -41,9 +40,7 @@ class SettingsProvider:
     @property
     def settings(self) -> Settings:
         if self._settings is None:
-            from ..runtime import get_runtime
-
-            self._settings = get_runtime().settings
+            self._settings = load_settings()
         return self._settings
 
 
@@ -153,7 +150,7 @@ def parse_arguments(raw: Any) -> tuple[dict[str, Any], Optional[str]]:
 
 
 def make_tool_call(call_id: str, name: Any, raw_arguments: Any) -> ToolCall:
-    """A `ToolCall` that never raises: bad arguments become ones the tool runner reports as failed.
+    """A `ToolCall` that never raises: bad arguments go in its `invalid_arguments`, which the runner reports.
 
     The model then sees a failed tool result naming the problem (and can try
     again) instead of the task crashing on its malformed JSON.
@@ -167,14 +164,13 @@ def make_tool_call(call_id: str, name: Any, raw_arguments: Any) -> ToolCall:
             problem = f"the arguments are not plain JSON values ({exc.errors()[0]['msg']})"
     raw_text = raw_arguments if isinstance(raw_arguments, str) else json.dumps(raw_arguments, default=str)
     return ToolCall(id=call_id[:200], name=name[:200],
-                    arguments={INVALID_ARGUMENTS_KEY: {"problem": problem, "raw": raw_text[:MAX_QUOTED_CHARS]}})
+                    invalid_arguments=InvalidArguments(problem=problem, raw=raw_text[:MAX_QUOTED_CHARS]))
 
 
 def raw_arguments_of(call: ToolCall) -> str:
     """The arguments as the model sent them: the JSON text to replay in the history."""
-    invalid = call.arguments.get(INVALID_ARGUMENTS_KEY)
-    if isinstance(invalid, dict) and isinstance(invalid.get("raw"), str):
-        return invalid["raw"]
+    if call.invalid_arguments is not None:
+        return call.invalid_arguments.raw
     return json.dumps(call.arguments, ensure_ascii=False)
 
 

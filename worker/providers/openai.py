@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from longhaul.models import ChatMessage, ToolCall, Usage, parse_tool_call_tags, strip_tool_call_tags
 
-from ..tools.base import Tool
-from .base import AssistantTurn, PermanentProviderError, StepContext, TransientProviderError
+from ..errors import PermanentProviderError, TransientProviderError
+from .base import AssistantTurn, StepContext
 from .common import (
     TRANSIENT_STATUSES,
     SettingsProvider,
@@ -46,7 +46,7 @@ from .common import (
 )
 
 if TYPE_CHECKING:
-    pass
+    from ..tools.base import Tool
 
 
 class OpenAIOptions(BaseModel):
@@ -84,7 +84,7 @@ NAME = "openai"
 class OpenAIProvider(SettingsProvider):
     """Chat completions against `settings.openai_base_url`.
 
-    `settings` defaults to the process runtime's, read on first use; one
+    `settings` defaults to the environment's, read on first use; one
     HTTP connection pool serves every step of the run that created it.
     """
 

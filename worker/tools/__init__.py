@@ -12,28 +12,19 @@ registered tool is offered.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel, ValidationError
 
 from longhaul.models import CheckpointItem, InvalidInput, ToolCall
 
-from .base import INVALID_ARGUMENTS_KEY, Tool, ToolContext, ToolError, ToolFunction, ToolResult, define_tool
+from ..errors import ToolError, UnknownTool
+from .base import Tool, ToolContext, ToolFunction, ToolResult, define_tool
 from .files import LIST_FILES, READ_FILE, WRITE_FILE
 from .http import HTTP_GET
 from .ledger import LEDGER
 
 TOOLS: dict[str, Tool] = {t.name: t for t in (LEDGER, READ_FILE, WRITE_FILE, LIST_FILES, HTTP_GET)}
-
-
-class UnknownTool(InvalidInput):
-    """A task asked for tools that are not registered."""
-
-    def __init__(self, names: list[str], known: list[str]) -> None:
-        super().__init__(f"tools: unknown tool{'s' if len(names) > 1 else ''} "
-                         f"{', '.join(repr(n) for n in names)}; known tools: {', '.join(sorted(known))} "
-                         "(a tool from your code is registered by an app module: --app / LONGHAUL_APP)")
-        self.names = names
 
 
 def register_tool(tool: Tool) -> None:
@@ -62,47 +53,48 @@ def tool(name: Optional[str] = None, *, description: Optional[str] = None,
     return register
 
 
-def validate_tool_names(options: dict[str, Any]) -> None:
-    """Check ``options["tools"]`` against this process's tools: `UnknownTool`/`InvalidInput` naming `tools`.
+def validate_tool_names(options: dict[str, Any], tools: Optional[Mapping[str, Tool]] = None) -> None:
+    """Check ``options["tools"]`` against `tools` (default: this process's registry): `UnknownTool` naming `tools`.
 
     Called before a task is stored, and by the worker before it runs one.
     """
+    known = TOOLS if tools is None else tools
     names = options.get("tools")
     if names is None:
         return
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise InvalidInput(f"tools: expected a list of tool names, got {names!r}")
-    unknown = [name for name in names if name not in TOOLS]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise UnknownTool(unknown, list(TOOLS))
+        raise UnknownTool(unknown, list(known))
 
 
-def allowed_tools(options: dict[str, Any]) -> list[Tool]:
-    """The tools a task may call: ``options["tools"]`` (names), else every registered tool."""
+def allowed_tools(options: dict[str, Any], tools: Optional[Mapping[str, Tool]] = None) -> list[Tool]:
+    """The tools a task may call: those of `tools` (default: the registry) named by ``options["tools"]``, else all."""
+    known = TOOLS if tools is None else tools
     names = options.get("tools")
     if names is None:
-        return list(TOOLS.values())
-    return [TOOLS[name] for name in names if name in TOOLS]
+        return list(known.values())
+    return [known[name] for name in names if name in known]
 
 
-def run_tool_call(call: ToolCall, ctx: ToolContext) -> ToolResult:
-    """Run one call; anything wrong with it becomes a failed result the model sees.
+def run_tool_call(call: ToolCall, ctx: ToolContext, tools: Optional[Mapping[str, Tool]] = None) -> ToolResult:
+    """Run one call of a tool of `tools` (default: the registry); anything wrong becomes a failed result.
 
     Refused: a tool the task may not call, an unknown tool, arguments that
-    were not a JSON object (`INVALID_ARGUMENTS_KEY`), arguments that fail
+    were not a JSON object (`ToolCall.invalid_arguments`), arguments that fail
     validation (the message names each field). A `ToolError` is reported as
     its message; any other exception with its type.
     """
-    offered = allowed_tools(ctx.options)
+    known = TOOLS if tools is None else tools
+    offered = allowed_tools(ctx.options, known)
     if call.name not in {t.name for t in offered}:
-        known = "unknown tool" if call.name not in TOOLS else "tool not allowed for this task"
-        return ToolResult(False, f"{known} {call.name!r}; available: {', '.join(t.name for t in offered)}")
-    tool_ = TOOLS[call.name]
-    invalid = call.arguments.get(INVALID_ARGUMENTS_KEY)
+        why = "unknown tool" if call.name not in known else "tool not allowed for this task"
+        return ToolResult(False, f"{why} {call.name!r}; available: {', '.join(t.name for t in offered)}")
+    tool_ = known[call.name]
+    invalid = call.invalid_arguments
     if invalid is not None:
-        problem = invalid.get("problem") if isinstance(invalid, dict) else invalid
-        raw = invalid.get("raw") if isinstance(invalid, dict) else None
-        return ToolResult(False, f"invalid arguments for {call.name}: {problem}; they were {raw!r}. "
+        return ToolResult(False, f"invalid arguments for {call.name}: {invalid.problem}; they were {invalid.raw!r}. "
                                  "Send the arguments as one JSON object matching the tool's schema.")
     try:
         args = tool_.arguments.model_validate(call.arguments)
@@ -128,7 +120,7 @@ __all__ = [
     # Registry
     "TOOLS", "UnknownTool", "allowed_tools", "define_tool", "register_tool", "tool", "validate_tool_names",
     # Calls
-    "INVALID_ARGUMENTS_KEY", "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "run_tool_call",
+    "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "run_tool_call",
     # Built-ins
     "HTTP_GET", "LEDGER", "LIST_FILES", "READ_FILE", "WRITE_FILE",
 ]

@@ -5,26 +5,11 @@ from __future__ import annotations
 import inspect
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
-from longhaul.models import LonghaulError
-
-if TYPE_CHECKING:
-    from ..settings import Settings
-
-#: A tool call whose arguments could not be decoded carries its problem under this key;
-#: the runner turns it into a failed result the model sees (see `run_tool_call`).
-INVALID_ARGUMENTS_KEY = "__longhaul_invalid_arguments__"
-
-
-class ToolError(LonghaulError):
-    """An expected failure of a tool (bad path, too large, unreachable URL).
-
-    Its message goes to the model as the failed result, so it says what was
-    wrong and what to do instead.
-    """
+from ..settings import Settings, load_settings
 
 
 @dataclass(frozen=True)
@@ -33,8 +18,9 @@ class ToolContext:
 
     `idempotency_key` is ``<task_id>:<step>:<call_index>``: the one step that
     may run twice after a crash passes the same key both times, so a tool
-    with side effects can deduplicate. `settings` defaults to the process
-    runtime's (read when a tool first asks).
+    with side effects can deduplicate. `settings` are the ones the step
+    loop hands in (its process's); a context built without them reads the
+    environment's, which opens nothing.
     """
 
     task_id: str
@@ -48,11 +34,8 @@ class ToolContext:
         return f"{self.task_id}:{self.step_index}:{self.call_index}"
 
     def get_settings(self) -> Settings:
-        if self.settings is not None:
-            return self.settings
-        from ..runtime import get_runtime
-
-        return get_runtime().settings
+        """The settings handed in, else the environment's (`SettingsError` names a bad variable)."""
+        return self.settings if self.settings is not None else load_settings()
 
 
 @dataclass(frozen=True)

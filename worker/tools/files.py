@@ -33,8 +33,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import ToolError
 from ..workspaces import journal_path, workspace_path
-from .base import ToolContext, ToolError, ToolFunction, define_tool
+from .base import ToolContext, ToolFunction, define_tool
 
 #: How many entries `list_files` shows at most.
 MAX_LIST_ENTRIES = 1000

@@ -24,7 +24,8 @@ from urllib.parse import urljoin, urlsplit
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import ToolContext, ToolError, define_tool
+from ..errors import ToolError
+from .base import ToolContext, define_tool
 
 #: Redirects followed at most (each one checked like the first URL).
 MAX_REDIRECTS = 5

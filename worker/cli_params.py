@@ -1,0 +1,100 @@
+"""What the ``longhaul`` command parses: the task options `run` and `enqueue` share, durations, points in time."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+
+from longhaul.models import Budget
+
+
+def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `enqueue` share."""
+    options = [
+        click.option("--agent", help="Run this agent (defined in an app module); other options override it."),
+        click.option("--thread", "thread_id", help="Thread id: continue this conversation's history."),
+        click.option("--task-id", help="Use this task id instead of a generated one."),
+        click.option("--channel", default="cli", show_default=True, help="Where the task came from."),
+        click.option("--provider", help="Model provider (default: LONGHAUL_DEFAULT_PROVIDER, 'scripted')."),
+        click.option("--model", help="Model name for the provider."),
+        click.option("--steps", type=click.IntRange(min=1), help="Scripted provider: how many steps to plan."),
+        click.option("--step-delay", type=click.FloatRange(min=0), help="Ledger tool: seconds to wait per step."),
+        click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path),
+                     help="Ledger tool: file that records every executed step."),
+        click.option("--max-steps", type=click.IntRange(min=1), help="Fail the task past this many steps."),
+        click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds the task may run in all, across resumes."),
+        click.option("--tool", "tools", multiple=True,
+                     help="A tool the task may call (repeat for more; default: the agent's, else every tool)."),
+        click.option("--max-model-calls", type=click.IntRange(min=0), help="Budget: model calls in all."),
+        click.option("--max-tool-calls", type=click.IntRange(min=0), help="Budget: tool calls in all."),
+        click.option("--max-tokens", type=click.IntRange(min=0), help="Budget: input + output tokens in all."),
+        click.option("--max-cost-usd", type=click.FloatRange(min=0), help="Budget: USD of model answers in all."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def submit_kwargs(steps: Optional[int], step_delay: Optional[float], ledger: Optional[Path],
+                  tools: tuple[str, ...], max_model_calls: Optional[int], max_tool_calls: Optional[int],
+                  max_tokens: Optional[int], max_cost_usd: Optional[float], **kwargs: Any) -> dict[str, Any]:
+    """`submit`'s keywords from the CLI's options: only those given, so an agent's fields stay in force."""
+    kwargs = {name: value for name, value in kwargs.items() if value is not None}
+    budget = Budget(max_model_calls=max_model_calls, max_tool_calls=max_tool_calls, max_tokens=max_tokens,
+                    max_cost_usd=max_cost_usd)
+    if not budget.is_empty:
+        kwargs["budget"] = budget
+    if tools:
+        kwargs["tools"] = list(tools)
+    if steps is not None:
+        kwargs["steps"] = steps
+    if step_delay is not None:
+        kwargs["step_delay_s"] = step_delay
+    if ledger is not None:
+        kwargs["ledger_path"] = str(ledger.resolve())
+    return kwargs
+
+
+class Duration(click.ParamType):
+    """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or plain seconds), as seconds."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self._UNITS.get(text[-1:], None)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration like 90s, 15m, 12h, 7d or 2w", param, ctx)
+        if seconds < 0:
+            self.fail(f"{value!r} is negative", param, ctx)
+        return seconds
+
+
+class PointInTime(click.ParamType):
+    """An ISO date/time (UTC unless it says otherwise), or a duration ago (``12h``)."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            parsed = datetime.fromisoformat(str(value))
+            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        except ValueError:
+            pass
+        try:
+            seconds = Duration().convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is neither an ISO time (2026-11-22T08:00) nor a duration ago (12h)", param, ctx)
+        return datetime.now(timezone.utc) - timedelta(seconds=seconds)

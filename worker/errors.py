@@ -1,0 +1,164 @@
+"""Every worker-layer error, under `LonghaulError` (the models layer's are in `models.errors`).
+
+`InvalidInput` subclasses mean the caller asked for something wrong: each
+message names the field or setting and says what to do instead. The rest
+are failures of a running task or of a part it calls.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from dramatiq.errors import BrokerError
+from redis.exceptions import RedisError
+
+from longhaul.models import InvalidInput, LonghaulError
+
+#: The environment variable that names app modules; `longhaul worker --app` hands it to its processes.
+APP_ENV_VAR = "LONGHAUL_APP"
+
+
+# -- configuration and registries (InvalidInput) ---------------------------------------------
+
+class SettingsError(InvalidInput):
+    """An environment variable holds a value longhaul cannot use."""
+
+
+class BrokerRequired(InvalidInput):
+    """The call needs a shared broker, and none is configured."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what} needs Redis: set LONGHAUL_REDIS_URL (e.g. redis://localhost:6379/0), "
+            "or use `longhaul run`, which runs the task in-process"
+        )
+
+
+class AppImportError(InvalidInput):
+    """An app module could not be imported (the CLI and the worker exit with code 2)."""
+
+    def __init__(self, module: str, problem: str) -> None:
+        super().__init__(f"app module {module!r} (--app / {APP_ENV_VAR}) cannot be imported: {problem}")
+        self.module = module
+
+
+class DuplicateAgent(InvalidInput):
+    """Two different definitions claim one agent name."""
+
+    def __init__(self, name: str, first: str, second: str) -> None:
+        super().__init__(f"agent {name!r} is defined twice: at {first} and at {second}; "
+                         "give each agent its own name")
+        self.name = name
+
+
+class UnknownAgent(InvalidInput):
+    """No agent of this name is registered in this process."""
+
+    def __init__(self, name: str, known: Sequence[str]) -> None:
+        super().__init__(f"agent: unknown agent {name!r}; known agents: {', '.join(sorted(known)) or 'none'} "
+                         f"(agents are defined in app modules: --app / {APP_ENV_VAR})")
+        self.name = name
+
+
+class UnknownProvider(InvalidInput):
+    """No provider of this name is registered in this process."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"provider: unknown provider {name!r}; known providers: {', '.join(sorted(known))} "
+                         f"(a provider from your code is registered by an app module: --app / {APP_ENV_VAR})")
+        self.name = name
+
+
+class UnknownTool(InvalidInput):
+    """A task asked for tools that are not registered."""
+
+    def __init__(self, names: list[str], known: list[str]) -> None:
+        super().__init__(f"tools: unknown tool{'s' if len(names) > 1 else ''} "
+                         f"{', '.join(repr(n) for n in names)}; known tools: {', '.join(sorted(known))} "
+                         f"(a tool from your code is registered by an app module: --app / {APP_ENV_VAR})")
+        self.names = names
+
+
+class TaskExists(InvalidInput):
+    """`task_id` is taken; `identical` if by a task with the same identity and spec (a repeated submit)."""
+
+    def __init__(self, task_id: str, *, identical: bool = False) -> None:
+        super().__init__(f"task_id: a task {task_id!r} already exists; "
+                         f"use `longhaul rerun {task_id}` to run it again, or choose another id")
+        self.task_id = task_id
+        self.identical = identical
+
+
+# -- a task and the parts it calls -------------------------------------------------------------
+
+class TaskBusy(LonghaulError):
+    """A resume was asked for a task a live worker runs right now."""
+
+    def __init__(self, task_id: str, host: Optional[str], pid: Optional[int]) -> None:
+        super().__init__(f"task {task_id!r} is running now (leased by {host} pid {pid}); "
+                         "it needs no resume. `longhaul show` shows its progress")
+        self.task_id = task_id
+
+
+class BrokerUnavailable(LonghaulError):
+    """The broker could not take a task's message; the task stays stored and recovery sends it later."""
+
+    def __init__(self, task_id: str, problem: str) -> None:
+        super().__init__(
+            f"task {task_id!r} is stored, but the broker is unreachable ({problem}); a worker sends it within "
+            "LONGHAUL_RECOVERY_INTERVAL_S of Redis being reachable again"
+        )
+        self.task_id = task_id
+        self.problem = problem
+
+
+#: What a broker raises when it cannot be reached (redis-py's errors, Dramatiq's own).
+BROKER_ERRORS: tuple[type[Exception], ...] = (RedisError, BrokerError)
+
+
+class BudgetExceeded(LonghaulError):
+    """The task reached one of its budget's limits; it is failed and makes no further call."""
+
+    def __init__(self, task_id: str, limit: str, limit_value: float, used: float, unit: str) -> None:
+        super().__init__(f"budget exceeded: {limit}={limit_value:g}, {used:g} {unit} used")
+        self.task_id = task_id
+        self.limit = limit
+        self.limit_value = limit_value
+        self.used = used
+
+
+class ProviderError(LonghaulError):
+    """A provider could not produce the next turn.
+
+    `status_code` is the HTTP status the provider answered with, if any.
+    Messages never contain credentials (see `worker.providers.common.redact`).
+    """
+
+    def __init__(self, message: str, *, status_code: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class TransientProviderError(ProviderError):
+    """Worth retrying: the task resumes from its latest checkpoint after a backoff."""
+
+
+class PermanentProviderError(ProviderError):
+    """Will fail again: the task is marked failed with this message."""
+
+
+class ToolError(LonghaulError):
+    """An expected failure of a tool (bad path, too large, unreachable URL).
+
+    Its message goes to the model as the failed result, so it says what was
+    wrong and what to do instead.
+    """
+
+
+__all__ = [
+    "APP_ENV_VAR",
+    "SettingsError", "BrokerRequired", "AppImportError", "DuplicateAgent", "UnknownAgent", "UnknownProvider",
+    "UnknownTool", "TaskExists",
+    "TaskBusy", "BrokerUnavailable", "BROKER_ERRORS",
+    "BudgetExceeded", "ProviderError", "TransientProviderError", "PermanentProviderError", "ToolError",
+]
