@@ -95,6 +95,14 @@ def test_run_of_a_task_that_fails_exits_1_with_its_error(longhaul):
     pytest.param(("enqueue", "x"), {}, ("LONGHAUL_REDIS_URL",), id="enqueue without redis"),
     pytest.param(("worker",), {}, ("LONGHAUL_REDIS_URL",), id="worker without redis"),
     pytest.param(("resume",), {}, ("--interrupted",), id="resume without a target"),
+    pytest.param(("tasks", "--since", "9999999999999d"), {}, ("--since",), id="duration past any date"),
+    pytest.param(("tasks", "--since", "nan"), {}, ("--since",), id="duration not a number"),
+    pytest.param(("prune", "--older-than", "inf"), {}, ("--older-than",), id="infinite duration"),
+    pytest.param(("tasks", "--limit", "99999999999999999999"), {}, ("--limit",), id="count beyond 64 bits"),
+    pytest.param(("tasks", "--offset", str(2**63)), {}, ("--offset",), id="offset beyond 64 bits"),
+    pytest.param(("show", "\udcff"), {}, ("TASK_ID", "not UTF-8"), id="task id not UTF-8"),
+    pytest.param(("run", "x", "--thread", "a\udcfe"), {}, ("--thread", "not UTF-8"), id="thread id not UTF-8"),
+    pytest.param(("tasks",), {"LONGHAUL_LOG_LEVEL": "bogus"}, ("LONGHAUL_LOG_LEVEL",), id="bad log level"),
 ])
 def test_bad_usage_exits_2_naming_the_problem_and_stores_nothing(longhaul, store, args, env, names):
     result = longhaul(*args, **env)

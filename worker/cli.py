@@ -37,9 +37,9 @@ from .cli_output import (
     report_finished,
     report_sent,
 )
-from .cli_params import Duration, PointInTime, submit_kwargs, task_options
+from .cli_params import Duration, LonghaulCommand, PointInTime, count, submit_kwargs, task_options
 from .health import check_health
-from .settings import load_settings
+from .settings import load_settings, log_level_from_env
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -47,6 +47,8 @@ EXIT_INTERRUPTED = 130
 
 class LonghaulGroup(click.Group):
     """Turns longhaul's errors into one line and an exit code."""
+
+    command_class = LonghaulCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -84,7 +86,7 @@ class LonghaulGroup(click.Group):
 @click.version_option(package_name="longhaul")
 def cli() -> None:
     """longhaul: durable long-horizon agent tasks on Dramatiq."""
-    logging.basicConfig(level=os.environ.get("LONGHAUL_LOG_LEVEL", "WARNING").upper(),
+    logging.basicConfig(level=log_level_from_env("WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     if not os.environ.get("LONGHAUL_DEBUG"):
         for handler in logging.getLogger().handlers:
@@ -120,8 +122,8 @@ def enqueue(prompt: str, **options: Any) -> None:
 
 
 @cli.command()
-@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--processes", type=count(1), default=1, show_default=True)
+@click.option("--threads", type=count(1), default=4, show_default=True)
 def worker(processes: int, threads: int) -> None:
     """Run a supervised pool of worker processes for longhaul (needs Redis).
 
@@ -161,8 +163,8 @@ def health(ctx: click.Context, as_json: bool) -> None:
 @click.option("--provider", help="Only tasks run by this provider (agent).")
 @click.option("--since", type=PointInTime(), help="Created at or after: ISO time or a duration ago (12h).")
 @click.option("--until", type=PointInTime(), help="Created before: ISO time or a duration ago.")
-@click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--offset", type=click.IntRange(min=0), default=0)
+@click.option("--limit", type=count(1), default=50, show_default=True)
+@click.option("--offset", type=count(0), default=0)
 @click.option("--order-by", type=click.Choice(["updated", "created"]), default="updated", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def tasks(status: Optional[str], thread_id: Optional[str], provider: Optional[str], since: Optional[datetime],
@@ -187,9 +189,9 @@ def traces(task_id: str, follow: bool, as_json: bool) -> None:
 @click.option("--all", "all_tasks", is_flag=True, help="Export every task.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the JSONL files (created if missing).")
-@click.option("--max-events", type=click.IntRange(min=1), default=10_000, show_default=True,
+@click.option("--max-events", type=count(1), default=10_000, show_default=True,
               help="Rotate to a new file after this many events.")
-@click.option("--max-bytes", type=click.IntRange(min=1), default=10 * 1024 * 1024, show_default=True,
+@click.option("--max-bytes", type=count(1), default=10 * 1024 * 1024, show_default=True,
               help="Rotate before a file would grow past this many bytes.")
 @click.option("--json", "as_json", is_flag=True)
 def export(task_id: Optional[str], all_tasks: bool, out_dir: Path, max_events: int, max_bytes: int,
@@ -202,7 +204,7 @@ def export(task_id: Optional[str], all_tasks: bool, out_dir: Path, max_events: i
 
 
 @cli.command()
-@click.option("--max-tasks", type=click.IntRange(min=0), help="Keep only this many most recently finished tasks.")
+@click.option("--max-tasks", type=count(0), help="Keep only this many most recently finished tasks.")
 @click.option("--older-than", "older_than_s", type=Duration(), help="Delete tasks finished longer ago (7d, 12h).")
 @click.option("--dry-run", is_flag=True, help="Only say what would be deleted.")
 @click.option("--json", "as_json", is_flag=True)

@@ -1,7 +1,9 @@
-"""What the ``longhaul`` command parses: the task options `run` and `enqueue` share, durations, points in time."""
+"""What the ``longhaul`` command parses: the task options `run` and `enqueue` share, counts, durations, points
+in time, and the check that every text argument is UTF-8."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -9,6 +11,37 @@ from typing import Any, Callable, Optional
 import click
 
 from longhaul.models import Budget
+
+#: The largest count any option takes: what the store's 64-bit integer columns hold.
+MAX_COUNT = 2**63 - 1
+#: The longest duration an option takes (100 years): anything longer is a typo, and overflows dates.
+MAX_DURATION_S = 100 * 365.25 * 86400
+
+
+def count(minimum: int) -> click.IntRange:
+    """A whole-number option from `minimum` up to `MAX_COUNT`, refused naming the option beyond that."""
+    return click.IntRange(min=minimum, max=MAX_COUNT)
+
+
+class LonghaulCommand(click.Command):
+    """A command whose text arguments must be UTF-8.
+
+    Python hands an argument holding bytes that are not UTF-8 (``show $'\\xff'``)
+    over with lone surrogates in it, which no store, log or terminal can
+    take: it is refused as a usage error naming the argument.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        for param in self.params:
+            values = ctx.params.get(param.name or "")
+            for value in values if isinstance(values, (tuple, list)) else (values,):
+                if isinstance(value, str):
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError:
+                        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                        raise click.BadParameter(f"'{shown}' is not UTF-8 text", ctx=ctx, param=param) from None
+        return super().invoke(ctx)
 
 
 def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -20,18 +53,18 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--channel", default="cli", show_default=True, help="Where the task came from."),
         click.option("--provider", help="Model provider (default: LONGHAUL_DEFAULT_PROVIDER, 'scripted')."),
         click.option("--model", help="Model name for the provider."),
-        click.option("--steps", type=click.IntRange(min=1), help="Scripted provider: how many steps to plan."),
+        click.option("--steps", type=count(1), help="Scripted provider: how many steps to plan."),
         click.option("--step-delay", type=click.FloatRange(min=0), help="Ledger tool: seconds to wait per step."),
         click.option("--ledger", type=click.Path(dir_okay=False, path_type=Path),
                      help="Ledger tool: file that records every executed step."),
-        click.option("--max-steps", type=click.IntRange(min=1), help="Fail the task past this many steps."),
+        click.option("--max-steps", type=count(1), help="Fail the task past this many steps."),
         click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True),
                      help="Seconds the task may run in all, across resumes."),
         click.option("--tool", "tools", multiple=True,
                      help="A tool the task may call (repeat for more; default: the agent's, else every tool)."),
-        click.option("--max-model-calls", type=click.IntRange(min=0), help="Budget: model calls in all."),
-        click.option("--max-tool-calls", type=click.IntRange(min=0), help="Budget: tool calls in all."),
-        click.option("--max-tokens", type=click.IntRange(min=0), help="Budget: input + output tokens in all."),
+        click.option("--max-model-calls", type=count(0), help="Budget: model calls in all."),
+        click.option("--max-tool-calls", type=count(0), help="Budget: tool calls in all."),
+        click.option("--max-tokens", type=count(0), help="Budget: input + output tokens in all."),
         click.option("--max-cost-usd", type=click.FloatRange(min=0), help="Budget: USD of model answers in all."),
     ]
     for option in reversed(options):
@@ -77,6 +110,8 @@ class Duration(click.ParamType):
             self.fail(f"{value!r} is not a duration like 90s, 15m, 12h, 7d or 2w", param, ctx)
         if seconds < 0:
             self.fail(f"{value!r} is negative", param, ctx)
+        if not math.isfinite(seconds) or seconds > MAX_DURATION_S:
+            self.fail(f"{value!r} is not a duration of at most 100 years", param, ctx)
         return seconds
 
 
