@@ -19,7 +19,6 @@ from longhaul.models.redact import register_secrets
 from .apps import parse_app_modules
 from .errors import SettingsError
 
-
 #: The log levels `LONGHAUL_LOG_LEVEL` accepts (any case).
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The URL schemes a Redis URL may have (what redis-py accepts).
