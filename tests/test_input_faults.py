@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 from longhaul.models import StoreUnavailable, TaskSpec, TaskStatus, TaskStore
-from longhaul.worker.testing import RedisServer, WorkerProcess, wait_until
+from longhaul.worker.testing import RedisServer, WorkerProcess, missing_prerequisite, wait_until
 
 pytestmark = [pytest.mark.chaos]
 
@@ -237,7 +237,7 @@ def _mounted(mount_args: list[str], mount_point: Path, what: str) -> Iterator[Pa
     """`mount_args` mounted at `mount_point` for the test, unmounted after it (skipped where mount is refused)."""
     mounted = subprocess.run(["mount", *mount_args, str(mount_point)], capture_output=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount {what} here: {mounted.stderr.decode(errors='replace')}")
+        missing_prerequisite(f"cannot mount {what} here: {mounted.stderr.decode(errors='replace')}")
     try:
         yield mount_point
     finally:

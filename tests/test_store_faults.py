@@ -20,7 +20,7 @@ import pytest
 
 from longhaul import worker
 from longhaul.models import TaskStatus
-from longhaul.worker.testing import IN_CI, PostgresServer, RedisServer, WorkerProcess, wait_until
+from longhaul.worker.testing import PostgresServer, RedisServer, WorkerProcess, missing_prerequisite, wait_until
 from tests.fixtures.chaos import all_finished, assert_each_step_checkpointed_once, enqueue_tasks, repeated_steps
 
 if TYPE_CHECKING:
@@ -36,9 +36,7 @@ pytestmark = [pytest.mark.chaos]
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL cluster only this test uses, so restarting or stopping it disturbs no other test."""
     if PostgresServer.find_bin_dir() is None:
-        if IN_CI:
-            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed; .ci/run must install them")
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+        missing_prerequisite("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     server = PostgresServer().start()
     server.create_database("faults")
     yield server
@@ -298,9 +296,7 @@ def test_a_worker_host_sixty_seconds_fast_takes_over_no_live_task(
     own_postgres: PostgresServer, redis_server: RedisServer, fault_env, start_workers, client_for, tmp_path: Path
 ):
     if shutil.which("faketime") is None:
-        if IN_CI:
-            pytest.fail("faketime is not installed; .ci/run must install it")
-        pytest.skip("faketime not installed")
+        missing_prerequisite("faketime is not installed (apt-get install -y faketime)")
     db_url = own_postgres.url_for("faults")
     rt = client_for(db_url, redis_server.url)
     ledger = tmp_path / "ledger.txt"

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, NoReturn, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -49,6 +49,19 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def missing_prerequisite(reason: str) -> NoReturn:
+    """Skip the test where `reason` (a tool or privilege it needs) is missing locally; in CI, fail it.
+
+    CI (``CI=true``) must provide everything the suite needs (`.ci/run` installs it), so a
+    prerequisite missing there is a broken CI set-up, never a silently skipped test.
+    """
+    import pytest
+
+    if IN_CI:
+        pytest.fail(f"{reason}; .ci/run must provide it")
+    pytest.skip(reason)
 
 
 def wait_until(predicate: Callable[[], T], *, timeout_s: float, what: str, poll_s: float = 0.05) -> T:
