@@ -9,9 +9,9 @@ its checkpoint transaction, NUL bytes on both backends. Run them with
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -61,44 +61,9 @@ def fault_env(redis_server: RedisServer) -> Callable[[str], dict[str, str]]:
 
 
 @pytest.fixture
-def start_workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start `dramatiq longhaul.worker.actors` with an environment; every one still running is killed at teardown."""
-    started: list[WorkerProcess] = []
-
-    def start(env: dict[str, str], *, processes: int = 1, threads: int = 8,
-              argv_prefix: tuple[str, ...] = ()) -> WorkerProcess:
-        argv = None
-        if argv_prefix:
-            argv = [*argv_prefix, sys.executable, "-m", "dramatiq", "longhaul.worker.actors",
-                    "--processes", str(processes), "--threads", str(threads)]
-        process = WorkerProcess(env, processes=processes, threads=threads, argv=argv,
-                                log_path=tmp_path / f"worker-{len(started)}.log")
-        started.append(process.start())
-        return process
-
-    yield start
-    for process in started:
-        process.kill()
-
-
-@pytest.fixture
-def client_for() -> Iterator[Callable[..., Runtime]]:
-    """This test process as a Redis client of a store: `worker.enqueue` sends to the real broker."""
-    from longhaul.worker import Runtime, load_settings, set_runtime
-
-    built: list[Runtime] = []
-
-    def make(db_url: str, redis_url: str, **overrides: object) -> Runtime:
-        runtime = Runtime(load_settings(database_url=db_url, redis_url=redis_url, lease_s=5, **overrides))
-        set_runtime(runtime)
-        built.append(runtime)
-        return runtime
-
-    yield make
-    set_runtime(None)
-    for runtime in built:
-        runtime.broker.close()
-        runtime.store.close_all()
+def start_workers(spawn_workers: Callable[..., WorkerProcess]) -> Callable[..., WorkerProcess]:
+    """Worker processes for the fault tests: eight threads unless told otherwise."""
+    return functools.partial(spawn_workers, threads=8)
 
 
 def failed_tasks(rt: Runtime, task_ids: list[str]) -> dict[str, str]:

@@ -14,7 +14,6 @@ import atexit
 import logging
 import os
 import threading
-import time
 from typing import Mapping, Optional
 
 import dramatiq
@@ -42,13 +41,15 @@ class Runtime:
     thread in the same process) and do not resume other tasks on boot: a
     `longhaul run` runs its own task, not whatever else is interrupted.
     `clock` (seconds since the epoch) is the store's, so every lease and
-    time budget follows it: a test hands in a `testing.FakeClock`.
+    time budget follows it: a test hands in a `testing.FakeClock`. None (the
+    default) is the database server's clock as this host sees it, which
+    keeps hosts whose own clocks disagree judging leases alike.
     `providers` (name -> factory) are the ones its tasks may name and its
     workers build; None means the process's registry (`register_provider`),
     read at each use so a provider registered later is found.
     """
 
-    def __init__(self, settings: Settings, *, embedded: Optional[bool] = None, clock: Clock = time.time,
+    def __init__(self, settings: Settings, *, embedded: Optional[bool] = None, clock: Optional[Clock] = None,
                  providers: Optional[Mapping[str, ProviderFactory]] = None) -> None:
         self.settings = settings
         self.providers = providers
