@@ -26,6 +26,9 @@ from .errors import CorruptRecord, TaskNotFound
 from .schemas import ChatMessage, TaskCheckpointRecord, TaskRecord, TaskSpec, TaskStatus, TaskSummary, stored_message
 from .tables import EXECUTION, RESUMABLE
 
+#: Task ids per `IN (...)` when reading many specs: far below either backend's limit on parameters.
+SPECS_PER_QUERY = 500
+
 
 class TaskReads:
     """Reads of a store's tasks."""
@@ -159,6 +162,19 @@ class TaskReads:
         if row is None:
             raise TaskNotFound(task_id)
         return decode_spec(task_id, row.spec) or TaskSpec(prompt="(no prompt stored)")
+
+    def task_specs(self, task_ids: list[str]) -> dict[str, Optional[TaskSpec]]:
+        """The specs of these tasks, a few hundred per query: None for an unreadable spec, absent for a missing task."""
+        Task = self.ctx.tables.Task
+        specs: dict[str, Optional[TaskSpec]] = {}
+        for start in range(0, len(task_ids), SPECS_PER_QUERY):
+            chunk = task_ids[start:start + SPECS_PER_QUERY]
+            for row in Task.select(Task.task_id, Task.spec).where(Task.task_id.in_(chunk)):
+                try:
+                    specs[row.task_id] = decode_spec(row.task_id, row.spec)
+                except CorruptRecord:
+                    specs[row.task_id] = None
+        return specs
 
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""

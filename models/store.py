@@ -354,6 +354,11 @@ class TaskStore:
         with StoreFailures(task_id):
             return self._reads.task_spec(task_id)
 
+    def task_specs(self, task_ids: Sequence[str]) -> dict[str, Optional[TaskSpec]]:
+        """The specs of many tasks in few queries: None for one that cannot be read, absent for a missing task."""
+        with StoreFailures():
+            return self._reads.task_specs(list(task_ids))
+
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""
         with StoreFailures(task_id):

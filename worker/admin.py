@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Optional
 
-from longhaul.models import CorruptRecord, TaskNotFound, TaskRecord, TaskStore, TaskSummary
+from longhaul.models import TaskRecord, TaskSpec, TaskStore, TaskSummary
 from longhaul.models.db import is_postgres_url, redact_url
 from longhaul.models.event_stream import EventFile, export_events
 
@@ -70,14 +70,13 @@ def list_tasks(*, status: Optional[str] = None, thread_id: Optional[str] = None,
     store = get_runtime().store
     rows = store.list_tasks(status=status, thread_id=thread_id, limit=limit, offset=offset, order_by=order_by,
                             provider=provider, since=since, until=until)
-    return [ListedTask(summary=row, agent=_agent_of(store, row.task_id)) for row in rows]
+    # One read for every row's spec: a corrupt spec, or a task deleted meanwhile, shows no agent.
+    specs = store.task_specs([row.task_id for row in rows])
+    return [ListedTask(summary=row, agent=_agent_of(specs.get(row.task_id))) for row in rows]
 
 
-def _agent_of(store: TaskStore, task_id: str) -> Optional[AgentRef]:
-    try:
-        agent = store.task_spec(task_id).agent
-    except (CorruptRecord, TaskNotFound):  # a corrupt spec, or a task deleted meanwhile: no agent shown
-        return None
+def _agent_of(spec: Optional[TaskSpec]) -> Optional[AgentRef]:
+    agent = spec.agent if spec is not None else None
     return None if agent is None else AgentRef(name=agent.name, version=agent.version)
 
 
