@@ -124,14 +124,16 @@ def enqueue(prompt: str, **options: Any) -> None:
 @cli.command()
 @click.option("--processes", type=count(1), default=1, show_default=True)
 @click.option("--threads", type=count(1), default=4, show_default=True)
-def worker(processes: int, threads: int) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve the pool's Prometheus metrics on this port (default: LONGHAUL_METRICS_PORT; none).")
+def worker(processes: int, threads: int, metrics_port: Optional[int]) -> None:
     """Run a supervised pool of worker processes for longhaul (needs Redis).
 
     A worker process that dies is replaced while the others keep serving;
     SIGTERM or SIGINT (to this process or its whole process group) stops
     every process after its current steps; SIGHUP restarts them gracefully.
     """
-    sys.exit(admin.serve(processes=processes, threads=threads))
+    sys.exit(admin.serve(processes=processes, threads=threads, metrics_port=metrics_port))
 
 
 @cli.command()

@@ -27,6 +27,7 @@ from .apps import import_apps
 from .broker import build_broker
 from .errors import BROKER_ERRORS, BrokerUnavailable
 from .identity import current_claimant
+from .observe import Observer, observer_from_environment
 from .providers import ProviderFactory
 from .recovery import Maintenance
 from .settings import Settings, load_settings
@@ -47,12 +48,17 @@ class Runtime:
     `providers` (name -> factory) are the ones its tasks may name and its
     workers build; None means the process's registry (`register_provider`),
     read at each use so a provider registered later is found.
+    `observer` hears its runs (metrics, spans); None means the one the
+    environment configures (`observe.observer_from_environment`), built on
+    first use, so a process that runs no task never builds one.
     """
 
     def __init__(self, settings: Settings, *, embedded: Optional[bool] = None, clock: Optional[Clock] = None,
-                 providers: Optional[Mapping[str, ProviderFactory]] = None) -> None:
+                 providers: Optional[Mapping[str, ProviderFactory]] = None,
+                 observer: Optional[Observer] = None) -> None:
         self.settings = settings
         self.providers = providers
+        self._observer = observer
         # Log lines pass through the same redaction as stored text (the configured API keys included).
         redact_log_handlers()
         self.embedded = settings.redis_url is None if embedded is None else embedded
@@ -70,6 +76,12 @@ class Runtime:
         self.broker: Broker
         self.actor: Actor
         self.broker, self.actor = build_broker(self)
+
+    @property
+    def observer(self) -> Observer:
+        if self._observer is None:
+            self._observer = observer_from_environment()
+        return self._observer
 
     # -- identity and held leases ---------------------------------------------
 
