@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import threading
 import time
-from functools import lru_cache
 from typing import Any, Callable, Iterator, Optional
 
 from longhaul.models import TaskStatus, Usage
@@ -55,30 +54,48 @@ class _Metrics:
     """The metric objects of a worker process (made once, on first use, after the folder is set)."""
 
     def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-        self.tasks = Counter("longhaul_tasks", "Tasks that reached each status (stored by a worker).",
-                             ["status", "agent"])
+        # Samples go to the multiprocess folder whatever the registry; a registry of their own keeps the
+        # process-wide default free of them (and of duplicates, should they ever be made twice).
+        registry = CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Any:
+            return Counter(name, doc, labels, registry=registry)
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...]) -> Any:
+            return Histogram(name, doc, labels, buckets=DURATION_BUCKETS_S, registry=registry)
+
+        self.tasks = counter("longhaul_tasks", "Tasks that reached each status (stored by a worker).",
+                             ("status", "agent"))
         self.in_flight = Gauge("longhaul_tasks_in_flight", "Tasks a worker thread runs right now.",
-                               multiprocess_mode="livesum")
-        self.steps = Counter("longhaul_steps", "Model turns stored (the store's turn_count).", ["agent"])
-        self.step_duration = Histogram("longhaul_step_duration_seconds",
+                               multiprocess_mode="livesum", registry=registry)
+        self.steps = counter("longhaul_steps", "Model turns stored (the store's turn_count).", ("agent",))
+        self.step_duration = histogram("longhaul_step_duration_seconds",
                                        "Time from a run's start, or its previous stored step, to a stored step.",
-                                       ["agent"], buckets=DURATION_BUCKETS_S)
-        self.model_calls = Counter("longhaul_model_calls", "Provider calls made, answered or failed.",
-                                   ["provider", "model"])
-        self.model_duration = Histogram("longhaul_model_call_duration_seconds", "Duration of one provider call.",
-                                        ["provider", "model"], buckets=DURATION_BUCKETS_S)
-        self.tokens = Counter("longhaul_tokens", "Tokens of stored model answers.", ["type", "model"])
-        self.cost = Counter("longhaul_cost_usd", "Cost of stored model answers, in US dollars.", ["model"])
-        self.tool_calls = Counter("longhaul_tool_calls", "Tool calls stored with a step.", ["tool", "outcome"])
-        self.recoveries = Counter("longhaul_recoveries", "Interrupted tasks re-sent by recovery.", ["reason"])
-        self.takeovers = Counter("longhaul_lease_takeovers", "Leases taken over from a dead or expired holder.")
+                                       ("agent",))
+        self.model_calls = counter("longhaul_model_calls", "Provider calls made, answered or failed.",
+                                   ("provider", "model"))
+        self.model_duration = histogram("longhaul_model_call_duration_seconds", "Duration of one provider call.",
+                                        ("provider", "model"))
+        self.tokens = counter("longhaul_tokens", "Tokens of stored model answers.", ("type", "model"))
+        self.cost = counter("longhaul_cost_usd", "Cost of stored model answers, in US dollars.", ("model",))
+        self.tool_calls = counter("longhaul_tool_calls", "Tool calls stored with a step.", ("tool", "outcome"))
+        self.recoveries = counter("longhaul_recoveries", "Interrupted tasks re-sent by recovery.", ("reason",))
+        self.takeovers = counter("longhaul_lease_takeovers", "Leases taken over from a dead or expired holder.")
 
 
-@lru_cache(maxsize=1)
+_made: Optional[_Metrics] = None
+_made_lock = threading.Lock()
+
+
 def _metrics() -> _Metrics:
-    return _Metrics()
+    """The process's metric objects, made once (worker threads start runs concurrently)."""
+    global _made
+    with _made_lock:
+        if _made is None:
+            _made = _Metrics()
+        return _made
 
 
 class _PrometheusRun:

@@ -79,9 +79,10 @@ class Runtime:
 
     @property
     def observer(self) -> Observer:
-        if self._observer is None:
-            self._observer = observer_from_environment()
-        return self._observer
+        with self._active_lock:  # worker threads start runs concurrently: one observer per process
+            if self._observer is None:
+                self._observer = observer_from_environment()
+            return self._observer
 
     # -- identity and held leases ---------------------------------------------
 
@@ -210,5 +211,6 @@ def wire_worker_process() -> Runtime:
     """
     runtime = get_runtime()
     import_apps(runtime.settings.app_modules)
+    _ = runtime.observer  # metrics and OTel set up now: a bad OTEL_* setting stops the process at boot
     dramatiq.set_broker(runtime.broker)
     return runtime
