@@ -137,6 +137,22 @@ def worker(processes: int, threads: int, metrics_port: Optional[int]) -> None:
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback only with LONGHAUL_DASHBOARD_TOKEN set.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def dashboard(host: str, port: int) -> None:
+    """Serve the web dashboard: tasks, a task's steps and live trace, threads, and actions.
+
+    Every request needs the token (LONGHAUL_DASHBOARD_TOKEN, as a Bearer
+    header or once as ?token=); on loopback without one, a token is made
+    for this run and the URL to open is printed.
+    """
+    from .dashboard import serve
+
+    serve(host=host, port=port, announce=lambda line: click.echo(line, err=True))
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def migrate(as_json: bool) -> None:
     """Create or upgrade the store's schema (SQLite or PostgreSQL) and print its version.
