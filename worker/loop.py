@@ -110,8 +110,9 @@ class TaskRun:
             RunInfo(task_id=self.task_id, thread_id=record.thread_id, agent=agent or record.provider,
                     provider=record.provider, model=record.model, resumed=self.claim.resumed),
             remember=self.store)
-        self.store = ObservedStore(self.store, self.observation)  # type: ignore[assignment]
-        self.tool_calls_heard = ToolCallListener(self.observation)
+        if self.observation is not NULL_RUN:  # nothing observes: no wrapper, no listener
+            self.store = ObservedStore(self.store, self.observation)  # type: ignore[assignment]
+            self.tool_calls_heard = ToolCallListener(self.observation)
 
     def _run(self) -> TaskStatus:
         try:
@@ -123,7 +124,8 @@ class TaskRun:
             assert record.spec is not None
             provider = self.provider or create_provider(record.provider, settings=self.rt.settings,
                                                         providers=self.rt.providers)
-            provider = ObservedProvider(provider, self.observation)
+            if self.observation is not NULL_RUN:
+                provider = ObservedProvider(provider, self.observation)
             validate_tool_names(record.spec.options, self.tools)  # a tool this worker lacks: fail now, naming --app
             history = list(record.execution_history) or self._open_histories(record, record.spec)
             return self._step_until_done(record, record.spec, provider, history)

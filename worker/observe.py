@@ -219,7 +219,7 @@ class ObservedProvider:
 
     def __init__(self, inner: Provider, run: RunObserver, clock: Callable[[], float] = time.time) -> None:
         self.inner = inner
-        self.name = inner.name
+        self.name = getattr(inner, "name", type(inner).__name__)
         self.run = run
         self.clock = clock
 
