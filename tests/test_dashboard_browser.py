@@ -39,7 +39,8 @@ def browser() -> Iterator[object]:
     chromium = shutil.which("chromium") or (CHROMIUM if os.path.exists(CHROMIUM) else None)
     driver_path = shutil.which("chromedriver") or (CHROMEDRIVER if os.path.exists(CHROMEDRIVER) else None)
     if chromium is None or driver_path is None:
-        missing_prerequisite("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+        missing_prerequisite("chromium and chromium-driver are not installed "
+                             "(apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

@@ -106,18 +106,16 @@ def _tasks_context(request: Request) -> dict[str, Any]:
             "query": request.url.query}
 
 
-async def tasks_page(request: Request) -> Response:
-    try:
-        return render(request, "tasks.html", **_tasks_context(request))
-    except BadFilter as exc:
-        return PlainTextResponse(f"400: {exc}", status_code=400)
+def _task_list(template: str) -> Any:
+    """The task list's page, or its fragment (what htmx fetches again), by `template`."""
 
+    async def endpoint(request: Request) -> Response:
+        try:
+            return render(request, template, **_tasks_context(request))
+        except BadFilter as exc:
+            return PlainTextResponse(f"400: {exc}", status_code=400)
 
-async def tasks_fragment(request: Request) -> Response:
-    try:
-        return render(request, "_tasks_table.html", **_tasks_context(request))
-    except BadFilter as exc:
-        return PlainTextResponse(f"400: {exc}", status_code=400)
+    return endpoint
 
 
 def _task_context(task_id: str) -> dict[str, Any]:
@@ -129,20 +127,17 @@ def _task_context(task_id: str) -> dict[str, Any]:
     return {"task": record, "events": events, "actions": actions, "live": not record.status.is_terminal}
 
 
-async def task_page(request: Request) -> Response:
-    task_id = request.path_params["task_id"]
-    try:
-        return render(request, "task.html", **_task_context(task_id))
-    except TaskNotFound:
-        return render(request, "missing.html", status_code=404, what=f"task {task_id}")
+def _task_view(template: str) -> Any:
+    """A task's page, or its body alone (what htmx fetches again while it runs), by `template`."""
 
+    async def endpoint(request: Request) -> Response:
+        task_id = request.path_params["task_id"]
+        try:
+            return render(request, template, **_task_context(task_id))
+        except TaskNotFound:
+            return render(request, "missing.html", status_code=404, what=f"task {task_id}")
 
-async def task_fragment(request: Request) -> Response:
-    task_id = request.path_params["task_id"]
-    try:
-        return render(request, "_task_body.html", **_task_context(task_id))
-    except TaskNotFound:
-        return render(request, "missing.html", status_code=404, what=f"task {task_id}")
+    return endpoint
 
 
 async def thread_page(request: Request) -> Response:
@@ -187,12 +182,12 @@ async def action_post(request: Request) -> Response:
 def create_app(*, token: str) -> Starlette:
     """The dashboard as an ASGI app over the process's runtime (`runtime.get_runtime`), guarded by `token`."""
     routes = [
-        Route("/", tasks_page),
-        Route("/fragments/tasks", tasks_fragment),
-        Route("/tasks/{task_id:path}/fragment", task_fragment),
+        Route("/", _task_list("tasks.html")),
+        Route("/fragments/tasks", _task_list("_tasks_table.html")),
+        Route("/tasks/{task_id:path}/fragment", _task_view("_task_body.html")),
         Route("/tasks/{task_id:path}/actions/{action}", confirm_page, methods=["GET"]),
         Route("/tasks/{task_id:path}/actions/{action}", action_post, methods=["POST"]),
-        Route("/tasks/{task_id:path}", task_page),
+        Route("/tasks/{task_id:path}", _task_view("task.html")),
         Route("/threads/{thread_id:path}", thread_page),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
