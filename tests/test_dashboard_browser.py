@@ -83,10 +83,14 @@ def screenshot(driver, name: str) -> None:
 
 
 def text_of(driver, css: str) -> str:
-    from selenium.webdriver.common.by import By
+    """The element's visible text, read in one script (htmx may swap the element between two WebDriver calls)."""
+    return driver.execute_script("const found = document.querySelector(arguments[0]);"
+                                 "return found ? found.innerText : '';", css)
 
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+
+def listed_ids(driver) -> list[str]:
+    return driver.execute_script("return [...document.querySelectorAll('tr[data-task-id]')]"
+                                 ".map(row => row.dataset.taskId);")
 
 
 def test_an_operator_sees_the_tasks_watches_one_run_live_and_cancels_it(
@@ -103,14 +107,11 @@ def test_an_operator_sees_the_tasks_watches_one_run_live_and_cancels_it(
     # The list: the right tasks, with their statuses, behind the token.
     browser.get(f"{dashboard}/?token={TOKEN}")
     assert "token" not in browser.current_url  # the token left the URL for a session cookie
-    wait_until(lambda: {row.get_attribute("data-task-id") for row in
-                        browser.find_elements(By.CSS_SELECTOR, "tr[data-task-id]")} == {"quick", "slow"},
-               timeout_s=20, what="both tasks listed")
+    wait_until(lambda: set(listed_ids(browser)) == {"quick", "slow"}, timeout_s=20, what="both tasks listed")
     wait_until(lambda: "completed" in text_of(browser, 'tr[data-task-id="quick"]'), timeout_s=10, what="quick done")
     screenshot(browser, "tasks")
     browser.get(f"{dashboard}/?status=completed")
-    assert [row.get_attribute("data-task-id") for row in
-            browser.find_elements(By.CSS_SELECTOR, "tr[data-task-id]")] == ["quick"]
+    assert listed_ids(browser) == ["quick"]
 
     # The running task's page follows it without a reload.
     browser.get(f"{dashboard}/tasks/{slow}")
@@ -119,11 +120,12 @@ def test_an_operator_sees_the_tasks_watches_one_run_live_and_cancels_it(
     wait_until(lambda: int(text_of(browser, "#step-count") or 0) >= first + 2, timeout_s=30,
                what="the step count to grow on the open page")
     assert browser.execute_script("return window.loadedOnce") == "yes"
-    assert browser.find_elements(By.CSS_SELECTOR, "#trace tbody tr"), "no trace event shown"
+    assert browser.execute_script("return document.querySelectorAll('#trace tbody tr').length"), "no trace shown"
     screenshot(browser, "task-running")
 
     # An action end to end: cancel, confirmed, and the task stops.
-    browser.find_element(By.CSS_SELECTOR, 'a[data-action="cancel"]').click()
+    browser.execute_script("document.querySelector('a[data-action=\"cancel\"]').click();")  # no stale element
+    wait_until(lambda: text_of(browser, "#question"), timeout_s=10, what="the confirmation page")
     assert "Cancel task slow?" in text_of(browser, "#question")
     browser.find_element(By.ID, "confirm").click()
     assert "cancel" in text_of(browser, "#flash").lower()
