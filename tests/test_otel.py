@@ -147,7 +147,7 @@ def test_without_otel_variables_neither_the_sdk_nor_prometheus_client_is_importe
     import subprocess
 
     # (redis-py itself imports the OpenTelemetry *API* when it is installed: not ours to avoid.)
-    code = ("import sys; from longhaul.worker.observe import observer_from_environment, NULL_OBSERVER;"
+    code = ("import sys; from longhaul.worker.runtime import observer_from_environment, NULL_OBSERVER;"
             "assert observer_from_environment() is NULL_OBSERVER;"
             "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace', 'prometheus_client'))))")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}

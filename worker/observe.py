@@ -14,7 +14,8 @@ The step loop does not call metrics or spans itself. A claimed run gets one
 
 Recovery and lease code report `recovery(reason)` and `takeover()` to the
 process's `Observer`. `Observers` fans out to several (metrics and OTel);
-`NULL_OBSERVER` does nothing, at the cost of one method call.
+`NULL_OBSERVER` does nothing, and then no wrapper is installed at all. The
+process's observer is chosen from the environment by `runtime`.
 """
 
 from __future__ import annotations
@@ -190,25 +191,6 @@ class Observers:
     def takeover(self) -> None:
         for observer in self.observers:
             _guarded("takeover", lambda observer=observer: observer.takeover())
-
-
-def observer_from_environment() -> Observer:
-    """The process's observer: Prometheus metrics if the supervisor set them up, OTel if configured.
-
-    Neither is imported otherwise: without ``PROMETHEUS_MULTIPROC_DIR`` and
-    ``OTEL_TRACES_EXPORTER`` a worker observes nothing, at no cost.
-    """
-    from . import metrics, otel
-
-    observers: list[Observer] = []
-    if metrics.metrics_enabled():
-        observers.append(metrics.PrometheusObserver())
-    tracing = otel.tracing_observer()
-    if tracing is not None:
-        observers.append(tracing)
-    if not observers:
-        return NULL_OBSERVER
-    return observers[0] if len(observers) == 1 else Observers(observers)
 
 
 # -- the hooks ------------------------------------------------------------------------------------

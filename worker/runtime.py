@@ -27,7 +27,9 @@ from .apps import import_apps
 from .broker import build_broker
 from .errors import BROKER_ERRORS, BrokerUnavailable
 from .identity import current_claimant
-from .observe import Observer, observer_from_environment
+from .metrics import PrometheusObserver, metrics_enabled
+from .observe import NULL_OBSERVER, Observer, Observers
+from .otel import tracing_observer
 from .providers import ProviderFactory
 from .recovery import Maintenance
 from .settings import Settings, load_settings
@@ -181,6 +183,24 @@ class Runtime:
         if self._maintenance is not None:
             self._maintenance.stop()
             self._maintenance = None
+
+
+def observer_from_environment() -> Observer:
+    """The process's observer: Prometheus metrics if its supervisor serves them, OTel spans if ``OTEL_*`` asks.
+
+    Neither library is imported otherwise: without ``PROMETHEUS_MULTIPROC_DIR``
+    and ``OTEL_TRACES_EXPORTER`` a process observes nothing, at no cost.
+    `SettingsError` if spans are asked for without the `otel` extra.
+    """
+    observers: list[Observer] = []
+    if metrics_enabled():
+        observers.append(PrometheusObserver())
+    tracing = tracing_observer()
+    if tracing is not None:
+        observers.append(tracing)
+    if not observers:
+        return NULL_OBSERVER
+    return observers[0] if len(observers) == 1 else Observers(observers)
 
 
 _default: Optional[Runtime] = None

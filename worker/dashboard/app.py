@@ -29,6 +29,7 @@ from longhaul.models import TaskNotFound, TaskStatus
 from longhaul.models.redact import redact, redact_text
 
 from .. import admin
+from ..errors import InvalidFilter
 from ..runtime import get_runtime
 from .actions import ACTIONS, perform
 from .security import CSRF_FIELD, TokenGuard, csrf_ok, csrf_token
@@ -68,22 +69,18 @@ def _statuses() -> list[str]:
     return [status.value for status in TaskStatus]
 
 
-class BadFilter(ValueError):
-    """A filter of the task list that cannot be read."""
-
-
 def _filters(request: Request) -> dict[str, Any]:
     params = request.query_params
     found: dict[str, Any] = {key: (params.get(key) or "").strip() for key in ("status", "agent", "thread", "since",
                                                                               "until")}
     if found["status"] and found["status"] not in _statuses():
-        raise BadFilter(f"status: expected one of {', '.join(_statuses())}, got {found['status']!r}")
+        raise InvalidFilter(f"status: expected one of {', '.join(_statuses())}, got {found['status']!r}")
     for key in ("since", "until"):
         if found[key]:
             try:
                 datetime.fromisoformat(found[key])
             except ValueError:
-                raise BadFilter(f"{key}: expected a date and time such as 2026-01-31T12:00, "
+                raise InvalidFilter(f"{key}: expected a date and time such as 2026-01-31T12:00, "
                                 f"got {found[key]!r}") from None
     return found
 
@@ -112,7 +109,7 @@ def _task_list(template: str) -> Any:
     async def endpoint(request: Request) -> Response:
         try:
             return render(request, template, **_tasks_context(request))
-        except BadFilter as exc:
+        except InvalidFilter as exc:
             return PlainTextResponse(f"400: {exc}", status_code=400)
 
     return endpoint
