@@ -174,6 +174,13 @@ def _to_v4(db: Database, tables: Tables) -> None:
         db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "delivery_message_id" {column_type}')
 
 
+def _to_v5_otel_trace_parent(db: Database, tables: Tables) -> None:
+    """Schema 5 (OpenTelemetry): `task` keeps the trace its runs continue (`otel_trace_parent`)."""
+    if "otel_trace_parent" not in {column.name for column in db.get_columns("task")}:
+        column_type = sql_type(db, tables.Task._meta.fields["otel_trace_parent"])
+        db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "otel_trace_parent" {column_type}')
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -184,7 +191,9 @@ def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
 
 
 #: version -> migration that brings the schema from version - 1 to it.
-MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_otel_trace_parent,
+}
 
 
 def pending(found: int, target: int) -> list[tuple[int, Callable[[Database, Tables], None]]]:

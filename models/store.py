@@ -198,6 +198,16 @@ class TaskStore:
         with StoreFailures(task_id):
             return self._tasks.request_cancel(task_id)
 
+    def trace_parent(self, task_id: str) -> Optional[str]:
+        """The OpenTelemetry trace parent (``<trace id>-<span id>``, hex) the task's runs continue, or None."""
+        with StoreFailures(task_id):
+            return self._tasks.trace_parent(task_id)
+
+    def keep_trace_parent(self, task_id: str, trace_parent: str) -> str:
+        """Record the task's trace parent if none is yet (idempotent); returns the one recorded."""
+        with StoreFailures(task_id):
+            return self._tasks.keep_trace_parent(task_id, trace_parent)
+
     def is_cancel_requested(self, task_id: str) -> bool:
         """Whether `request_cancel` asked the running task to stop (checked between steps)."""
         with StoreFailures(task_id):

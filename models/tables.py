@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -97,6 +97,9 @@ def bind_tables(db: Database) -> Tables:
         # The broker's id of that message (Redis's ``redis_message_id``), if known: recovery checks it still
         # exists, so a message lost with the broker's data is re-sent at once, not after the grace period.
         delivery_message_id = CharField(max_length=64, null=True)
+        # Since schema 5: the OpenTelemetry trace every run of the task continues, as
+        # "<trace id>-<span id>" (hex, the first run's span); null until a traced run starts.
+        otel_trace_parent = CharField(max_length=64, null=True)
         # The lease: who runs the task now. `lease_token` is unique per claim.
         lease_token = CharField(max_length=64, null=True)
         lease_owner = CharField(max_length=200, null=True)

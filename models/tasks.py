@@ -102,6 +102,7 @@ class TaskWrites:
                 status=TaskStatus.QUEUED.value, checkpoint_count=0, recovery_count=0, cancel_requested=False,
                 execution_count=0, resumable_count=0, latest_checkpoint_note=None, final_response=None,
                 last_error=None, completed_at=None, started_at=None, updated_at=now, delivery_due_at=now,
+                otel_trace_parent=None,  # a rerun is a new trace
             ).where(Task.id == row.id).execute()
 
     def _clear_run(self, task_id: str, task_pk: int) -> None:
@@ -129,6 +130,24 @@ class TaskWrites:
                 return TaskStatus.CANCELLED
             Task.update(cancel_requested=True, updated_at=now).where(Task.id == row.id).execute()
             return status
+
+    def trace_parent(self, task_id: str) -> Optional[str]:
+        """The OpenTelemetry trace parent the task's runs continue (see `keep_trace_parent`), or None."""
+        Task = self.ctx.tables.Task
+        row = Task.select(Task.otel_trace_parent).where(Task.task_id == task_id).tuples().first()
+        return row[0] if row else None
+
+    def keep_trace_parent(self, task_id: str, trace_parent: str) -> str:
+        """Record the task's trace parent unless one is recorded already; returns the one recorded.
+
+        A compare-and-set (``WHERE otel_trace_parent IS NULL``), unfenced:
+        two runs racing (a takeover) agree on the first one written.
+        """
+        Task = self.ctx.tables.Task
+        with self.ctx.db.atomic():
+            Task.update(otel_trace_parent=trace_parent).where(
+                (Task.task_id == task_id) & Task.otel_trace_parent.is_null()).execute()
+        return self.trace_parent(task_id) or trace_parent
 
     def is_cancel_requested(self, task_id: str) -> bool:
         """Whether `request_cancel` asked the running task to stop (checked between steps)."""

@@ -200,6 +200,9 @@ class TraceWriter:
     _events: list[PendingEvent] = field(default_factory=list)
     _chunks: Optional[_Chunks] = None
     streamed_content: bool = False  # did the provider stream content during this turn?
+    #: Hears every event but streamed chunks, as (type, data, recorded_at epoch s): metrics and spans
+    #: (`worker.observe`). Called on the emitting thread; it must be cheap and never raise.
+    listener: Optional[Callable[[str, dict[str, Any], float], None]] = None
 
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         """Record an event; streamed chunks of the same type are merged.
@@ -220,6 +223,8 @@ class TraceWriter:
             return
         self._flush_chunks()
         self._events.append((now, event_type, data))
+        if self.listener is not None:
+            self.listener(event_type, data, now)
 
     def end_turn(self) -> None:
         """A turn boundary: flush pending chunks; the next turn starts unstreamed."""
@@ -243,10 +248,11 @@ class TraceWriter:
 
 
 class NullTraceWriter(TraceWriter):
-    """Tracing off (``LONGHAUL_TRACES=false``): events are dropped."""
+    """Tracing off (``LONGHAUL_TRACES=false``): events are dropped (the listener still hears them)."""
 
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
-        return None
+        if self.listener is not None and event_type not in STREAMED:
+            self.listener(event_type, data, self.clock())
 
     def take(self) -> PendingTraces:
         return PendingTraces(agent=self.agent, model=self.model, job_type=self.job_type,

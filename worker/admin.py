@@ -19,6 +19,7 @@ from longhaul.models.event_stream import EventFile, export_events
 
 from . import workspaces
 from .errors import BrokerRequired
+from .metrics import MetricsEndpoint
 from .runtime import get_runtime
 from .settings import load_settings
 from .supervisor import supervise
@@ -106,12 +107,14 @@ def delete_thread(thread_id: str) -> int:
     return workspaces.delete_thread(rt.store, rt.settings.workspace_root, thread_id)
 
 
-def serve(*, processes: int, threads: int) -> int:
+def serve(*, processes: int, threads: int, metrics_port: Optional[int] = None) -> int:
     """Run a supervised pool of worker processes until it is told to stop; its exit code.
 
     The settings and the store are checked once, here, before any child
     starts (`BrokerRequired` without Redis). The supervisor itself runs no
-    task, so it lets go of its database connections.
+    task, so it lets go of its database connections. With `metrics_port`
+    (default `LONGHAUL_METRICS_PORT`) it serves the pool's Prometheus
+    metrics there (`metrics.MetricsEndpoint`) for as long as it runs.
     """
     runtime = get_runtime()
     if runtime.settings.redis_url is None:
@@ -120,7 +123,15 @@ def serve(*, processes: int, threads: int) -> int:
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads))
-    return supervise(processes=processes, threads=threads)
+    port = metrics_port or runtime.settings.metrics_port
+    if port is None:
+        return supervise(processes=processes, threads=threads)
+    endpoint = MetricsEndpoint(host=runtime.settings.metrics_host, port=port,
+                               count_tasks=lambda status: runtime.store.count_tasks(status)).start()
+    try:
+        return supervise(processes=processes, threads=threads, on_child_exit=endpoint.process_exited)
+    finally:
+        endpoint.stop()
 
 
 def runs_in_process() -> bool:

@@ -27,6 +27,7 @@ from longhaul.models import StoreUnavailable
 from .context import WorkerContext
 from .execute import execute_task
 from .loop import TRANSIENT_ERRORS
+from .metrics import dramatiq_middleware
 from .middleware import LonghaulMiddleware
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ def build_broker(rt: WorkerContext) -> tuple[Broker, Actor]:
         Retries(max_retries=settings.max_retries, min_backoff=settings.min_backoff_ms,
                 max_backoff=settings.max_backoff_ms),
         CurrentMessage(),
+        *dramatiq_middleware(),  # Dramatiq's own message metrics, when the supervisor serves metrics
     ]
     broker: Broker
     if rt.embedded:

@@ -124,14 +124,32 @@ def enqueue(prompt: str, **options: Any) -> None:
 @cli.command()
 @click.option("--processes", type=count(1), default=1, show_default=True)
 @click.option("--threads", type=count(1), default=4, show_default=True)
-def worker(processes: int, threads: int) -> None:
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve the pool's Prometheus metrics on this port (default: LONGHAUL_METRICS_PORT; none).")
+def worker(processes: int, threads: int, metrics_port: Optional[int]) -> None:
     """Run a supervised pool of worker processes for longhaul (needs Redis).
 
     A worker process that dies is replaced while the others keep serving;
     SIGTERM or SIGINT (to this process or its whole process group) stops
     every process after its current steps; SIGHUP restarts them gracefully.
     """
-    sys.exit(admin.serve(processes=processes, threads=threads))
+    sys.exit(admin.serve(processes=processes, threads=threads, metrics_port=metrics_port))
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; beyond loopback only with LONGHAUL_DASHBOARD_TOKEN set.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+def dashboard(host: str, port: int) -> None:
+    """Serve the web dashboard: tasks, a task's steps and live trace, threads, and actions.
+
+    Every request needs the token (LONGHAUL_DASHBOARD_TOKEN, as a Bearer
+    header or once as ?token=); on loopback without one, a token is made
+    for this run and the URL to open is printed.
+    """
+    from .dashboard import serve
+
+    serve(host=host, port=port, announce=lambda line: click.echo(line, err=True))
 
 
 @cli.command()

@@ -15,6 +15,7 @@ from dramatiq import Actor, Broker
 
 from longhaul.models import Claim, Claimant, LeaseBook, TaskStore
 
+from .observe import Observer
 from .providers import ProviderFactory
 from .settings import Settings
 
@@ -33,6 +34,11 @@ class WorkerContext(Protocol):
     actor: Actor
     #: The providers tasks may name; None: the process's registry, read at each use.
     providers: Optional[Mapping[str, ProviderFactory]]
+
+    @property
+    def observer(self) -> Observer:
+        """Hears this process's runs, recoveries and takeovers (metrics, spans; see `observe`)."""
+        ...
 
     @property
     def claimant(self) -> Claimant:

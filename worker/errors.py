@@ -24,6 +24,10 @@ class SettingsError(InvalidInput):
     """An environment variable holds a value longhaul cannot use."""
 
 
+class InvalidFilter(InvalidInput):
+    """A filter of the dashboard's task list that cannot be read (the message names it)."""
+
+
 class BrokerRequired(InvalidInput):
     """The call needs a shared broker, and none is configured."""
 
@@ -157,7 +161,8 @@ class ToolError(LonghaulError):
 
 __all__ = [
     "APP_ENV_VAR",
-    "SettingsError", "BrokerRequired", "AppImportError", "DuplicateAgent", "UnknownAgent", "UnknownProvider",
+    "SettingsError", "InvalidFilter", "BrokerRequired", "AppImportError", "DuplicateAgent", "UnknownAgent",
+    "UnknownProvider",
     "UnknownTool", "TaskExists",
     "TaskBusy", "BrokerUnavailable", "BROKER_ERRORS",
     "BudgetExceeded", "ProviderError", "TransientProviderError", "PermanentProviderError", "ToolError",

@@ -47,6 +47,7 @@ def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
         claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s, steal_token=holder.token)
         if claim is not None:
             logger.info("task %r: took over from dead process %d on this host", task_id, holder.pid)
+            rt.observer.takeover()
             return claim
     logger.info("task %r is leased by a live worker (%s pid %s); dropping duplicate delivery",
                 task_id, holder.host, holder.pid)

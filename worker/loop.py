@@ -37,6 +37,7 @@ from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .budgets import BudgetExceeded, Spend, check_budget
 from .context import WorkerContext
+from .observe import NULL_RUN, ObservedProvider, ObservedStore, RunInfo, RunObserver, ToolCallListener
 from .providers import (
     PermanentProviderError,
     Provider,
@@ -84,6 +85,8 @@ class TaskRun:
         self.provider = provider
         self.tools = tools
         self.store = rt.store
+        self.observation: RunObserver = NULL_RUN
+        self.tool_calls_heard: Optional[ToolCallListener] = None
         self.claim = claim
         self.task_id = claim.task_id
         self.tracer: TraceWriter = NullTraceWriter(agent="", model="", job_type="", next_sequence=0,
@@ -92,13 +95,37 @@ class TaskRun:
         self.pending: list[ChatMessage] = []  # the step in progress: its assistant turn and tool results so far
 
     def run(self) -> TaskStatus:
+        """Run until the task finishes or is interrupted (see `run_claimed_task`), observed from start to end."""
+        status = TaskStatus.RUNNING  # what an exception leaves: interrupted, resumable
+        try:
+            status = self._run()
+            return status
+        finally:
+            self.observation.ended(status, self.tool_calls_heard.error_type if self.tool_calls_heard else None)
+
+    def _observe(self, record: TaskRecord) -> None:
+        """Hook the process's observer (metrics, spans) into this run: the store, the tracer, the provider."""
+        agent = record.spec.agent.name if record.spec is not None and record.spec.agent is not None else ""
+        self.observation = self.rt.observer.run_started(
+            RunInfo(task_id=self.task_id, thread_id=record.thread_id, agent=agent or record.provider,
+                    provider=record.provider, model=record.model, resumed=self.claim.resumed),
+            remember=self.store)
+        if self.observation is not NULL_RUN:  # nothing observes: no wrapper, no listener
+            self.store = ObservedStore(self.store, self.observation)  # type: ignore[assignment]
+            self.tool_calls_heard = ToolCallListener(self.observation)
+
+    def _run(self) -> TaskStatus:
         try:
             record = self.store.get(self.task_id, checkpoints=False)
+            self._observe(record)
             self.tracer = self._open_tracer(record)
+            self.tracer.listener = self.tool_calls_heard
             self._check_startable(record)
             assert record.spec is not None
             provider = self.provider or create_provider(record.provider, settings=self.rt.settings,
                                                         providers=self.rt.providers)
+            if self.observation is not NULL_RUN:
+                provider = ObservedProvider(provider, self.observation)
             validate_tool_names(record.spec.options, self.tools)  # a tool this worker lacks: fail now, naming --app
             history = list(record.execution_history) or self._open_histories(record, record.spec)
             return self._step_until_done(record, record.spec, provider, history)

@@ -21,8 +21,19 @@ from .identity import holder_is_dead
 logger = logging.getLogger(__name__)
 
 
+class Interruption(str):
+    """Why a task needs a new delivery: a sentence for the log, with a short `kind` for metrics labels."""
+
+    kind: str
+
+    def __new__(cls, kind: str, sentence: str) -> Interruption:
+        made = super().__new__(cls, sentence)
+        made.kind = kind
+        return made
+
+
 def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float,
-                 message_held: Optional[bool] = None) -> Optional[str]:
+                 message_held: Optional[bool] = None) -> Optional[Interruption]:
     """Why the task needs a new delivery now, or None if it does not.
 
     Without a lease, a task waits for a message: none is due (a graceful
@@ -38,21 +49,22 @@ def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float,
     if row.token is None:
         if row.delivery_due_at is None:
             if row.status is TaskStatus.QUEUED:
-                return "no message was sent for it (the broker was unreachable)"
-            return "it was interrupted and released"
+                return Interruption("unsent", "no message was sent for it (the broker was unreachable)")
+            return Interruption("released", "it was interrupted and released")
         if message_held is not None:
-            return None if message_held else "the broker no longer holds its message (Redis restarted empty?)"
+            return None if message_held else Interruption(
+                "message_lost", "the broker no longer holds its message (Redis restarted empty?)")
         if row.delivery_due_at + grace_s <= now:
-            return "its message is overdue (lost by the broker?)"
+            return Interruption("message_overdue", "its message is overdue (lost by the broker?)")
         return None
     if row.expires_at is not None and row.expires_at <= now:
-        return "its lease expired"
+        return Interruption("lease_expired", "its lease expired")
     if holder_is_dead(row, host=host):
-        return f"its worker process {row.pid} on this host is gone"
+        return Interruption("holder_dead", f"its worker process {row.pid} on this host is gone")
     return None
 
 
-def find_interrupted(rt: WorkerContext) -> list[tuple[LeaseRow, str]]:
+def find_interrupted(rt: WorkerContext) -> list[tuple[LeaseRow, Interruption]]:
     """Unfinished tasks that nobody is running and no message is coming for."""
     now, host, grace_s = rt.store.clock(), rt.claimant.host, rt.settings.redelivery_grace_s
     rows = rt.leases.unfinished()
@@ -101,6 +113,9 @@ def resend_interrupted(rt: WorkerContext) -> list[str]:
             continue
         if taken:
             logger.info("resuming task %r: %s", row.task_id, reason)
+            rt.observer.recovery(reason.kind)
+            if row.token is not None:  # a lease its holder still had on the row (expired, or a dead process)
+                rt.observer.takeover()
             try:
                 rt.send(row.task_id)
             except BrokerUnavailable as exc:  # marked unsent again: the next pass sends it

@@ -27,6 +27,9 @@ from .apps import import_apps
 from .broker import build_broker
 from .errors import BROKER_ERRORS, BrokerUnavailable
 from .identity import current_claimant
+from .metrics import PrometheusObserver, metrics_enabled
+from .observe import NULL_OBSERVER, Observer, Observers
+from .otel import tracing_observer
 from .providers import ProviderFactory
 from .recovery import Maintenance
 from .settings import Settings, load_settings
@@ -47,12 +50,17 @@ class Runtime:
     `providers` (name -> factory) are the ones its tasks may name and its
     workers build; None means the process's registry (`register_provider`),
     read at each use so a provider registered later is found.
+    `observer` hears its runs (metrics, spans); None means the one the
+    environment configures (`observe.observer_from_environment`), built on
+    first use, so a process that runs no task never builds one.
     """
 
     def __init__(self, settings: Settings, *, embedded: Optional[bool] = None, clock: Optional[Clock] = None,
-                 providers: Optional[Mapping[str, ProviderFactory]] = None) -> None:
+                 providers: Optional[Mapping[str, ProviderFactory]] = None,
+                 observer: Optional[Observer] = None) -> None:
         self.settings = settings
         self.providers = providers
+        self._observer = observer
         # Log lines pass through the same redaction as stored text (the configured API keys included).
         redact_log_handlers()
         self.embedded = settings.redis_url is None if embedded is None else embedded
@@ -70,6 +78,13 @@ class Runtime:
         self.broker: Broker
         self.actor: Actor
         self.broker, self.actor = build_broker(self)
+
+    @property
+    def observer(self) -> Observer:
+        with self._active_lock:  # worker threads start runs concurrently: one observer per process
+            if self._observer is None:
+                self._observer = observer_from_environment()
+            return self._observer
 
     # -- identity and held leases ---------------------------------------------
 
@@ -170,6 +185,24 @@ class Runtime:
             self._maintenance = None
 
 
+def observer_from_environment() -> Observer:
+    """The process's observer: Prometheus metrics if its supervisor serves them, OTel spans if ``OTEL_*`` asks.
+
+    Neither library is imported otherwise: without ``PROMETHEUS_MULTIPROC_DIR``
+    and ``OTEL_TRACES_EXPORTER`` a process observes nothing, at no cost.
+    `SettingsError` if spans are asked for without the `otel` extra.
+    """
+    observers: list[Observer] = []
+    if metrics_enabled():
+        observers.append(PrometheusObserver())
+    tracing = tracing_observer()
+    if tracing is not None:
+        observers.append(tracing)
+    if not observers:
+        return NULL_OBSERVER
+    return observers[0] if len(observers) == 1 else Observers(observers)
+
+
 _default: Optional[Runtime] = None
 _default_lock = threading.Lock()
 
@@ -198,5 +231,6 @@ def wire_worker_process() -> Runtime:
     """
     runtime = get_runtime()
     import_apps(runtime.settings.app_modules)
+    _ = runtime.observer  # metrics and OTel set up now: a bad OTEL_* setting stops the process at boot
     dramatiq.set_broker(runtime.broker)
     return runtime

@@ -88,6 +88,14 @@ class Settings(BaseSettings):
     default_provider: str = "scripted"
     default_model: str = "scripted-v1"
 
+    # -- observing (worker/metrics.py; OpenTelemetry is configured by the standard OTEL_* variables) --
+    # `longhaul worker` serves Prometheus metrics of its whole pool on this port (--metrics-port); unset = none.
+    metrics_port: Optional[int] = Field(default=None, ge=1, le=65535)
+    # The address the metrics endpoint binds (0.0.0.0 to let a Prometheus on another host scrape it).
+    metrics_host: str = Field(default="127.0.0.1", min_length=1)
+    # The dashboard's token (`longhaul dashboard`): required on every request; never printed.
+    dashboard_token: Optional[SecretStr] = None
+
     # -- providers (worker/providers/) --
     # OpenAI-compatible chat-completions endpoint: OpenAI, Azure-style gateways, vLLM, Ollama, LiteLLM, OpenRouter.
     openai_base_url: str = Field(default="https://api.openai.com/v1", min_length=1)
@@ -178,8 +186,8 @@ def load_settings(**overrides: object) -> Settings:
             msg = str(err["msg"]).removeprefix("Value error, ")
             problems.append(f"{var}: {msg} (got {err.get('input')!r})")
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
-    register_secrets(secret.get_secret_value() for secret in (settings.openai_api_key, settings.anthropic_api_key)
-                     if secret is not None)
+    register_secrets(secret.get_secret_value() for secret in (settings.openai_api_key, settings.anthropic_api_key,
+                                                               settings.dashboard_token) if secret is not None)
     return settings
 
 

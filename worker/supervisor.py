@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Optional
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,13 @@ class Slot:
 class Supervisor:
     """Runs `processes` worker processes of `threads` threads each until asked to stop."""
 
-    def __init__(self, *, processes: int, threads: int, python: str = sys.executable) -> None:
+    def __init__(self, *, processes: int, threads: int, python: str = sys.executable,
+                 on_child_exit: Optional[Callable[[int], None]] = None) -> None:
         if processes < 1 or threads < 1:
             raise ValueError("processes and threads: must be at least 1")
         self.threads = threads
+        #: Told the pid of each child that exited (the metrics endpoint drops its live gauges).
+        self.on_child_exit = on_child_exit
         self.python = python
         self.slots = [Slot(index) for index in range(processes)]
         # Set by the signal handlers, acted on (and logged) by the loop: a handler that logged could
@@ -112,6 +115,8 @@ class Supervisor:
         code = slot.child.returncode
         pid = slot.child.pid
         slot.child = None
+        if self.on_child_exit is not None:
+            self.on_child_exit(pid)
         lived_s = now_s - slot.started_at_s
         slot.quick_deaths = slot.quick_deaths + 1 if lived_s < HEALTHY_AFTER_S else 0
         delay_s = 0.0 if slot.quick_deaths <= 1 else min(
@@ -155,10 +160,12 @@ class Supervisor:
         self._signal_children(signal.SIGTERM)
         for child in [slot.child for slot in self.slots if slot.child is not None]:
             child.wait()
+            if self.on_child_exit is not None:
+                self.on_child_exit(child.pid)
         logger.info("every worker process stopped")
         return 0
 
 
-def supervise(*, processes: int, threads: int) -> int:
+def supervise(*, processes: int, threads: int, on_child_exit: Optional[Callable[[int], None]] = None) -> int:
     """Run a supervised pool of worker processes in this process; returns its exit code."""
-    return Supervisor(processes=processes, threads=threads).run()
+    return Supervisor(processes=processes, threads=threads, on_child_exit=on_child_exit).run()
