@@ -174,6 +174,15 @@ def _to_v4(db: Database, tables: Tables) -> None:
         db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "delivery_message_id" {column_type}')
 
 
+def _to_v5_threads(db: Database, tables: Tables) -> None:
+    """Schema 5 (threads, issue 15): an index on ``task (thread_id, status, id)``.
+
+    Every claim of a queued task asks whether its thread is free, and every
+    thread's story is read in arrival order: both walk this index.
+    """
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "task_thread_id_status_id" ON "task" ("thread_id", "status", "id")')
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -184,7 +193,7 @@ def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
 
 
 #: version -> migration that brings the schema from version - 1 to it.
-MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_threads}
 
 
 def pending(found: int, target: int) -> list[tuple[int, Callable[[Database, Tables], None]]]:

@@ -7,6 +7,8 @@ one `StoreContext` (database, tables, dialect, prepared statements, clock):
 - `Checkpoints` (`checkpoints.py`): the fenced writes of a running task;
 - `TraceStore` (`trace_store.py`): trace events, written and read;
 - `TaskReads` (`reads.py`): records and summaries;
+- `ThreadReads` (`threads.py`): a thread's story, who runs on it, who starts next;
+- `Forks` (`forks.py`): a new task from an earlier step of another;
 - `LeaseBook` (`leases.py`): claims, renewals, releases;
 - `migrations.py`: the schema, created or upgraded on open.
 
@@ -34,6 +36,7 @@ from .db import (
     open_database,
 )
 from .dialect import Dialect, StoreFailures
+from .forks import Forks
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .reads import TaskReads
 from .schemas import (
@@ -50,6 +53,7 @@ from .schemas import (
 from .statements import Statements
 from .tables import bind_tables
 from .tasks import TaskWrites
+from .threads import ThreadReads, ThreadStory
 from .trace_store import TraceStore
 from .traces import PendingTraces, TraceEventRecord
 
@@ -97,6 +101,8 @@ class TaskStore:
         self._tasks = TaskWrites(self.context, self.trace_store)
         self._checkpoints = Checkpoints(self.context, self.trace_store)
         self._reads = TaskReads(self.context)
+        self._threads = ThreadReads(self.context)
+        self._forks = Forks(self.context)
         # Connections are opened per thread on first use; close (not just
         # pool) this one, so a process that forks after construction does not
         # hand a live connection to its children.
@@ -321,6 +327,36 @@ class TaskStore:
         """The thread's most recently updated task, or None."""
         with StoreFailures():
             return self._reads.load_by_thread_id(thread_id, exclude_task_id=exclude_task_id)
+
+    def thread_story(self, thread_id: str, *, before_task_id: Optional[str] = None) -> ThreadStory:
+        """The thread's turns: its finished tasks' prompts and answers (or how they ended), in arrival order.
+
+        With `before_task_id`, only the tasks that arrived before that one
+        (what that task starts from). See `threads.py`.
+        """
+        with StoreFailures():
+            return self._threads.story(thread_id, before_task_id=before_task_id)
+
+    def fork(self, task_id: str, *, at_step: int, new_task_id: str, thread_id: str,
+             prompt: Optional[str] = None) -> bool:
+        """A new `queued` task with `task_id`'s history through step `at_step` (see `forks.py`).
+
+        False if `new_task_id` is taken (nothing changes); `StepNotForkable`
+        if the original has no checkpoint `at_step`; the original is only read.
+        """
+        with StoreFailures(task_id):
+            return self._forks.fork(task_id, at_step=at_step, new_task_id=new_task_id, thread_id=thread_id,
+                                    prompt=prompt)
+
+    def thread_busy(self, thread_id: str, *, excluding: Optional[str] = None) -> list[tuple[str, TaskStatus]]:
+        """The thread's unfinished tasks as ``(task_id, status)``, running ones first, then in arrival order."""
+        with StoreFailures():
+            return self._threads.busy(thread_id, excluding=excluding)
+
+    def next_startable(self, task_id: str) -> Optional[str]:
+        """The task of `task_id`'s thread that may start now, or None (something runs, or nothing waits)."""
+        with StoreFailures(task_id):
+            return self._threads.next_startable(task_id)
 
     def summary(self, task_id: str) -> TaskSummary:
         """A task without its histories (cheap to poll); `TaskNotFound` if missing."""

@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -123,6 +123,8 @@ def bind_tables(db: Database) -> Tables:
             table_name = "task"
             indexes = (
                 (("thread_id", "updated_at"), False),
+                # Since schema 5 (threads): who runs on a thread, who starts next, its story in arrival order.
+                (("thread_id", "status", "id"), False),
                 (("status", "lease_expires_at"), False),
                 (("status", "updated_at"), False),
             )

@@ -200,6 +200,8 @@ class TraceWriter:
     _events: list[PendingEvent] = field(default_factory=list)
     _chunks: Optional[_Chunks] = None
     streamed_content: bool = False  # did the provider stream content during this turn?
+    #: Called with every event as it is emitted, each chunk on its own (live output, `worker/live.py`).
+    on_event: Optional[Callable[[str, dict[str, Any]], None]] = None
 
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         """Record an event; streamed chunks of the same type are merged.
@@ -207,6 +209,8 @@ class TraceWriter:
         `data` is kept as given (redacted and encoded when the store takes
         it), so do not change it after emitting.
         """
+        if self.on_event is not None:
+            self.on_event(event_type, data)
         now = self.clock()
         if event_type in STREAMED:
             text = str(data.get("text", ""))

@@ -201,18 +201,15 @@ def resumable_turns_from_task_record(record: TaskRecord) -> list[ChatMessage]:
 
 
 def load_resumable_state(
-    store: TaskStore, thread_id: str, *, exclude_task_id: Optional[str] = None
+    store: TaskStore, thread_id: str, *, before_task_id: Optional[str] = None
 ) -> Optional[tuple[list[ChatMessage], Optional[str]]]:
-    """``(turns, latest_checkpoint_note)`` of the thread's latest task, or None.
+    """``(turns, latest_checkpoint_note)`` of the thread's story, or None if it has no turns yet.
 
-    None when the thread has no task or its task has no turns to resume.
-    `exclude_task_id` skips the task that is asking, so a new task on a
-    thread sees the one before it.
+    The story is every finished task's own turns in arrival order (see
+    `threads.py`); `before_task_id` keeps only the tasks that arrived before
+    that one, which is what a new task on the thread starts from.
     """
-    record = store.load_by_thread_id(thread_id, exclude_task_id=exclude_task_id)
-    if record is None:
+    story = store.thread_story(thread_id, before_task_id=before_task_id)
+    if not story.turns:
         return None
-    turns = resumable_turns_from_task_record(record)
-    if not turns:
-        return None
-    return turns, record.latest_checkpoint_note
+    return story.turns, story.latest_checkpoint_note

@@ -141,7 +141,8 @@ class TaskRun:
         started_at = record.started_at.timestamp() if record.started_at else self.store.clock()
         tracer = TraceWriter(agent=record.provider, model=record.model, job_type="agent_task",
                              next_sequence=self.store.next_trace_sequence(self.task_id), started_at=started_at,
-                             clock=self.store.clock)
+                             clock=self.store.clock, on_event=(  # live output for `longhaul follow`
+                                 self.rt.live.publisher(record.task_id, record.thread_id) if self.rt.live else None))
         if self.claim.resumed:
             tracer.emit("resumed", {"from_step": record.last_step_index + 1,
                                     "recovery_count": self.claim.recovery_count,
@@ -176,7 +177,7 @@ class TaskRun:
         history. A thread's turns hold only user and assistant messages, so
         the instructions of an earlier task on the thread are not repeated.
         """
-        prior = load_resumable_state(self.store, record.thread_id, exclude_task_id=record.task_id)
+        prior = load_resumable_state(self.store, record.thread_id, before_task_id=record.task_id)
         turns, note = prior if prior is not None else ([], None)
         instructions = spec.agent.instructions if spec.agent is not None else None
         execution = [ChatMessage.system(instructions)] if instructions else []

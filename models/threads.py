@@ -1,0 +1,163 @@
+"""Threads: a chat's tasks as one story, and the rule that runs them one at a time, in arrival order.
+
+A thread's tasks are ordered by their row id, which the store hands out at
+`create` time: that is the order they arrived in (and, since a thread runs
+one task at a time in that order, the order they start in). A rerun keeps
+its task's id, so its turns stay in place.
+
+**The story.** Each finished task contributes its own turns, once: its
+prompt, then its final answer (tool-call tags stripped), or, for a task that
+ended otherwise, a short assistant note of how it ended, so user and
+assistant strictly alternate without merging unrelated prompts. A queued or
+running task contributes nothing yet. The whole story is one indexed query
+over the thread's task rows: no message rows are read (except for the rare
+task stored by `save_snapshot`, which has no spec and whose resumable history
+is its turns).
+
+**One at a time.** `startable` is the condition a claim adds for a queued
+task: no other task of its thread is running (leased or resumable), and no
+task that arrived before it is still queued. Why that is atomic:
+
+- SQLite: the claim's ``UPDATE`` runs inside ``BEGIN IMMEDIATE``, so the
+  ``NOT EXISTS`` is evaluated with no other writer.
+- PostgreSQL (READ COMMITTED): the subquery sees the committed rows at the
+  statement's start. Two queued tasks A (earlier) and B of one thread are
+  both committed as `queued` before either is sent, so B's claim always sees
+  A, queued or running, and refuses; only the earliest queued task can be
+  claimed, and only while nothing runs. A task created after B's snapshot
+  has a higher id (or, if its id is lower, sees B running when it claims).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import orjson
+from peewee import SQL, fn
+
+from .context import StoreContext
+from .errors import CorruptRecord
+from .schemas import ChatMessage, TaskStatus, stored_message
+from .tables import RESUMABLE
+from .turns import normalize_resumable_turns, strip_tool_call_tags
+
+_RUNNING = TaskStatus.RUNNING.value
+_QUEUED = TaskStatus.QUEUED.value
+_TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
+
+#: How much of a task's `last_error` its "how it ended" note quotes.
+ENDING_NOTE_CHARS = 200
+
+
+@dataclass(frozen=True)
+class ThreadStory:
+    """A thread's turns so far, the tasks they came from, and the latest checkpoint note among them."""
+
+    thread_id: str
+    turns: list[ChatMessage] = field(default_factory=list)
+    task_ids: list[str] = field(default_factory=list)
+    latest_checkpoint_note: Optional[str] = None
+
+
+def ending_note(status: str, last_error: Optional[str]) -> str:
+    """The assistant turn a task that did not complete leaves in its thread's story."""
+    reason = (last_error or "").strip()[:ENDING_NOTE_CHARS]
+    label = {"cancelled": "cancelled", "failed": "failed", "timed_out": "timed out"}.get(status, status)
+    return f"(no answer: this task was {label}{': ' + reason if reason else ''})"
+
+
+def startable(Task: Any) -> Any:
+    """The claim condition of the thread rule, as a peewee expression on `Task` (see the module docstring)."""
+    Other = Task.alias("thread_peer")
+    ahead = Other.select(SQL("1")).where(
+        (Other.thread_id == Task.thread_id) & (Other.id != Task.id)
+        & ((Other.status == _RUNNING) | ((Other.status == _QUEUED) & (Other.id < Task.id))))
+    return (Task.status == _RUNNING) | ~fn.EXISTS(ahead)
+
+
+class ThreadReads:
+    """Reads of a store's threads."""
+
+    def __init__(self, ctx: StoreContext) -> None:
+        self.ctx = ctx
+
+    def story(self, thread_id: str, *, before_task_id: Optional[str] = None) -> ThreadStory:
+        """The thread's story (see the module docstring); with `before_task_id`, only the tasks before that one."""
+        ctx = self.ctx
+        Task = ctx.tables.Task
+        query = (Task.select(Task.id, Task.task_id, Task.status, Task.spec, Task.final_response, Task.last_error,
+                             Task.latest_checkpoint_note)
+                 .where((Task.thread_id == thread_id) & Task.status.in_(_TERMINAL_VALUES)))
+        if before_task_id is not None:
+            asking = Task.select(Task.id).where(Task.task_id == before_task_id)
+            query = query.where(Task.id < fn.COALESCE(asking, 0))
+        turns: list[ChatMessage] = []
+        task_ids: list[str] = []
+        note: Optional[str] = None
+        with ctx.dialect.read_snapshot():
+            rows = ctx.db.execute(query.order_by(Task.id)).fetchall()
+            for pk, task_id, status, spec, final_response, last_error, checkpoint_note in rows:
+                own = (self._snapshot_turns(pk, task_id) if spec is None
+                       else _own_turns(task_id, status, spec, final_response, last_error))
+                if own:
+                    turns.extend(own)
+                    task_ids.append(task_id)
+                    note = checkpoint_note or note
+        return ThreadStory(thread_id=thread_id, turns=turns, task_ids=task_ids,
+                           latest_checkpoint_note=note)
+
+    def _snapshot_turns(self, task_pk: int, task_id: str) -> list[ChatMessage]:
+        """The turns of a task stored by `save_snapshot` (no spec): its resumable history."""
+        ctx = self.ctx
+        rows = ctx.db.execute_sql(ctx.sql.select_history, (task_pk, RESUMABLE)).fetchall()
+        try:
+            messages = [stored_message(role, content, call_id, name, None) for role, content, call_id, name, _ in rows]
+        except ValueError as exc:
+            raise CorruptRecord(task_id, "message", str(exc)) from None
+        kept = []
+        for message in messages:
+            if message.role == "assistant":
+                cleaned = strip_tool_call_tags(message.content)
+                if cleaned:
+                    kept.append(ChatMessage.assistant(cleaned))
+            elif message.role == "user":
+                kept.append(message)
+        turns = normalize_resumable_turns(kept)
+        if turns and turns[-1].role == "user":  # keep the alternation for the task after it
+            turns.append(ChatMessage.assistant("(no answer)"))
+        return turns
+
+    def busy(self, thread_id: str, *, excluding: Optional[str] = None) -> list[tuple[str, TaskStatus]]:
+        """The thread's unfinished tasks, ``(task_id, status)`` in arrival order (running ones first)."""
+        Task = self.ctx.tables.Task
+        query = Task.select(Task.task_id, Task.status).where(
+            (Task.thread_id == thread_id) & Task.status.in_((_QUEUED, _RUNNING)))
+        if excluding is not None:
+            query = query.where(Task.task_id != excluding)
+        rows = [(task_id, TaskStatus(status)) for task_id, status in query.order_by(Task.id).tuples()]
+        return sorted(rows, key=lambda row: row[1] is not TaskStatus.RUNNING)
+
+    def next_startable(self, task_id: str) -> Optional[str]:
+        """The task of `task_id`'s thread that may start now (the earliest queued one, if nothing runs), or None."""
+        Task = self.ctx.tables.Task
+        thread = Task.select(Task.thread_id).where(Task.task_id == task_id)
+        return (Task.select(Task.task_id)
+                .where((Task.thread_id == thread) & (Task.status == _QUEUED) & startable(Task))
+                .order_by(Task.id).limit(1).scalar())
+
+
+def _own_turns(task_id: str, status: str, spec: str, final_response: Optional[str],
+               last_error: Optional[str]) -> list[ChatMessage]:
+    try:
+        prompt = orjson.loads(spec)["prompt"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise CorruptRecord(task_id, "spec", "not a task spec with a prompt") from None
+    if not isinstance(prompt, str):
+        raise CorruptRecord(task_id, "spec", "its prompt is not text")
+    if status == TaskStatus.COMPLETED.value:
+        answer = strip_tool_call_tags(final_response or "") or "(no answer text)"
+    else:
+        answer = ending_note(status, last_error)
+    # Built without a second validation: a story of 1,000 tasks is read in a few milliseconds.
+    return [stored_message("user", prompt, None, None, None), stored_message("assistant", answer, None, None, None)]
