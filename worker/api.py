@@ -256,17 +256,16 @@ def follow(task_id: Optional[str] = None, *, thread_id: Optional[str] = None, af
     the last cursor seen as `after` to continue after a disconnect: no
     event is repeated or skipped. A task's follow ends with its ``done``;
     a thread's runs until `idle_timeout_s` passes without an event (None:
-    until the caller stops). Without Redis, or once a task's live stream
-    has expired, a task is followed from its stored trace (a step at a
+    until the caller stops). Without Redis, or for a finished task whose
+    live stream has expired, a task is followed from its stored trace (a step at a
     time; cursors ``0-N``). See `worker/live.py`.
     """
     if (task_id is None) == (thread_id is None):
         raise InvalidInput("follow: give task_id or thread_id (one of them)")
     rt = get_runtime()
-    if task_id is not None:
-        rt.store.summary(task_id)  # TaskNotFound, before waiting on a stream nobody writes
+    finished = task_id is not None and rt.store.summary(task_id).status.is_terminal  # TaskNotFound first
     start = after or "0-0"
-    if rt.live is None or (task_id is not None and start.startswith("0-") and not rt.live.exists(task_key(task_id))):
+    if rt.live is None or (finished and start.startswith("0-") and not rt.live.exists(task_key(str(task_id)))):
         if task_id is None:
             raise BrokerRequired("follow --thread")
         yield from _follow_stored(rt, task_id, after=start, idle_timeout_s=idle_timeout_s)
