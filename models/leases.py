@@ -14,7 +14,7 @@ Why one conditional UPDATE is atomic on both backends:
   claimant's UPDATE blocks on that lock and, once the first commits,
   re-evaluates its ``WHERE`` against the committed row (which now holds a
   live lease) and changes nothing. A queued task is also claimed only while
-  its thread is free (`threads.startable`, whose docstring says why that
+  its thread is free (`thread_rule.startable`, whose docstring says why that
   holds across tasks). So ``SELECT ... FOR UPDATE SKIP LOCKED``
   is not needed: claims are by task id (the message names the task), not
   "any free task". ``UPDATE ... RETURNING`` hands back the counters the
@@ -34,7 +34,7 @@ from .dialect import StoreFailures
 from .errors import LeaseLost
 from .schemas import TaskStatus
 from .tables import NO_LEASE
-from .threads import startable
+from .thread_rule import startable
 
 _CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 
@@ -101,7 +101,7 @@ class LeaseBook:
         """Take the task's lease, or None if a live lease (other than `steal_token`) holds it.
 
         Only `queued` and `running` tasks can be claimed, and a queued one
-        only when its thread is free (`threads.startable`): nothing else of
+        only when its thread is free (`thread_rule.startable`): nothing else of
         the thread runs and nothing that arrived before it waits. Taking over a
         lease that another holder still had on the row (it expired, or its
         process died) counts as a recovery; claiming a task whose lease was

@@ -14,32 +14,22 @@ over the thread's task rows: no message rows are read (except for the rare
 task stored by `save_snapshot`, which has no spec and whose resumable history
 is its turns).
 
-**One at a time.** `startable` is the condition a claim adds for a queued
-task: no other task of its thread is running (leased or resumable), and no
-task that arrived before it is still queued. Why that is atomic:
-
-- SQLite: the claim's ``UPDATE`` runs inside ``BEGIN IMMEDIATE``, so the
-  ``NOT EXISTS`` is evaluated with no other writer.
-- PostgreSQL (READ COMMITTED): the subquery sees the committed rows at the
-  statement's start. Two queued tasks A (earlier) and B of one thread are
-  both committed as `queued` before either is sent, so B's claim always sees
-  A, queued or running, and refuses; only the earliest queued task can be
-  claimed, and only while nothing runs. A task created after B's snapshot
-  has a higher id (or, if its id is lower, sees B running when it claims).
+**One at a time.** The claim condition is `thread_rule.startable`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import orjson
-from peewee import SQL, fn
+from peewee import fn
 
 from .context import StoreContext
 from .errors import CorruptRecord
 from .schemas import ChatMessage, TaskStatus, stored_message
 from .tables import RESUMABLE
+from .thread_rule import startable
 from .turns import normalize_resumable_turns, strip_tool_call_tags
 
 _RUNNING = TaskStatus.RUNNING.value
@@ -65,15 +55,6 @@ def ending_note(status: str, last_error: Optional[str]) -> str:
     reason = (last_error or "").strip()[:ENDING_NOTE_CHARS]
     label = {"cancelled": "cancelled", "failed": "failed", "timed_out": "timed out"}.get(status, status)
     return f"(no answer: this task was {label}{': ' + reason if reason else ''})"
-
-
-def startable(Task: Any) -> Any:
-    """The claim condition of the thread rule, as a peewee expression on `Task` (see the module docstring)."""
-    Other = Task.alias("thread_peer")
-    ahead = Other.select(SQL("1")).where(
-        (Other.thread_id == Task.thread_id) & (Other.id != Task.id)
-        & ((Other.status == _RUNNING) | ((Other.status == _QUEUED) & (Other.id < Task.id))))
-    return (Task.status == _RUNNING) | ~fn.EXISTS(ahead)
 
 
 class ThreadReads:

@@ -9,13 +9,18 @@ wants only what the user and assistant said, strictly alternating.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol
 
 from .schemas import ChatMessage, ToolCall
 
 if TYPE_CHECKING:
     from .schemas import TaskRecord
-    from .store import TaskStore
+
+
+class HasThreadStory(Protocol):
+    """What `load_resumable_state` needs of a store (`TaskStore.thread_story`); no import of the store here."""
+
+    def thread_story(self, thread_id: str, *, before_task_id: Optional[str] = None) -> Any: ...
 
 #: The tags models wrap tool calls in written as text: opening tag -> closing tag.
 TOOL_CALL_TAGS: dict[str, str] = {
@@ -201,7 +206,7 @@ def resumable_turns_from_task_record(record: TaskRecord) -> list[ChatMessage]:
 
 
 def load_resumable_state(
-    store: TaskStore, thread_id: str, *, before_task_id: Optional[str] = None
+    store: HasThreadStory, thread_id: str, *, before_task_id: Optional[str] = None
 ) -> Optional[tuple[list[ChatMessage], Optional[str]]]:
     """``(turns, latest_checkpoint_note)`` of the thread's story, or None if it has no turns yet.
 
