@@ -112,10 +112,14 @@ def _scan(text: str) -> tuple[list[str], list[object]]:
 
 
 def _strip_once(text: str) -> str:
-    result = "".join(_scan(text)[0])
-    while "\n\n\n" in result:
-        result = result.replace("\n\n\n", "\n\n")
-    return result.strip()
+    return _tidy("".join(_scan(text)[0]))
+
+
+def _tidy(text: str) -> str:
+    """Runs of blank lines collapsed to one, the ends trimmed."""
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.strip()
 
 
 def strip_tool_call_tags(text: str) -> str:
@@ -127,6 +131,8 @@ def strip_tool_call_tags(text: str) -> str:
     raises, and is idempotent: removing a tag can splice a new one together,
     so it repeats until nothing changes (each pass only shortens the text).
     """
+    if "<" not in text:  # no tag at all (most answers): a thread's story strips 1,000 of them per read
+        return _tidy(text)
     current = text
     while True:
         stripped = _strip_once(current)
