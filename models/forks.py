@@ -41,6 +41,7 @@ class Forks:
         Task, Message, Checkpoint = ctx.tables.Task, ctx.tables.Message, ctx.tables.Checkpoint
         now = ctx.clock()
         with ctx.db.atomic():
+            ctx.dialect.lock_thread(thread_id)  # a thread's row ids follow its admissions' order
             row = ctx.task_row(task_id)
             last_step = Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == row.id).scalar() or 0
             if not 1 <= at_step <= last_step:

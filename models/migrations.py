@@ -175,11 +175,16 @@ def _to_v4(db: Database, tables: Tables) -> None:
 
 
 def _to_v5_threads(db: Database, tables: Tables) -> None:
-    """Schema 5 (threads, issue 15): an index on ``task (thread_id, status, id)``.
+    """Schema 5 (threads, issue 15): an index on ``task (thread_id, status, id)``, and ``task.cancel_reason``.
 
     Every claim of a queued task asks whether its thread is free, and every
-    thread's story is read in arrival order: both walk this index.
+    thread's story is read in arrival order: both walk this index. The
+    column says who asked a running task to stop (``if_busy="interrupt"``),
+    so its end names the newer task.
     """
+    if "cancel_reason" not in {column.name for column in db.get_columns("task")}:
+        column_type = sql_type(db, tables.Task._meta.fields["cancel_reason"])
+        db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "cancel_reason" {column_type}')
     db.execute_sql('CREATE INDEX IF NOT EXISTS "task_thread_id_status_id" ON "task" ("thread_id", "status", "id")')
 
 

@@ -9,6 +9,7 @@ one `StoreContext` (database, tables, dialect, prepared statements, clock):
 - `TaskReads` (`reads.py`): records and summaries;
 - `ThreadReads` (`threads.py`): a thread's story, who runs on it, who starts next;
 - `Forks` (`forks.py`): a new task from an earlier step of another;
+- `ThreadAdmission` (`thread_admission.py`): a new task on a thread under `if_busy`, atomically;
 - `LeaseBook` (`leases.py`): claims, renewals, releases;
 - `migrations.py`: the schema, created or upgraded on open.
 
@@ -53,6 +54,7 @@ from .schemas import (
 from .statements import Statements
 from .tables import bind_tables
 from .tasks import TaskWrites
+from .thread_admission import Admission, ThreadAdmission
 from .threads import ThreadReads, ThreadStory
 from .trace_store import TraceStore
 from .traces import PendingTraces, TraceEventRecord
@@ -103,6 +105,7 @@ class TaskStore:
         self._reads = TaskReads(self.context)
         self._threads = ThreadReads(self.context)
         self._forks = Forks(self.context)
+        self._admission = ThreadAdmission(self.context, self._tasks, self._threads)
         # Connections are opened per thread on first use; close (not just
         # pool) this one, so a process that forks after construction does not
         # hand a live connection to its children.
@@ -170,6 +173,21 @@ class TaskStore:
             return self._tasks.create(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                       model=model, spec=spec)
 
+    def admit_task(self, *, task_id: str, thread_id: str, channel: str, provider: str, model: str,
+                   spec: TaskSpec, if_busy: str = "enqueue") -> Admission:
+        """Store a new `queued` task on `thread_id` as `if_busy` says, atomically (see `thread_admission.py`).
+
+        ``enqueue``: stored to run after the thread's unfinished tasks;
+        ``reject``: not stored if the thread has one (`Admission.refused_by`
+        names it); ``interrupt``: stored, and the thread's running tasks are
+        asked to stop at their next step boundary, naming this task.
+        `Admission.created` is False (nothing changes) if the id exists.
+        """
+        refuse_nul_identifiers(task_id=task_id, thread_id=thread_id, channel=channel)
+        with StoreFailures(task_id):
+            return self._admission.admit(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
+                                         model=model, spec=spec, if_busy=if_busy)
+
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
         """Upsert a task's visible state.
 
@@ -194,20 +212,26 @@ class TaskStore:
         with StoreFailures(task_id):
             self._tasks.rerun(task_id)
 
-    def request_cancel(self, task_id: str) -> TaskStatus:
+    def request_cancel(self, task_id: str, *, reason: Optional[str] = None) -> TaskStatus:
         """Cancel a task: at once if nobody runs it, else between its steps.
 
         Returns the status after the call: `cancelled` when no live lease
         held it, `running` when the running worker will stop after its
-        current step, or the terminal status it already had.
+        current step, or the terminal status it already had. `reason`
+        (default ``cancelled``) starts its `last_error`, e.g.
+        ``"interrupted by task 'x' after step 3"``.
         """
         with StoreFailures(task_id):
-            return self._tasks.request_cancel(task_id)
+            return self._tasks.request_cancel(task_id, reason=reason)
 
     def is_cancel_requested(self, task_id: str) -> bool:
         """Whether `request_cancel` asked the running task to stop (checked between steps)."""
+        return self.cancel_reason(task_id) is not None
+
+    def cancel_reason(self, task_id: str) -> Optional[str]:
+        """None unless `request_cancel` asked the running task to stop; then why (``cancelled`` by default)."""
         with StoreFailures(task_id):
-            return self._tasks.is_cancel_requested(task_id)
+            return self._tasks.cancel_reason(task_id)
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""

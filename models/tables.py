@@ -106,6 +106,9 @@ def bind_tables(db: Database) -> Tables:
         lease_expires_at = DoubleField(null=True)
         recovery_count = IntegerField(default=0)
         cancel_requested = BooleanField(default=False)
+        # Since schema 5 (threads): who asked the running task to stop, said in its end
+        # ("interrupted by task 'X'"); None for a plain cancel.
+        cancel_reason = CharField(max_length=300, null=True)
         # Since schema 3: the next trace sequence; a trace batch must start at or after it.
         trace_next_sequence = BigIntegerField(default=0)
         # Since schema 2: what the task said and spent, summed as it runs.

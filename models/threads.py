@@ -7,12 +7,14 @@ its task's id, so its turns stay in place.
 
 **The story.** Each finished task contributes its own turns, once: its
 prompt, then its final answer (tool-call tags stripped), or, for a task that
-ended otherwise, a short assistant note of how it ended, so user and
+ended otherwise, what its steps did (its assistant text and tool results,
+so an interrupted task's work stays in the thread) and a short note of how
+it ended ("interrupted by task 'x' after step 3"), so user and
 assistant strictly alternate without merging unrelated prompts. A queued or
 running task contributes nothing yet. The whole story is one indexed query
-over the thread's task rows: no message rows are read (except for the rare
-task stored by `save_snapshot`, which has no spec and whose resumable history
-is its turns).
+over the thread's task rows: no message rows are read, except for the rare
+task that ended otherwise after taking steps (its partial work) and the task
+stored by `save_snapshot` (no spec; its resumable history is its turns).
 
 **One at a time.** The claim condition is `thread_rule.startable`.
 """
@@ -28,16 +30,19 @@ from peewee import fn
 from .context import StoreContext
 from .errors import CorruptRecord
 from .schemas import ChatMessage, TaskStatus, stored_message
-from .tables import RESUMABLE
+from .tables import EXECUTION, RESUMABLE
 from .thread_rule import startable
 from .turns import normalize_resumable_turns, strip_tool_call_tags
 
 _RUNNING = TaskStatus.RUNNING.value
 _QUEUED = TaskStatus.QUEUED.value
+_COMPLETED = TaskStatus.COMPLETED.value
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
 
 #: How much of a task's `last_error` its "how it ended" note quotes.
 ENDING_NOTE_CHARS = 200
+#: How much of each tool result an unfinished task's partial work quotes in the story.
+PARTIAL_RESULT_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class ThreadReads:
         ctx = self.ctx
         Task = ctx.tables.Task
         query = (Task.select(Task.id, Task.task_id, Task.status, Task.spec, Task.final_response, Task.last_error,
-                             Task.latest_checkpoint_note)
+                             Task.latest_checkpoint_note, Task.checkpoint_count)
                  .where((Task.thread_id == thread_id) & Task.status.in_(_TERMINAL_VALUES)))
         if before_task_id is not None:
             asking = Task.select(Task.id).where(Task.task_id == before_task_id)
@@ -78,15 +83,38 @@ class ThreadReads:
         note: Optional[str] = None
         with ctx.dialect.read_snapshot():
             rows = ctx.db.execute(query.order_by(Task.id)).fetchall()
-            for pk, task_id, status, spec, final_response, last_error, checkpoint_note in rows:
-                own = (self._snapshot_turns(pk, task_id) if spec is None
-                       else _own_turns(task_id, status, spec, final_response, last_error))
+            for pk, task_id, status, spec, final_response, last_error, checkpoint_note, steps in rows:
+                if spec is None:
+                    own = self._snapshot_turns(pk, task_id)
+                else:
+                    work = self._partial_work(pk) if steps and status != _COMPLETED else ""
+                    own = _own_turns(task_id, status, spec, final_response, last_error, work)
                 if own:
                     turns.extend(own)
                     task_ids.append(task_id)
                     note = checkpoint_note or note
         return ThreadStory(thread_id=thread_id, turns=turns, task_ids=task_ids,
                            latest_checkpoint_note=note)
+
+    def _partial_work(self, task_pk: int) -> str:
+        """What a task that did not complete did in its steps: its assistant text and its tools' results.
+
+        Only tasks that ended otherwise and took steps are read this way (an
+        interrupted one, a failed one): rare, so the story stays one query.
+        """
+        Message = self.ctx.tables.Message
+        rows = (Message.select(Message.role, Message.content, Message.name)
+                .where((Message.task == task_pk) & (Message.history == EXECUTION) & Message.step_index.is_null(False))
+                .order_by(Message.position).tuples())
+        lines = []
+        for role, content, name in rows:
+            if role == "assistant":
+                text = strip_tool_call_tags(content)
+                if text:
+                    lines.append(text)
+            elif role == "tool":
+                lines.append(f"[{name} result: {content[:PARTIAL_RESULT_CHARS]}]")
+        return "\n".join(lines)
 
     def _snapshot_turns(self, task_pk: int, task_id: str) -> list[ChatMessage]:
         """The turns of a task stored by `save_snapshot` (no spec): its resumable history."""
@@ -129,7 +157,7 @@ class ThreadReads:
 
 
 def _own_turns(task_id: str, status: str, spec: str, final_response: Optional[str],
-               last_error: Optional[str]) -> list[ChatMessage]:
+               last_error: Optional[str], partial_work: str = "") -> list[ChatMessage]:
     try:
         prompt = orjson.loads(spec)["prompt"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -138,7 +166,8 @@ def _own_turns(task_id: str, status: str, spec: str, final_response: Optional[st
         raise CorruptRecord(task_id, "spec", "its prompt is not text")
     if status == TaskStatus.COMPLETED.value:
         answer = strip_tool_call_tags(final_response or "") or "(no answer text)"
-    else:
-        answer = ending_note(status, last_error)
+    else:  # what it did before it ended, then how it ended
+        answer = f"{partial_work}\n\n{ending_note(status, last_error)}" if partial_work else ending_note(
+            status, last_error)
     # Built without a second validation: a story of 1,000 tasks is read in a few milliseconds.
     return [stored_message("user", prompt, None, None, None), stored_message("assistant", answer, None, None, None)]

@@ -6,6 +6,7 @@ Every CLI command is a thin shell over one function here.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from .providers import create_provider
 from .recovery import find_interrupted
 from .runtime import Runtime, get_runtime
 from .task_options import checked_options
-from .threads import IfBusy, check_if_busy, interrupt_tasks, send_next_on_thread
+from .threads import IfBusy, admit, send_next_on_thread
 from .tools import validate_tool_names
 from .validation import strict
 from .workspaces import remove_journal
@@ -109,11 +110,9 @@ def submit(
     ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
                          model=model or (defined.model if defined else None) or rt.settings.default_model,
                          status=TaskStatus.QUEUED)
-    to_interrupt = check_if_busy(rt.store, ident.thread_id, if_busy) if thread_id is not None else []
-    if not rt.store.create_task(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
-                                provider=ident.provider, model=ident.model, spec=spec):
+    if not admit(rt.store, task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
+                 provider=ident.provider, model=ident.model, spec=spec, if_busy=if_busy):
         raise TaskExists(task_id, identical=_is_stored_as(rt, ident, spec))
-    interrupt_tasks(rt.store, [t for t in to_interrupt if t != task_id], by_task_id=task_id)
     return task_id
 
 
@@ -262,9 +261,12 @@ def follow(task_id: Optional[str] = None, *, thread_id: Optional[str] = None, af
     """
     if (task_id is None) == (thread_id is None):
         raise InvalidInput("follow: give task_id or thread_id (one of them)")
+    start = after or "0-0"
+    if not CURSOR.fullmatch(start):
+        raise InvalidInput(f"after (--after): not a cursor longhaul gave (got {start!r}); cursors look like "
+                           "'1733112000000-0' (live) or '0-12' (stored)")
     rt = get_runtime()
     finished = task_id is not None and rt.store.summary(task_id).status.is_terminal  # TaskNotFound first
-    start = after or "0-0"
     if rt.live is None or (finished and start.startswith("0-") and not rt.live.exists(task_key(str(task_id)))):
         if task_id is None:
             raise BrokerRequired("follow --thread")
@@ -277,10 +279,7 @@ def follow(task_id: Optional[str] = None, *, thread_id: Optional[str] = None, af
 def _follow_stored(rt: Runtime, task_id: str, *, after: str,
                    idle_timeout_s: Optional[float]) -> Iterator[FollowedEvent]:
     """A task's stored trace as followed events (cursor ``0-<sequence + 1>``), polled until it ends."""
-    try:
-        last = int(after.split("-", 1)[1]) - 1 if after.startswith("0-") else -1
-    except ValueError:
-        raise InvalidInput(f"after: not a cursor longhaul gave (got {after!r})") from None
+    last = int(after.split("-", 1)[1]) - 1 if after.startswith("0-") else -1
     idle_since = time.monotonic()
     while True:
         finished = rt.store.summary(task_id).status.is_terminal  # read before the events: none is missed
@@ -318,6 +317,9 @@ def fork(task_id: str, *, at_step: int, thread_id: Optional[str] = None, prompt:
     _drive(rt, [new_task_id], on_progress=on_progress)
     return new_task_id
 
+
+#: A follow cursor: a Redis stream entry id, or ``0-N`` for stored trace events (`follow`).
+CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 #: The keywords `submit` (and so `enqueue` and `run_inline`) declares, beside provider options.
 SUBMIT_PARAMETERS = ("agent", "thread_id", "task_id", "channel", "provider", "model", "tools", "max_steps",

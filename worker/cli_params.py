@@ -11,8 +11,7 @@ from typing import Any, Callable, Optional
 import click
 
 from longhaul.models import Budget
-
-from .threads import IF_BUSY_CHOICES
+from longhaul.models.thread_admission import IF_BUSY_CHOICES
 
 #: The largest count any option takes: what the store's 64-bit integer columns hold.
 MAX_COUNT = 2**63 - 1

@@ -8,7 +8,8 @@ database commit on the hot path). A stream entry's id is the follower's
 cursor: ``XREAD`` after a cursor returns exactly the entries after it, so a
 follower that reconnects (after its own restart, or a worker's SIGKILL: the
 entries live in Redis, not in the worker) continues with no duplicate and
-no gap. A resumed run publishes ``resumed`` (with the step it restarts
+no gap. A task's ``done`` is published only once its final status is
+committed (`LivePublisher`). A resumed run publishes ``resumed`` (with the step it restarts
 from) before it streams that step again, so a bot knows to replace the
 partial answer of the step that was in flight.
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import orjson
 
@@ -89,28 +90,24 @@ class LiveOutput:
         self.max_events = max_events
         self._paused_until = 0.0
 
-    def publisher(self, task_id: str, thread_id: str) -> Callable[[str, dict[str, Any]], None]:
+    def publisher(self, task_id: str, thread_id: str) -> LivePublisher:
         """A trace listener (`TraceWriter.on_event`) that publishes one task's events as they happen."""
-        keys = (task_key(task_id), thread_key(thread_id))
+        return LivePublisher(self, task_id, (task_key(task_id), thread_key(thread_id)))
 
-        def publish(event_type: str, data: dict[str, Any]) -> None:
-            event = live_event(event_type, data)
-            if event is None or time.monotonic() < self._paused_until:
-                return
-            event["task_id"] = task_id
-            fields = {"e": orjson.dumps(event, default=str)}
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
-                    pipe.pexpire(key, self.retention_ms)
-                pipe.execute()
-            except Exception as exc:  # live output is a convenience: the trace keeps the events
-                self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
-                logger.warning("task %r: live output paused for %.0f s: Redis refused an event (%s: %s)",
-                               task_id, PAUSE_AFTER_FAILURE_S, type(exc).__name__, exc)
-
-        return publish
+    def _publish(self, task_id: str, keys: tuple[str, ...], event: dict[str, Any]) -> None:
+        if time.monotonic() < self._paused_until:
+            return
+        fields = {"e": orjson.dumps(event, default=str)}
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
+                pipe.pexpire(key, self.retention_ms)
+            pipe.execute()
+        except Exception as exc:  # live output is a convenience: the trace keeps the events
+            self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
+            logger.warning("task %r: live output paused for %.0f s: Redis refused an event (%s: %s)",
+                           task_id, PAUSE_AFTER_FAILURE_S, type(exc).__name__, exc)
 
     def exists(self, key: str) -> bool:
         return bool(self.client.exists(key))
@@ -126,6 +123,39 @@ class LiveOutput:
 
     def close(self) -> None:
         self.client.close()
+
+
+class LivePublisher:
+    """One task's live output: every event published as it is emitted, except ``done``, held until committed.
+
+    A follower that sees ``done`` reads the task's end from the store next
+    (`wait_for`, the story of its thread): so the run calls `publish_done`
+    only after the store has committed the final status. A run whose
+    commit fails (lease lost, store down) publishes no ``done``: the task is
+    not finished, and a later run publishes its own.
+    """
+
+    def __init__(self, live: LiveOutput, task_id: str, keys: tuple[str, ...]) -> None:
+        self.live = live
+        self.task_id = task_id
+        self.keys = keys
+        self._held_done: Optional[dict[str, Any]] = None
+
+    def __call__(self, event_type: str, data: dict[str, Any]) -> None:
+        event = live_event(event_type, data)
+        if event is None:
+            return
+        event["task_id"] = self.task_id
+        if event["type"] == "done":
+            self._held_done = event
+            return
+        self.live._publish(self.task_id, self.keys, event)
+
+    def publish_done(self) -> None:
+        """The task's end is committed: publish its held ``done`` event."""
+        if self._held_done is not None:
+            event, self._held_done = self._held_done, None
+            self.live._publish(self.task_id, self.keys, event)
 
 
 def follow_stream(live: LiveOutput, key: str, *, after: str, until_done_of: Optional[str],

@@ -10,25 +10,25 @@ the next task once the thread is free (`LeaseBook.unfinished`).
 `if_busy` chooses what a new message on a busy thread does (LangGraph's
 "double texting" strategies): ``enqueue`` runs it after the tasks ahead,
 ``reject`` refuses it (`ThreadBusy`, nothing stored), ``interrupt`` asks the
-running task to stop at its next step boundary (it ends `cancelled`, its
-turns kept in the story) and runs the new one after it.
+running task to stop at its next step boundary (it ends `cancelled`,
+"interrupted by task X after step N", its work kept in the story) and runs
+the new one after it. The check is atomic (`models/thread_admission.py`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from longhaul.models import TaskStatus, TaskStore
+from longhaul.models import TaskStore
 
 from .context import WorkerContext
 from .errors import BrokerUnavailable, ThreadBusy
 
 logger = logging.getLogger(__name__)
 
-#: The `if_busy` strategies (``steer`` comes with the journaled turns of issue 14).
+#: The `if_busy` strategies (``steer`` comes with issue 14's journaled turns); the store checks them too.
 IfBusy = Literal["enqueue", "reject", "interrupt"]
-IF_BUSY_CHOICES: tuple[str, ...] = ("enqueue", "reject", "interrupt")
 
 
 def park_waiting_task(rt: WorkerContext, task_id: str) -> None:
@@ -52,23 +52,18 @@ def send_next_on_thread(rt: WorkerContext, task_id: str) -> Optional[str]:
     return following
 
 
-def check_if_busy(store: TaskStore, thread_id: str, if_busy: str) -> list[str]:
-    """Before a new task is stored on `thread_id`: raise `ThreadBusy` (reject), or return the tasks to interrupt.
+def admit(store: TaskStore, *, if_busy: str, **task: Any) -> bool:
+    """Store a new task on its thread as `if_busy` says (`TaskStore.admit_task`); False if its id is taken.
 
-    `reject` checks the thread as it is now: two messages arriving at the
-    same instant may both pass (the second then waits its turn).
+    `ThreadBusy` (nothing stored) for ``reject`` on a thread with an
+    unfinished task. The check and the insert are one transaction with the
+    thread locked, so two messages arriving at the same instant never both pass.
     """
-    busy = store.thread_busy(thread_id)
-    if not busy or if_busy == "enqueue":
-        return []
-    if if_busy == "reject":
-        task_id, status = busy[0]
-        raise ThreadBusy(thread_id, task_id, status.value)
-    return [task_id for task_id, status in busy if status is TaskStatus.RUNNING]
+    admission = store.admit_task(if_busy=if_busy, **task)
+    if admission.refused_by is not None:
+        busy_id, status = admission.refused_by
+        raise ThreadBusy(task["thread_id"], busy_id, status.value)
+    for interrupted in admission.interrupted:
+        logger.info("task %r interrupted by %r: it stops at its next step boundary", interrupted, task["task_id"])
+    return admission.created
 
-
-def interrupt_tasks(store: TaskStore, task_ids: list[str], *, by_task_id: str) -> None:
-    """Ask each running task to stop at its next step boundary (as `cancel` does), naming the newer task."""
-    for task_id in task_ids:
-        status = store.request_cancel(task_id)
-        logger.info("task %r interrupted by %r (now %s)", task_id, by_task_id, status.value)
