@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         LeaseLost,
         LonghaulError,
         SchemaTooNew,
+        StepNotForkable,
         StoreUnavailable,
         StoreUnusable,
         TaskNotFound,
@@ -28,7 +29,17 @@ if TYPE_CHECKING:
         UnstorableValue,
     )
     from longhaul.worker.agents import Agent
-    from longhaul.worker.api import cancel, enqueue, rerun, resume, run_inline, wait_for
+    from longhaul.worker.api import (
+        cancel,
+        enqueue,
+        follow,
+        fork,
+        rerun,
+        resume,
+        run_inline,
+        thread_turns,
+        wait_for,
+    )
     from longhaul.worker.errors import (
         AppImportError,
         BrokerRequired,
@@ -41,6 +52,7 @@ if TYPE_CHECKING:
         SettingsError,
         TaskBusy,
         TaskExists,
+        ThreadBusy,
         ToolError,
         TransientProviderError,
         UnknownAgent,
@@ -54,15 +66,16 @@ if TYPE_CHECKING:
 __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["Budget", "ChatMessage", "TaskStatus", "TaskStore", "ToolCall", "Usage"], "longhaul.models"),
     **dict.fromkeys(["CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "LonghaulError",
-                     "SchemaTooNew", "StoreUnavailable", "StoreUnusable",
+                     "SchemaTooNew", "StepNotForkable", "StoreUnavailable", "StoreUnusable",
                      "TaskNotFound", "TaskNotResumable", "TraceSequenceClash",
                      "UnstorableValue"], "longhaul.models.errors"),
     "Agent": "longhaul.worker.agents",
-    **dict.fromkeys(["cancel", "enqueue", "rerun", "resume", "run_inline", "wait_for"], "longhaul.worker.api"),
+    **dict.fromkeys(["cancel", "enqueue", "follow", "fork", "rerun", "resume", "run_inline", "thread_turns",
+                     "wait_for"], "longhaul.worker.api"),
     **dict.fromkeys(["AppImportError", "BrokerRequired", "BrokerUnavailable", "BudgetExceeded", "DuplicateAgent",
                      "InvalidFilter", "PermanentProviderError", "ProviderError", "SettingsError", "TaskBusy",
-                     "TaskExists", "ToolError", "TransientProviderError", "UnknownAgent", "UnknownProvider",
-                     "UnknownTool"],
+                     "TaskExists", "ThreadBusy", "ToolError", "TransientProviderError", "UnknownAgent",
+                     "UnknownProvider", "UnknownTool"],
                     "longhaul.worker.errors"),
     **dict.fromkeys(["AssistantTurn", "StepContext", "register_provider"], "longhaul.worker.providers"),
     **dict.fromkeys(["ToolContext", "register_tool", "tool"], "longhaul.worker.tools"),
@@ -71,6 +84,8 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 __all__ = [
     # Running tasks
     "enqueue", "run_inline", "resume", "cancel", "rerun", "wait_for",
+    # Threads (channel bots)
+    "thread_turns", "follow", "fork",
     # Defining agents, tools and providers (in app modules)
     "Agent", "Budget", "tool", "register_tool", "ToolContext", "register_provider", "AssistantTurn",
     "StepContext",
@@ -81,6 +96,7 @@ __all__ = [
     "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidDatabaseUrl", "SettingsError",
     "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool", "InvalidFilter",
     "BrokerUnavailable", "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy",
-    "StoreUnusable", "TaskNotFound", "TaskNotResumable", "ToolError", "TraceSequenceClash", "UnstorableValue",
+    "StoreUnusable", "TaskNotFound", "TaskNotResumable", "ThreadBusy", "StepNotForkable", "ToolError",
+    "TraceSequenceClash", "UnstorableValue",
     "ProviderError", "PermanentProviderError", "TransientProviderError",
 ]

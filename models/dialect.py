@@ -13,7 +13,8 @@
   statement; peewee leaves it off on SQLite, where the writer lock keeps a
   follow-up read consistent.
 - Advisory locks: schema creation on PostgreSQL is serialised across hosts
-  by a transaction-scoped advisory lock; SQLite's file lock does it there.
+  by a transaction-scoped advisory lock, and so are new tasks on one thread
+  (`lock_thread`); SQLite's ``BEGIN IMMEDIATE`` file lock does both there.
 - Driver errors: `StoreFailures` turns peewee's, sqlite3's and psycopg's
   errors into longhaul's, so nothing above the store sees a driver class.
 """
@@ -32,6 +33,9 @@ from .errors import StoreUnavailable, StoreUnusable, UnstorableValue
 
 #: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
 MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
+#: First key of the two-key advisory locks that serialise new tasks on one thread (the second: the thread's
+#: hash). The two-key form is a key space of its own: it never meets `MIGRATION_LOCK_KEY`.
+THREAD_LOCK_NAMESPACE = 0x7468  # "th"
 
 try:  # psycopg is a dependency, but SQLite-only code paths must not need it importable
     import psycopg
@@ -177,6 +181,17 @@ class Dialect:
         if self.is_sqlite:
             return time.time()
         return float(self.db.execute_sql("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+
+    def lock_thread(self, thread_id: str) -> None:
+        """Inside a write transaction: wait until no other transaction is adding a task to `thread_id`.
+
+        PostgreSQL: a transaction-scoped advisory lock on the thread's hash
+        (two threads sharing a hash only wait for each other). SQLite: the
+        writer lock of ``BEGIN IMMEDIATE`` already serialises every write.
+        """
+        if not self.is_sqlite:
+            self.db.execute_sql(f"SELECT pg_advisory_xact_lock({THREAD_LOCK_NAMESPACE}, hashtext({self.param}))",
+                                (thread_id,))
 
     def lock_migrations(self) -> None:
         """Inside a transaction: wait until no other process or host is creating or migrating the schema."""

@@ -138,3 +138,13 @@ class TaskNotResumable(LonghaulError):
         super().__init__(f"task {task_id!r} is {status}; {hint}")
         self.task_id = task_id
         self.status = status
+
+
+class StepNotForkable(InvalidInput):
+    """`fork --at-step N` names a step the task has not checkpointed."""
+
+    def __init__(self, task_id: str, at_step: int, last_step: int) -> None:
+        choice = f"between 1 and {last_step}" if last_step else "none: it has no checkpointed step yet"
+        super().__init__(f"at_step (--at-step): task {task_id!r} has no checkpointed step {at_step}; "
+                         f"its steps are {choice}")
+        self.task_id = task_id

@@ -13,7 +13,9 @@ Why one conditional UPDATE is atomic on both backends:
 - PostgreSQL (READ COMMITTED): the UPDATE locks the row it changes. A second
   claimant's UPDATE blocks on that lock and, once the first commits,
   re-evaluates its ``WHERE`` against the committed row (which now holds a
-  live lease) and changes nothing. So ``SELECT ... FOR UPDATE SKIP LOCKED``
+  live lease) and changes nothing. A queued task is also claimed only while
+  its thread is free (`thread_rule.startable`, whose docstring says why that
+  holds across tasks). So ``SELECT ... FOR UPDATE SKIP LOCKED``
   is not needed: claims are by task id (the message names the task), not
   "any free task". ``UPDATE ... RETURNING`` hands back the counters the
   claim needs in the same statement, with no follow-up SELECT.
@@ -32,6 +34,7 @@ from .dialect import StoreFailures
 from .errors import LeaseLost
 from .schemas import TaskStatus
 from .tables import NO_LEASE
+from .thread_rule import startable
 
 _CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 
@@ -97,7 +100,9 @@ class LeaseBook:
     ) -> Optional[Claim]:
         """Take the task's lease, or None if a live lease (other than `steal_token`) holds it.
 
-        Only `queued` and `running` tasks can be claimed. Taking over a
+        Only `queued` and `running` tasks can be claimed, and a queued one
+        only when its thread is free (`thread_rule.startable`): nothing else of
+        the thread runs and nothing that arrived before it waits. Taking over a
         lease that another holder still had on the row (it expired, or its
         process died) counts as a recovery; claiming a task whose lease was
         given back (a graceful shutdown, a retry) does not. A checkpoint
@@ -126,7 +131,7 @@ class LeaseBook:
                     ),
                     updated_at=now,
                 )
-                .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free)
+                .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free & startable(Task))
             )
             if self.ctx.dialect.returning:
                 won = list(update.returning(Task.recovery_count, Task.checkpoint_count, Task.execution_count)
@@ -189,8 +194,14 @@ class LeaseBook:
             return Task.select().where((Task.task_id == task_id) & (Task.lease_token == token)).exists()
 
     def unfinished(self, *, limit: int = 1000) -> list[LeaseRow]:
-        """Queued and running tasks, oldest update first: what recovery inspects."""
-        rows = self._lease_rows().where(self.Task.status.in_(_CLAIMABLE)).order_by(self.Task.updated_at)
+        """Running tasks and queued ones whose thread is free, oldest update first: what recovery inspects.
+
+        A queued task waiting for its thread is not interrupted: the end of
+        the task before it sends it (and, should that worker die first,
+        this scan finds it once the thread is free).
+        """
+        Task = self.Task
+        rows = self._lease_rows().where(Task.status.in_(_CLAIMABLE) & startable(Task)).order_by(Task.updated_at)
         with StoreFailures():
             return [_lease_row(row) for row in rows.limit(limit)]
 
@@ -241,6 +252,20 @@ class LeaseBook:
         with StoreFailures(task_id), self.db.atomic():
             Task.update(delivery_due_at=self.ctx.clock(), delivery_message_id=message_id).where(
                 (Task.task_id == task_id) & Task.lease_token.is_null()).execute()
+
+    def park(self, task_id: str) -> bool:
+        """A delivery found the queued task's thread busy: no message is on its way any more.
+
+        The task then waits holding no worker thread and no lease; the end
+        of the task before it sends it (`ThreadReads.next_startable`), and
+        recovery does if that never happens. Returns False if the task was
+        claimed or finished meanwhile.
+        """
+        Task = self.Task
+        with StoreFailures(task_id), self.db.atomic():
+            return bool(Task.update(delivery_due_at=None, delivery_message_id=None).where(
+                (Task.task_id == task_id) & (Task.status == TaskStatus.QUEUED.value)
+                & Task.lease_token.is_null()).execute())
 
     def note_unsent(self, task_id: str) -> None:
         """Record that no message for an unleased task is on its way (the broker refused it): recovery sends one."""

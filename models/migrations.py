@@ -181,6 +181,20 @@ def _to_v5_otel_trace_parent(db: Database, tables: Tables) -> None:
         db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "otel_trace_parent" {column_type}')
 
 
+def _to_v6_threads(db: Database, tables: Tables) -> None:
+    """Schema 6 (threads): an index on ``task (thread_id, status, id)``, and ``task.cancel_reason``.
+
+    Every claim of a queued task asks whether its thread is free, and every
+    thread's story is read in arrival order: both walk this index. The
+    column says who asked a running task to stop (``if_busy="interrupt"``),
+    so its end names the newer task.
+    """
+    if "cancel_reason" not in {column.name for column in db.get_columns("task")}:
+        column_type = sql_type(db, tables.Task._meta.fields["cancel_reason"])
+        db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "cancel_reason" {column_type}')
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "task_thread_id_status_id" ON "task" ("thread_id", "status", "id")')
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -192,7 +206,7 @@ def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
 
 #: version -> migration that brings the schema from version - 1 to it.
 MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {
-    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_otel_trace_parent,
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_otel_trace_parent, 6: _to_v6_threads,
 }
 
 

@@ -31,7 +31,8 @@ class Statements:
             Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence, highest_step)
             .where(Task.task_id == "")))
         self.select_task_row = _render(Task.select().where(Task.task_id == ""))
-        self.select_cancel_requested = _render(Task.select(Task.cancel_requested).where(Task.task_id == ""))
+        self.select_cancel_requested = _render(Task.select(Task.cancel_requested, Task.cancel_reason)
+                                               .where(Task.task_id == ""))
         self.insert_checkpoint = _render(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
                               trace_first_sequence=0, trace="")

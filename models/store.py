@@ -7,6 +7,9 @@ one `StoreContext` (database, tables, dialect, prepared statements, clock):
 - `Checkpoints` (`checkpoints.py`): the fenced writes of a running task;
 - `TraceStore` (`trace_store.py`): trace events, written and read;
 - `TaskReads` (`reads.py`): records and summaries;
+- `ThreadReads` (`threads.py`): a thread's story, who runs on it, who starts next;
+- `Forks` (`forks.py`): a new task from an earlier step of another;
+- `ThreadAdmission` (`thread_admission.py`): a new task on a thread under `if_busy`, atomically;
 - `LeaseBook` (`leases.py`): claims, renewals, releases;
 - `migrations.py`: the schema, created or upgraded on open.
 
@@ -34,6 +37,7 @@ from .db import (
     open_database,
 )
 from .dialect import Dialect, StoreFailures
+from .forks import Forks
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .reads import TaskReads
 from .schemas import (
@@ -50,6 +54,8 @@ from .schemas import (
 from .statements import Statements
 from .tables import bind_tables
 from .tasks import TaskWrites
+from .thread_admission import Admission, ThreadAdmission
+from .threads import ThreadReads, ThreadStory
 from .trace_store import TraceStore
 from .traces import PendingTraces, TraceEventRecord
 
@@ -97,6 +103,9 @@ class TaskStore:
         self._tasks = TaskWrites(self.context, self.trace_store)
         self._checkpoints = Checkpoints(self.context, self.trace_store)
         self._reads = TaskReads(self.context)
+        self._threads = ThreadReads(self.context)
+        self._forks = Forks(self.context)
+        self._admission = ThreadAdmission(self.context, self._tasks, self._threads)
         # Connections are opened per thread on first use; close (not just
         # pool) this one, so a process that forks after construction does not
         # hand a live connection to its children.
@@ -164,6 +173,21 @@ class TaskStore:
             return self._tasks.create(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                       model=model, spec=spec)
 
+    def admit_task(self, *, task_id: str, thread_id: str, channel: str, provider: str, model: str,
+                   spec: TaskSpec, if_busy: str = "enqueue") -> Admission:
+        """Store a new `queued` task on `thread_id` as `if_busy` says, atomically (see `thread_admission.py`).
+
+        ``enqueue``: stored to run after the thread's unfinished tasks;
+        ``reject``: not stored if the thread has one (`Admission.refused_by`
+        names it); ``interrupt``: stored, and the thread's running tasks are
+        asked to stop at their next step boundary, naming this task.
+        `Admission.created` is False (nothing changes) if the id exists.
+        """
+        refuse_nul_identifiers(task_id=task_id, thread_id=thread_id, channel=channel)
+        with StoreFailures(task_id):
+            return self._admission.admit(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
+                                         model=model, spec=spec, if_busy=if_busy)
+
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
         """Upsert a task's visible state.
 
@@ -188,15 +212,17 @@ class TaskStore:
         with StoreFailures(task_id):
             self._tasks.rerun(task_id)
 
-    def request_cancel(self, task_id: str) -> TaskStatus:
+    def request_cancel(self, task_id: str, *, reason: Optional[str] = None) -> TaskStatus:
         """Cancel a task: at once if nobody runs it, else between its steps.
 
         Returns the status after the call: `cancelled` when no live lease
         held it, `running` when the running worker will stop after its
-        current step, or the terminal status it already had.
+        current step, or the terminal status it already had. `reason`
+        (default ``cancelled``) starts its `last_error`, e.g.
+        ``"interrupted by task 'x' after step 3"``.
         """
         with StoreFailures(task_id):
-            return self._tasks.request_cancel(task_id)
+            return self._tasks.request_cancel(task_id, reason=reason)
 
     def trace_parent(self, task_id: str) -> Optional[str]:
         """The OpenTelemetry trace parent (``<trace id>-<span id>``, hex) the task's runs continue, or None."""
@@ -210,8 +236,12 @@ class TaskStore:
 
     def is_cancel_requested(self, task_id: str) -> bool:
         """Whether `request_cancel` asked the running task to stop (checked between steps)."""
+        return self.cancel_reason(task_id) is not None
+
+    def cancel_reason(self, task_id: str) -> Optional[str]:
+        """None unless `request_cancel` asked the running task to stop; then why (``cancelled`` by default)."""
         with StoreFailures(task_id):
-            return self._tasks.is_cancel_requested(task_id)
+            return self._tasks.cancel_reason(task_id)
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""
@@ -331,6 +361,36 @@ class TaskStore:
         """The thread's most recently updated task, or None."""
         with StoreFailures():
             return self._reads.load_by_thread_id(thread_id, exclude_task_id=exclude_task_id)
+
+    def thread_story(self, thread_id: str, *, before_task_id: Optional[str] = None) -> ThreadStory:
+        """The thread's turns: its finished tasks' prompts and answers (or how they ended), in arrival order.
+
+        With `before_task_id`, only the tasks that arrived before that one
+        (what that task starts from). See `threads.py`.
+        """
+        with StoreFailures():
+            return self._threads.story(thread_id, before_task_id=before_task_id)
+
+    def fork(self, task_id: str, *, at_step: int, new_task_id: str, thread_id: str,
+             prompt: Optional[str] = None) -> bool:
+        """A new `queued` task with `task_id`'s history through step `at_step` (see `forks.py`).
+
+        False if `new_task_id` is taken (nothing changes); `StepNotForkable`
+        if the original has no checkpoint `at_step`; the original is only read.
+        """
+        with StoreFailures(task_id):
+            return self._forks.fork(task_id, at_step=at_step, new_task_id=new_task_id, thread_id=thread_id,
+                                    prompt=prompt)
+
+    def thread_busy(self, thread_id: str, *, excluding: Optional[str] = None) -> list[tuple[str, TaskStatus]]:
+        """The thread's unfinished tasks as ``(task_id, status)``, running ones first, then in arrival order."""
+        with StoreFailures():
+            return self._threads.busy(thread_id, excluding=excluding)
+
+    def next_startable(self, task_id: str) -> Optional[str]:
+        """The task of `task_id`'s thread that may start now, or None (something runs, or nothing waits)."""
+        with StoreFailures(task_id):
+            return self._threads.next_startable(task_id)
 
     def summary(self, task_id: str) -> TaskSummary:
         """A task without its histories (cheap to poll); `TaskNotFound` if missing."""

@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -109,6 +109,9 @@ def bind_tables(db: Database) -> Tables:
         lease_expires_at = DoubleField(null=True)
         recovery_count = IntegerField(default=0)
         cancel_requested = BooleanField(default=False)
+        # Since schema 6 (threads): who asked the running task to stop, said in its end
+        # ("interrupted by task 'X'"); None for a plain cancel.
+        cancel_reason = CharField(max_length=300, null=True)
         # Since schema 3: the next trace sequence; a trace batch must start at or after it.
         trace_next_sequence = BigIntegerField(default=0)
         # Since schema 2: what the task said and spent, summed as it runs.
@@ -126,6 +129,8 @@ def bind_tables(db: Database) -> Tables:
             table_name = "task"
             indexes = (
                 (("thread_id", "updated_at"), False),
+                # Since schema 6 (threads): who runs on a thread, who starts next, its story in arrival order.
+                (("thread_id", "status", "id"), False),
                 (("status", "lease_expires_at"), False),
                 (("status", "updated_at"), False),
             )

@@ -73,7 +73,7 @@ class TaskWrites:
             counts = {EXECUTION: row.execution_count, RESUMABLE: row.resumable_count}
             if rerun:
                 self._clear_run(snapshot.task_id, row.id)
-                fields.update(checkpoint_count=0, recovery_count=0, cancel_requested=False)
+                fields.update(checkpoint_count=0, recovery_count=0, cancel_requested=False, cancel_reason=None)
                 counts = {EXECUTION: 0, RESUMABLE: 0}
             for history, messages in ((EXECUTION, snapshot.execution_history),
                                       (RESUMABLE, snapshot.resumable_history)):
@@ -100,6 +100,7 @@ class TaskWrites:
             self._clear_run(task_id, row.id)
             Task.update(
                 status=TaskStatus.QUEUED.value, checkpoint_count=0, recovery_count=0, cancel_requested=False,
+                cancel_reason=None,
                 execution_count=0, resumable_count=0, latest_checkpoint_note=None, final_response=None,
                 last_error=None, completed_at=None, started_at=None, updated_at=now, delivery_due_at=now,
                 otel_trace_parent=None,  # a rerun is a new trace
@@ -113,8 +114,12 @@ class TaskWrites:
         self.traces.inline_message_references(task_id, task_pk)
         Message.delete().where(Message.task == task_pk).execute()
 
-    def request_cancel(self, task_id: str) -> TaskStatus:
-        """Cancel a task: at once if nobody runs it, else between its steps (see `TaskStore.request_cancel`)."""
+    def request_cancel(self, task_id: str, *, reason: Optional[str] = None) -> TaskStatus:
+        """Cancel a task: at once if nobody runs it, else between its steps (see `TaskStore.request_cancel`).
+
+        `reason` (default ``cancelled``) starts the task's `last_error`:
+        ``"<reason> after step N"`` (or ``before it ran``).
+        """
         ctx = self.ctx
         Task = ctx.tables.Task
         now = ctx.clock()
@@ -124,11 +129,12 @@ class TaskWrites:
             if status.is_terminal:
                 return status
             if row.lease_token is None or (row.lease_expires_at or 0) <= now:
+                steps = row.checkpoint_count
                 Task.update(status=TaskStatus.CANCELLED.value, completed_at=now, updated_at=now,
-                            last_error="cancelled before it ran", **NO_LEASE).where(
-                    Task.id == row.id).execute()
+                            last_error=f"{reason or 'cancelled'} {f'after step {steps}' if steps else 'before it ran'}",
+                            **NO_LEASE).where(Task.id == row.id).execute()
                 return TaskStatus.CANCELLED
-            Task.update(cancel_requested=True, updated_at=now).where(Task.id == row.id).execute()
+            Task.update(cancel_requested=True, cancel_reason=reason, updated_at=now).where(Task.id == row.id).execute()
             return status
 
     def trace_parent(self, task_id: str) -> Optional[str]:
@@ -149,10 +155,12 @@ class TaskWrites:
                 (Task.task_id == task_id) & Task.otel_trace_parent.is_null()).execute()
         return self.trace_parent(task_id) or trace_parent
 
-    def is_cancel_requested(self, task_id: str) -> bool:
-        """Whether `request_cancel` asked the running task to stop (checked between steps)."""
+    def cancel_reason(self, task_id: str) -> Optional[str]:
+        """None unless `request_cancel` asked the running task to stop; then its reason (``cancelled`` by default)."""
         row = self.ctx.db.execute_sql(self.ctx.sql.select_cancel_requested, (task_id,)).fetchone()
-        return bool(row and row[0])
+        if not (row and row[0]):
+            return None
+        return row[1] or "cancelled"
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""

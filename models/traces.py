@@ -203,6 +203,8 @@ class TraceWriter:
     #: Hears every event but streamed chunks, as (type, data, recorded_at epoch s): metrics and spans
     #: (`worker.observe`). Called on the emitting thread; it must be cheap and never raise.
     listener: Optional[Callable[[str, dict[str, Any], float], None]] = None
+    #: Called with every event as it is emitted, each chunk on its own (live output, `worker/live.py`).
+    on_event: Optional[Callable[[str, dict[str, Any]], None]] = None
 
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
         """Record an event; streamed chunks of the same type are merged.
@@ -210,6 +212,8 @@ class TraceWriter:
         `data` is kept as given (redacted and encoded when the store takes
         it), so do not change it after emitting.
         """
+        if self.on_event is not None:
+            self.on_event(event_type, data)
         now = self.clock()
         if event_type in STREAMED:
             text = str(data.get("text", ""))

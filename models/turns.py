@@ -9,13 +9,18 @@ wants only what the user and assistant said, strictly alternating.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol
 
 from .schemas import ChatMessage, ToolCall
 
 if TYPE_CHECKING:
     from .schemas import TaskRecord
-    from .store import TaskStore
+
+
+class HasThreadStory(Protocol):
+    """What `load_resumable_state` needs of a store (`TaskStore.thread_story`); no import of the store here."""
+
+    def thread_story(self, thread_id: str, *, before_task_id: Optional[str] = None) -> Any: ...
 
 #: The tags models wrap tool calls in written as text: opening tag -> closing tag.
 TOOL_CALL_TAGS: dict[str, str] = {
@@ -107,10 +112,14 @@ def _scan(text: str) -> tuple[list[str], list[object]]:
 
 
 def _strip_once(text: str) -> str:
-    result = "".join(_scan(text)[0])
-    while "\n\n\n" in result:
-        result = result.replace("\n\n\n", "\n\n")
-    return result.strip()
+    return _tidy("".join(_scan(text)[0]))
+
+
+def _tidy(text: str) -> str:
+    """Runs of blank lines collapsed to one, the ends trimmed."""
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.strip()
 
 
 def strip_tool_call_tags(text: str) -> str:
@@ -122,6 +131,8 @@ def strip_tool_call_tags(text: str) -> str:
     raises, and is idempotent: removing a tag can splice a new one together,
     so it repeats until nothing changes (each pass only shortens the text).
     """
+    if "<" not in text:  # no tag at all (most answers): a thread's story strips 1,000 of them per read
+        return _tidy(text)
     current = text
     while True:
         stripped = _strip_once(current)
@@ -201,18 +212,15 @@ def resumable_turns_from_task_record(record: TaskRecord) -> list[ChatMessage]:
 
 
 def load_resumable_state(
-    store: TaskStore, thread_id: str, *, exclude_task_id: Optional[str] = None
+    store: HasThreadStory, thread_id: str, *, before_task_id: Optional[str] = None
 ) -> Optional[tuple[list[ChatMessage], Optional[str]]]:
-    """``(turns, latest_checkpoint_note)`` of the thread's latest task, or None.
+    """``(turns, latest_checkpoint_note)`` of the thread's story, or None if it has no turns yet.
 
-    None when the thread has no task or its task has no turns to resume.
-    `exclude_task_id` skips the task that is asking, so a new task on a
-    thread sees the one before it.
+    The story is every finished task's own turns in arrival order (see
+    `threads.py`); `before_task_id` keeps only the tasks that arrived before
+    that one, which is what a new task on the thread starts from.
     """
-    record = store.load_by_thread_id(thread_id, exclude_task_id=exclude_task_id)
-    if record is None:
+    story = store.thread_story(thread_id, before_task_id=before_task_id)
+    if not story.turns:
         return None
-    turns = resumable_turns_from_task_record(record)
-    if not turns:
-        return None
-    return turns, record.latest_checkpoint_note
+    return story.turns, story.latest_checkpoint_note

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from longhaul import worker
-from longhaul.models import TaskStatus, TaskStore
+from longhaul.models import TaskSpec, TaskStatus, TaskStore
 from longhaul.worker.testing import ledger_counts, wait_until
 
 Longhaul = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -279,3 +279,71 @@ def test_ctrl_c_stops_a_run_after_its_current_step_and_it_resumes_by_id(longhaul
     assert result.returncode == 0, result.stderr
     assert as_json(result)["status"] == "completed"
     assert ledger_counts(ledger) == {f"ctrl-c step {i}": 1 for i in range(1, steps + 1)}
+
+
+# -- threads: follow, fork, --if-busy ----------------------------------------------------------------------
+
+
+def test_follow_prints_a_task_s_events_with_cursors_and_continues_after_one(longhaul, ledger):
+    assert longhaul("run", "count", "--task-id", "orig", "--steps", "3", "--ledger", str(ledger)).returncode == 0
+
+    whole = longhaul("follow", "orig", "--json")
+    assert whole.returncode == 0, whole.stderr
+    lines = [json.loads(line) for line in whole.stdout.splitlines()]
+    types = [line["event"]["type"] for line in lines]
+    assert types[0] == "started" and types[-1] == "done" and types.count("step") == 3
+    assert lines[-1]["event"]["status"] == "completed" and all(line["event"]["task_id"] == "orig" for line in lines)
+    cursors = [line["cursor"] for line in lines]
+    assert len(set(cursors)) == len(cursors)
+
+    after = longhaul("follow", "orig", "--json", "--after", cursors[2])
+    assert [json.loads(line) for line in after.stdout.splitlines()] == lines[3:]  # no repeat, no gap
+
+    text = longhaul("follow", "orig").stdout.splitlines()
+    assert [line.split("\t")[0] for line in text] == cursors
+    assert text[-1].split("\t")[1:3] == ["orig", "done"] and "completed: Done: 3 steps" in text[-1]
+
+
+def test_fork_runs_from_the_step_after_its_fork_point_and_prints_the_new_task_id(longhaul, ledger, store):
+    assert longhaul("run", "count", "--task-id", "orig", "--steps", "3", "--ledger", str(ledger)).returncode == 0
+
+    forked = longhaul("fork", "orig", "--at-step", "2", "--prompt", "once more", "--task-id", "again")
+
+    assert forked.returncode == 0, forked.stderr
+    assert forked.stdout.strip() == "again"
+    record = store.get("again")
+    assert record.status is TaskStatus.COMPLETED and [c.step_index for c in record.checkpoints] == [1, 2, 3]
+    assert "once more" in [m.content for m in record.execution_history if m.role == "user"]
+    assert ledger_counts(ledger)["again step 3"] == 1 and ledger_counts(ledger)["again step 1"] == 0
+    assert len(store.get("orig").checkpoints) == 3  # the original is untouched
+
+
+def test_if_busy_reject_exits_1_naming_the_unfinished_task_and_stores_nothing(longhaul, store):
+    store.create_task(task_id="first", thread_id="chat", channel="api", provider="scripted", model="m",
+                      spec=TaskSpec(prompt="hello"))
+
+    refused = longhaul("run", "hello again", "--thread", "chat", "--if-busy", "reject", "--task-id", "second")
+
+    assert_clean_error(refused, 1, "thread 'chat' is busy", "task 'first' is queued", "--if-busy enqueue")
+    assert store.load("second") is None and store.count_tasks() == 1
+
+
+#: Bad input to the thread commands: (arguments, exit code, what the one-line error must name).
+BAD_THREAD_COMMANDS = [
+    (("follow", "nosuch"), 1, ("nosuch",)),
+    (("follow",), 2, ("TASK_ID or --thread",)),
+    (("follow", "orig", "--after", "yesterday"), 2, ("--after", "'yesterday'")),
+    (("fork", "nosuch", "--at-step", "1"), 1, ("nosuch",)),
+    (("fork", "orig", "--at-step", "9"), 2, ("--at-step", "between 1 and 3")),
+    (("fork", "orig", "--at-step", "0"), 2, ("--at-step",)),
+    (("fork", "orig", "--at-step", "1", "--task-id", "orig"), 2, ("task_id", "'orig' already exists")),
+    (("run", "hi", "--thread", "chat", "--if-busy", "later"), 2, ("--if-busy", "'later'")),
+]
+
+
+def test_thread_commands_refuse_bad_input_naming_it_without_a_traceback(longhaul, ledger, store):
+    assert longhaul("run", "count", "--task-id", "orig", "--steps", "3", "--ledger", str(ledger)).returncode == 0
+
+    for args, exit_code, names in BAD_THREAD_COMMANDS:  # one stored task for all: each case costs a process
+        assert_clean_error(longhaul(*args), exit_code, *names)
+    assert store.count_tasks() == 1

@@ -359,7 +359,7 @@ def test_a_second_task_on_a_thread_starts_from_the_first_task_s_normalized_turns
                                ledger_path=str(ledger))
 
     assert second.status is TaskStatus.COMPLETED, second.last_error
-    state = load_resumable_state(embedded_runtime.store, "chat-1", exclude_task_id="turn-2")
+    state = load_resumable_state(embedded_runtime.store, "chat-1", before_task_id="turn-2")
     assert state is not None
     turns, note = state
     assert [(t.role, t.content) for t in turns] == [

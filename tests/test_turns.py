@@ -340,7 +340,8 @@ def test_load_resumable_state_is_none_when_there_are_no_turns(store, make_snapsh
     assert load_resumable_state(store, "thread-1") is None
 
 
-def test_load_resumable_state_gives_the_turns_and_the_latest_checkpoint_note(clocked_store, clock, make_snapshot):
+def test_load_resumable_state_gives_the_thread_s_story_and_its_latest_checkpoint_note(clocked_store, clock,
+                                                                                    make_snapshot):
     clocked_store.save_snapshot(make_snapshot(TaskStatus.COMPLETED, task_id="earlier",
                                               resumable_history=[user("old"), assistant("old answer")],
                                               latest_checkpoint_note="old note"))
@@ -350,8 +351,9 @@ def test_load_resumable_state_gives_the_turns_and_the_latest_checkpoint_note(clo
                                               latest_checkpoint_note="step 3 confirmed"))
 
     turns, note = load_resumable_state(clocked_store, "thread-1")
-    assert (pairs(turns), note) == ([("user", "hi"), ("assistant", "hello")], "step 3 confirmed")
+    assert (pairs(turns), note) == ([("user", "old"), ("assistant", "old answer"), ("user", "hi"),
+                                     ("assistant", "hello")], "step 3 confirmed")
 
-    turns, note = load_resumable_state(clocked_store, "thread-1", exclude_task_id="latest")
+    turns, note = load_resumable_state(clocked_store, "thread-1", before_task_id="latest")
     assert (pairs(turns), note) == ([("user", "old"), ("assistant", "old answer")], "old note")
 

@@ -1,4 +1,4 @@
-"""The Python API: enqueue, run inline, resume, cancel, rerun, wait.
+"""The Python API: enqueue, run inline, resume, cancel, rerun, wait; threads: follow, fork, thread_turns.
 
 Every CLI command is a thin shell over one function here.
 """
@@ -6,6 +6,7 @@ Every CLI command is a thin shell over one function here.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -13,7 +14,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from longhaul.models import (
     Budget,
+    ChatMessage,
     CorruptRecord,
+    InvalidInput,
     TaskNotFound,
     TaskNotResumable,
     TaskRecord,
@@ -26,10 +29,12 @@ from longhaul.models.traces import TraceEventRecord
 
 from .agents import get_agent
 from .errors import BrokerRequired, BrokerUnavailable, TaskBusy, TaskExists
+from .live import FollowedEvent, follow_stream, live_event, task_key, thread_key
 from .providers import create_provider
 from .recovery import find_interrupted
 from .runtime import Runtime, get_runtime
 from .task_options import checked_options
+from .threads import IfBusy, admit, send_next_on_thread
 from .tools import validate_tool_names
 from .validation import strict
 from .workspaces import remove_journal
@@ -64,6 +69,7 @@ def submit(
     max_steps: Optional[int] = None,
     time_limit_s: Optional[float] = None,
     budget: Optional[Budget] = None,
+    if_busy: IfBusy = "enqueue",
     **provider_options: Any,
 ) -> str:
     """Validate and store a new `queued` task (not yet sent); returns its id.
@@ -76,6 +82,12 @@ def submit(
     agent, provider or tool this process lacks raises `InvalidInput` naming
     it, and nothing is stored. `TaskExists` if `task_id` is taken (its
     `identical` says whether by this very task: a repeated call).
+
+    On a thread that has an unfinished task, `if_busy` says what happens
+    (see `threads.py`): ``enqueue`` (default) runs this task after it,
+    ``reject`` raises `ThreadBusy` naming it and stores nothing,
+    ``interrupt`` stores this task and asks the running one to stop at its
+    next step boundary (it ends `cancelled`).
     """
     defined = get_agent(agent).spec if agent is not None else None
     provider = provider or (defined.provider if defined else None) or rt.settings.default_provider
@@ -98,8 +110,8 @@ def submit(
     ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
                          model=model or (defined.model if defined else None) or rt.settings.default_model,
                          status=TaskStatus.QUEUED)
-    if not rt.store.create_task(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
-                                provider=ident.provider, model=ident.model, spec=spec):
+    if not admit(rt.store, task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
+                 provider=ident.provider, model=ident.model, spec=spec, if_busy=if_busy):
         raise TaskExists(task_id, identical=_is_stored_as(rt, ident, spec))
     return task_id
 
@@ -218,12 +230,100 @@ def follow_traces(task_id: str, *, follow: bool = False, poll_s: float = 0.2) ->
 @strict
 def cancel(task_id: str) -> TaskStatus:
     """Cancel a task; a running one stops after its current step. Returns the status now."""
-    return get_runtime().store.request_cancel(task_id)
+    rt = get_runtime()
+    status = rt.store.request_cancel(task_id)
+    if status.is_terminal and not rt.embedded:  # a queued task cancelled: the next of its thread may start
+        send_next_on_thread(rt, task_id)
+    return status
 
+
+@strict
+def thread_turns(thread_id: str) -> list[ChatMessage]:
+    """The thread's story: each finished task's prompt and answer (or how it ended), in arrival order."""
+    return get_runtime().store.thread_story(thread_id).turns
+
+
+@strict
+def follow(task_id: Optional[str] = None, *, thread_id: Optional[str] = None, after: Optional[str] = None,
+           idle_timeout_s: Optional[float] = None) -> Iterator[FollowedEvent]:
+    """Yield ``(cursor, event)`` for a task's (or a thread's) live output, as it happens, from any process.
+
+    Events are dicts with a ``type``: ``started``, ``chunk`` (``text``),
+    ``reasoning``, ``tool_call``, ``tool_result``, ``step``, ``resumed``
+    (the step in flight restarts: drop its partial answer) and ``done``
+    (``status``, ``answer``, ``error``), each with its ``task_id``. Pass
+    the last cursor seen as `after` to continue after a disconnect: no
+    event is repeated or skipped. A task's follow ends with its ``done``;
+    a thread's runs until `idle_timeout_s` passes without an event (None:
+    until the caller stops). Without Redis, or for a finished task whose
+    live stream has expired, a task is followed from its stored trace (a step at a
+    time; cursors ``0-N``). See `worker/live.py`.
+    """
+    if (task_id is None) == (thread_id is None):
+        raise InvalidInput("follow: give task_id or thread_id (one of them)")
+    start = after or "0-0"
+    if not CURSOR.fullmatch(start):
+        raise InvalidInput(f"after (--after): not a cursor longhaul gave (got {start!r}); cursors look like "
+                           "'1733112000000-0' (live) or '0-12' (stored)")
+    rt = get_runtime()
+    finished = task_id is not None and rt.store.summary(task_id).status.is_terminal  # TaskNotFound first
+    if rt.live is None or (finished and start.startswith("0-") and not rt.live.exists(task_key(str(task_id)))):
+        if task_id is None:
+            raise BrokerRequired("follow --thread")
+        yield from _follow_stored(rt, task_id, after=start, idle_timeout_s=idle_timeout_s)
+        return
+    key = task_key(task_id) if task_id is not None else thread_key(str(thread_id))
+    yield from follow_stream(rt.live, key, after=start, until_done_of=task_id, idle_timeout_s=idle_timeout_s)
+
+
+def _follow_stored(rt: Runtime, task_id: str, *, after: str,
+                   idle_timeout_s: Optional[float]) -> Iterator[FollowedEvent]:
+    """A task's stored trace as followed events (cursor ``0-<sequence + 1>``), polled until it ends."""
+    last = int(after.split("-", 1)[1]) - 1 if after.startswith("0-") else -1
+    idle_since = time.monotonic()
+    while True:
+        finished = rt.store.summary(task_id).status.is_terminal  # read before the events: none is missed
+        for record in rt.store.traces(task_id, after_sequence=last):
+            last = record.sequence
+            idle_since = time.monotonic()
+            event = live_event(record.event_type, record.data)
+            if event is not None:
+                event["task_id"] = task_id
+                yield f"0-{record.sequence + 1}", event
+        if finished:
+            return
+        if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+            return
+        time.sleep(0.2)
+
+
+@strict
+def fork(task_id: str, *, at_step: int, thread_id: Optional[str] = None, prompt: Optional[str] = None,
+         new_task_id: Optional[str] = None, on_progress: Optional[Callable[[Progress], None]] = None) -> str:
+    """A new task with `task_id`'s history through step `at_step`, run from step `at_step` + 1; returns its id.
+
+    With `prompt`, that message is added after step `at_step`. The fork goes
+    on `thread_id` (default: a thread of its own, named by its id); the
+    original is untouched. With Redis it is sent to the workers; without, it
+    runs here to its end. `StepNotForkable` names the steps there are.
+    """
+    rt = get_runtime()
+    new_task_id = new_task_id or f"fork-{uuid.uuid4().hex[:16]}"
+    ident = TaskSnapshot(task_id=new_task_id, thread_id=thread_id or new_task_id, channel="api", provider="p",
+                         model="m", status=TaskStatus.QUEUED)  # validates the ids before anything is written
+    if not rt.store.fork(task_id, at_step=at_step, new_task_id=ident.task_id, thread_id=ident.thread_id,
+                         prompt=prompt):
+        raise TaskExists(new_task_id, identical=False)
+    _drive(rt, [new_task_id], on_progress=on_progress)
+    return new_task_id
+
+
+#: A follow cursor: a Redis stream entry id, or ``0-N`` for stored trace events (`follow`).
+CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 #: The keywords `submit` (and so `enqueue` and `run_inline`) declares, beside provider options.
 SUBMIT_PARAMETERS = ("agent", "thread_id", "task_id", "channel", "provider", "model", "tools", "max_steps",
-                     "time_limit_s", "budget")
+                     "time_limit_s", "budget", "if_busy")
 
 
 def _drive(rt: Runtime, task_ids: list[str], *, on_progress: Optional[Callable[[Progress], None]],

@@ -27,6 +27,7 @@ from .cli_output import (
     EXIT_FAILED,
     print_cancelled,
     print_exported,
+    print_followed,
     print_health,
     print_migration,
     print_progress,
@@ -200,6 +201,35 @@ def traces(task_id: str, follow: bool, as_json: bool) -> None:
     """Print a task's trace events in order."""
     for event in api.follow_traces(task_id, follow=follow):
         print_trace_event(event, as_json)
+
+
+@cli.command()
+@click.argument("task_id", required=False)
+@click.option("--thread", "thread_id", help="Follow every task of this thread instead of one task.")
+@click.option("--after", help="Continue after this cursor (the first column printed, or `cursor` in --json).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: {cursor, event}.")
+def follow(task_id: Optional[str], thread_id: Optional[str], after: Optional[str], as_json: bool) -> None:
+    """Print a task's (or a thread's) live output as it happens: chunks, tool calls and results, the answer.
+
+    A task's follow ends with its end; a thread's runs until interrupted.
+    Pass the last cursor printed as --after to continue with nothing repeated or missed.
+    """
+    if bool(task_id) == bool(thread_id):
+        raise click.UsageError("give TASK_ID or --thread ID (one of them)")
+    for cursor, event in api.follow(task_id, thread_id=thread_id, after=after):
+        print_followed(cursor, event, as_json)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--at-step", type=count(1), required=True, help="Keep the history through this step.")
+@click.option("--thread", "thread_id", help="The fork's thread (default: a thread of its own).")
+@click.option("--prompt", help="A message added after that step.")
+@click.option("--task-id", "new_task_id", help="The fork's task id (default: generated).")
+def fork(task_id: str, at_step: int, thread_id: Optional[str], prompt: Optional[str],
+         new_task_id: Optional[str]) -> None:
+    """Run a new task from step N+1 of TASK_ID's history (TASK_ID is untouched); prints its id."""
+    click.echo(api.fork(task_id, at_step=at_step, thread_id=thread_id, prompt=prompt, new_task_id=new_task_id))
 
 
 @cli.command()

@@ -172,3 +172,22 @@ def print_task(record: TaskRecord, as_json: bool) -> None:
 def print_cancelled(task_id: str, status: TaskStatus) -> None:
     click.echo(f"{task_id}: {'cancelled' if status is TaskStatus.CANCELLED else status.value}"
                + (" (stops after its current step)" if status is TaskStatus.RUNNING else ""))
+
+
+def print_followed(cursor: str, event: dict[str, Any], as_json: bool) -> None:
+    """One followed event: ``{cursor, event}`` JSON, or the cursor, the type and what it says."""
+    if as_json:
+        click.echo(orjson.dumps({"cursor": cursor, "event": event}).decode())
+        return
+    kind = event.get("type")
+    if kind in ("chunk", "reasoning"):
+        detail = repr(event.get("text", ""))
+    elif kind == "tool_call":
+        detail = f"{event.get('tool')} {orjson.dumps(event.get('arguments')).decode()}"
+    elif kind == "tool_result":
+        detail = f"{event.get('tool')} {'ok' if event.get('success') else 'failed'}: {event.get('output', '')[:200]!r}"
+    elif kind == "done":
+        detail = f"{event.get('status')}: {event.get('answer') or event.get('error') or ''}"
+    else:
+        detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("type", "task_id"))
+    click.echo(f"{cursor}\t{event.get('task_id')}\t{kind}\t{detail}")

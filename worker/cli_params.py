@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import click
 
 from longhaul.models import Budget
+from longhaul.models.thread_admission import IF_BUSY_CHOICES
 
 #: The largest count any option takes: what the store's 64-bit integer columns hold.
 MAX_COUNT = 2**63 - 1
@@ -50,6 +51,9 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--agent", help="Run this agent (defined in an app module); other options override it."),
         click.option("--thread", "thread_id", help="Thread id: continue this conversation's history."),
         click.option("--task-id", help="Use this task id instead of a generated one."),
+        click.option("--if-busy", type=click.Choice(IF_BUSY_CHOICES),
+                     help="The thread has an unfinished task: run after it (enqueue, the default), refuse "
+                          "(reject, exit 1), or stop it at its next step and run after it (interrupt)."),
         click.option("--channel", default="cli", show_default=True, help="Where the task came from."),
         click.option("--provider", help="Model provider (default: LONGHAUL_DEFAULT_PROVIDER, 'scripted')."),
         click.option("--model", help="Model name for the provider."),

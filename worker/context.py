@@ -15,6 +15,7 @@ from dramatiq import Actor, Broker
 
 from longhaul.models import Claim, Claimant, LeaseBook, TaskStore
 
+from .live import LiveOutput
 from .observe import Observer
 from .providers import ProviderFactory
 from .settings import Settings
@@ -32,6 +33,8 @@ class WorkerContext(Protocol):
     stopping: threading.Event
     broker: Broker
     actor: Actor
+    #: Live output on Redis (`longhaul follow`); None for the embedded broker.
+    live: Optional[LiveOutput]
     #: The providers tasks may name; None: the process's registry, read at each use.
     providers: Optional[Mapping[str, ProviderFactory]]
 

@@ -104,6 +104,16 @@ class TaskBusy(LonghaulError):
         self.task_id = task_id
 
 
+class ThreadBusy(LonghaulError):
+    """`if_busy="reject"`: the thread already has a task that has not finished; nothing was stored."""
+
+    def __init__(self, thread_id: str, task_id: str, status: str) -> None:
+        super().__init__(f"thread {thread_id!r} is busy: task {task_id!r} is {status}; send the message again "
+                         "when it has finished, or pass if_busy='enqueue' (--if-busy enqueue) to queue it")
+        self.thread_id = thread_id
+        self.task_id = task_id
+
+
 class BrokerUnavailable(LonghaulError):
     """The broker could not take a task's message; the task stays stored and recovery sends it later."""
 

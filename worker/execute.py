@@ -10,6 +10,7 @@ from longhaul.models import Claim, TaskStatus
 from .context import WorkerContext
 from .identity import holder_is_dead
 from .loop import run_claimed_task
+from .threads import park_waiting_task, send_next_on_thread
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,12 @@ def execute_task(rt: WorkerContext, task_id: str) -> Optional[TaskStatus]:
         return None
     rt.track(claim)
     try:
-        return run_claimed_task(rt, claim)
+        status = run_claimed_task(rt, claim)
     finally:
         rt.untrack(claim)
+    if status.is_terminal:  # the thread is free: its next task starts now, not at the next recovery pass
+        send_next_on_thread(rt, task_id)
+    return status
 
 
 def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
@@ -42,6 +46,9 @@ def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
         return None
     if holder.status.is_terminal:
         logger.info("task %r is already %s; dropping duplicate delivery", task_id, holder.status.value)
+        return None
+    if holder.status is TaskStatus.QUEUED and holder.token is None:  # free to claim but for its thread
+        park_waiting_task(rt, task_id)
         return None
     if holder_is_dead(holder, host=rt.claimant.host):
         claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s, steal_token=holder.token)

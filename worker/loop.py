@@ -37,6 +37,7 @@ from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .budgets import BudgetExceeded, Spend, check_budget
 from .context import WorkerContext
+from .live import LivePublisher
 from .observe import NULL_RUN, ObservedProvider, ObservedStore, RunInfo, RunObserver, ToolCallListener
 from .providers import (
     PermanentProviderError,
@@ -93,6 +94,7 @@ class TaskRun:
                                                    started_at=0.0)
         self.usage = Usage()  # this run's, not yet stored
         self.pending: list[ChatMessage] = []  # the step in progress: its assistant turn and tool results so far
+        self.live: Optional[LivePublisher] = None  # live output (`longhaul follow`), with Redis
 
     def run(self) -> TaskStatus:
         """Run until the task finishes or is interrupted (see `run_claimed_task`), observed from start to end."""
@@ -166,9 +168,10 @@ class TaskRun:
         if not self.rt.settings.traces:
             return self.tracer
         started_at = record.started_at.timestamp() if record.started_at else self.store.clock()
+        self.live = self.rt.live.publisher(record.task_id, record.thread_id) if self.rt.live else None
         tracer = TraceWriter(agent=record.provider, model=record.model, job_type="agent_task",
                              next_sequence=self.store.next_trace_sequence(self.task_id), started_at=started_at,
-                             clock=self.store.clock)
+                             clock=self.store.clock, on_event=self.live)  # live output for `longhaul follow`
         if self.claim.resumed:
             tracer.emit("resumed", {"from_step": record.last_step_index + 1,
                                     "recovery_count": self.claim.recovery_count,
@@ -203,7 +206,7 @@ class TaskRun:
         history. A thread's turns hold only user and assistant messages, so
         the instructions of an earlier task on the thread are not repeated.
         """
-        prior = load_resumable_state(self.store, record.thread_id, exclude_task_id=record.task_id)
+        prior = load_resumable_state(self.store, record.thread_id, before_task_id=record.task_id)
         turns, note = prior if prior is not None else ([], None)
         instructions = spec.agent.instructions if spec.agent is not None else None
         execution = [ChatMessage.system(instructions)] if instructions else []
@@ -231,8 +234,8 @@ class TaskRun:
                 logger.info("task %r: worker shutting down; stopping after step %d", task_id, step)
                 self._release(redeliver_at=None)
                 return TaskStatus.RUNNING
-            if store.is_cancel_requested(task_id):
-                return self._finish(TaskStatus.CANCELLED, last_error=f"cancelled after step {step}")
+            if (stop_reason := store.cancel_reason(task_id)) is not None:  # cancel, or if_busy="interrupt"
+                return self._finish(TaskStatus.CANCELLED, last_error=f"{stop_reason} after step {step}")
             step += 1
             check_budget(task_id, spec.budget, spend, "model call")
             turn = provider.next_turn(StepContext(task_id=task_id, step_index=step, history=history,
@@ -327,6 +330,8 @@ class TaskRun:
         except LeaseLost as exc:
             logger.warning("%s", exc)
             return TaskStatus.RUNNING
+        if self.live is not None:  # followers see `done` only once the store has the end
+            self.live.publish_done()
         if status is TaskStatus.COMPLETED:
             logger.info("task %r completed", self.task_id)
         else:

@@ -27,6 +27,7 @@ from .apps import import_apps
 from .broker import build_broker
 from .errors import BROKER_ERRORS, BrokerUnavailable
 from .identity import current_claimant
+from .live import LiveOutput
 from .metrics import PrometheusObserver, metrics_enabled
 from .observe import NULL_OBSERVER, Observer, Observers
 from .otel import tracing_observer
@@ -78,6 +79,9 @@ class Runtime:
         self.broker: Broker
         self.actor: Actor
         self.broker, self.actor = build_broker(self)
+        #: Live output (`longhaul follow`) rides on the broker's Redis; none for the embedded broker.
+        self.live: Optional[LiveOutput] = None if self.embedded or settings.redis_url is None else LiveOutput(
+            settings.redis_url, retention_s=settings.follow_retention_s, max_events=settings.follow_max_events)
 
     @property
     def observer(self) -> Observer:

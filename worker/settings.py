@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     log_level: Optional[str] = None
     # The Dramatiq queue longhaul's actor consumes.
     queue_name: str = Field(default="longhaul", min_length=1)
-    # How long a claimed task stays leased without a checkpoint or heartbeat.
+    # How long a task's and a thread's live output (`longhaul follow`) stays in Redis after its last event.
+    follow_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    # The most events kept per task's or thread's live stream (older ones are trimmed, approximately).
+    follow_max_events: int = Field(default=100_000, ge=100)
+    # How long a task stays leased without a checkpoint or heartbeat.
     lease_s: float = Field(default=30.0, gt=0)
     # How often a worker renews the leases of the tasks it runs (default: lease_s / 3).
     heartbeat_interval_s: Optional[float] = Field(default=None, gt=0)
