@@ -399,7 +399,7 @@ def test_a_run_sigkilled_between_the_model_call_and_the_tool_call_resumes_withou
 
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "completed"
-    assert fake_openai.steps_asked() == [1, 2, 3, 4, 4, 5]  # only the step in flight was asked again
+    assert fake_openai.steps_asked() == [1, 2, 3, 4, 5]  # step 4's answer was journaled: never asked again
     assert ledger_counts(ledger) == {"step 1": 1, "step 2": 1, "step 3": 1}
     assert len(fake_openai.requests_to("/block")) == 2
     with TaskStore(db_url) as store:
