@@ -74,6 +74,10 @@ class _TaskFailed(Exception):
     """Internal: stop the loop and mark the task failed with this message."""
 
 
+class _CancelledMidStep(Exception):
+    """Internal: a cancel request seen between two tool calls of one answer."""
+
+
 def run_claimed_task(rt: WorkerContext, claim: Claim) -> TaskStatus:
     """Run the task until it finishes or is interrupted; returns its status then.
 
@@ -127,6 +131,8 @@ class TaskRun:
             return self._over_budget(exc)
         except (_TaskFailed, CorruptRecord, PermanentProviderError) as exc:
             return self._fail(exc)
+        except _CancelledMidStep as exc:
+            return self._finish(TaskStatus.CANCELLED, last_error=str(exc))
         except TimeLimitExceeded:
             return self._finish(TaskStatus.TIMED_OUT, last_error="time limit exceeded")
         except LeaseLost as exc:
@@ -316,7 +322,11 @@ class TaskRun:
 
     def _calls_in_turn(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
                        ) -> Iterator[tuple[int, tuple[ChatMessage, CheckpointItem]]]:
-        for index, call in pending:
+        for done, (index, call) in enumerate(pending):
+            # A long answer stops at the next call, not at the end of the step; its other calls get
+            # results saying they never ran. (No query before the first: a step of one call costs nothing.)
+            if done and self.store.is_cancel_requested(self.task_id):
+                raise _CancelledMidStep(f"cancelled during step {step.step_index}, before its tool call {index + 1}")
             ctx = self._tool_context(spec, step, index)
             started = time.perf_counter()
             yield index, self._tool_finished(call, ctx, run_tool_call(call, ctx, self.tools), started)
