@@ -17,13 +17,12 @@ import random
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import psutil
 import pytest
 
 from longhaul import worker
-from longhaul.models import TaskStore, TaskStatus, with_orphans_answered
+from longhaul.models import TaskStatus, TaskStore, with_orphans_answered
 from longhaul.worker.testing import WorkerProcess, wait_until
 from tests.fake_openai import FakeOpenAI, Recorded, Reply, answer, native_call
 from tests.fixtures.chaos import all_finished

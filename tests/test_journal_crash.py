@@ -19,7 +19,7 @@ import pytest
 
 from longhaul.models import TaskStatus, TaskStore, with_orphans_answered
 from longhaul.worker.testing import ledger_counts, wait_until
-from tests.fake_openai import Recorded, Reply, answer, native_call
+from tests.fake_openai import Reply, answer, native_call
 from tests.fixtures.cli import LONGHAUL
 from tests.test_provider_openai import chat_env, fake_openai  # noqa: F401  (a fixture)
 

@@ -233,14 +233,15 @@ class TaskRun:
                 self._release(redeliver_at=None)
                 return TaskStatus.RUNNING
             if self.store.is_cancel_requested(task_id):
-                return self._finish(TaskStatus.CANCELLED, last_error=f"cancelled after step {index}")
+                done = index if step is None else index - 1  # a reopened step is not done yet
+                return self._finish(TaskStatus.CANCELLED, last_error=f"cancelled after step {done}")
             if step is None:
                 index += 1
                 turn = self._ask_model(record, spec, provider, history, index)
                 if not turn.tool_calls:
                     self.tracer.end_turn()
                     return self._finish(TaskStatus.COMPLETED, final_response=turn.content,
-                                        new_messages=[ChatMessage.assistant(turn.content)])
+                                        new_messages=[ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls)])
                 if spec.max_steps is not None and index > spec.max_steps:
                     raise _TaskFailed(f"max_steps: the task asked for step {index} but max_steps is {spec.max_steps}")
                 step = self._journal_answer(turn, index)
