@@ -249,6 +249,7 @@ def test_a_cancel_during_a_tool_stops_before_the_next_call_which_gets_a_result_s
     assert (last.role, last.tool_call_id) == ("tool", "c1")
     assert last.content.startswith("[no result: this tool call did not complete: the task ended (cancelled)")
     assert_no_orphans(record.execution_history)
+    assert not any(m.tool_calls or m.role == "tool" for m in record.resumable_history)  # a thread resumes turns only
 
 
 def test_a_time_limit_hit_during_a_tool_gives_that_call_and_the_rest_a_result_saying_so(runtime):
