@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from longhaul._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from longhaul.models import Budget, ChatMessage, TaskStatus, TaskStore, ToolCall, Usage
+    from longhaul.models import Budget, ChatMessage, OpenStep, TaskStatus, TaskStore, ToolCall, Usage
     from longhaul.models.errors import (
         CorruptRecord,
         InvalidDatabaseUrl,
@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 
 #: Each public name and the module that defines it; a name's module is imported when the name is first read.
 __getattr__, __dir__ = lazy_exports(__name__, {
-    **dict.fromkeys(["Budget", "ChatMessage", "TaskStatus", "TaskStore", "ToolCall", "Usage"], "longhaul.models"),
+    **dict.fromkeys(["Budget", "ChatMessage", "OpenStep", "TaskStatus", "TaskStore", "ToolCall", "Usage"],
+                    "longhaul.models"),
     **dict.fromkeys(["CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "LonghaulError",
                      "SchemaTooNew", "StepNotForkable", "StoreUnavailable", "StoreUnusable",
                      "TaskNotFound", "TaskNotResumable", "TraceSequenceClash",
@@ -90,7 +91,7 @@ __all__ = [
     "Agent", "Budget", "tool", "register_tool", "ToolContext", "register_provider", "AssistantTurn",
     "StepContext",
     # Data
-    "ToolCall", "ChatMessage", "Usage", "TaskStatus", "TaskStore",
+    "ToolCall", "ChatMessage", "Usage", "TaskStatus", "TaskStore", "OpenStep",
     # Errors: every one derives from LonghaulError; InvalidInput ones mean "the caller asked for something wrong"
     "LonghaulError",
     "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidDatabaseUrl", "SettingsError",

@@ -17,6 +17,7 @@ from .errors import (
     TraceSequenceClash,
     UnstorableValue,
 )
+from .journal import OpenStep, orphan_result, with_orphans_answered
 from .leases import Claim, Claimant, LeaseBook, LeaseRow
 from .schemas import (
     AgentSpec,
@@ -56,6 +57,8 @@ __all__ = [
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",
     # Store
     "DEFAULT_DATABASE_URL", "TaskStore", "open_database",
+    # The step journal
+    "OpenStep", "orphan_result", "with_orphans_answered",
     # Leases
     "Claim", "Claimant", "LeaseBook", "LeaseRow",
     # Turns

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 from .codec import USAGE_FIELDS, counters, items_json, message_rows, positions_by_text, usage_params
 from .context import StoreContext
+from .errors import TaskNotFound
+from .journal import OpenStep, close_open_step, load_open_step
 from .leases import require_lease
 from .redact import redact_text
 from .schemas import ChatMessage, CheckpointUpdate, TaskStatus, Usage
@@ -39,8 +41,15 @@ class Checkpoints:
         lease_s: Optional[float] = None,
         traces: Optional[PendingTraces] = None,
         usage: Optional[Usage] = None,
+        journal: Optional[OpenStep] = None,
     ) -> bool:
-        """Append one step's messages and checkpoint, in one transaction (see `TaskStore.record_checkpoint`)."""
+        """Append one step's messages and checkpoint, in one transaction (see `TaskStore.record_checkpoint`).
+
+        With `journal` (the step's answer already stored by `journal_answer`),
+        `update.new_messages` is the whole step, and only the results the
+        journal lacks are inserted, into their reserved positions; counters
+        and usage were added with the answer.
+        """
         if not isinstance(update, CheckpointUpdate):
             update = CheckpointUpdate.model_validate(update)
         ctx = self.ctx
@@ -62,7 +71,8 @@ class Checkpoints:
             task_pk, execution_count, stored_token, trace_next_sequence, highest_step = row
             require_lease(update.task_id, stored_token, lease_token)
             # Text a tool item or trace event shares with this step's messages is stored once, in the message.
-            positions = positions_by_text(update.new_messages, execution_count)
+            first_position = execution_count if journal is None else journal.answer_position
+            positions = positions_by_text(update.new_messages, first_position)
             # The step's trace events ride in its checkpoint row: no page of their own to write. Reads
             # find step traces in step order, so a step recorded below the highest stored one (never
             # the step loop) keeps its events in a row of their own.
@@ -78,20 +88,71 @@ class Checkpoints:
             self.traces.check_sequence(update.task_id, traces, trace_next_sequence)  # raising rolls all back
             if traces and not in_step_order:
                 self.traces.insert(task_pk, traces, positions)
-            ctx.insert_messages(message_rows(task_pk, EXECUTION, execution_count, update.new_messages,
-                                             update.step_index))
+            if journal is None:
+                ctx.insert_messages(message_rows(task_pk, EXECUTION, execution_count, update.new_messages,
+                                                 update.step_index))
+                added, (turns, tool_calls) = len(update.new_messages), counters(update.new_messages)
+            else:
+                ctx.insert_messages([
+                    row for index, stored in enumerate(journal.results) if stored is None
+                    for row in message_rows(task_pk, EXECUTION, journal.result_position(index),
+                                            [update.new_messages[1 + index]], update.step_index)])
+                added, turns, tool_calls = 0, 0, 0
             if lease_s is not None:  # read the clock now: the row lock above may have been waited for
                 lease_expires_at = ctx.clock() + lease_s
             db.execute_sql(
                 sql.update_task_after_checkpoint,
                 (
                     update.thread_id, update.channel, update.provider, update.model,
-                    len(update.new_messages), *counters(update.new_messages), *usage_params(usage),
+                    added, turns, tool_calls, *usage_params(usage),
                     update.checkpoint_note, now, lease_expires_at,
                     traces.last_sequence + 1 if traces else trace_next_sequence, task_pk,
                 ),
             )
         return True
+
+    def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, *, lease_token: Optional[str],
+                       lease_s: Optional[float] = None, traces: Optional[PendingTraces] = None,
+                       usage: Optional[Usage] = None) -> OpenStep:
+        """Store a model's answer before any of its tool calls runs; returns the step, open (see `TaskStore`)."""
+        ctx = self.ctx
+        db, sql = ctx.db, ctx.sql
+        calls = list(answer.tool_calls or ())
+        with db.atomic():
+            row = db.execute_sql(sql.select_task, (task_id,)).fetchone()
+            require_lease(task_id, None if row is None else row[2], lease_token)
+            if row is None:
+                raise TaskNotFound(task_id)
+            task_pk, position, _token, trace_next_sequence, _highest = row
+            self.traces.check_sequence(task_id, traces, trace_next_sequence)
+            ctx.insert_messages(message_rows(task_pk, EXECUTION, position, [answer], step_index))
+            self.traces.insert(task_pk, traces, positions_by_text([answer], position))
+            db.execute_sql(sql.update_task_after_answer, (
+                1 + len(calls), len(calls), *usage_params(usage), ctx.clock(),
+                None if lease_s is None else ctx.clock() + lease_s,
+                traces.last_sequence + 1 if traces else trace_next_sequence, task_pk,
+            ))
+        return OpenStep(task_id=task_id, step_index=step_index, answer=answer, answer_position=position,
+                        results=(None,) * len(calls))
+
+    def journal_result(self, step: OpenStep, call_index: int, result: ChatMessage, *,
+                       lease_token: Optional[str]) -> OpenStep:
+        """Store one tool result of an open step in its reserved position; returns the step with it."""
+        ctx = self.ctx
+        with ctx.db.atomic():
+            row = ctx.db.execute_sql(ctx.sql.select_lease_token, (step.task_id,)).fetchone()
+            require_lease(step.task_id, None if row is None else row[1], lease_token)
+            if row is None:
+                raise TaskNotFound(step.task_id)
+            ctx.insert_messages(message_rows(row[0], EXECUTION, step.result_position(call_index), [result],
+                                             step.step_index))
+        return step.with_result(call_index, result)
+
+    def open_step(self, task_id: str) -> Optional[OpenStep]:
+        """The task's step whose answer is stored but not its checkpoint, or None."""
+        row = self.ctx.task_row(task_id)
+        with self.ctx.dialect.read_snapshot():
+            return load_open_step(self.ctx, row.id, task_id)
 
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
                          resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None) -> None:
@@ -131,6 +192,7 @@ class Checkpoints:
             row = ctx.task_row(task_id, for_update=True)
             require_lease(task_id, row.lease_token, lease_token)
             self.traces.check_sequence(task_id, traces, row.trace_next_sequence)
+            close_open_step(ctx, row.id, task_id, _ended_because(status, last_error))
             ctx.insert_messages(
                 message_rows(row.id, EXECUTION, row.execution_count, list(new_messages), None)
                 + message_rows(row.id, RESUMABLE, row.resumable_count, list(resumable_messages), None)
@@ -149,3 +211,9 @@ class Checkpoints:
                 **{name: getattr(Task, name) + getattr(added, name) for name in USAGE_FIELDS},
                 **NO_LEASE,
             ).where(Task.id == row.id).execute()
+
+
+def _ended_because(status: TaskStatus, last_error: Optional[str]) -> str:
+    """Why a task's pending tool calls never got their result: what its synthetic results say."""
+    reason = f"the task ended ({status.value})"
+    return f"{reason}: {redact_text(last_error)}" if last_error else reason

@@ -42,6 +42,7 @@ import orjson
 from .codec import to_datetime
 from .dialect import StoreFailures
 from .errors import CorruptRecord, InvalidInput, TaskNotFound
+from .schemas import TaskStatus
 from .tables import EXECUTION, Tables
 
 if TYPE_CHECKING:
@@ -164,7 +165,7 @@ def _chat_events(store: TaskStore, task_id: str) -> Iterator[dict[str, Any]]:
     """The task's chat events in history order; call inside one read transaction."""
     tables = store.tables
     Task, Message = tables.Task, tables.Message
-    task = (Task.select(Task.id, Task.created_at, Task.started_at, Task.updated_at, Task.completed_at)
+    task = (Task.select(Task.id, Task.status, Task.created_at, Task.started_at, Task.updated_at, Task.completed_at)
             .where(Task.task_id == task_id).first())
     if task is None:
         raise TaskNotFound(task_id)
@@ -188,6 +189,10 @@ def _chat_events(store: TaskStore, task_id: str) -> Iterator[dict[str, Any]]:
     rows = (Message.select(Message.position, Message.step_index, Message.role, Message.content,
                            Message.tool_call_id, Message.name, Message.tool_calls)
             .where(in_execution).order_by(Message.position).tuples().iterator())
+    # A running task's open step (its answer journaled, its checkpoint not yet) is left out: whole steps only.
+    # A finished task's last step may be closed without a checkpoint (its calls answered by `finish`): kept.
+    running = not TaskStatus(task.status).is_terminal
+    rows = (row for row in rows if not (running and row[1] is not None and row[1] not in steps))
     for sequence, (position, step, role, content, tool_call_id, name, tool_calls) in enumerate(rows):
         event_id = f"{task_id}:{sequence}"
         event: dict[str, Any] = dict(

@@ -53,10 +53,20 @@ class Statements:
             Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
                            tool_call_id="", name="", tool_calls="").returning()
         )
+        p = dialect.param
+        # A journaled answer: its message, a position reserved per tool call, its turn and usage.
+        self.update_task_after_answer = (
+            f'UPDATE "task" SET "execution_count" = "execution_count" + {p}, '
+            f'"turn_count" = "turn_count" + 1, "tool_call_count" = "tool_call_count" + {p}, '
+            + "".join(f'"{name}" = "{name}" + {p}, ' for name in USAGE_FIELDS) +
+            f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
+            f'"trace_next_sequence" = {p} WHERE "id" = {p}'
+        )
+        self.select_lease_token = _render(dialect.locked(
+            Task.select(Task.id, Task.lease_token).where(Task.task_id == "")))
         # Counter increments and COALESCEs: written out, parameters in the
         # order `Checkpoints.record` passes them. A step is progress, so the
         # crash-loop counter starts again from 0.
-        p = dialect.param
         self.update_task_after_checkpoint = (
             f'UPDATE "task" SET "thread_id" = {p}, "channel" = {p}, "provider" = {p}, "model" = {p}, '
             f'"status" = \'running\', "checkpoint_count" = "checkpoint_count" + 1, "recovery_count" = 0, '

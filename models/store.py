@@ -38,6 +38,7 @@ from .db import (
 )
 from .dialect import Dialect, StoreFailures
 from .forks import Forks
+from .journal import OpenStep
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .reads import TaskReads
 from .schemas import (
@@ -264,8 +265,14 @@ class TaskStore:
 
     def record_checkpoint(self, update: CheckpointUpdate, *, lease_token: Optional[str] = None,
                           lease_expires_at: Optional[float] = None, lease_s: Optional[float] = None,
-                          traces: Optional[PendingTraces] = None, usage: Optional[Usage] = None) -> bool:
+                          traces: Optional[PendingTraces] = None, usage: Optional[Usage] = None,
+                          journal: Optional[OpenStep] = None) -> bool:
         """Append one step's messages and checkpoint, in one transaction.
+
+        With `journal` (the open step `journal_answer` returned, with the
+        results `journal_result` stored), `new_messages` is the whole step:
+        only the results not yet stored are written, into their reserved
+        positions, and the checkpoint marks the step complete.
 
         Creates the task if missing, increments `checkpoint_count` and sets
         status `running`. Idempotent per ``(task, step_index)``: recording a
@@ -288,7 +295,43 @@ class TaskStore:
         refuse_nul_identifiers(**{name: getattr(update, name, None) for name in NUL_FREE_FIELDS})
         with StoreFailures(getattr(update, "task_id", None)):
             return self._checkpoints.record(update, lease_token=lease_token, lease_expires_at=lease_expires_at,
-                                            lease_s=lease_s, traces=traces, usage=usage)
+                                            lease_s=lease_s, traces=traces, usage=usage, journal=journal)
+
+    def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, *,
+                       lease_token: Optional[str] = None, lease_s: Optional[float] = None,
+                       traces: Optional[PendingTraces] = None, usage: Optional[Usage] = None) -> OpenStep:
+        """Store a model's answer for step `step_index` before any of its tool calls runs; returns the open step.
+
+        One transaction: the assistant message (positioned after the stored
+        history, a position reserved per tool call), its turn, tool-call
+        count and `usage`, its `traces`, a lease renewal by `lease_s`.
+        Fenced like `record_checkpoint` (`LeaseLost`). From then on a resume
+        replays this answer (`open_step`) instead of asking the model again;
+        `journal_result` adds each result, and `record_checkpoint(...,
+        journal=step)` completes the step.
+        """
+        with StoreFailures(task_id):
+            return self._checkpoints.journal_answer(task_id, step_index, answer, lease_token=lease_token,
+                                                    lease_s=lease_s, traces=traces, usage=usage)
+
+    def journal_result(self, step: OpenStep, call_index: int, result: ChatMessage, *,
+                       lease_token: Optional[str] = None) -> OpenStep:
+        """Store the result of call `call_index` of an open step, in its reserved position; returns the step with it.
+
+        Fenced (`LeaseLost`); call it as each tool returns, in any order.
+        """
+        with StoreFailures(step.task_id):
+            return self._checkpoints.journal_result(step, call_index, result, lease_token=lease_token)
+
+    def open_step(self, task_id: str) -> Optional[OpenStep]:
+        """The task's open step: its answer stored, its checkpoint not yet; None if every stored step is complete.
+
+        `OpenStep.pending_calls` are the tool calls that still lack a
+        result: what a resumed task runs (with the same idempotency keys)
+        before it asks the model anything. `TaskNotFound` if no such task.
+        """
+        with StoreFailures(task_id):
+            return self._checkpoints.open_step(task_id)
 
     def append_messages(self, task_id: str, messages: Sequence[ChatMessage], *, history: str = "execution",
                         lease_token: Optional[str] = None) -> None:
@@ -309,7 +352,9 @@ class TaskStore:
                traces: Optional[PendingTraces] = None, usage: Optional[Usage] = None) -> None:
         """Move a task to a terminal status, appending its last messages, traces and usage.
 
-        Releases the lease. With `lease_token`, only the lease holder may
+        Releases the lease. A step left open (`open_step`) gets a synthetic
+        result for each pending tool call, saying the task ended, so the
+        history never holds a call without its result. With `lease_token`, only the lease holder may
         finish the task (else `LeaseLost`, nothing written). `last_error` is
         stored with secrets redacted.
         """

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from .codec import message_rows
 from .context import StoreContext
 from .errors import TaskNotResumable
+from .journal import close_open_step
 from .leases import require_lease
 from .schemas import TaskSnapshot, TaskSpec, TaskStatus
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
@@ -129,6 +130,7 @@ class TaskWrites:
             if status.is_terminal:
                 return status
             if row.lease_token is None or (row.lease_expires_at or 0) <= now:
+                close_open_step(ctx, row.id, task_id, "the task was cancelled")
                 steps = row.checkpoint_count
                 Task.update(status=TaskStatus.CANCELLED.value, completed_at=now, updated_at=now,
                             last_error=f"{reason or 'cancelled'} {f'after step {steps}' if steps else 'before it ran'}",

@@ -235,6 +235,30 @@ class TraceWriter:
         self._flush_chunks()
         self.streamed_content = False
 
+    def mark(self) -> int:
+        """A point to `discard_streamed_since`: how many events are buffered now (pending chunks flushed)."""
+        self._flush_chunks()
+        return len(self._events)
+
+    def discard_streamed_since(self, mark: int) -> tuple[int, str]:
+        """Drop the streamed chunks buffered after `mark`; returns how many were dropped and their content text.
+
+        For a model call that did not complete: the call is made again and
+        streams its text again, which must not be traced twice.
+        """
+        self._flush_chunks()
+        kept, dropped, text = self._events[:mark], 0, []
+        for event in self._events[mark:]:
+            if event[1] in STREAMED:
+                dropped += int(event[2].get("chunks", 1))
+                if event[1] == "content":
+                    text.append(str(event[2].get("text", "")))
+            else:
+                kept.append(event)
+        self._events = kept
+        self.streamed_content = False
+        return dropped, "".join(text)
+
     def take(self) -> PendingTraces:
         """Every buffered event (pending chunks flushed), leaving the buffer empty."""
         self._flush_chunks()

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Protocol
 
-from .schemas import ChatMessage, ToolCall
+from pydantic import ValidationError
+
+from .schemas import ChatMessage, InvalidArguments, ToolCall
 
 if TYPE_CHECKING:
     from .schemas import TaskRecord
@@ -169,7 +171,24 @@ def _tool_call_from_payload(entry: object, *, index: int) -> Optional[ToolCall]:
             return None
     if not isinstance(name, str) or not name or not isinstance(arguments, dict):
         return None
-    return ToolCall(id=str(entry.get("id") or f"call_{index}"), name=name, arguments=arguments)
+    call_id, name = _storable_text(str(entry.get("id") or f"call_{index}"))[:200], _storable_text(name)[:200]
+    try:
+        return ToolCall(id=call_id, name=name, arguments=arguments)
+    except ValidationError as exc:
+        # NaN, Infinity, 1e400, integers past 64 bits, lone surrogates: JSON the store cannot hold. As for a
+        # native call, the model gets a failed result naming the problem, never a failed task.
+        problem = f"the arguments are not plain JSON values ({exc.errors()[0]['msg']})"
+        raw = json.dumps(arguments, ensure_ascii=True, default=str)[:MAX_QUOTED_RAW_CHARS]
+        return ToolCall(id=call_id, name=name, invalid_arguments=InvalidArguments(problem=problem, raw=raw))
+
+
+#: How much of a refused payload's arguments the history replays, in characters.
+MAX_QUOTED_RAW_CHARS = 500
+
+
+def _storable_text(text: str) -> str:
+    """`text` with any lone surrogate replaced, so a name or id from a payload can be stored."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def normalize_resumable_turns(turns: Iterable[ChatMessage]) -> list[ChatMessage]:

@@ -101,7 +101,10 @@ def test_a_tool_call_budget_runs_exactly_that_many_tools_and_no_more(embedded_ru
     # Step 1 ran both its calls; step 2 ran one, and the refused one never ran.
     assert ledger_counts(ledger) == {"tools step 1 call 1": 1, "tools step 1 call 2": 1, "tools step 2 call 1": 1}
     assert record.checkpoint_count == 1
-    assert [m.role for m in record.execution_history[-2:]] == ["assistant", "tool"]  # step 2 as far as it went
+    # Step 2 as far as it went; the refused call gets a result saying so, so the history stays valid.
+    assert [m.role for m in record.execution_history[-3:]] == ["assistant", "tool", "tool"]
+    assert record.execution_history[-1].content.startswith("[no result: this tool call did not complete: "
+                                                           "the task ended (failed): budget exceeded")
 
 
 def test_a_token_budget_stops_before_the_next_model_call_once_reached(embedded_runtime, ledger):

@@ -393,11 +393,13 @@ def test_a_task_found_corrupt_can_be_failed_while_other_workers_write(store, db_
 
 # -- Disk full: a checkpoint that cannot be written ----------------------------------------
 
-#: Triggers that make one statement of `record_checkpoint` fail, as a full disk would: the first
-#: (checkpoint row), the middle (the step's messages) or the last (the task's counters).
+#: Triggers that make one statement of a step's writes fail, as a full disk would: the journaled answer
+#: (stored before the tool runs), or one statement of the checkpoint: its row, the step's last tool result,
+#: the task's counters.
 WRITE_FAULTS = {
+    "journaled answer": "BEFORE INSERT ON message WHEN NEW.step_index IS NOT NULL AND NEW.role = 'assistant'",
     "checkpoint row": "BEFORE INSERT ON checkpoint",
-    "step messages": "BEFORE INSERT ON message WHEN NEW.step_index IS NOT NULL",
+    "step messages": "BEFORE INSERT ON message WHEN NEW.step_index IS NOT NULL AND NEW.role = 'tool'",
     "task counters": "BEFORE UPDATE OF checkpoint_count ON task WHEN NEW.checkpoint_count > OLD.checkpoint_count",
 }
 
@@ -445,22 +447,29 @@ def test_a_checkpoint_that_cannot_be_written_fails_the_step_loudly_and_the_task_
     wait_until(lambda: rt.store.summary(task_id).checkpoint_count >= 2, timeout_s=30, what="two steps")
 
     write_fault.install(WRITE_FAULTS[failing])
-    # The step after the last checkpoint runs, fails to checkpoint, and is retried: wait for two retries.
-    failing_step = wait_until(
-        lambda: next((int(line.rsplit(" ", 1)[1]) for line, n in ledger_counts(ledger).items() if n >= 3), None),
-        timeout_s=30, what="the same step to be tried three times")
+    # The step after the last checkpoint fails to store and is retried: wait for two retries.
+    wait_until(lambda: caplog.text.count("the task store could not be written (IntegrityError: disk full)") >= 3,
+               timeout_s=30, what="the same step to be tried three times")
     stuck = rt.store.get(task_id)
+    failing_step = stuck.last_step_index + 1
     assert stuck.status is TaskStatus.RUNNING, (stuck.status, stuck.last_error)
     assert [c.step_index for c in stuck.checkpoints] == list(range(1, failing_step))
-    assert messages_by_step(db_path, task_id) == {None: 1, **{step: 2 for step in range(1, failing_step)}}
-    assert stuck.message_count == len(stuck.execution_history) == 1 + 2 * (failing_step - 1)
-    assert "the task store could not be written (IntegrityError: disk full)" in caplog.text
+    before_answer = failing == "journaled answer"
+    tried = ledger_counts(ledger)[f"{task_id} step {failing_step}"]
+    # An answer that cannot be stored is never acted on; one stored is, and waits for its result's checkpoint.
+    assert (tried == 0) if before_answer else (tried >= 3)
+    open_step = {} if before_answer else {failing_step: 1}
+    assert messages_by_step(db_path, task_id) == {None: 1, **{step: 2 for step in range(1, failing_step)},
+                                                  **open_step}
+    assert len(stuck.execution_history) == 1 + 2 * (failing_step - 1) + len(open_step)
+    assert stuck.message_count == 1 + 2 * (failing_step - 1) + 2 * len(open_step)  # a position kept for the result
 
     write_fault.remove()
     wait_until(lambda: all_finished(rt.store, [task_id]), timeout_s=30, what="the task to finish once healed")
     assert_each_step_checkpointed_once(rt.store, [task_id], steps)
     ran = ledger_counts(ledger)
-    assert {step for step in range(1, steps + 1) if ran[f"{task_id} step {step}"] != 1} == {failing_step}
+    repeated = {step for step in range(1, steps + 1) if ran[f"{task_id} step {step}"] != 1}
+    assert repeated == (set() if before_answer else {failing_step})
     assert integrity_check(db_path) == ["ok"]
     print(f"\ndisk full at the {failing}: step {failing_step} ran {ran[f'{task_id} step {failing_step}']} times, "
           f"stored once after the disk healed; steps 1-{failing_step - 1} and {failing_step + 1}-{steps} ran once")

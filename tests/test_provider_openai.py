@@ -399,7 +399,7 @@ def test_a_run_sigkilled_between_the_model_call_and_the_tool_call_resumes_withou
 
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["status"] == "completed"
-    assert fake_openai.steps_asked() == [1, 2, 3, 4, 4, 5]  # only the step in flight was asked again
+    assert fake_openai.steps_asked() == [1, 2, 3, 4, 5]  # step 4's answer was journaled: never asked again
     assert ledger_counts(ledger) == {"step 1": 1, "step 2": 1, "step 3": 1}
     assert len(fake_openai.requests_to("/block")) == 2
     with TaskStore(db_url) as store:
@@ -412,3 +412,83 @@ def test_a_run_sigkilled_between_the_model_call_and_the_tool_call_resumes_withou
     logs = (tmp_path / "run.err").read_text() + resumed.stderr
     assert "HTTP Request: POST" in logs  # DEBUG logging was on, httpx included
     assert API_KEY not in logs
+
+
+# -- answers that must not fail or fool a task -------------------------------------------------------
+
+#: Tool-call arguments JSON allows but the store cannot hold, as a model writes them into a text tag.
+UNSTORABLE_ARGUMENTS = {"nan": "NaN", "infinity": "-Infinity", "huge float": "1e400",
+                        "wide integer": str(2**70), "lone surrogate": '"\\ud800"'}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("value", list(UNSTORABLE_ARGUMENTS.values()), ids=list(UNSTORABLE_ARGUMENTS))
+def test_a_text_tag_with_unstorable_arguments_becomes_a_result_the_model_can_correct(
+    make_runtime, fake_openai, ledger, stream, value
+):
+    make_runtime(openai_base_url=fake_openai.base_url, openai_api_key=API_KEY, openai_stream=stream)
+
+    def respond(request: Recorded) -> Reply:
+        if request.step == 1:
+            return answer(request, f'Noting. <tool_call>{{"name": "ledger", "arguments": {{"line": {value}}}}}'
+                                   "</tool_call>")
+        return answer(request, "Corrected myself; done.")
+
+    fake_openai.script = respond
+    record = worker.run_inline("note it", task_id="tags", provider="openai", model="gpt-test",
+                               ledger_path=str(ledger))
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    [item] = record.checkpoints[0].items
+    assert not item.success and item.output.startswith("invalid arguments for ledger: the arguments are not plain")
+    assert not ledger.exists()
+    # The model saw the failure as the call's result, under the call's id.
+    sent = fake_openai.chats[-1].json["messages"]
+    assert sent[-1]["role"] == "tool" and sent[-1]["tool_call_id"] == "call_1_0"
+    assert sent[-1]["content"] == item.output
+
+
+def test_an_empty_answer_is_asked_again_and_not_taken_for_the_final_one(make_runtime, fake_openai):
+    make_runtime(openai_base_url=fake_openai.base_url, openai_api_key=API_KEY, openai_stream=True)
+    fake_openai.queue(lambda request: answer(request, ""))
+    fake_openai.script = lambda request: answer(request, "The real answer.")
+
+    record = worker.run_inline("say something", task_id="empty-once", provider="openai", model="gpt-test")
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    assert record.final_response == "The real answer."
+    assert fake_openai.steps_asked() == [1, 1]
+
+
+def test_answers_that_stay_empty_fail_the_task_saying_so_after_the_retries(make_runtime, fake_openai):
+    make_runtime(openai_base_url=fake_openai.base_url, openai_api_key=API_KEY, max_retries=1)
+    fake_openai.script = lambda request: answer(request, "")
+
+    record = worker.run_inline("say something", task_id="empty", provider="openai", model="gpt-test")
+
+    assert record.status is TaskStatus.FAILED
+    assert record.last_error is not None and "gave up after 1 retries" in record.last_error
+    assert "answered step 1 with neither text nor tool calls" in record.last_error
+    assert record.final_response is None and fake_openai.steps_asked() == [1, 1]
+
+
+def test_text_streamed_before_a_cut_is_not_traced_twice_and_the_trace_says_the_call_restarted(
+    make_runtime, fake_openai
+):
+    rt = make_runtime(openai_base_url=fake_openai.base_url, openai_api_key=API_KEY, openai_stream=True)
+
+    def cut(request: Recorded) -> Reply:
+        whole = answer(request, "Alpha beta gamma delta.")
+        return Reply(headers=whole.headers, chunks=(whole.chunks or [])[:3])  # two words, then the stream ends
+
+    fake_openai.queue(cut)
+    fake_openai.script = lambda request: answer(request, "Alpha beta gamma delta.")
+
+    record = worker.run_inline("stream", task_id="cut", provider="openai", model="gpt-test")
+
+    assert record.status is TaskStatus.COMPLETED, record.last_error
+    events = rt.store.traces("cut")
+    assert [e.data["text"] for e in events if e.event_type == "content"] == ["Alpha beta gamma delta."]
+    [restarted] = [e for e in events if e.event_type == "model_call_restarted"]
+    assert restarted.data["partial_text"] == "Alpha beta " and restarted.data["step"] == 1
+    assert "stream ended" in restarted.data["reason"]

@@ -200,8 +200,9 @@ def test_trace_sequences_stay_strictly_increasing_and_unique_across_a_sigkill_an
     traces = store.traces("k")
     sequences = [event.sequence for event in traces]
     assert sequences == sorted(set(sequences)) and sequences[0] == 0
-    # A step's events ride in its checkpoint row; only the start, the resume and the end have rows of their own.
-    assert count_rows(store, "trace_batch", task_id="k") == 3
+    # A step's events ride in its checkpoint row, but those of its answer, journaled before its tool runs;
+    # the start, the resume and the end have rows of their own.
+    assert count_rows(store, "trace_batch", task_id="k") == 3 + steps
     assert traces[:len(before)] == before  # what the killed run stored is kept as it was
     [resumed] = [event for event in traces if event.event_type == "resumed"]
     assert resumed.sequence == before[-1].sequence + 1  # continues after the highest stored number
@@ -309,7 +310,7 @@ def test_taking_rows_for_a_checkpoint_flushes_pending_chunks(tracer):
     assert tracer.take().first_sequence == 2  # "after" took sequence 1
 
 
-def test_a_shutdown_mid_answer_stores_the_chunks_streamed_so_far_and_leaves_the_task_resumable(
+def test_a_shutdown_mid_answer_keeps_the_chunks_streamed_so_far_as_a_restart_not_as_content(
     embedded_runtime, run_here
 ):
     with pytest.raises(Shutdown):
@@ -318,8 +319,11 @@ def test_a_shutdown_mid_answer_stores_the_chunks_streamed_so_far_and_leaves_the_
     store = embedded_runtime.store
     summary = store.summary("traced")
     assert summary.status is TaskStatus.RUNNING and summary.lease is None
-    [partial] = [e for e in store.traces("traced") if e.event_type == "content"]
-    assert (partial.data["text"], partial.data["chunks"]) == ("partial", 2)
+    # The call is made again on resume and streams again: its first chunks must not be traced twice.
+    assert [e for e in store.traces("traced") if e.event_type == "content"] == []
+    [restarted] = [e for e in store.traces("traced") if e.event_type == "model_call_restarted"]
+    assert (restarted.data["partial_text"], restarted.data["discarded_chunks"], restarted.data["step"]) == (
+        "partial", 2, 1)
 
 
 # -- text stored once ---------------------------------------------------------------------------

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from dramatiq.middleware import CurrentMessage, Shutdown, TimeLimitExceeded
 
@@ -22,6 +23,7 @@ from longhaul.models import (
     Claim,
     CorruptRecord,
     LeaseLost,
+    OpenStep,
     StoreUnavailable,
     TaskRecord,
     TaskSpec,
@@ -31,7 +33,9 @@ from longhaul.models import (
     Usage,
     load_resumable_state,
     strip_tool_call_tags,
+    with_orphans_answered,
 )
+from longhaul.models.journal import tool_result
 from longhaul.models.redact import redact_text, scrub_configured
 from longhaul.models.traces import NullTraceWriter, TraceWriter
 
@@ -40,6 +44,7 @@ from .context import WorkerContext
 from .live import LivePublisher
 from .observe import NULL_RUN, ObservedProvider, ObservedStore, RunInfo, RunObserver, ToolCallListener
 from .providers import (
+    AssistantTurn,
     PermanentProviderError,
     Provider,
     StepContext,
@@ -47,7 +52,18 @@ from .providers import (
     UnknownProvider,
     create_provider,
 )
-from .tools import Tool, ToolContext, UnknownTool, allowed_tools, checkpoint_item, run_tool_call, validate_tool_names
+from .tools import (
+    TOOLS,
+    Tool,
+    ToolContext,
+    ToolResult,
+    UnknownTool,
+    allowed_tools,
+    checkpoint_item,
+    failed_output,
+    run_tool_call,
+    validate_tool_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +74,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TransientProviderError, Sto
 
 class _TaskFailed(Exception):
     """Internal: stop the loop and mark the task failed with this message."""
+
+
+class _CancelledMidStep(Exception):
+    """Internal: a cancel request seen between two tool calls of one answer."""
 
 
 def run_claimed_task(rt: WorkerContext, claim: Claim) -> TaskStatus:
@@ -93,8 +113,11 @@ class TaskRun:
         self.tracer: TraceWriter = NullTraceWriter(agent="", model="", job_type="", next_sequence=0,
                                                    started_at=0.0)
         self.usage = Usage()  # this run's, not yet stored
-        self.pending: list[ChatMessage] = []  # the step in progress: its assistant turn and tool results so far
         self.live: Optional[LivePublisher] = None  # live output (`longhaul follow`), with Redis
+        self.options: dict[str, Any] = {}
+        self.totals, self.spend = Usage(), Spend()
+        #: The step in progress as stored: its answer and the results journaled so far (None between steps).
+        self.open_step: Optional[OpenStep] = None
 
     def run(self) -> TaskStatus:
         """Run until the task finishes or is interrupted (see `run_claimed_task`), observed from start to end."""
@@ -137,6 +160,8 @@ class TaskRun:
             return self._over_budget(exc)
         except (_TaskFailed, CorruptRecord, PermanentProviderError) as exc:
             return self._fail(exc)
+        except _CancelledMidStep as exc:
+            return self._finish(TaskStatus.CANCELLED, last_error=str(exc))
         except TimeLimitExceeded:
             return self._finish(TaskStatus.TIMED_OUT, last_error="time limit exceeded")
         except LeaseLost as exc:
@@ -220,88 +245,191 @@ class TaskRun:
         return execution
 
     # -- the loop ------------------------------------------------------------------
+    #
+    # A step is journaled in parts (see `models.journal`): ask the model, store its answer, run the
+    # calls that lack a result (storing each as it completes), then the checkpoint completes the step.
+    # A crash replays what is stored: the model is asked again only if the crash came during its call.
 
     def _step_until_done(self, record: TaskRecord, spec: TaskSpec, provider: Provider,
                          history: list[ChatMessage]) -> TaskStatus:
-        store, task_id, tracer = self.store, self.task_id, self.tracer
-        options: dict[str, Any] = dict(spec.options)
-        tools = allowed_tools(options, self.tools)
-        totals = record.usage
-        spend = Spend.stored(record)
-        step = record.last_step_index
+        task_id = self.task_id
+        self.options = dict(spec.options)
+        self.totals, self.spend = record.usage, Spend.stored(record)
+        step = self._reopen_step(record, history)
+        index = record.last_step_index if step is None else step.step_index
         while True:
             if self.rt.stopping.is_set():
-                logger.info("task %r: worker shutting down; stopping after step %d", task_id, step)
+                logger.info("task %r: worker shutting down; stopping after step %d", task_id, index)
                 self._release(redeliver_at=None)
                 return TaskStatus.RUNNING
-            if (stop_reason := store.cancel_reason(task_id)) is not None:  # cancel, or if_busy="interrupt"
-                return self._finish(TaskStatus.CANCELLED, last_error=f"{stop_reason} after step {step}")
-            step += 1
-            check_budget(task_id, spec.budget, spend, "model call")
-            turn = provider.next_turn(StepContext(task_id=task_id, step_index=step, history=history,
-                                                  model=record.model, options=options, tools=tools,
-                                                  emit=tracer.emit))
-            if turn.content and not tracer.streamed_content:
-                tracer.emit("content", {"text": turn.content})
-            if turn.usage is not None:
-                self.usage += turn.usage
-                tracer.emit("usage_update", {"step": step, "turn": turn.usage.model_dump(),
-                                             "total": (totals + self.usage).model_dump()})
-            spend.add_model_call(turn.usage)
-            assistant = ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls)
-            self.pending = [assistant]
-            if not turn.tool_calls:
-                tracer.end_turn()
-                return self._finish(TaskStatus.COMPLETED, final_response=turn.content, new_messages=[assistant])
-            if spec.max_steps is not None and step > spec.max_steps:
-                raise _TaskFailed(f"max_steps: the task asked for step {step} but max_steps is {spec.max_steps}")
-            new_messages, items = self.pending, []
-            for call_index, call in enumerate(turn.tool_calls):
-                check_budget(task_id, spec.budget, spend, "tool call")
-                spend.tool_calls += 1
-                message, item = self._call_tool(call, ToolContext(task_id=task_id, step_index=step,
-                                                                  call_index=call_index, options=options,
-                                                                  settings=self.rt.settings))
-                new_messages.append(message)
-                items.append(item)
-            note = f"step {step} done: " + ", ".join(
-                f"{item.tool_name} {'ok' if item.success else 'failed'}" for item in items)
-            tracer.emit("checkpoint", {"step": step, "note": note})
-            tracer.emit("turn_completed", {"step": step, "tool_calls": len(items)})
-            tracer.end_turn()
-            store.record_checkpoint(
-                CheckpointUpdate(
-                    task_id=task_id, thread_id=record.thread_id, channel=record.channel,
-                    provider=record.provider, model=record.model, step_index=step,
-                    new_messages=new_messages, items=items, checkpoint_note=note,
-                ),
-                lease_token=self.claim.token,
-                lease_s=self.rt.settings.lease_s,
-                traces=tracer.take(),
-                usage=self.usage,
-            )
-            totals, self.usage, self.pending = totals + self.usage, Usage(), []
-            history.extend(new_messages)
+            if (stop_reason := self.store.cancel_reason(task_id)) is not None:  # cancel, or if_busy="interrupt"
+                done = index if step is None else index - 1  # a reopened step is not done yet
+                return self._finish(TaskStatus.CANCELLED, last_error=f"{stop_reason} after step {done}")
+            if step is None:
+                index += 1
+                turn = self._ask_model(record, spec, provider, history, index)
+                if not turn.tool_calls:
+                    self.tracer.end_turn()
+                    return self._finish(TaskStatus.COMPLETED, final_response=turn.content,
+                                        new_messages=[ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls)])
+                if spec.max_steps is not None and index > spec.max_steps:
+                    raise _TaskFailed(f"max_steps: the task asked for step {index} but max_steps is {spec.max_steps}")
+                step = self._journal_answer(turn, index)
+            results = self._run_pending_calls(spec, step)
+            self._complete_step(record, step, results)
+            history.extend(self.open_step.messages if self.open_step else ())
+            step = self.open_step = None
             _reset_retries()
 
-    def _call_tool(self, call: ToolCall, ctx: ToolContext) -> tuple[ChatMessage, CheckpointItem]:
+    def _reopen_step(self, record: TaskRecord, history: list[ChatMessage]) -> Optional[OpenStep]:
+        """The step a crash left open, its stored messages taken off the end of `history`; None if none."""
+        # Only a turn without its checkpoint can be open: most resumes skip the query.
+        step = self.store.open_step(self.task_id) if record.turn_count > record.last_step_index else None
+        if step is None:
+            history[:] = with_orphans_answered(history)  # a history stored by an older release or a snapshot
+            return None
+        del history[len(history) - len(step.stored_messages):]
+        self.spend.tool_calls -= len(step.pending_calls)  # counted with the answer, run below
+        self.tracer.emit("step_resumed", {"step": step.step_index, "tool_calls": len(step.calls),
+                                          "pending_calls": len(step.pending_calls)})
+        self.open_step = step
+        return step
+
+    def _ask_model(self, record: TaskRecord, spec: TaskSpec, provider: Provider, history: list[ChatMessage],
+                   index: int) -> AssistantTurn:
+        """The model's answer for step `index`; an empty one is a transient error (asked again later)."""
+        check_budget(self.task_id, spec.budget, self.spend, "model call")
+        tracer = self.tracer
+        mark = tracer.mark()
+        try:
+            turn = provider.next_turn(StepContext(task_id=self.task_id, step_index=index, history=history,
+                                                  model=record.model, options=self.options,
+                                                  tools=allowed_tools(self.options, self.tools), emit=tracer.emit))
+            if not turn.tool_calls and not turn.content.strip():
+                raise TransientProviderError(f"{record.provider}: the model answered step {index} with neither "
+                                             "text nor tool calls; asking again")
+        except (TransientProviderError, StoreUnavailable, Shutdown) as exc:
+            # Asked again later: what it streamed so far is kept here, not as content traced twice.
+            chunks, partial = tracer.discard_streamed_since(mark)
+            tracer.emit("model_call_restarted", {"step": index, "reason": f"{type(exc).__name__}: {exc}",
+                                                 "discarded_chunks": chunks, "partial_text": partial[:2000]})
+            raise
+        if turn.content and not tracer.streamed_content:
+            tracer.emit("content", {"text": turn.content})
+        if turn.usage is not None:
+            self.usage += turn.usage
+            tracer.emit("usage_update", {"step": index, "turn": turn.usage.model_dump(),
+                                         "total": (self.totals + self.usage).model_dump()})
+        self.spend.add_model_call(turn.usage)
+        return turn
+
+    def _journal_answer(self, turn: AssistantTurn, index: int) -> OpenStep:
+        """Store the answer before any of its tools runs: from here on a crash never asks the model again."""
+        step = self.store.journal_answer(self.task_id, index,
+                                         ChatMessage.assistant(turn.content, tool_calls=turn.tool_calls),
+                                         lease_token=self.claim.token, lease_s=self.rt.settings.lease_s,
+                                         traces=self.tracer.take(), usage=self.usage)
+        self.totals, self.usage = self.totals + self.usage, Usage()
+        self.open_step = step
+        return step
+
+    def _run_pending_calls(self, spec: TaskSpec, step: OpenStep) -> dict[int, tuple[ChatMessage, CheckpointItem]]:
+        """Run the calls of `step` that lack a result, each stored as it completes but the last (the checkpoint's).
+
+        All at once when every call is to a tool declared ``parallel=True``;
+        else one after another, in the answer's order. Returns what ran, by call index.
+        """
+        pending = step.pending_calls
+        ran: dict[int, tuple[ChatMessage, CheckpointItem]] = {}
+        known = TOOLS if self.tools is None else self.tools
+        parallel = len(pending) > 1 and all(getattr(known.get(call.name), "parallel", False) for _, call in pending)
+        for index, outcome in (self._calls_at_once if parallel else self._calls_in_turn)(spec, step, pending):
+            ran[index] = outcome
+            if len(ran) < len(pending):
+                assert self.open_step is not None
+                self.open_step = self.store.journal_result(self.open_step, index, outcome[0],
+                                                           lease_token=self.claim.token)
+        return ran
+
+    def _calls_in_turn(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
+                       ) -> Iterator[tuple[int, tuple[ChatMessage, CheckpointItem]]]:
+        for done, (index, call) in enumerate(pending):
+            # A long answer stops at the next call, not at the end of the step; its other calls get
+            # results saying they never ran. (No query before the first: a step of one call costs nothing.)
+            if done and (stop_reason := self.store.cancel_reason(self.task_id)) is not None:
+                raise _CancelledMidStep(
+                    f"{stop_reason} during step {step.step_index}, before its tool call {index + 1}")
+            ctx = self._tool_context(spec, step, index)
+            started = time.perf_counter()
+            yield index, self._tool_finished(call, ctx, run_tool_call(call, ctx, self.tools), started)
+
+    def _calls_at_once(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
+                       ) -> Iterator[tuple[int, tuple[ChatMessage, CheckpointItem]]]:
+        # Tracing and the store stay on this thread; the pool only runs the tools.
+        pool = ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix=f"tools-{self.task_id}")
+        try:
+            started = time.perf_counter()
+            futures = {pool.submit(run_tool_call, call, ctx, self.tools): (index, call, ctx)
+                       for index, call in pending for ctx in [self._tool_context(spec, step, index)]}
+            for future in as_completed(futures):
+                index, call, ctx = futures[future]
+                yield index, self._tool_finished(call, ctx, future.result(), started)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _tool_context(self, spec: TaskSpec, step: OpenStep, index: int) -> ToolContext:
+        """The call's context, after the budget allows it and its start is traced."""
+        check_budget(self.task_id, spec.budget, self.spend, "tool call")
+        self.spend.tool_calls += 1
+        ctx = ToolContext(task_id=self.task_id, step_index=step.step_index, call_index=index, options=self.options,
+                          settings=self.rt.settings)
+        call = step.calls[index]
         self.tracer.emit("tool_call_started", {"step": ctx.step_index, "tool": call.name, "call_id": call.id,
                                                "arguments": call.arguments, "idempotency_key": ctx.idempotency_key})
-        started = time.perf_counter()
-        result = run_tool_call(call, ctx, self.tools)
+        return ctx
+
+    def _tool_finished(self, call: ToolCall, ctx: ToolContext, result: ToolResult,
+                       started: float) -> tuple[ChatMessage, CheckpointItem]:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
         self.tracer.emit("tool_call_completed" if result.success else "tool_call_failed",
                          {"step": ctx.step_index, "tool": call.name, "call_id": call.id, "duration_ms": duration_ms,
                           "output": result.output})  # stored once: the tool message holds it
-        message = ChatMessage(role="tool", content=result.output, tool_call_id=call.id or None, name=call.name)
-        return message, checkpoint_item(call, result)
+        return tool_result(call, result.output), checkpoint_item(call, result)
+
+    def _complete_step(self, record: TaskRecord, step: OpenStep,
+                       ran: dict[int, tuple[ChatMessage, CheckpointItem]]) -> None:
+        """The checkpoint: the step's last result and its trace events, and the mark that the step is done."""
+        stored = self.open_step
+        assert stored is not None
+        complete = stored
+        for index, (message, _item) in ran.items():
+            if complete.results[index] is None:
+                complete = complete.with_result(index, message)
+        items = [ran[index][1] if index in ran else
+                 CheckpointItem(tool_name=call.name, arguments=call.arguments,
+                                success=not failed_output(call, result.content), output=result.content)
+                 for index, (call, result) in enumerate(zip(complete.calls, complete.messages[1:], strict=True))]
+        note = f"step {step.step_index} done: " + ", ".join(
+            f"{item.tool_name} {'ok' if item.success else 'failed'}" for item in items)
+        tracer = self.tracer
+        tracer.emit("checkpoint", {"step": step.step_index, "note": note})
+        tracer.emit("turn_completed", {"step": step.step_index, "tool_calls": len(items)})
+        tracer.end_turn()
+        self.store.record_checkpoint(
+            CheckpointUpdate(task_id=self.task_id, thread_id=record.thread_id, channel=record.channel,
+                             provider=record.provider, model=record.model, step_index=step.step_index,
+                             new_messages=complete.messages, items=items, checkpoint_note=note),
+            lease_token=self.claim.token, lease_s=self.rt.settings.lease_s, traces=tracer.take(),
+            journal=stored,
+        )
+        self.open_step = complete
 
     # -- how a run ends --------------------------------------------------------------
 
     def _over_budget(self, exc: BudgetExceeded) -> TaskStatus:
-        """Fail the task, keeping what the step in progress already did (its turn, the tools that ran)."""
+        """Fail the task, keeping what the step in progress already did (its answer and results are journaled)."""
         self.tracer.emit("budget_exceeded", {"limit": exc.limit, "limit_value": exc.limit_value, "used": exc.used})
-        return self._finish(TaskStatus.FAILED, last_error=str(exc), new_messages=self.pending)
+        return self._finish(TaskStatus.FAILED, last_error=str(exc))
 
     def _fail(self, exc: BaseException, *, message: Optional[str] = None) -> TaskStatus:
         self._error_event(exc, kind="permanent")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from longhaul.models import ChatMessage, Usage, parse_tool_call_tags, strip_tool_call_tags
+from longhaul.models import ChatMessage, Usage, parse_tool_call_tags, strip_tool_call_tags, with_orphans_answered
 
 from ..errors import TransientProviderError
 from .base import AssistantTurn, StepContext
@@ -110,11 +110,12 @@ def _turn(ctx: StepContext, blocks: list[dict[str, Any]], usage: dict[str, Any],
 def anthropic_messages(history: Iterable[ChatMessage]) -> tuple[str, list[dict[str, Any]]]:
     """``(system, messages)``: system text joined; tool calls as ``tool_use``, results as ``tool_result``.
 
-    Consecutive messages of one role merge into one, as the API wants turns to alternate.
+    Consecutive messages of one role merge into one, as the API wants turns to alternate. A tool call
+    without a result gets a synthetic one (`with_orphans_answered`): the API refuses a lone ``tool_use``.
     """
     system: list[str] = []
     messages: list[dict[str, Any]] = []
-    for message in history:
+    for message in with_orphans_answered(history):
         if message.role == "system":
             system.append(message.content)
             continue

@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Optional, Se
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from longhaul.models import ChatMessage, ToolCall, Usage, parse_tool_call_tags, strip_tool_call_tags
+from longhaul.models import (
+    ChatMessage,
+    ToolCall,
+    Usage,
+    parse_tool_call_tags,
+    strip_tool_call_tags,
+    with_orphans_answered,
+)
 
 from ..errors import PermanentProviderError, TransientProviderError
 from .base import AssistantTurn, StepContext
@@ -157,10 +164,11 @@ def chat_messages(history: Iterable[ChatMessage]) -> list[dict[str, Any]]:
 
     Assistant tool calls go out as native ``tool_calls`` (with their tags
     stripped from the text, so the model does not see each call twice),
-    followed by one ``tool`` message per call carrying its ``tool_call_id``.
+    followed by one ``tool`` message per call carrying its ``tool_call_id`` (a synthetic one for a call
+    whose result was never recorded, `with_orphans_answered`: endpoints refuse a call without one).
     """
     messages: list[dict[str, Any]] = []
-    for message in history:
+    for message in with_orphans_answered(history):
         if message.role == "assistant" and message.tool_calls:
             text = strip_tool_call_tags(message.content)
             messages.append({"role": "assistant", "content": text or None,

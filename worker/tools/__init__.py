@@ -33,17 +33,18 @@ def register_tool(tool: Tool) -> None:
 
 
 def tool(name: Optional[str] = None, *, description: Optional[str] = None,
-         options: Optional[type[BaseModel]] = None) -> Callable[[ToolFunction], Tool]:
+         options: Optional[type[BaseModel]] = None, parallel: bool = False) -> Callable[[ToolFunction], Tool]:
     """Decorate ``fn(args: SomeModel, ctx: ToolContext) -> str`` to make it a registered `Tool`.
 
     At module level of an app module (``--app`` / ``LONGHAUL_APP``) the tool
     is registered in every process that imports the module, workers
     included. The name defaults to the function's, the description to its
     docstring; `options` is a pydantic model of the task options the tool
-    reads (see `Tool`). Every parameter is keyword-only but the name, so
+    reads (see `Tool`); ``parallel=True`` declares it safe to run at the
+    same time as the other calls of one answer. Every parameter is keyword-only but the name, so
     later ones can be added freely.
     """
-    make = define_tool(name, description=description, options=options)
+    make = define_tool(name, description=description, options=options, parallel=parallel)
 
     def register(fn: ToolFunction) -> Tool:
         made = make(fn)
@@ -111,6 +112,13 @@ def run_tool_call(call: ToolCall, ctx: ToolContext, tools: Optional[Mapping[str,
         return ToolResult(False, f"{call.name} failed: {type(exc).__name__}: {exc}")
 
 
+def failed_output(call: ToolCall, output: str) -> bool:
+    """Whether a stored result of `call` says it failed: the outputs `run_tool_call` gives failures, or a
+    synthetic result (`models.orphan_result`). For results replayed from the journal, which store no flag."""
+    return (output.startswith(("unknown tool ", "tool not allowed for this task ", f"invalid arguments for {call.name}",
+                               f"{call.name} failed: ", "[no result: ")))
+
+
 def checkpoint_item(call: ToolCall, result: ToolResult) -> CheckpointItem:
     return CheckpointItem(tool_name=call.name, arguments=call.arguments, success=result.success,
                           output=result.output)
@@ -120,7 +128,7 @@ __all__ = [
     # Registry
     "TOOLS", "UnknownTool", "allowed_tools", "define_tool", "register_tool", "tool", "validate_tool_names",
     # Calls
-    "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "run_tool_call",
+    "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "failed_output", "run_tool_call",
     # Built-ins
     "HTTP_GET", "LEDGER", "LIST_FILES", "READ_FILE", "WRITE_FILE",
 ]

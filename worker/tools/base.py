@@ -9,6 +9,8 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
+from longhaul.models import InvalidInput
+
 from ..settings import Settings, load_settings
 
 
@@ -50,7 +52,9 @@ class Tool:
 
     `options` declares the task options the tool reads from
     ``ctx.options`` (a pydantic model): a task may set them as keyword
-    arguments, checked like its provider's options.
+    arguments, checked like its provider's options. `parallel` says the
+    tool is safe to run at the same time as other calls of one answer:
+    when every call of an answer is to such a tool, they run at once.
     """
 
     name: str
@@ -59,6 +63,11 @@ class Tool:
     run: Callable[[Any, ToolContext], str]
     schema: Optional[dict[str, Any]] = None
     options: Optional[type[BaseModel]] = None
+    parallel: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.parallel, bool):
+            raise InvalidInput(f"tool {self.name}: parallel must be True or False, got {self.parallel!r}")
 
     def json_schema(self) -> dict[str, Any]:
         """The arguments' JSON schema, as providers send it to the model."""
@@ -69,14 +78,18 @@ ToolFunction = Callable[[Any, ToolContext], str]
 
 
 def define_tool(name: Optional[str] = None, *, description: Optional[str] = None,
-                options: Optional[type[BaseModel]] = None) -> Callable[[ToolFunction], Tool]:
+                options: Optional[type[BaseModel]] = None, parallel: bool = False) -> Callable[[ToolFunction], Tool]:
     """Make a `Tool` of a typed function ``fn(args: SomeModel, ctx: ToolContext) -> str``, unregistered.
 
     The arguments model is the first parameter's annotation (a pydantic
     model; its JSON schema is what the model sees), the name defaults to the
-    function's and the description to its docstring. `worker.tools.tool`
+    function's and the description to its docstring; ``parallel=True`` lets
+    calls of one answer run at once (see `Tool`). `worker.tools.tool`
     does the same and registers the result.
     """
+
+    if not isinstance(parallel, bool):
+        raise InvalidInput(f"parallel: must be True or False, got {parallel!r}")
 
     def make(fn: ToolFunction) -> Tool:
         params = list(inspect.signature(fn).parameters)
@@ -86,6 +99,7 @@ def define_tool(name: Optional[str] = None, *, description: Optional[str] = None
         text = description or inspect.getdoc(fn)
         if not text:
             raise TypeError(f"tool {fn.__name__}: give it a docstring or a description; the model reads it")
-        return Tool(name=name or fn.__name__, description=text, arguments=model, run=fn, options=options)
+        return Tool(name=name or fn.__name__, description=text, arguments=model, run=fn, options=options,
+                    parallel=parallel)
 
     return make

@@ -210,7 +210,7 @@ def _naming_the_path(fn: ToolFunction) -> ToolFunction:
     return run
 
 
-@define_tool("read_file")
+@define_tool("read_file", parallel=True)
 @_naming_the_path
 def read_file(args: ReadFileArguments, ctx: ToolContext) -> str:
     """Read a text file from this task's workspace. Long files are cut off at the size limit, and say so."""
@@ -267,7 +267,7 @@ def _already_done(entry: dict[str, Any], ctx: ToolContext) -> str:
     return entry["output"] + f" (already done by this call, idempotency key {ctx.idempotency_key})"
 
 
-@define_tool("list_files")
+@define_tool("list_files", parallel=True)
 @_naming_the_path
 def list_files(args: ListFilesArguments, ctx: ToolContext) -> str:
     """List the files and folders in this task's workspace (sizes in bytes; folders end in '/')."""

@@ -129,7 +129,7 @@ def _describe(response: httpx.Response, body: bytes, truncated: bool, cap: int) 
     return head + text
 
 
-@define_tool("http_get")
+@define_tool("http_get", parallel=True)
 def http_get(args: HttpGetArguments, ctx: ToolContext) -> str:
     """Fetch a web page or API response with HTTP GET. Returns the status, content type and body (size-capped)."""
     settings = ctx.get_settings()
