@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import drivers  # noqa: F401  (first: it imports peewee without psycopg, which only PostgreSQL needs)
 from .db import DEFAULT_DATABASE_URL, open_database
 from .errors import (
     CorruptRecord,

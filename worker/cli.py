@@ -21,8 +21,6 @@ from pydantic import ValidationError
 
 from longhaul.models import InvalidInput, LonghaulError, TaskStatus, TaskSummary
 
-from . import admin, api
-from .apps import APP_ENV_VAR, add_to_environment, import_apps, parse_app_modules
 from .cli_output import (
     EXIT_FAILED,
     print_cancelled,
@@ -38,8 +36,7 @@ from .cli_output import (
     report_sent,
 )
 from .cli_params import Duration, LonghaulCommand, PointInTime, count, submit_kwargs, task_options
-from .health import check_health
-from .settings import load_settings, log_level_from_env
+from .lazy_modules import admin, api, apps, health_checks, settings
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -86,7 +83,7 @@ class LonghaulGroup(click.Group):
 @click.version_option(package_name="longhaul")
 def cli() -> None:
     """longhaul: durable long-horizon agent tasks on Dramatiq."""
-    logging.basicConfig(level=log_level_from_env("WARNING"),
+    logging.basicConfig(level=settings.log_level_from_env("WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     if not os.environ.get("LONGHAUL_DEBUG"):
         for handler in logging.getLogger().handlers:
@@ -151,7 +148,7 @@ def migrate(as_json: bool) -> None:
 @click.pass_context
 def health(ctx: click.Context, as_json: bool) -> None:
     """Check that the store and the broker answer: exit 0 if so, else 1 naming what failed (a HEALTHCHECK)."""
-    checks = check_health(load_settings())
+    checks = health_checks.check_health(settings.load_settings())
     print_health(checks, as_json)
     if not all(check.ok for check in checks):
         ctx.exit(EXIT_FAILED)
@@ -278,15 +275,15 @@ def _import_apps(ctx: click.Context, param: click.Parameter, value: tuple[str, .
     ``--app`` modules are added to `LONGHAUL_APP`, so the worker processes
     `longhaul worker` starts import them too.
     """
-    modules = parse_app_modules([*load_settings().app_modules, *value])
-    import_apps(modules)
-    add_to_environment(modules)
+    modules = apps.parse_app_modules([*settings.load_settings().app_modules, *value])
+    apps.import_apps(modules)
+    apps.add_to_environment(modules)
 
 
 def _app_option() -> click.Option:
     return click.Option(["--app", "apps"], multiple=True, expose_value=False, is_eager=True, callback=_import_apps,
-                        metavar="MODULE", help=f"Import this app module first (repeat for more; adds to "
-                                               f"{APP_ENV_VAR}): your agents, tools and providers.")
+                        metavar="MODULE", help="Import this app module first (repeat for more; adds to "
+                                               "LONGHAUL_APP): your agents, tools and providers.")
 
 
 for _command in cli.commands.values():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import click
 import orjson
@@ -17,9 +17,10 @@ from longhaul.models import TaskRecord, TaskStatus, TaskSummary
 from longhaul.models.event_stream import EventFile
 from longhaul.models.traces import TraceEventRecord
 
-from .admin import AgentRef, ListedTask, MigrationReport
-from .api import Progress
-from .health import HealthCheck
+if TYPE_CHECKING:  # the CLI loads these modules only when a command needs them (`lazy_modules`)
+    from .admin import AgentRef, ListedTask, MigrationReport
+    from .api import Progress
+    from .health import HealthCheck
 
 #: Exit code of a command whose task did not complete, or whose object is missing.
 EXIT_FAILED = 1
@@ -147,6 +148,8 @@ def print_pruned(deleted: Sequence[str], *, dry_run: bool, as_json: bool) -> Non
 
 def print_task(record: TaskRecord, as_json: bool) -> None:
     agent = record.spec.agent if record.spec else None
+    from .admin import AgentRef
+
     agent_ref = None if agent is None else AgentRef(name=agent.name, version=agent.version)
     if as_json:
         dump_json({**record.model_dump(mode="json"), "agent": _agent_json(agent_ref)})
