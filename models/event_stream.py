@@ -98,8 +98,14 @@ def export_events(
     written: list[EventFile] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        # The folder is listed once, not once per task: exporting N tasks into a folder of N tasks'
+        # files stays linear (a scan per task made `export --all` quadratic: 79 s at 10k tasks).
+        earlier = _EarlierFiles(folder)
         for task_id in ids:
-            written.extend(_export_task(store, task_id, folder, max_events_per_file, max_bytes_per_file))
+            files = _export_task(store, task_id, folder, max_events_per_file, max_bytes_per_file)
+            earlier.remove_stale(task_id, keep={file.path.name for file in files})
+            written.extend(files)
+        _fsync_folder(folder)  # every rename and removal durable before the export returns
     except OSError as exc:
         problem = "it is not a folder" if folder.exists() and not folder.is_dir() else exc.strerror or str(exc)
         raise InvalidInput(f"out_dir (--out): cannot write export files in {str(folder)!r} ({problem}); "
@@ -155,8 +161,6 @@ def _export_task(store: TaskStore, task_id: str, folder: Path, max_events: int, 
     except BaseException:
         writer.discard()
         raise
-    _remove_stale_files(folder, task_id, keep={file.path.name for file in files})
-    _fsync_folder(folder)
     return files
 
 
@@ -394,14 +398,25 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _remove_stale_files(folder: Path, task_id: str, *, keep: Iterable[str]) -> None:
-    """Delete this task's files from an earlier export that the new one did not rewrite."""
-    digits = rf"\d{{{_OFFSET_DIGITS}}}"
-    pattern = re.compile(rf"{re.escape(_file_stem(task_id))}-chat-events-{digits}-{digits}\.jsonl")
-    keep = set(keep)
-    for entry in os.scandir(folder):
-        if entry.name not in keep and pattern.fullmatch(entry.name):
-            Path(entry.path).unlink(missing_ok=True)
+class _EarlierFiles:
+    """The export files already in a folder, by file-name stem, listed once; removes a task's stale ones."""
+
+    _NAME = re.compile(rf"(.+)-chat-events-\d{{{_OFFSET_DIGITS}}}-\d{{{_OFFSET_DIGITS}}}\.jsonl")
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.by_stem: dict[str, list[str]] = {}
+        for entry in os.scandir(folder):
+            found = self._NAME.fullmatch(entry.name)
+            if found is not None:
+                self.by_stem.setdefault(found.group(1), []).append(entry.name)
+
+    def remove_stale(self, task_id: str, *, keep: Iterable[str]) -> None:
+        """Delete this task's files from an earlier export that the new one did not rewrite."""
+        keep = set(keep)
+        for name in self.by_stem.pop(_file_stem(task_id), ()):
+            if name not in keep:
+                (self.folder / name).unlink(missing_ok=True)
 
 
 __all__ = ["EventFile", "export_events", "event_file_name", "truncate_tool_result", "MAX_TOOL_RESULT_BYTES"]

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 
 from .codec import (
     LoadedTexts,
+    Texts,
     checkpoint_columns,
     checkpoint_record,
     decode_spec,
@@ -36,8 +37,11 @@ class TaskReads:
     def __init__(self, ctx: StoreContext) -> None:
         self.ctx = ctx
 
-    def load(self, task_id: str, *, checkpoints: bool = True) -> Optional[TaskRecord]:
-        """The whole record of a task, or None (see `TaskStore.load`)."""
+    def load(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+             histories: bool = True) -> Optional[TaskRecord]:
+        """The record of a task, or None (see `TaskStore.load`)."""
+        if latest_checkpoints is not None and latest_checkpoints < 0:
+            raise ValueError(f"latest_checkpoints: must not be negative, got {latest_checkpoints!r}")
         ctx = self.ctx
         with ctx.dialect.read_snapshot():
             cursor = ctx.db.execute_sql(ctx.sql.select_task_row, (task_id,))
@@ -47,21 +51,19 @@ class TaskReads:
             # The row's columns by name, without a peewee model instance (a resume reads this).
             row = SimpleNamespace(**dict(zip((column[0] for column in cursor.description), values, strict=True)))
             row.cancel_requested = bool(row.cancel_requested)
-            return self._record_from_row(row, with_checkpoints=checkpoints)
+            return self._record_from_row(row, with_checkpoints=checkpoints, latest=latest_checkpoints,
+                                         with_histories=histories)
 
-    def _record_from_row(self, row: Any, *, with_checkpoints: bool) -> TaskRecord:
+    def _record_from_row(self, row: Any, *, with_checkpoints: bool, latest: Optional[int],
+                         with_histories: bool) -> TaskRecord:
         ctx = self.ctx
-        Checkpoint = ctx.tables.Checkpoint
         histories: dict[int, list[ChatMessage]] = {EXECUTION: [], RESUMABLE: []}
         # Every row is fetched before any is decoded: a corrupt cell raises
         # with no statement left open, so the connection's read snapshot ends
         # with the transaction and its next write does not hit a stale one.
         message_rows = {history: ctx.db.execute_sql(ctx.sql.select_history, (row.id, history)).fetchall()
-                        for history in histories}
-        checkpoint_rows = list(
-            Checkpoint.select(*checkpoint_columns(Checkpoint)).where(Checkpoint.task == row.id)
-            .order_by(Checkpoint.step_index)
-        ) if with_checkpoints else []
+                        for history in histories} if with_histories else {}
+        checkpoint_rows = self._checkpoint_rows(row.id, latest) if with_checkpoints and latest != 0 else []
         last_step = ctx.db.execute_sql(ctx.sql.select_last_step, (row.id,)).fetchone()[0] or 0
         try:
             # No peewee row objects and no second validation per message.
@@ -73,7 +75,10 @@ class TaskReads:
                 ]
         except ValueError as exc:
             raise CorruptRecord(row.task_id, "message", str(exc)) from None
-        contents = LoadedTexts(histories[EXECUTION])
+        # Item outputs stored once, in a message: from the history read above, else from the database
+        # (position by position for a few latest checkpoints, the whole history at once for all of them).
+        contents: Texts = (LoadedTexts(histories[EXECUTION]) if with_histories
+                           else StoredTexts(ctx, row.id, whole_history=latest is None))
         checkpoints = [checkpoint_record(row.task_id, cp, contents) for cp in checkpoint_rows]
         # Every part is validated above; skip validating the 5,000-message lists again.
         return TaskRecord.model_construct(
@@ -87,9 +92,19 @@ class TaskReads:
             checkpoints=checkpoints,
         )
 
-    def get(self, task_id: str, *, checkpoints: bool = True) -> TaskRecord:
+    def _checkpoint_rows(self, task_pk: int, latest: Optional[int]) -> list[Any]:
+        """The task's checkpoint rows in step order: all, or only the `latest` (read newest first on the index)."""
+        Checkpoint = self.ctx.tables.Checkpoint
+        query = Checkpoint.select(*checkpoint_columns(Checkpoint)).where(Checkpoint.task == task_pk)
+        if latest is None:
+            return list(query.order_by(Checkpoint.step_index))
+        return list(reversed(list(query.order_by(Checkpoint.step_index.desc()).limit(latest))))
+
+    def get(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+            histories: bool = True) -> TaskRecord:
         """Like `load`, but raises `TaskNotFound`."""
-        record = self.load(task_id, checkpoints=checkpoints)
+        record = self.load(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
+                           histories=histories)
         if record is None:
             raise TaskNotFound(task_id)
         return record

@@ -301,21 +301,29 @@ class TaskStore:
 
     # -- reads -----------------------------------------------------------------
 
-    def load(self, task_id: str, *, checkpoints: bool = True) -> Optional[TaskRecord]:
+    def load(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+             histories: bool = True) -> Optional[TaskRecord]:
         """The whole record of a task, or None if no such task is stored.
 
         Read in one transaction: a consistent snapshot even while the task
         runs. ``checkpoints=False`` skips decoding every checkpoint's items
         (a resume needs only `last_step_index`), which is what keeps
-        rebuilding a long task's state cheap.
+        rebuilding a long task's state cheap. `latest_checkpoints` keeps only
+        that many of the newest checkpoints (still in step order; the
+        record's `checkpoint_count` says how many there are), and
+        ``histories=False`` leaves both histories empty: what `show` reads,
+        in time and memory that do not grow with the task's length.
         """
         with StoreFailures(task_id):
-            return self._reads.load(task_id, checkpoints=checkpoints)
+            return self._reads.load(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
+                                    histories=histories)
 
-    def get(self, task_id: str, *, checkpoints: bool = True) -> TaskRecord:
+    def get(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+            histories: bool = True) -> TaskRecord:
         """Like `load`, but raises `TaskNotFound`."""
         with StoreFailures(task_id):
-            return self._reads.get(task_id, checkpoints=checkpoints)
+            return self._reads.get(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
+                                   histories=histories)
 
     def load_by_thread_id(self, thread_id: str, *, exclude_task_id: Optional[str] = None) -> Optional[TaskRecord]:
         """The thread's most recently updated task, or None."""

@@ -35,7 +35,7 @@ from .cli_output import (
     report_finished,
     report_sent,
 )
-from .cli_params import Duration, LonghaulCommand, PointInTime, count, submit_kwargs, task_options
+from .cli_params import CountOrAll, Duration, LonghaulCommand, PointInTime, count, submit_kwargs, task_options
 from .lazy_modules import admin, api, apps, health_checks, settings
 
 EXIT_USAGE = 2
@@ -215,10 +215,14 @@ def prune(max_tasks: Optional[int], older_than_s: Optional[float], dry_run: bool
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--json", "as_json", is_flag=True)
-def show(task_id: str, as_json: bool) -> None:
-    """Show a task: record, checkpoints and lease."""
-    print_task(admin.show_task(task_id), as_json)
+@click.option("--checkpoints", "checkpoint_count", type=CountOrAll(), default="10", show_default=True,
+              help="Show this many of the newest checkpoints, or `all`.")
+@click.option("--no-histories", is_flag=True, help="Leave the message histories out of --json (long tasks).")
+@click.option("--json", "as_json", is_flag=True, help="The record as JSON, with both histories.")
+def show(task_id: str, checkpoint_count: Optional[int], no_histories: bool, as_json: bool) -> None:
+    """Show a task: record, lease and its newest checkpoints (the record's checkpoint_count says how many in all)."""
+    print_task(admin.show_task(task_id, checkpoints=checkpoint_count, histories=as_json and not no_histories),
+               as_json)
 
 
 @cli.command()

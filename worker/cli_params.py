@@ -92,6 +92,17 @@ def submit_kwargs(steps: Optional[int], step_delay: Optional[float], ledger: Opt
     return kwargs
 
 
+class CountOrAll(click.ParamType):
+    """A whole number from 0 up to `MAX_COUNT`, or ``all`` (None: no limit)."""
+
+    name = "count|all"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Optional[int]:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+            return None
+        return int(count(0).convert(value, param, ctx))
+
+
 class Duration(click.ParamType):
     """``90s``, ``15m``, ``12h``, ``7d``, ``2w`` (or plain seconds), as seconds."""
 
