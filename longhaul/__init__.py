@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from longhaul.models import Budget, ChatMessage, TaskStatus, TaskStore, ToolCall, Usage
     from longhaul.models.errors import (
         CorruptRecord,
+        InvalidCursor,
         InvalidDatabaseUrl,
         InvalidInput,
         LeaseLost,
@@ -52,8 +53,8 @@ if TYPE_CHECKING:
 #: Each public name and the module that defines it; a name's module is imported when the name is first read.
 __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["Budget", "ChatMessage", "TaskStatus", "TaskStore", "ToolCall", "Usage"], "longhaul.models"),
-    **dict.fromkeys(["CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "LonghaulError",
-                     "SchemaTooNew", "StoreUnavailable", "StoreUnusable",
+    **dict.fromkeys(["CorruptRecord", "InvalidCursor", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost",
+                     "LonghaulError", "SchemaTooNew", "StoreUnavailable", "StoreUnusable",
                      "TaskNotFound", "TaskNotResumable", "TraceSequenceClash",
                      "UnstorableValue"], "longhaul.models.errors"),
     "Agent": "longhaul.worker.agents",
@@ -76,7 +77,8 @@ __all__ = [
     "ToolCall", "ChatMessage", "Usage", "TaskStatus", "TaskStore",
     # Errors: every one derives from LonghaulError; InvalidInput ones mean "the caller asked for something wrong"
     "LonghaulError",
-    "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidDatabaseUrl", "SettingsError",
+    "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidCursor", "InvalidDatabaseUrl",
+    "SettingsError",
     "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool",
     "BrokerUnavailable", "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy",
     "StoreUnusable", "TaskNotFound", "TaskNotResumable", "ToolError", "TraceSequenceClash", "UnstorableValue",

@@ -6,6 +6,7 @@ from . import drivers  # noqa: F401  (first: it imports peewee without psycopg, 
 from .db import DEFAULT_DATABASE_URL, open_database
 from .errors import (
     CorruptRecord,
+    InvalidCursor,
     InvalidDatabaseUrl,
     InvalidInput,
     LeaseLost,
@@ -49,8 +50,9 @@ from .turns import (
 
 __all__ = [
     # Errors
-    "LonghaulError", "CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "SchemaTooNew",
-    "StoreUnavailable", "StoreUnusable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
+    "LonghaulError", "CorruptRecord", "InvalidCursor", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost",
+    "SchemaTooNew", "StoreUnavailable", "StoreUnusable", "TaskNotFound",
+    "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
     # Schemas
     "AgentSpec", "Budget", "ChatMessage", "CheckpointItem", "CheckpointUpdate", "InvalidArguments", "LeaseInfo",
     "TaskCheckpointRecord",

@@ -138,3 +138,14 @@ class TaskNotResumable(LonghaulError):
         super().__init__(f"task {task_id!r} is {status}; {hint}")
         self.task_id = task_id
         self.status = status
+
+
+class InvalidCursor(InvalidInput):
+    """A listing's ``after`` cursor was altered, cut short, or given out for another order."""
+
+    def __init__(self, cursor: str, problem: str) -> None:
+        shown = cursor if len(cursor) <= 80 else cursor[:77] + "..."
+        super().__init__(f"after (--after) {shown!r}: {problem}; give the cursor a listing printed, unchanged, "
+                         "or leave it out to start from the newest task")
+        self.cursor = cursor
+        self.problem = problem

@@ -174,6 +174,18 @@ def _to_v4(db: Database, tables: Tables) -> None:
         db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "delivery_message_id" {column_type}')
 
 
+def _to_v5_task_listing_indexes(db: Database, tables: Tables) -> None:
+    """Schema 5 (task listing indexes): `task(updated_at, id)` and `task(created_at, id)`, for keyset paging.
+
+    A step of its own (not shared with another change), so it can be
+    renumbered when merged next to other schema changes. ``IF NOT EXISTS``:
+    the opening `create_tables` may have made them already. On PostgreSQL
+    this locks `task` against writes while each index builds (about a
+    second per million tasks); run `longhaul migrate` when that is fine.
+    """
+    tables.Task._schema.create_indexes(safe=True)
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -184,7 +196,8 @@ def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
 
 
 #: version -> migration that brings the schema from version - 1 to it.
-MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4,
+                                                             5: _to_v5_task_listing_indexes}
 
 
 def pending(found: int, target: int) -> list[tuple[int, Callable[[Database, Tables], None]]]:

@@ -13,6 +13,8 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, Optional, Union
 
+from peewee import Tuple
+
 from .codec import (
     LoadedTexts,
     Texts,
@@ -23,7 +25,8 @@ from .codec import (
     summary_fields,
 )
 from .context import StoreContext, StoredTexts
-from .errors import CorruptRecord, TaskNotFound
+from .errors import CorruptRecord, InvalidInput, TaskNotFound
+from .paging import Position, TaskPage, decode_cursor, encode_cursor
 from .schemas import ChatMessage, TaskCheckpointRecord, TaskRecord, TaskSpec, TaskStatus, TaskSummary, stored_message
 from .tables import EXECUTION, RESUMABLE
 
@@ -138,29 +141,44 @@ class TaskReads:
                 return None
             return checkpoint_record(task_id, row, StoredTexts(ctx, row.task_id))
 
-    def list_tasks(self, status: Union[TaskStatus, str, None], thread_id: Optional[str], limit: int, *,
-                   offset: int, order_by: str, provider: Optional[str], since: Optional[datetime],
-                   until: Optional[datetime]) -> list[TaskSummary]:
-        """Tasks without their histories, newest first (see `TaskStore.list_tasks`)."""
+    def page_tasks(self, status: Union[TaskStatus, str, None], thread_id: Optional[str], limit: int, *,
+                   offset: int, after: Optional[str], order_by: str, provider: Optional[str],
+                   since: Optional[datetime], until: Optional[datetime]) -> TaskPage:
+        """A page of tasks without their histories, newest first (see `TaskStore.page_tasks`).
+
+        Two reads in one snapshot: the page's keys from the listing index
+        (covering: ``(time, id)``, plus the filtered column on SQLite, whose
+        indexes end in the rowid), then those rows by primary key. An offset
+        then skips index entries, not whole rows.
+        """
         if limit < 0 or offset < 0:
             raise ValueError("limit/offset: must not be negative")
+        if after is not None and offset:
+            raise InvalidInput("offset and after (--offset, --after): give one of them, not both")
         Task = self.ctx.tables.Task
-        query = Task.select()
-        if status is not None:
-            query = query.where(Task.status == TaskStatus(status).value)
-        if thread_id is not None:
-            query = query.where(Task.thread_id == thread_id)
-        if provider is not None:
-            query = query.where(Task.provider == provider)
-        if since is not None:
-            query = query.where(Task.created_at >= since.timestamp())
-        if until is not None:
-            query = query.where(Task.created_at < until.timestamp())
         column = {"updated": Task.updated_at, "created": Task.created_at}.get(order_by)
         if column is None:
             raise ValueError(f"order_by: expected 'updated' or 'created', got {order_by!r}")
-        rows = query.order_by(column.desc(), Task.id.desc()).limit(limit).offset(offset)
-        return [TaskSummary(**summary_fields(row)) for row in rows]
+        keys = Task.select(Task.id, column)
+        if status is not None:
+            keys = keys.where(Task.status == TaskStatus(status).value)
+        if thread_id is not None:
+            keys = keys.where(Task.thread_id == thread_id)
+        if provider is not None:
+            keys = keys.where(Task.provider == provider)
+        if since is not None:
+            keys = keys.where(Task.created_at >= since.timestamp())
+        if until is not None:
+            keys = keys.where(Task.created_at < until.timestamp())
+        if after is not None:
+            position = decode_cursor(after, order_by=order_by)
+            keys = keys.where(Tuple(column, Task.id) < Tuple(position.time_s, position.row_id))
+        with self.ctx.dialect.read_snapshot():
+            page = list(keys.order_by(column.desc(), Task.id.desc()).limit(limit).offset(offset).tuples())
+            rows = {row.id: row for row in Task.select().where(Task.id.in_([row_id for row_id, _ in page]))} \
+                if page else {}
+        return TaskPage(tasks=[TaskSummary(**summary_fields(rows[row_id])) for row_id, _ in page],
+                        cursors=[encode_cursor(Position(order_by, time_s, row_id)) for row_id, time_s in page])
 
     def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:
         """How many tasks are stored (with this status)."""

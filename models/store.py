@@ -35,6 +35,7 @@ from .db import (
 )
 from .dialect import Dialect, StoreFailures
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
+from .paging import TaskPage
 from .reads import TaskReads
 from .schemas import (
     ChatMessage,
@@ -341,15 +342,29 @@ class TaskStore:
             return self._reads.latest_checkpoint(task_id)
 
     def list_tasks(self, status: Union[TaskStatus, str, None] = None, thread_id: Optional[str] = None,
-                   limit: int = 100, *, offset: int = 0, order_by: str = "updated", provider: Optional[str] = None,
-                   since: Optional[datetime] = None, until: Optional[datetime] = None) -> list[TaskSummary]:
-        """Tasks without their histories, newest first.
+                   limit: int = 100, *, offset: int = 0, after: Optional[str] = None, order_by: str = "updated",
+                   provider: Optional[str] = None, since: Optional[datetime] = None,
+                   until: Optional[datetime] = None) -> list[TaskSummary]:
+        """Tasks without their histories, newest first: `page_tasks` without the cursors."""
+        return self.page_tasks(status, thread_id, limit, offset=offset, after=after, order_by=order_by,
+                               provider=provider, since=since, until=until).tasks
+
+    def page_tasks(self, status: Union[TaskStatus, str, None] = None, thread_id: Optional[str] = None,
+                   limit: int = 100, *, offset: int = 0, after: Optional[str] = None, order_by: str = "updated",
+                   provider: Optional[str] = None, since: Optional[datetime] = None,
+                   until: Optional[datetime] = None) -> TaskPage:
+        """A page of tasks without their histories, newest first, with each task's cursor.
 
         `since`/`until` bound the creation time; `order_by` is ``updated``
-        or ``created``.
+        or ``created``. Page on with ``after=page.next_cursor(limit)``: a
+        keyset seek on the listing index (`paging.py`), as fast at the
+        100,000th task as at the first, and stable while tasks are added.
+        `offset` still works (it skips index entries, so it grows slowly
+        with the offset) but not together with `after`. A cursor that was
+        altered or is for another `order_by` raises `InvalidCursor`.
         """
         with StoreFailures():
-            return self._reads.list_tasks(status, thread_id, limit, offset=offset, order_by=order_by,
+            return self._reads.page_tasks(status, thread_id, limit, offset=offset, after=after, order_by=order_by,
                                           provider=provider, since=since, until=until)
 
     def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:

@@ -34,10 +34,14 @@ class AgentRef:
 
 @dataclass(frozen=True)
 class ListedTask:
-    """One row of `list_tasks`: the task's summary and the agent it runs (None: no agent)."""
+    """One row of `list_tasks`: the task's summary, the agent it runs (None: no agent), and its cursor.
+
+    ``list_tasks(after=row.cursor)`` lists the tasks after this one.
+    """
 
     summary: TaskSummary
     agent: Optional[AgentRef]
+    cursor: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,15 @@ def migrate() -> MigrationReport:
 
 def list_tasks(*, status: Optional[str] = None, thread_id: Optional[str] = None, provider: Optional[str] = None,
                since: Optional[datetime] = None, until: Optional[datetime] = None, limit: int = 50, offset: int = 0,
-               order_by: str = "updated") -> list[ListedTask]:
-    """Tasks matching the filters (see `TaskStore.list_tasks`), each with its agent read from its stored spec."""
+               after: Optional[str] = None, order_by: str = "updated") -> list[ListedTask]:
+    """Tasks matching the filters (see `TaskStore.page_tasks`), each with its agent read from its stored spec."""
     store = get_runtime().store
-    rows = store.list_tasks(status=status, thread_id=thread_id, limit=limit, offset=offset, order_by=order_by,
-                            provider=provider, since=since, until=until)
+    page = store.page_tasks(status=status, thread_id=thread_id, limit=limit, offset=offset, after=after,
+                            order_by=order_by, provider=provider, since=since, until=until)
     # One read for every row's spec: a corrupt spec, or a task deleted meanwhile, shows no agent.
-    specs = store.task_specs([row.task_id for row in rows])
-    return [ListedTask(summary=row, agent=_agent_of(specs.get(row.task_id))) for row in rows]
+    specs = store.task_specs([row.task_id for row in page.tasks])
+    return [ListedTask(summary=row, agent=_agent_of(specs.get(row.task_id)), cursor=cursor)
+            for row, cursor in zip(page.tasks, page.cursors, strict=True)]
 
 
 def _agent_of(spec: Optional[TaskSpec]) -> Optional[AgentRef]:

@@ -161,14 +161,19 @@ def health(ctx: click.Context, as_json: bool) -> None:
 @click.option("--since", type=PointInTime(), help="Created at or after: ISO time or a duration ago (12h).")
 @click.option("--until", type=PointInTime(), help="Created before: ISO time or a duration ago.")
 @click.option("--limit", type=count(1), default=50, show_default=True)
-@click.option("--offset", type=count(0), default=0)
+@click.option("--after", "after", metavar="CURSOR",
+              help="The next page: tasks after this cursor (the `cursor` of a --json row, or the one printed "
+                   "under a full page).")
+@click.option("--offset", type=count(0), default=0, help="Skip this many tasks (slower than --after far in).")
 @click.option("--order-by", type=click.Choice(["updated", "created"]), default="updated", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def tasks(status: Optional[str], thread_id: Optional[str], provider: Optional[str], since: Optional[datetime],
-          until: Optional[datetime], limit: int, offset: int, order_by: str, as_json: bool) -> None:
-    """List tasks with their counts, tokens and cost, newest first."""
-    print_tasks(admin.list_tasks(status=status, thread_id=thread_id, provider=provider, since=since, until=until,
-                                 limit=limit, offset=offset, order_by=order_by), as_json)
+          until: Optional[datetime], limit: int, after: Optional[str], offset: int, order_by: str,
+          as_json: bool) -> None:
+    """List tasks with their counts, tokens and cost, newest first, a page at a time."""
+    listed = admin.list_tasks(status=status, thread_id=thread_id, provider=provider, since=since, until=until,
+                              limit=limit, offset=offset, after=after, order_by=order_by)
+    print_tasks(listed, as_json, next_cursor=listed[-1].cursor if len(listed) >= limit else None)
 
 
 @cli.command()

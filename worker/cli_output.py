@@ -103,9 +103,11 @@ def _lease_text(row: TaskSummary) -> str:
     return f"{row.lease.host} pid {row.lease.pid}" if row.lease else "-"
 
 
-def print_tasks(listed: Sequence[ListedTask], as_json: bool) -> None:
+def print_tasks(listed: Sequence[ListedTask], as_json: bool, *, next_cursor: Optional[str] = None) -> None:
+    """The rows as a table (and, under a full page, on stderr, how to get the next), or as JSON with their cursors."""
     if as_json:
-        dump_json([{**item.summary.model_dump(mode="json"), "agent": _agent_json(item.agent)} for item in listed])
+        dump_json([{**item.summary.model_dump(mode="json"), "agent": _agent_json(item.agent), "cursor": item.cursor}
+                   for item in listed])
         return
     click.echo(f"{'TASK':<24} {'THREAD':<20} {'AGENT':<24} {'STATUS':<9} {'STEPS':>5} {'MSGS':>5} {'TURNS':>5} "
                f"{'TOOLS':>5} {'TOKENS':>8} {'COST':>8} {'STARTED':<19} {'UPDATED':<19} {'ENDED':<19} WORKER")
@@ -116,6 +118,8 @@ def print_tasks(listed: Sequence[ListedTask], as_json: bool) -> None:
                    f"{row.message_count:>5} {row.turn_count:>5} {row.tool_call_count:>5} "
                    f"{row.usage.total_tokens:>8} {row.usage.cost_usd:>8.4f} {_when(row.started_at):<19} "
                    f"{_when(row.updated_at):<19} {_when(row.completed_at):<19} {_lease_text(row)}")
+    if next_cursor is not None:
+        click.echo(f"next page: --after {next_cursor}", err=True)
 
 
 def print_trace_event(event: TraceEventRecord, as_json: bool) -> None:
