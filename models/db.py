@@ -140,6 +140,8 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) 
     return SqliteDatabase(
         str(path),
         pragmas={
+            # First: it takes effect only on a file with no tables yet (older files: `space.vacuum`).
+            "auto_vacuum": "incremental",
             "journal_mode": "wal",
             "synchronous": synchronous,
             "foreign_keys": 1,

@@ -67,13 +67,13 @@ def decode_cursor(cursor: str, *, order_by: str) -> Position:
         payload_text, check_text = text.split(".")
         payload = _unb64(payload_text)
         if _unb64(check_text) != _check(payload):
-            raise ValueError("its check does not match")
+            raise ValueError("check")
         order, time_s, row_id = orjson.loads(payload)
         if order not in ORDERS or not isinstance(time_s, (int, float)) or isinstance(row_id, bool) \
                 or not isinstance(row_id, int):
-            raise ValueError("its fields are not an order, a time and a row id")
-    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError) as exc:
-        raise InvalidCursor(cursor, f"not a cursor a task listing gave out ({exc})") from None
+            raise ValueError("fields")
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise InvalidCursor(cursor, "not a cursor a task listing gave out (edited, cut short or made up)") from None
     if order != order_by:
         raise InvalidCursor(cursor, f"it pages the {order!r} order, not {order_by!r}: give the same --order-by")
     return Position(order_by=order, time_s=float(time_s), row_id=row_id)
@@ -89,7 +89,7 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     if not text or not text.isascii():
-        raise ValueError("it is empty or not ASCII")
+        raise ValueError("empty or not ASCII")
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from . import space
 from .checkpoints import Checkpoints
 from .clock import Clock, ServerClock
 from .codec import NUL_FREE_FIELDS, refuse_nul_identifiers
@@ -48,6 +49,7 @@ from .schemas import (
     TaskSummary,
     Usage,
 )
+from .space import StoreSpace
 from .statements import Statements
 from .tables import bind_tables
 from .tasks import TaskWrites
@@ -216,10 +218,31 @@ class TaskStore:
         Keeps the `max_tasks` most recently finished, and/or deletes those
         finished more than `older_than_s` seconds ago. Queued and running
         tasks are never touched. Returns the ids deleted (or, with
-        `dry_run`, that would be).
+        `dry_run`, that would be). On SQLite the freed pages go back to the
+        file system (incremental auto-vacuum; a file made by an older
+        longhaul needs `vacuum` once for that).
         """
         with StoreFailures():
-            return self._tasks.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
+            deleted = self._tasks.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
+            if deleted and not dry_run:
+                space.reclaim_after_delete(self.context)
+            return deleted
+
+    def space(self) -> StoreSpace:
+        """The store's size on disk and how much of it is free (see `space.py`)."""
+        with StoreFailures():
+            return space.measure(self.context)
+
+    def vacuum(self) -> StoreSpace:
+        """Rebuild the store compactly; on an older SQLite file, also make later prunes shrink it.
+
+        SQLite: ``VACUUM`` under an exclusive lock (writers wait), needing
+        free disk of about the file's size; PostgreSQL: ``VACUUM (ANALYZE)``
+        of longhaul's tables, no exclusive lock. Returns the space after.
+        """
+        with StoreFailures():
+            space.vacuum(self.context)
+            return space.measure(self.context)
 
     # -- writes of a running task ------------------------------------------------
 

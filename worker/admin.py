@@ -16,6 +16,7 @@ from typing import Optional
 from longhaul.models import TaskRecord, TaskSpec, TaskStore, TaskSummary
 from longhaul.models.db import is_postgres_url, redact_url
 from longhaul.models.event_stream import EventFile, export_events
+from longhaul.models.space import StoreSpace
 
 from . import workspaces
 from .errors import BrokerRequired
@@ -114,6 +115,26 @@ def prune(*, max_tasks: Optional[int] = None, older_than_s: Optional[float] = No
                             dry_run=dry_run)
 
 
+@dataclass(frozen=True)
+class VacuumReport:
+    """What `vacuum` did: the store's space before and after (see `models/space.py`)."""
+
+    before: StoreSpace
+    after: StoreSpace
+
+
+def vacuum() -> VacuumReport:
+    """Rebuild the configured store compactly; an older SQLite file also switches to shrinking on every prune."""
+    store = get_runtime().store
+    before = store.space()
+    return VacuumReport(before=before, after=store.vacuum())
+
+
+def store_space() -> StoreSpace:
+    """The configured store's size on disk and free space."""
+    return get_runtime().store.space()
+
+
 def delete_thread(thread_id: str) -> int:
     """Delete every task of the thread with its data, workspace and write journal; how many were deleted."""
     rt = get_runtime()
@@ -144,4 +165,4 @@ def runs_in_process() -> bool:
 
 __all__ = ["DEFAULT_SHOWN_CHECKPOINTS", "AgentRef", "ListedTask",
            "MigrationReport", "delete_thread", "export_chat_events", "list_tasks",
-           "migrate", "prune", "runs_in_process", "serve", "show_task"]
+           "migrate", "prune", "runs_in_process", "serve", "show_task", "store_space", "vacuum", "VacuumReport"]

@@ -32,6 +32,7 @@ from .cli_output import (
     print_task,
     print_tasks,
     print_trace_event,
+    print_vacuumed,
     report_finished,
     report_sent,
 )
@@ -215,7 +216,20 @@ def prune(max_tasks: Optional[int], older_than_s: Optional[float], dry_run: bool
     if max_tasks is None and older_than_s is None:
         raise click.UsageError("give --max-tasks and/or --older-than")
     print_pruned(admin.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run), dry_run=dry_run,
-                 as_json=as_json)
+                 as_json=as_json, space=admin.store_space())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def vacuum(as_json: bool) -> None:
+    """Rebuild the store compactly: once on a SQLite file made before longhaul shrank it on prune, then never.
+
+    SQLite: rewrites the file under an exclusive lock (workers' writes wait)
+    and needs free disk of about its size; afterwards every `prune` returns
+    its space at once. PostgreSQL: VACUUM (ANALYZE) of longhaul's tables,
+    which makes deleted rows' space reusable without locking them.
+    """
+    print_vacuumed(admin.vacuum(), as_json)
 
 
 @cli.command()

@@ -18,7 +18,9 @@ from longhaul.models.event_stream import EventFile
 from longhaul.models.traces import TraceEventRecord
 
 if TYPE_CHECKING:  # the CLI loads these modules only when a command needs them (`lazy_modules`)
-    from .admin import AgentRef, ListedTask, MigrationReport
+    from longhaul.models.space import StoreSpace
+
+    from .admin import AgentRef, ListedTask, MigrationReport, VacuumReport
     from .api import Progress
     from .health import HealthCheck
 
@@ -142,12 +144,33 @@ def print_exported(files: Sequence[EventFile], as_json: bool) -> None:
     click.echo(f"{len(files)} file(s), {sum(f.event_count for f in files)} events", err=True)
 
 
-def print_pruned(deleted: Sequence[str], *, dry_run: bool, as_json: bool) -> None:
+def print_pruned(deleted: Sequence[str], *, dry_run: bool, as_json: bool, space: Optional[StoreSpace] = None) -> None:
     if as_json:
-        dump_json({"dry_run": dry_run, "deleted": list(deleted)})
+        dump_json({"dry_run": dry_run, "deleted": list(deleted),
+                   "store_bytes": None if space is None else space.total_bytes,
+                   "free_bytes": None if space is None else space.free_bytes})
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {len(deleted)} finished task(s)" + (": " + ", ".join(deleted) if deleted else ""))
+    if space is not None and space.backend == "sqlite":
+        click.echo(f"store: {_mb(space.total_bytes)} on disk, {_mb(space.free_bytes)} free inside", err=True)
+        if not space.prune_shrinks_file and space.free_bytes:
+            click.echo("this SQLite file predates shrinking on prune: run `longhaul vacuum` once to return the "
+                       "free space (and every later prune's) to the disk", err=True)
+
+
+def print_vacuumed(report: VacuumReport, as_json: bool) -> None:
+    if as_json:
+        dump_json({"backend": report.after.backend, "before_bytes": report.before.total_bytes,
+                   "after_bytes": report.after.total_bytes, "auto_vacuum": report.after.auto_vacuum})
+        return
+    click.echo(f"vacuumed the {report.after.backend} store: {_mb(report.before.total_bytes)} -> "
+               f"{_mb(report.after.total_bytes)}" + ("; prunes now shrink the file"
+                                                      if report.after.prune_shrinks_file else ""))
+
+
+def _mb(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:.1f} MB"
 
 
 def print_task(record: TaskRecord, as_json: bool) -> None:
