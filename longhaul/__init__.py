@@ -30,12 +30,14 @@ if TYPE_CHECKING:
     )
     from longhaul.worker.agents import Agent
     from longhaul.worker.api import cancel, enqueue, rerun, resume, run_inline, wait_for
+    from longhaul.worker.bulk import enqueue_many
     from longhaul.worker.errors import (
         AppImportError,
         BrokerRequired,
         BrokerUnavailable,
         BudgetExceeded,
         DuplicateAgent,
+        InvalidBatchItem,
         PermanentProviderError,
         ProviderError,
         SettingsError,
@@ -59,7 +61,9 @@ __getattr__, __dir__ = lazy_exports(__name__, {
                      "UnstorableValue"], "longhaul.models.errors"),
     "Agent": "longhaul.worker.agents",
     **dict.fromkeys(["cancel", "enqueue", "rerun", "resume", "run_inline", "wait_for"], "longhaul.worker.api"),
+    "enqueue_many": "longhaul.worker.bulk",
     **dict.fromkeys(["AppImportError", "BrokerRequired", "BrokerUnavailable", "BudgetExceeded", "DuplicateAgent",
+                     "InvalidBatchItem",
                      "PermanentProviderError", "ProviderError", "SettingsError", "TaskBusy", "TaskExists", "ToolError",
                      "TransientProviderError", "UnknownAgent", "UnknownProvider", "UnknownTool"],
                     "longhaul.worker.errors"),
@@ -69,7 +73,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 
 __all__ = [
     # Running tasks
-    "enqueue", "run_inline", "resume", "cancel", "rerun", "wait_for",
+    "enqueue", "enqueue_many", "run_inline", "resume", "cancel", "rerun", "wait_for",
     # Defining agents, tools and providers (in app modules)
     "Agent", "Budget", "tool", "register_tool", "ToolContext", "register_provider", "AssistantTurn",
     "StepContext",
@@ -77,8 +81,8 @@ __all__ = [
     "ToolCall", "ChatMessage", "Usage", "TaskStatus", "TaskStore",
     # Errors: every one derives from LonghaulError; InvalidInput ones mean "the caller asked for something wrong"
     "LonghaulError",
-    "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidCursor", "InvalidDatabaseUrl",
-    "SettingsError",
+    "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidBatchItem", "InvalidCursor",
+    "InvalidDatabaseUrl", "SettingsError",
     "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool",
     "BrokerUnavailable", "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy",
     "StoreUnusable", "TaskNotFound", "TaskNotResumable", "ToolError", "TraceSequenceClash", "UnstorableValue",

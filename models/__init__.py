@@ -38,6 +38,7 @@ from .schemas import (
     Usage,
 )
 from .store import TaskStore
+from .tasks import NewTask
 from .turns import (
     TOOL_CALL_TAGS,
     load_resumable_state,
@@ -58,7 +59,7 @@ __all__ = [
     "TaskCheckpointRecord",
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",
     # Store
-    "DEFAULT_DATABASE_URL", "TaskStore", "open_database",
+    "DEFAULT_DATABASE_URL", "NewTask", "TaskStore", "open_database",
     # Leases
     "Claim", "Claimant", "LeaseBook", "LeaseRow",
     # Turns

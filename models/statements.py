@@ -66,6 +66,10 @@ class Statements:
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
+        # `LeaseBook.note_sent_many`: one executemany for a bulk enqueue's messages, parameters
+        # (delivery_due_at, delivery_message_id, task_id); a task leased meanwhile is left alone.
+        self.note_sent = (f'UPDATE "task" SET "delivery_due_at" = {p}, "delivery_message_id" = {p} '
+                          f'WHERE "task_id" = {p} AND "lease_token" IS NULL')
 
 
 def _render(query: Any) -> str:

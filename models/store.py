@@ -35,6 +35,7 @@ from .db import (
     open_database,
 )
 from .dialect import Dialect, StoreFailures
+from .errors import InvalidInput
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .paging import TaskPage
 from .reads import TaskReads
@@ -52,7 +53,7 @@ from .schemas import (
 from .space import StoreSpace
 from .statements import Statements
 from .tables import bind_tables
-from .tasks import TaskWrites
+from .tasks import NewTask, TaskWrites
 from .trace_store import TraceStore
 from .traces import PendingTraces, TraceEventRecord
 
@@ -166,6 +167,21 @@ class TaskStore:
         with StoreFailures(task_id):
             return self._tasks.create(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                       model=model, spec=spec)
+
+    def create_tasks(self, tasks: Sequence[NewTask]) -> list[str]:
+        """Store many new `queued` tasks in one transaction; the ids stored (those that existed are left alone).
+
+        All or nothing. Task ids must be distinct within the call
+        (`InvalidInput` naming the first repeated one).
+        """
+        seen: set[str] = set()
+        for index, task in enumerate(tasks):
+            refuse_nul_identifiers(task_id=task.task_id, thread_id=task.thread_id, channel=task.channel)
+            if task.task_id in seen:
+                raise InvalidInput(f"tasks[{index}].task_id: {task.task_id!r} is given twice")
+            seen.add(task.task_id)
+        with StoreFailures():
+            return self._tasks.create_many(tasks)
 
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
         """Upsert a task's visible state.

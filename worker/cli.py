@@ -36,8 +36,17 @@ from .cli_output import (
     report_finished,
     report_sent,
 )
-from .cli_params import CountOrAll, Duration, LonghaulCommand, PointInTime, count, submit_kwargs, task_options
-from .lazy_modules import admin, api, apps, health_checks, settings
+from .cli_params import (
+    CountOrAll,
+    Duration,
+    LonghaulCommand,
+    PointInTime,
+    count,
+    read_task_lines,
+    submit_kwargs,
+    task_options,
+)
+from .lazy_modules import admin, api, apps, bulk, health_checks, settings, worker_errors
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -112,11 +121,27 @@ def run(prompt: str, as_json: bool, **options: Any) -> None:
 
 
 @cli.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("--file", "task_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Enqueue one task per line of this JSON Lines file (- for stdin), in one batch: each line an "
+                   "object of enqueue's arguments ({\"prompt\": ..., \"task_id\": ...}); the options below are "
+                   "defaults under each line's.")
 @task_options
-def enqueue(prompt: str, **options: Any) -> None:
-    """Send a task to the Redis workers and print its id."""
-    click.echo(api.enqueue(prompt, **submit_kwargs(**options)))
+def enqueue(prompt: Optional[str], task_file: Optional[Path], **options: Any) -> None:
+    """Send a task (or a --file of them) to the Redis workers and print the id(s)."""
+    if (prompt is None) == (task_file is None):
+        raise click.UsageError("give a PROMPT or --file (one of them)")
+    defaults = submit_kwargs(**options)
+    if task_file is None:
+        click.echo(api.enqueue(prompt or "", **defaults))
+        return
+    items, lines = read_task_lines(task_file)
+    try:
+        task_ids = bulk.enqueue_many([{**defaults, **item} for item in items])
+    except worker_errors.InvalidBatchItem as exc:
+        raise InvalidInput(f"--file {str(task_file)!r} line {lines[exc.index]}: {exc.problem} "
+                           "(nothing of the file was stored)") from None
+    click.echo("\n".join(task_ids))
 
 
 @cli.command()

@@ -89,6 +89,15 @@ class TaskExists(InvalidInput):
         self.identical = identical
 
 
+class InvalidBatchItem(InvalidInput):
+    """One item of a bulk enqueue (`enqueue_many`) is refused; nothing of the batch was stored or sent."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(f"items[{index}]: {problem} (nothing of the batch was stored)")
+        self.index = index
+        self.problem = problem
+
+
 # -- a task and the parts it calls -------------------------------------------------------------
 
 class TaskBusy(LonghaulError):

@@ -33,7 +33,9 @@ def lazy_module(name: str) -> ModuleType:
 admin = lazy_module("longhaul.worker.admin")
 api = lazy_module("longhaul.worker.api")
 apps = lazy_module("longhaul.worker.apps")
+bulk = lazy_module("longhaul.worker.bulk")
 health_checks = lazy_module("longhaul.worker.health")
 settings = lazy_module("longhaul.worker.settings")
+worker_errors = lazy_module("longhaul.worker.errors")
 
-__all__ = ["admin", "api", "apps", "health_checks", "lazy_module", "settings"]
+__all__ = ["admin", "api", "apps", "bulk", "health_checks", "lazy_module", "settings", "worker_errors"]

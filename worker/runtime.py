@@ -119,6 +119,28 @@ class Runtime:
         message_id = message.options.get("redis_message_id")
         self.leases.note_sent(task_id, message_id=message_id if isinstance(message_id, str) else None)
 
+    def send_many(self, task_ids: list[str]) -> None:
+        """`send` for many tasks: one broker round trip on Redis (a pipeline), one store transaction.
+
+        `BrokerUnavailable` if the broker cannot be reached: every one of
+        the tasks is then marked unsent, and recovery sends them.
+        """
+        if not task_ids:
+            return
+        messages = [self.actor.message_with_options(args=(task_id,), time_limit=self.remaining_time_limit_ms(task_id))
+                    for task_id in task_ids]
+        enqueue_many = getattr(self.broker, "enqueue_many", None)
+        try:
+            sent = enqueue_many(messages) if enqueue_many is not None else [self.broker.enqueue(m) for m in messages]
+        except BROKER_ERRORS as exc:
+            for task_id in task_ids:
+                self.leases.note_unsent(task_id)
+            raise BrokerUnavailable(task_ids[0], f"{type(exc).__name__}: {exc} (and {len(task_ids) - 1} more "
+                                                 "task(s) of the batch)") from None
+        ids = [message.options.get("redis_message_id") for message in sent]
+        self.leases.note_sent_many([(task_id, message_id if isinstance(message_id, str) else None)
+                                    for task_id, message_id in zip(task_ids, ids, strict=True)])
+
     def remaining_time_limit_ms(self, task_id: str) -> int:
         """The task's time budget left (at least 1 s), or the default per-delivery limit."""
         try:
