@@ -71,8 +71,9 @@ def import_root(checkout: Path, folder: Path) -> Path:
     """A folder holding `longhaul/` as the wheel lays it out, made of symlinks into `checkout`."""
     package = folder / "longhaul"
     package.mkdir(parents=True)
-    for name in ("__init__.py", "py.typed"):
-        (package / name).symlink_to(checkout / "longhaul" / name)
+    for entry in (checkout / "longhaul").iterdir():  # __init__.py, _lazy.py, py.typed ...
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
     for name in ("models", "worker"):
         (package / name).symlink_to(checkout / name, target_is_directory=True)
     return folder

@@ -27,28 +27,28 @@ class Statements:
         # The highest stored step comes along: where the checkpoint's trace goes depends on it.
         highest_step = Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == Task.id)
         # Locked for the checkpoint's transaction: a claim by another worker waits for it.
-        self.select_task = _render(dialect.locked(
+        self.select_task = render_sql(dialect.locked(
             Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence, highest_step)
             .where(Task.task_id == "")))
-        self.select_task_row = _render(Task.select().where(Task.task_id == ""))
-        self.select_cancel_requested = _render(Task.select(Task.cancel_requested).where(Task.task_id == ""))
-        self.insert_checkpoint = _render(
+        self.select_task_row = render_sql(Task.select().where(Task.task_id == ""))
+        self.select_cancel_requested = render_sql(Task.select(Task.cancel_requested).where(Task.task_id == ""))
+        self.insert_checkpoint = render_sql(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
                               trace_first_sequence=0, trace="")
             .on_conflict_ignore().returning()  # rowcount says whether it was new; no implicit RETURNING "id"
         )
         # One history per statement: a column fewer per row is measurable at 5,000 rows.
-        self.select_history = _render(
+        self.select_history = render_sql(
             Message.select(Message.role, Message.content, Message.tool_call_id, Message.name, Message.tool_calls)
             .where((Message.task == 0) & (Message.history == 0))
             .order_by(Message.position)
         )
-        self.select_last_step = _render(Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == 0))
-        self.insert_trace_batch = _render(
+        self.select_last_step = render_sql(Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == 0))
+        self.insert_trace_batch = render_sql(
             tables.TraceBatch.insert(task=0, first_sequence=0, last_sequence=0, started_at=0.0, agent="", model="",
                                      job_type="", events="", refers_to_messages=False).returning()
         )
-        self.insert_message = _render(
+        self.insert_message = render_sql(
             Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
                            tool_call_id="", name="", tool_calls="").returning()
         )
@@ -72,6 +72,7 @@ class Statements:
                           f'WHERE "task_id" = {p} AND "lease_token" IS NULL')
 
 
-def _render(query: Any) -> str:
+def render_sql(query: Any) -> str:
+    """A peewee query's SQL text, its values left as parameters (pass them in the query's own order)."""
     sql, _params = query.sql()
     return sql
