@@ -25,7 +25,8 @@ from longhaul.models.redact import redact_log_handlers
 
 from .apps import import_apps
 from .broker import build_broker
-from .errors import BROKER_ERRORS, BrokerUnavailable
+from .broker_errors import BROKER_ERRORS
+from .errors import BrokerUnavailable
 from .identity import current_claimant
 from .providers import ProviderFactory
 from .recovery import Maintenance
@@ -202,6 +203,12 @@ def get_runtime() -> Runtime:
     with _default_lock:
         if _default is None:
             _default = Runtime(load_settings())
+        return _default
+
+
+def current_runtime() -> Optional[Runtime]:
+    """The process-wide runtime if one was built or set, else None (never builds one)."""
+    with _default_lock:
         return _default
 
 
