@@ -7,7 +7,7 @@ the first table exists), and `reclaim_after_delete` runs
 ``PRAGMA incremental_vacuum`` after a prune: the free pages are cut off the
 file's end and the file shrinks (at the WAL checkpoint that follows).
 A file created before cannot switch mode in place: SQLite records
-auto_vacuum only when the file is rebuilt, so `vacuum` (``longhaul
+auto_vacuum only when the file is rebuilt, so `vacuum_store` (``longhaul
 vacuum``) sets the mode and runs ``VACUUM``, once. That rewrites the whole
 file under an exclusive lock (writers wait up to their busy timeout) and
 needs free disk space of about the file's size while it runs.
@@ -52,7 +52,7 @@ class StoreSpace:
         return self.auto_vacuum == "incremental"
 
 
-def measure(ctx: StoreContext) -> StoreSpace:
+def measure_space(ctx: StoreContext) -> StoreSpace:
     """The store's `StoreSpace` now (SQLite: the file plus its WAL)."""
     db = ctx.db
     if not ctx.dialect.is_sqlite:
@@ -78,7 +78,7 @@ def reclaim_after_delete(ctx: StoreContext) -> None:
     _truncate_wal(ctx)
 
 
-def vacuum(ctx: StoreContext) -> None:
+def vacuum_store(ctx: StoreContext) -> None:
     """Rebuild the store compactly, switching an older SQLite file to incremental auto-vacuum (see module doc)."""
     db = ctx.db
     if ctx.dialect.is_sqlite:
@@ -100,4 +100,4 @@ def _file_bytes(path: str) -> int:
     return sum(os.path.getsize(name) for name in (path, path + "-wal") if os.path.exists(name))
 
 
-__all__ = ["StoreSpace", "measure", "reclaim_after_delete", "vacuum"]
+__all__ = ["StoreSpace", "measure_space", "reclaim_after_delete", "vacuum_store"]

@@ -22,7 +22,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from . import space
 from .checkpoints import Checkpoints
 from .clock import Clock, ServerClock
 from .codec import NUL_FREE_FIELDS, refuse_nul_identifiers
@@ -50,7 +49,7 @@ from .schemas import (
     TaskSummary,
     Usage,
 )
-from .space import StoreSpace
+from .space import StoreSpace, measure_space, reclaim_after_delete, vacuum_store
 from .statements import Statements
 from .tables import bind_tables
 from .tasks import NewTask, TaskWrites
@@ -241,13 +240,13 @@ class TaskStore:
         with StoreFailures():
             deleted = self._tasks.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
             if deleted and not dry_run:
-                space.reclaim_after_delete(self.context)
+                reclaim_after_delete(self.context)
             return deleted
 
     def space(self) -> StoreSpace:
         """The store's size on disk and how much of it is free (see `space.py`)."""
         with StoreFailures():
-            return space.measure(self.context)
+            return measure_space(self.context)
 
     def vacuum(self) -> StoreSpace:
         """Rebuild the store compactly; on an older SQLite file, also make later prunes shrink it.
@@ -257,8 +256,8 @@ class TaskStore:
         of longhaul's tables, no exclusive lock. Returns the space after.
         """
         with StoreFailures():
-            space.vacuum(self.context)
-            return space.measure(self.context)
+            vacuum_store(self.context)
+            return measure_space(self.context)
 
     # -- writes of a running task ------------------------------------------------
 

@@ -146,9 +146,7 @@ def print_exported(files: Sequence[EventFile], as_json: bool) -> None:
 
 def print_pruned(deleted: Sequence[str], *, dry_run: bool, as_json: bool, space: Optional[StoreSpace] = None) -> None:
     if as_json:
-        dump_json({"dry_run": dry_run, "deleted": list(deleted),
-                   "store_bytes": None if space is None else space.total_bytes,
-                   "free_bytes": None if space is None else space.free_bytes})
+        dump_json({"dry_run": dry_run, "deleted": list(deleted)})
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {len(deleted)} finished task(s)" + (": " + ", ".join(deleted) if deleted else ""))
