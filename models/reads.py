@@ -209,6 +209,21 @@ class TaskReads:
                     specs[row.task_id] = None
         return specs
 
+    def time_budgets(self, task_ids: list[str]) -> dict[str, tuple[Optional[float], Optional[float]]]:
+        """`time_budget` of many tasks, a few hundred per query; an unreadable spec counts as no limit."""
+        Task = self.ctx.tables.Task
+        budgets: dict[str, tuple[Optional[float], Optional[float]]] = {}
+        for start in range(0, len(task_ids), SPECS_PER_QUERY):
+            chunk = task_ids[start:start + SPECS_PER_QUERY]
+            for task_id, raw, started_at in Task.select(Task.task_id, Task.spec, Task.started_at).where(
+                    Task.task_id.in_(chunk)).tuples():
+                try:
+                    spec = decode_spec(task_id, raw)
+                except CorruptRecord:
+                    spec = None
+                budgets[task_id] = (spec.time_limit_s if spec else None), started_at
+        return budgets
+
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""
         Task = self.ctx.tables.Task

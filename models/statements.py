@@ -66,6 +66,16 @@ class Statements:
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
+        # `TaskWrites.create_many`: a new task's every column but the id, defaults filled in (the DDL
+        # has none: peewee fills them), values in `new_task_columns` order. ON CONFLICT DO NOTHING is
+        # what `create` gets from peewee on PostgreSQL, and SQLite (3.24+) reads it the same way.
+        fields = [field for field in Task._meta.sorted_fields if field.name != "id"]
+        self.new_task_columns = tuple(field.name for field in fields)
+        self.new_task_defaults = {field.name: field.default for field in fields
+                                  if field.default is not None and not callable(field.default)}
+        columns = ", ".join(f'"{field.column_name}"' for field in fields)
+        marks = ", ".join(p for _ in fields)
+        self.insert_task = f'INSERT INTO "task" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING'
         # `LeaseBook.note_sent_many`: one executemany for a bulk enqueue's messages, parameters
         # (delivery_due_at, delivery_message_id, task_id); a task leased meanwhile is left alone.
         self.note_sent = (f'UPDATE "task" SET "delivery_due_at" = {p}, "delivery_message_id" = {p} '

@@ -420,6 +420,11 @@ class TaskStore:
         with StoreFailures():
             return self._reads.task_specs(list(task_ids))
 
+    def time_budgets(self, task_ids: Sequence[str]) -> dict[str, tuple[Optional[float], Optional[float]]]:
+        """`time_budget` of many tasks in few queries (absent: no such task; a corrupt spec: no limit)."""
+        with StoreFailures():
+            return self._reads.time_budgets(list(task_ids))
+
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""
         with StoreFailures(task_id):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
+from peewee import __exception_wrapper__
+
 from .codec import message_rows
 from .context import StoreContext
 from .errors import TaskNotResumable
@@ -19,8 +21,6 @@ from .tables import EXECUTION, NO_LEASE, RESUMABLE
 from .trace_store import TraceStore
 
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
-#: Rows per multi-row INSERT in `create_many` (x 12 columns: far below either backend's parameter limit).
-_ROWS_PER_INSERT = 200
 
 
 @dataclass(frozen=True)
@@ -62,8 +62,9 @@ class TaskWrites:
     def create_many(self, tasks: Sequence[NewTask]) -> list[str]:
         """Store new `queued` tasks in one transaction; the ids stored (not those that existed already).
 
-        One SELECT per 500 ids finds the existing ones and multi-row
-        INSERTs store the rest (``ON CONFLICT DO NOTHING`` as in `create`),
+        One SELECT per 500 ids finds the existing ones and one prepared
+        INSERT, run by ``executemany``, stores the rest (``ON CONFLICT DO
+        NOTHING`` as in `create`),
         so a batch costs a few statements and one commit, not one each. Task
         ids must be distinct (`ValueError` otherwise). All or nothing: an
         error stores none of them.
@@ -71,19 +72,24 @@ class TaskWrites:
         ids = [task.task_id for task in tasks]
         if len(set(ids)) != len(ids):
             raise ValueError("tasks: task ids must be distinct")
-        Task = self.ctx.tables.Task
-        now = self.ctx.clock()
-        with self.ctx.db.atomic():
+        ctx = self.ctx
+        Task, sql = ctx.tables.Task, ctx.sql
+        now = ctx.clock()
+        with ctx.db.atomic():
             existing: set[str] = set()
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 existing.update(row[0] for row in Task.select(Task.task_id).where(Task.task_id.in_(chunk)).tuples())
-            rows = [dict(task_id=task.task_id, thread_id=task.thread_id, channel=task.channel,
-                         provider=task.provider, model=task.model, status=TaskStatus.QUEUED.value,
-                         spec=task.spec.model_dump_json(), created_at=now, updated_at=now, delivery_due_at=now)
+            rows = [{**sql.new_task_defaults, **dict(
+                        task_id=task.task_id, thread_id=task.thread_id, channel=task.channel, provider=task.provider,
+                        model=task.model, status=TaskStatus.QUEUED.value, spec=task.spec.model_dump_json(),
+                        created_at=now, updated_at=now, delivery_due_at=now)}
                     for task in tasks if task.task_id not in existing]
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                Task.insert_many(rows[start:start + _ROWS_PER_INSERT]).on_conflict_ignore().execute()
+            # One prepared INSERT, run with every row (executemany): rendering a multi-row peewee
+            # insert cost more than storing the rows.
+            with __exception_wrapper__:
+                ctx.db.cursor().executemany(sql.insert_task, [
+                    tuple(row.get(name) for name in sql.new_task_columns) for row in rows])
         return [row["task_id"] for row in rows]
 
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:

@@ -128,8 +128,10 @@ class Runtime:
         """
         if not task_ids:
             return
-        messages = [self.actor.message_with_options(args=(task_id,), time_limit=self.remaining_time_limit_ms(task_id))
-                    for task_id in task_ids]
+        budgets = self.store.time_budgets(task_ids)
+        messages = [self.actor.message_with_options(
+            args=(task_id,), time_limit=self._remaining_ms(*budgets.get(task_id, (None, None))))
+            for task_id in task_ids]
         enqueue_many = getattr(self.broker, "enqueue_many", None)
         try:
             sent = enqueue_many(messages) if enqueue_many is not None else [self.broker.enqueue(m) for m in messages]
@@ -149,6 +151,9 @@ class Runtime:
         except CorruptRecord:
             # Send it anyway: the worker fails the task with a message naming the field.
             return int(self.settings.default_time_limit_s * 1000)
+        return self._remaining_ms(limit_s, started_at)
+
+    def _remaining_ms(self, limit_s: Optional[float], started_at: Optional[float]) -> int:
         if limit_s is None:
             return int(self.settings.default_time_limit_s * 1000)
         used_s = 0.0 if started_at is None else max(0.0, self.store.clock() - started_at)
