@@ -85,3 +85,24 @@ def test_enqueue_file_sends_one_task_per_line_and_names_the_line_of_a_bad_one(lo
     assert store.task_spec("line-1").options["steps"] == 2  # the command line's options are defaults
     assert refused.returncode == 2 and "line 3: max_steps" in refused.stderr and "Traceback" not in refused.stderr
     assert store.count_tasks() == 3
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_create_tasks_stores_new_tasks_in_one_call_and_leaves_existing_ones_alone(store):
+    from longhaul.models import InvalidInput, NewTask
+
+    def new(task_id: str, prompt: str = "p") -> NewTask:
+        return NewTask(task_id=task_id, thread_id="t", channel="c", provider="scripted", model="m",
+                       spec=TaskSpec(prompt=prompt))
+
+    store.create_task(task_id="old", thread_id="t", channel="c", provider="scripted", model="m",
+                      spec=TaskSpec(prompt="kept"))
+
+    stored = store.create_tasks([new("a"), new("old", "ignored"), new("b")])
+
+    assert stored == ["a", "b"]
+    assert store.task_spec("old").prompt == "kept" and store.summary("b").status.value == "queued"
+    assert store.summary("a").checkpoint_count == 0 and store.summary("a").usage.cost_usd == 0.0
+    with pytest.raises(InvalidInput, match=r"tasks\[1\].task_id: 'c' is given twice"):
+        store.create_tasks([new("c"), new("c")])
+    assert store.count_tasks() == 3
