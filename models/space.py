@@ -67,9 +67,15 @@ def measure_space(ctx: StoreContext) -> StoreSpace:
 
 
 def reclaim_after_delete(ctx: StoreContext) -> None:
-    """Give the free pages back to the file system (SQLite in incremental mode; else nothing)."""
+    """Give the free pages back to the file system (SQLite in incremental mode, outside a transaction; else nothing).
+
+    Inside a caller's transaction it does nothing: the pages stay free in
+    the file and the next prune (or `vacuum_store`) returns them.
+    """
     db = ctx.db
-    if not ctx.dialect.is_sqlite or db.execute_sql("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
+    if not ctx.dialect.is_sqlite or db.in_transaction():  # executescript would commit a caller's transaction
+        return
+    if db.execute_sql("PRAGMA auto_vacuum").fetchone()[0] != INCREMENTAL:
         return
     # sqlite3's execute() steps a statement once, and this pragma frees one page per step:
     # executescript (sqlite3_exec) runs it to the end. Outside any transaction, as here, it commits nothing else.
