@@ -391,7 +391,7 @@ def print_table(figures: dict[str, Any]) -> None:
     else:
         row("enqueue, one at a time (tasks/s)", enqueue["old_enqueue"], enqueue["new_enqueue"], "enqueue_per_s",
             digits=0)
-        row(f"enqueue_many of {plan['enqueue_many']:,} (tasks/s; old: one at a time)", enqueue["old_enqueue"],
+        row(f"enqueue_many of {plan['enqueue_many']:,} (tasks/s; old: enqueue)", enqueue["old_enqueue"],
             enqueue["new_enqueue_many"], "enqueue_per_s", digits=0)
 
 
