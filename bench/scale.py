@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from store_refactor import _git, baseline_commit, import_root
+from store_refactor import _git, add_comparison_options, baseline_commit, import_root, report
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -398,15 +398,9 @@ def print_table(figures: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3,000 tasks and 5,000 steps; under a minute")
-    parser.add_argument("--baseline-ref", default="merge-base",
-                        help="the commit to compare with (default: where HEAD left main)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    add_comparison_options(parser)
     args = parser.parse_args(argv)
-    figures = run(quick=args.quick, ref=args.baseline_ref)
-    if args.json:
-        print(json.dumps(figures, indent=2))
-    else:
-        print_table(figures)
+    report(run(quick=args.quick, ref=args.baseline_ref), as_json=args.json, print_table=print_table)
 
 
 if __name__ == "__main__":
