@@ -71,8 +71,9 @@ def import_root(checkout: Path, folder: Path) -> Path:
     """A folder holding `longhaul/` as the wheel lays it out, made of symlinks into `checkout`."""
     package = folder / "longhaul"
     package.mkdir(parents=True)
-    for name in ("__init__.py", "py.typed"):
-        (package / name).symlink_to(checkout / "longhaul" / name)
+    for entry in (checkout / "longhaul").iterdir():  # __init__.py, _lazy.py, py.typed ...
+        if entry.name != "__pycache__":
+            (package / entry.name).symlink_to(entry)
     for name in ("models", "worker"):
         (package / name).symlink_to(checkout / name, target_is_directory=True)
     return folder
@@ -151,15 +152,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples and rounds; about 30 s")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per side (default 3, quick 1)")
-    parser.add_argument("--baseline-ref", default="merge-base",
-                        help="the commit to compare with (default: where HEAD left main)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    add_comparison_options(parser)
     args = parser.parse_args(argv)
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     if rounds < 1:
         parser.error("--rounds: must be at least 1")
-    figures = run(quick=args.quick, rounds=rounds, ref=args.baseline_ref)
-    if args.json:
+    report(run(quick=args.quick, rounds=rounds, ref=args.baseline_ref), as_json=args.json, print_table=print_table)
+
+
+def add_comparison_options(parser: argparse.ArgumentParser) -> None:
+    """``--baseline-ref`` and ``--json``, which every new-against-old bench takes."""
+    parser.add_argument("--baseline-ref", default="merge-base",
+                        help="the commit to compare with (default: where HEAD left main)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+
+
+def report(figures: dict[str, Any], *, as_json: bool, print_table: Any) -> None:
+    """Print the figures as JSON or as the bench's table."""
+    if as_json:
         print(json.dumps(figures, indent=2))
     else:
         print_table(figures)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from longhaul.models import Budget, ChatMessage, OpenStep, TaskStatus, TaskStore, ToolCall, Usage
     from longhaul.models.errors import (
         CorruptRecord,
+        InvalidCursor,
         InvalidDatabaseUrl,
         InvalidInput,
         LeaseLost,
@@ -40,12 +41,14 @@ if TYPE_CHECKING:
         thread_turns,
         wait_for,
     )
+    from longhaul.worker.bulk import enqueue_many
     from longhaul.worker.errors import (
         AppImportError,
         BrokerRequired,
         BrokerUnavailable,
         BudgetExceeded,
         DuplicateAgent,
+        InvalidBatchItem,
         InvalidFilter,
         PermanentProviderError,
         ProviderError,
@@ -66,16 +69,17 @@ if TYPE_CHECKING:
 __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["Budget", "ChatMessage", "OpenStep", "TaskStatus", "TaskStore", "ToolCall", "Usage"],
                     "longhaul.models"),
-    **dict.fromkeys(["CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "LonghaulError",
-                     "SchemaTooNew", "StepNotForkable", "StoreUnavailable", "StoreUnusable",
+    **dict.fromkeys(["CorruptRecord", "InvalidCursor", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost",
+                     "LonghaulError", "SchemaTooNew", "StepNotForkable", "StoreUnavailable", "StoreUnusable",
                      "TaskNotFound", "TaskNotResumable", "TraceSequenceClash",
                      "UnstorableValue"], "longhaul.models.errors"),
     "Agent": "longhaul.worker.agents",
     **dict.fromkeys(["cancel", "enqueue", "follow", "fork", "rerun", "resume", "run_inline", "thread_turns",
                      "wait_for"], "longhaul.worker.api"),
+    "enqueue_many": "longhaul.worker.bulk",
     **dict.fromkeys(["AppImportError", "BrokerRequired", "BrokerUnavailable", "BudgetExceeded", "DuplicateAgent",
-                     "InvalidFilter", "PermanentProviderError", "ProviderError", "SettingsError", "TaskBusy",
-                     "TaskExists", "ThreadBusy", "ToolError", "TransientProviderError", "UnknownAgent",
+                     "InvalidBatchItem", "InvalidFilter", "PermanentProviderError", "ProviderError", "SettingsError",
+                     "TaskBusy", "TaskExists", "ThreadBusy", "ToolError", "TransientProviderError", "UnknownAgent",
                      "UnknownProvider", "UnknownTool"],
                     "longhaul.worker.errors"),
     **dict.fromkeys(["AssistantTurn", "StepContext", "register_provider"], "longhaul.worker.providers"),
@@ -84,7 +88,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
 
 __all__ = [
     # Running tasks
-    "enqueue", "run_inline", "resume", "cancel", "rerun", "wait_for",
+    "enqueue", "enqueue_many", "run_inline", "resume", "cancel", "rerun", "wait_for",
     # Threads (channel bots)
     "thread_turns", "follow", "fork",
     # Defining agents, tools and providers (in app modules)
@@ -95,7 +99,8 @@ __all__ = [
     # Errors: every one derives from LonghaulError; InvalidInput ones mean "the caller asked for something wrong"
     "LonghaulError",
     "InvalidInput", "AppImportError", "BrokerRequired", "DuplicateAgent", "InvalidDatabaseUrl", "SettingsError",
-    "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool", "InvalidFilter",
+    "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool", "InvalidFilter", "InvalidBatchItem",
+    "InvalidCursor",
     "BrokerUnavailable", "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy",
     "StoreUnusable", "TaskNotFound", "TaskNotResumable", "ThreadBusy", "StepNotForkable", "ToolError",
     "TraceSequenceClash", "UnstorableValue",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from . import drivers  # noqa: F401  (first: it imports peewee without psycopg, which only PostgreSQL needs)
 from .db import DEFAULT_DATABASE_URL, open_database
 from .errors import (
     CorruptRecord,
+    InvalidCursor,
     InvalidDatabaseUrl,
     InvalidInput,
     LeaseLost,
@@ -37,6 +39,7 @@ from .schemas import (
     Usage,
 )
 from .store import TaskStore
+from .tasks import NewTask
 from .turns import (
     TOOL_CALL_TAGS,
     load_resumable_state,
@@ -49,14 +52,15 @@ from .turns import (
 
 __all__ = [
     # Errors
-    "LonghaulError", "CorruptRecord", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost", "SchemaTooNew",
-    "StoreUnavailable", "StoreUnusable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
+    "LonghaulError", "CorruptRecord", "InvalidCursor", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost",
+    "SchemaTooNew", "StoreUnavailable", "StoreUnusable", "TaskNotFound",
+    "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
     # Schemas
     "AgentSpec", "Budget", "ChatMessage", "CheckpointItem", "CheckpointUpdate", "InvalidArguments", "LeaseInfo",
     "TaskCheckpointRecord",
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",
     # Store
-    "DEFAULT_DATABASE_URL", "TaskStore", "open_database",
+    "DEFAULT_DATABASE_URL", "NewTask", "TaskStore", "open_database",
     # The step journal
     "OpenStep", "orphan_result", "with_orphans_answered",
     # Leases

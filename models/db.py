@@ -25,10 +25,10 @@ from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 from peewee import Database, InterfaceError, OperationalError, SqliteDatabase
-from playhouse import db_url
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
 
 from .codec import escape_nul, unescape_nul
+from .drivers import load_psycopg
 from .errors import InvalidDatabaseUrl, InvalidInput
 from .fork_safety import track
 
@@ -140,6 +140,8 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) 
     return SqliteDatabase(
         str(path),
         pragmas={
+            # First: it takes effect only on a file with no tables yet (older files: `space.vacuum`).
+            "auto_vacuum": "incremental",
             "journal_mode": "wal",
             "synchronous": synchronous,
             "foreign_keys": 1,
@@ -154,7 +156,7 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) 
 def _open_postgres(text: str, pool_size: int) -> PostgresStore:
     shown = redact_url(text)
     try:
-        import psycopg  # noqa: F401  (peewee picks the driver up by itself; check it is there)
+        load_psycopg()  # deferred until now: SQLite users never import it (drivers.py)
     except ImportError:
         raise InvalidDatabaseUrl(
             shown, "PostgreSQL needs the psycopg driver: pip install 'psycopg[binary]' (a longhaul dependency)"
@@ -162,6 +164,8 @@ def _open_postgres(text: str, pool_size: int) -> PostgresStore:
     if pool_size < 1:
         raise InvalidDatabaseUrl(shown, f"the pool size must be at least 1, got {pool_size}")
     # Query parameters (sslmode=require, options=..., connect_timeout=5) go to libpq as they are.
+    from playhouse import db_url  # here, not at the top: it imports playhouse.postgres_ext, hence psycopg
+
     params: dict[str, Any] = db_url.parse(text, unquote_password=True, unquote_user=True)
     database = params.pop("database", "")
     if not database:

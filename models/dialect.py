@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from peewee import DatabaseError, DataError, InterfaceError, OperationalError, SqliteDatabase
 
+from .drivers import loaded_psycopg
 from .errors import StoreUnavailable, StoreUnusable, UnstorableValue
 
 #: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
@@ -37,21 +38,27 @@ MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
 #: hash). The two-key form is a key space of its own: it never meets `MIGRATION_LOCK_KEY`.
 THREAD_LOCK_NAMESPACE = 0x7468  # "th"
 
-try:  # psycopg is a dependency, but SQLite-only code paths must not need it importable
-    import psycopg
-
-    _PSYCOPG_VALUE_ERRORS: tuple[type[BaseException], ...] = (psycopg.DataError,)
-    _PSYCOPG_ERRORS: tuple[type[BaseException], ...] = (psycopg.Error,)
-except ImportError:  # pragma: no cover
-    _PSYCOPG_VALUE_ERRORS = _PSYCOPG_ERRORS = ()
-
 #: What a driver raises for data it cannot bind or a column cannot hold (SQLite: an int beyond 64 bits).
 #: Permanent: retrying the same value fails the same way, so these are never treated as an outage.
-_VALUE_ERRORS: tuple[type[BaseException], ...] = (DataError, sqlite3.DataError, OverflowError, *_PSYCOPG_VALUE_ERRORS)
+_BASE_VALUE_ERRORS: tuple[type[BaseException], ...] = (DataError, sqlite3.DataError, OverflowError)
 #: Every other driver failure: locks, full disks, lost connections, refused statements. Raw psycopg
-#: errors count too: peewee lets some through unwrapped (a connection lost while rolling back).
-_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
-    DatabaseError, InterfaceError, sqlite3.Error, *_PSYCOPG_ERRORS, *_VALUE_ERRORS)
+#: errors count too (see `_driver_errors`): peewee lets some through unwrapped (a connection lost while rolling back).
+_BASE_DRIVER_ERRORS: tuple[type[BaseException], ...] = (DatabaseError, InterfaceError, sqlite3.Error)
+
+
+def _value_errors() -> tuple[type[BaseException], ...]:
+    """`_BASE_VALUE_ERRORS`, plus psycopg's once loaded (it is imported only for PostgreSQL: `drivers.py`)."""
+    psycopg = loaded_psycopg()
+    return _BASE_VALUE_ERRORS if psycopg is None else (*_BASE_VALUE_ERRORS, psycopg.DataError)
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """Every driver error class: `_BASE_DRIVER_ERRORS`, psycopg's once loaded, and the value errors."""
+    psycopg = loaded_psycopg()
+    extra = () if psycopg is None else (psycopg.Error,)
+    return (*_BASE_DRIVER_ERRORS, *extra, *_value_errors())
+
+
 #: SQLite's messages for a file it can never use as it is, each with what the operator can do about it.
 _UNUSABLE_SQLITE_FILE: tuple[tuple[tuple[str, ...], str], ...] = (
     (("file is not a database", "database disk image is malformed"),
@@ -88,14 +95,14 @@ def original_error(exc: BaseException) -> BaseException:
     "cannot rollback - no transaction is active", and that error would hide
     the one that matters ("database or disk is full"), kept as its context.
     """
-    while _NOTHING_TO_ROLL_BACK in str(exc) and isinstance(exc.__context__, _DRIVER_ERRORS):
+    while _NOTHING_TO_ROLL_BACK in str(exc) and isinstance(exc.__context__, _driver_errors()):
         exc = exc.__context__
     return exc
 
 
 def unusable_file_remedy(exc: BaseException) -> Optional[str]:
     """What to do about a SQLite file that no retry can make usable (damaged, read-only), or None."""
-    if not isinstance(exc, (DatabaseError, sqlite3.DatabaseError)) or isinstance(exc, _VALUE_ERRORS):
+    if not isinstance(exc, (DatabaseError, sqlite3.DatabaseError)) or isinstance(exc, _value_errors()):
         return None
     text = str(exc)
     for messages, remedy in _UNUSABLE_SQLITE_FILE:
@@ -132,11 +139,11 @@ class StoreFailures:
 
     def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
                  traceback: Optional[TracebackType]) -> bool:
-        if kind is None or exc is None or not issubclass(kind, _DRIVER_ERRORS):
+        if kind is None or exc is None or not issubclass(kind, _driver_errors()):
             return False
         exc = original_error(exc)
         kind = type(exc)
-        if issubclass(kind, _VALUE_ERRORS):
+        if issubclass(kind, _value_errors()):
             raise UnstorableValue(self.task_id, describe(exc)) from exc
         remedy = unusable_file_remedy(exc)
         if remedy is not None:

@@ -148,3 +148,14 @@ class StepNotForkable(InvalidInput):
         super().__init__(f"at_step (--at-step): task {task_id!r} has no checkpointed step {at_step}; "
                          f"its steps are {choice}")
         self.task_id = task_id
+
+
+class InvalidCursor(InvalidInput):
+    """A listing's ``after`` cursor was altered, cut short, or given out for another order."""
+
+    def __init__(self, cursor: str, problem: str) -> None:
+        shown = cursor if len(cursor) <= 80 else cursor[:77] + "..."
+        super().__init__(f"after (--after) {shown!r}: {problem}; give the cursor a listing printed, unchanged, "
+                         "or leave it out to start from the newest task")
+        self.cursor = cursor
+        self.problem = problem

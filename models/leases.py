@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
-from peewee import Case, fn
+from peewee import Case, __exception_wrapper__, fn
 
 from .context import HasContext
 from .dialect import StoreFailures
@@ -266,6 +266,15 @@ class LeaseBook:
             return bool(Task.update(delivery_due_at=None, delivery_message_id=None).where(
                 (Task.task_id == task_id) & (Task.status == TaskStatus.QUEUED.value)
                 & Task.lease_token.is_null()).execute())
+
+    def note_sent_many(self, sent: Sequence[tuple[str, Optional[str]]]) -> None:
+        """`note_sent` for many ``(task_id, message_id)`` pairs: one transaction, one executemany."""
+        if not sent:
+            return
+        now = self.ctx.clock()
+        with StoreFailures(), self.db.atomic(), __exception_wrapper__:
+            self.db.cursor().executemany(self.ctx.sql.note_sent,
+                                         [(now, message_id, task_id) for task_id, message_id in sent])
 
     def note_unsent(self, task_id: str) -> None:
         """Record that no message for an unleased task is on its way (the broker refused it): recovery sends one."""

@@ -195,6 +195,18 @@ def _to_v6_threads(db: Database, tables: Tables) -> None:
     db.execute_sql('CREATE INDEX IF NOT EXISTS "task_thread_id_status_id" ON "task" ("thread_id", "status", "id")')
 
 
+def _to_v7_task_listing_indexes(db: Database, tables: Tables) -> None:
+    """Schema 7 (task listing indexes): `task(updated_at, id)` and `task(created_at, id)`, for keyset paging.
+
+    A step of its own (not shared with another change), so it can be
+    renumbered when merged next to other schema changes. ``IF NOT EXISTS``:
+    the opening `create_tables` may have made them already. On PostgreSQL
+    this locks `task` against writes while each index builds (about a
+    second per million tasks); run `longhaul migrate` when that is fine.
+    """
+    tables.Task._schema.create_indexes(safe=True)
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -206,7 +218,7 @@ def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
 
 #: version -> migration that brings the schema from version - 1 to it.
 MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {
-    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_otel_trace_parent, 6: _to_v6_threads,
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_otel_trace_parent, 6: _to_v6_threads, 7: _to_v7_task_listing_indexes,
 }
 
 

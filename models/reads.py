@@ -13,8 +13,11 @@ from datetime import datetime
 from types import SimpleNamespace
 from typing import Any, Optional, Union
 
+from peewee import Tuple
+
 from .codec import (
     LoadedTexts,
+    Texts,
     checkpoint_columns,
     checkpoint_record,
     decode_spec,
@@ -22,7 +25,8 @@ from .codec import (
     summary_fields,
 )
 from .context import StoreContext, StoredTexts
-from .errors import CorruptRecord, TaskNotFound
+from .errors import CorruptRecord, InvalidInput, TaskNotFound
+from .paging import Position, TaskPage, decode_cursor, encode_cursor
 from .schemas import ChatMessage, TaskCheckpointRecord, TaskRecord, TaskSpec, TaskStatus, TaskSummary, stored_message
 from .tables import EXECUTION, RESUMABLE
 
@@ -36,8 +40,11 @@ class TaskReads:
     def __init__(self, ctx: StoreContext) -> None:
         self.ctx = ctx
 
-    def load(self, task_id: str, *, checkpoints: bool = True) -> Optional[TaskRecord]:
-        """The whole record of a task, or None (see `TaskStore.load`)."""
+    def load(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+             histories: bool = True) -> Optional[TaskRecord]:
+        """The record of a task, or None (see `TaskStore.load`)."""
+        if latest_checkpoints is not None and latest_checkpoints < 0:
+            raise ValueError(f"latest_checkpoints: must not be negative, got {latest_checkpoints!r}")
         ctx = self.ctx
         with ctx.dialect.read_snapshot():
             cursor = ctx.db.execute_sql(ctx.sql.select_task_row, (task_id,))
@@ -47,21 +54,19 @@ class TaskReads:
             # The row's columns by name, without a peewee model instance (a resume reads this).
             row = SimpleNamespace(**dict(zip((column[0] for column in cursor.description), values, strict=True)))
             row.cancel_requested = bool(row.cancel_requested)
-            return self._record_from_row(row, with_checkpoints=checkpoints)
+            return self._record_from_row(row, with_checkpoints=checkpoints, latest=latest_checkpoints,
+                                         with_histories=histories)
 
-    def _record_from_row(self, row: Any, *, with_checkpoints: bool) -> TaskRecord:
+    def _record_from_row(self, row: Any, *, with_checkpoints: bool, latest: Optional[int],
+                         with_histories: bool) -> TaskRecord:
         ctx = self.ctx
-        Checkpoint = ctx.tables.Checkpoint
         histories: dict[int, list[ChatMessage]] = {EXECUTION: [], RESUMABLE: []}
         # Every row is fetched before any is decoded: a corrupt cell raises
         # with no statement left open, so the connection's read snapshot ends
         # with the transaction and its next write does not hit a stale one.
         message_rows = {history: ctx.db.execute_sql(ctx.sql.select_history, (row.id, history)).fetchall()
-                        for history in histories}
-        checkpoint_rows = list(
-            Checkpoint.select(*checkpoint_columns(Checkpoint)).where(Checkpoint.task == row.id)
-            .order_by(Checkpoint.step_index)
-        ) if with_checkpoints else []
+                        for history in histories} if with_histories else {}
+        checkpoint_rows = self._checkpoint_rows(row.id, latest) if with_checkpoints and latest != 0 else []
         last_step = ctx.db.execute_sql(ctx.sql.select_last_step, (row.id,)).fetchone()[0] or 0
         try:
             # No peewee row objects and no second validation per message.
@@ -73,7 +78,10 @@ class TaskReads:
                 ]
         except ValueError as exc:
             raise CorruptRecord(row.task_id, "message", str(exc)) from None
-        contents = LoadedTexts(histories[EXECUTION])
+        # Item outputs stored once, in a message: from the history read above, else from the database
+        # (position by position for a few latest checkpoints, the whole history at once for all of them).
+        contents: Texts = (LoadedTexts(histories[EXECUTION]) if with_histories
+                           else StoredTexts(ctx, row.id, whole_history=latest is None))
         checkpoints = [checkpoint_record(row.task_id, cp, contents) for cp in checkpoint_rows]
         # Every part is validated above; skip validating the 5,000-message lists again.
         return TaskRecord.model_construct(
@@ -87,9 +95,19 @@ class TaskReads:
             checkpoints=checkpoints,
         )
 
-    def get(self, task_id: str, *, checkpoints: bool = True) -> TaskRecord:
+    def _checkpoint_rows(self, task_pk: int, latest: Optional[int]) -> list[Any]:
+        """The task's checkpoint rows in step order: all, or only the `latest` (read newest first on the index)."""
+        Checkpoint = self.ctx.tables.Checkpoint
+        query = Checkpoint.select(*checkpoint_columns(Checkpoint)).where(Checkpoint.task == task_pk)
+        if latest is None:
+            return list(query.order_by(Checkpoint.step_index))
+        return list(reversed(list(query.order_by(Checkpoint.step_index.desc()).limit(latest))))
+
+    def get(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+            histories: bool = True) -> TaskRecord:
         """Like `load`, but raises `TaskNotFound`."""
-        record = self.load(task_id, checkpoints=checkpoints)
+        record = self.load(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
+                           histories=histories)
         if record is None:
             raise TaskNotFound(task_id)
         return record
@@ -123,29 +141,44 @@ class TaskReads:
                 return None
             return checkpoint_record(task_id, row, StoredTexts(ctx, row.task_id))
 
-    def list_tasks(self, status: Union[TaskStatus, str, None], thread_id: Optional[str], limit: int, *,
-                   offset: int, order_by: str, provider: Optional[str], since: Optional[datetime],
-                   until: Optional[datetime]) -> list[TaskSummary]:
-        """Tasks without their histories, newest first (see `TaskStore.list_tasks`)."""
+    def page_tasks(self, status: Union[TaskStatus, str, None], thread_id: Optional[str], limit: int, *,
+                   offset: int, after: Optional[str], order_by: str, provider: Optional[str],
+                   since: Optional[datetime], until: Optional[datetime]) -> TaskPage:
+        """A page of tasks without their histories, newest first (see `TaskStore.page_tasks`).
+
+        Two reads in one snapshot: the page's keys from the listing index
+        (covering: ``(time, id)``, plus the filtered column on SQLite, whose
+        indexes end in the rowid), then those rows by primary key. An offset
+        then skips index entries, not whole rows.
+        """
         if limit < 0 or offset < 0:
             raise ValueError("limit/offset: must not be negative")
+        if after is not None and offset:
+            raise InvalidInput("offset and after (--offset, --after): give one of them, not both")
         Task = self.ctx.tables.Task
-        query = Task.select()
-        if status is not None:
-            query = query.where(Task.status == TaskStatus(status).value)
-        if thread_id is not None:
-            query = query.where(Task.thread_id == thread_id)
-        if provider is not None:
-            query = query.where(Task.provider == provider)
-        if since is not None:
-            query = query.where(Task.created_at >= since.timestamp())
-        if until is not None:
-            query = query.where(Task.created_at < until.timestamp())
         column = {"updated": Task.updated_at, "created": Task.created_at}.get(order_by)
         if column is None:
             raise ValueError(f"order_by: expected 'updated' or 'created', got {order_by!r}")
-        rows = query.order_by(column.desc(), Task.id.desc()).limit(limit).offset(offset)
-        return [TaskSummary(**summary_fields(row)) for row in rows]
+        keys = Task.select(Task.id, column)
+        if status is not None:
+            keys = keys.where(Task.status == TaskStatus(status).value)
+        if thread_id is not None:
+            keys = keys.where(Task.thread_id == thread_id)
+        if provider is not None:
+            keys = keys.where(Task.provider == provider)
+        if since is not None:
+            keys = keys.where(Task.created_at >= since.timestamp())
+        if until is not None:
+            keys = keys.where(Task.created_at < until.timestamp())
+        if after is not None:
+            position = decode_cursor(after, order_by=order_by)
+            keys = keys.where(Tuple(column, Task.id) < Tuple(position.time_s, position.row_id))
+        with self.ctx.dialect.read_snapshot():
+            page = list(keys.order_by(column.desc(), Task.id.desc()).limit(limit).offset(offset).tuples())
+            rows = {row.id: row for row in Task.select().where(Task.id.in_([row_id for row_id, _ in page]))} \
+                if page else {}
+        return TaskPage(tasks=[TaskSummary(**summary_fields(rows[row_id])) for row_id, _ in page],
+                        cursors=[encode_cursor(Position(order_by, time_s, row_id)) for row_id, time_s in page])
 
     def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:
         """How many tasks are stored (with this status)."""
@@ -175,6 +208,21 @@ class TaskReads:
                 except CorruptRecord:
                     specs[row.task_id] = None
         return specs
+
+    def time_budgets(self, task_ids: list[str]) -> dict[str, tuple[Optional[float], Optional[float]]]:
+        """`time_budget` of many tasks, a few hundred per query; an unreadable spec counts as no limit."""
+        Task = self.ctx.tables.Task
+        budgets: dict[str, tuple[Optional[float], Optional[float]]] = {}
+        for start in range(0, len(task_ids), SPECS_PER_QUERY):
+            chunk = task_ids[start:start + SPECS_PER_QUERY]
+            for task_id, raw, started_at in Task.select(Task.task_id, Task.spec, Task.started_at).where(
+                    Task.task_id.in_(chunk)).tuples():
+                try:
+                    spec = decode_spec(task_id, raw)
+                except CorruptRecord:
+                    spec = None
+                budgets[task_id] = (spec.time_limit_s if spec else None), started_at
+        return budgets
 
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""

@@ -27,29 +27,29 @@ class Statements:
         # The highest stored step comes along: where the checkpoint's trace goes depends on it.
         highest_step = Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == Task.id)
         # Locked for the checkpoint's transaction: a claim by another worker waits for it.
-        self.select_task = _render(dialect.locked(
+        self.select_task = render_sql(dialect.locked(
             Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence, highest_step)
             .where(Task.task_id == "")))
-        self.select_task_row = _render(Task.select().where(Task.task_id == ""))
-        self.select_cancel_requested = _render(Task.select(Task.cancel_requested, Task.cancel_reason)
-                                               .where(Task.task_id == ""))
-        self.insert_checkpoint = _render(
+        self.select_task_row = render_sql(Task.select().where(Task.task_id == ""))
+        self.select_cancel_requested = render_sql(Task.select(Task.cancel_requested, Task.cancel_reason)
+                                                  .where(Task.task_id == ""))
+        self.insert_checkpoint = render_sql(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
                               trace_first_sequence=0, trace="")
             .on_conflict_ignore().returning()  # rowcount says whether it was new; no implicit RETURNING "id"
         )
         # One history per statement: a column fewer per row is measurable at 5,000 rows.
-        self.select_history = _render(
+        self.select_history = render_sql(
             Message.select(Message.role, Message.content, Message.tool_call_id, Message.name, Message.tool_calls)
             .where((Message.task == 0) & (Message.history == 0))
             .order_by(Message.position)
         )
-        self.select_last_step = _render(Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == 0))
-        self.insert_trace_batch = _render(
+        self.select_last_step = render_sql(Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == 0))
+        self.insert_trace_batch = render_sql(
             tables.TraceBatch.insert(task=0, first_sequence=0, last_sequence=0, started_at=0.0, agent="", model="",
                                      job_type="", events="", refers_to_messages=False).returning()
         )
-        self.insert_message = _render(
+        self.insert_message = render_sql(
             Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
                            tool_call_id="", name="", tool_calls="").returning()
         )
@@ -62,7 +62,7 @@ class Statements:
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
-        self.select_lease_token = _render(dialect.locked(
+        self.select_lease_token = render_sql(dialect.locked(
             Task.select(Task.id, Task.lease_token).where(Task.task_id == "")))
         # Counter increments and COALESCEs: written out, parameters in the
         # order `Checkpoints.record` passes them. A step is progress, so the
@@ -77,8 +77,23 @@ class Statements:
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
+        # `TaskWrites.create_many`: a new task's every column but the id, defaults filled in (the DDL
+        # has none: peewee fills them), values in `new_task_columns` order. ON CONFLICT DO NOTHING is
+        # what `create` gets from peewee on PostgreSQL, and SQLite (3.24+) reads it the same way.
+        fields = [field for field in Task._meta.sorted_fields if field.name != "id"]
+        self.new_task_columns = tuple(field.name for field in fields)
+        self.new_task_defaults = {field.name: field.default for field in fields
+                                  if field.default is not None and not callable(field.default)}
+        columns = ", ".join(f'"{field.column_name}"' for field in fields)
+        marks = ", ".join(p for _ in fields)
+        self.insert_task = f'INSERT INTO "task" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING'
+        # `LeaseBook.note_sent_many`: one executemany for a bulk enqueue's messages, parameters
+        # (delivery_due_at, delivery_message_id, task_id); a task leased meanwhile is left alone.
+        self.note_sent = (f'UPDATE "task" SET "delivery_due_at" = {p}, "delivery_message_id" = {p} '
+                          f'WHERE "task_id" = {p} AND "lease_token" IS NULL')
 
 
-def _render(query: Any) -> str:
+def render_sql(query: Any) -> str:
+    """A peewee query's SQL text, its values left as parameters (pass them in the query's own order)."""
     sql, _params = query.sql()
     return sql

@@ -37,9 +37,11 @@ from .db import (
     open_database,
 )
 from .dialect import Dialect, StoreFailures
+from .errors import InvalidInput
 from .forks import Forks
 from .journal import OpenStep
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
+from .paging import TaskPage
 from .reads import TaskReads
 from .schemas import (
     ChatMessage,
@@ -52,9 +54,10 @@ from .schemas import (
     TaskSummary,
     Usage,
 )
+from .space import StoreSpace, measure_space, reclaim_after_delete, vacuum_store
 from .statements import Statements
 from .tables import bind_tables
-from .tasks import TaskWrites
+from .tasks import NewTask, TaskWrites
 from .thread_admission import Admission, ThreadAdmission
 from .threads import ThreadReads, ThreadStory
 from .trace_store import TraceStore
@@ -189,6 +192,21 @@ class TaskStore:
             return self._admission.admit(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                          model=model, spec=spec, if_busy=if_busy)
 
+    def create_tasks(self, tasks: Sequence[NewTask]) -> list[str]:
+        """Store many new `queued` tasks in one transaction; the ids stored (those that existed are left alone).
+
+        All or nothing. Task ids must be distinct within the call
+        (`InvalidInput` naming the first repeated one).
+        """
+        seen: set[str] = set()
+        for index, task in enumerate(tasks):
+            refuse_nul_identifiers(task_id=task.task_id, thread_id=task.thread_id, channel=task.channel)
+            if task.task_id in seen:
+                raise InvalidInput(f"tasks[{index}].task_id: {task.task_id!r} is given twice")
+            seen.add(task.task_id)
+        with StoreFailures():
+            return self._tasks.create_many(tasks)
+
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
         """Upsert a task's visible state.
 
@@ -256,10 +274,31 @@ class TaskStore:
         Keeps the `max_tasks` most recently finished, and/or deletes those
         finished more than `older_than_s` seconds ago. Queued and running
         tasks are never touched. Returns the ids deleted (or, with
-        `dry_run`, that would be).
+        `dry_run`, that would be). On SQLite the freed pages go back to the
+        file system (incremental auto-vacuum; a file made by an older
+        longhaul needs `vacuum` once for that).
         """
         with StoreFailures():
-            return self._tasks.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
+            deleted = self._tasks.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
+            if deleted and not dry_run:
+                reclaim_after_delete(self.context)
+            return deleted
+
+    def space(self) -> StoreSpace:
+        """The store's size on disk and how much of it is free (see `space.py`)."""
+        with StoreFailures():
+            return measure_space(self.context)
+
+    def vacuum(self) -> StoreSpace:
+        """Rebuild the store compactly; on an older SQLite file, also make later prunes shrink it.
+
+        SQLite: ``VACUUM`` under an exclusive lock (writers wait), needing
+        free disk of about the file's size; PostgreSQL: ``VACUUM (ANALYZE)``
+        of longhaul's tables, no exclusive lock. Returns the space after.
+        """
+        with StoreFailures():
+            vacuum_store(self.context)
+            return measure_space(self.context)
 
     # -- writes of a running task ------------------------------------------------
 
@@ -386,21 +425,29 @@ class TaskStore:
 
     # -- reads -----------------------------------------------------------------
 
-    def load(self, task_id: str, *, checkpoints: bool = True) -> Optional[TaskRecord]:
+    def load(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+             histories: bool = True) -> Optional[TaskRecord]:
         """The whole record of a task, or None if no such task is stored.
 
         Read in one transaction: a consistent snapshot even while the task
         runs. ``checkpoints=False`` skips decoding every checkpoint's items
         (a resume needs only `last_step_index`), which is what keeps
-        rebuilding a long task's state cheap.
+        rebuilding a long task's state cheap. `latest_checkpoints` keeps only
+        that many of the newest checkpoints (still in step order; the
+        record's `checkpoint_count` says how many there are), and
+        ``histories=False`` leaves both histories empty: what `show` reads,
+        in time and memory that do not grow with the task's length.
         """
         with StoreFailures(task_id):
-            return self._reads.load(task_id, checkpoints=checkpoints)
+            return self._reads.load(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
+                                    histories=histories)
 
-    def get(self, task_id: str, *, checkpoints: bool = True) -> TaskRecord:
+    def get(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
+            histories: bool = True) -> TaskRecord:
         """Like `load`, but raises `TaskNotFound`."""
         with StoreFailures(task_id):
-            return self._reads.get(task_id, checkpoints=checkpoints)
+            return self._reads.get(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
+                                   histories=histories)
 
     def load_by_thread_id(self, thread_id: str, *, exclude_task_id: Optional[str] = None) -> Optional[TaskRecord]:
         """The thread's most recently updated task, or None."""
@@ -448,15 +495,29 @@ class TaskStore:
             return self._reads.latest_checkpoint(task_id)
 
     def list_tasks(self, status: Union[TaskStatus, str, None] = None, thread_id: Optional[str] = None,
-                   limit: int = 100, *, offset: int = 0, order_by: str = "updated", provider: Optional[str] = None,
-                   since: Optional[datetime] = None, until: Optional[datetime] = None) -> list[TaskSummary]:
-        """Tasks without their histories, newest first.
+                   limit: int = 100, *, offset: int = 0, after: Optional[str] = None, order_by: str = "updated",
+                   provider: Optional[str] = None, since: Optional[datetime] = None,
+                   until: Optional[datetime] = None) -> list[TaskSummary]:
+        """Tasks without their histories, newest first: `page_tasks` without the cursors."""
+        return self.page_tasks(status, thread_id, limit, offset=offset, after=after, order_by=order_by,
+                               provider=provider, since=since, until=until).tasks
+
+    def page_tasks(self, status: Union[TaskStatus, str, None] = None, thread_id: Optional[str] = None,
+                   limit: int = 100, *, offset: int = 0, after: Optional[str] = None, order_by: str = "updated",
+                   provider: Optional[str] = None, since: Optional[datetime] = None,
+                   until: Optional[datetime] = None) -> TaskPage:
+        """A page of tasks without their histories, newest first, with each task's cursor.
 
         `since`/`until` bound the creation time; `order_by` is ``updated``
-        or ``created``.
+        or ``created``. Page on with ``after=page.next_cursor(limit)``: a
+        keyset seek on the listing index (`paging.py`), as fast at the
+        100,000th task as at the first, and stable while tasks are added.
+        `offset` still works (it skips index entries, so it grows slowly
+        with the offset) but not together with `after`. A cursor that was
+        altered or is for another `order_by` raises `InvalidCursor`.
         """
         with StoreFailures():
-            return self._reads.list_tasks(status, thread_id, limit, offset=offset, order_by=order_by,
+            return self._reads.page_tasks(status, thread_id, limit, offset=offset, after=after, order_by=order_by,
                                           provider=provider, since=since, until=until)
 
     def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:
@@ -473,6 +534,11 @@ class TaskStore:
         """The specs of many tasks in few queries: None for one that cannot be read, absent for a missing task."""
         with StoreFailures():
             return self._reads.task_specs(list(task_ids))
+
+    def time_budgets(self, task_ids: Sequence[str]) -> dict[str, tuple[Optional[float], Optional[float]]]:
+        """`time_budget` of many tasks in few queries (absent: no such task; a corrupt spec: no limit)."""
+        with StoreFailures():
+            return self._reads.time_budgets(list(task_ids))
 
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""

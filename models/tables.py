@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -133,6 +133,9 @@ def bind_tables(db: Database) -> Tables:
                 (("thread_id", "status", "id"), False),
                 (("status", "lease_expires_at"), False),
                 (("status", "updated_at"), False),
+                # Since schema 7: what `tasks` pages on, newest first (keyset: `paging.py`).
+                (("updated_at", "id"), False),
+                (("created_at", "id"), False),
             )
 
     class Message(Base):

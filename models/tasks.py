@@ -7,7 +7,10 @@ cannot race a worker's checkpoint of the same task.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from peewee import __exception_wrapper__
 
 from .codec import message_rows
 from .context import StoreContext
@@ -19,6 +22,18 @@ from .tables import EXECUTION, NO_LEASE, RESUMABLE
 from .trace_store import TraceStore
 
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A validated task to store as `queued` (`TaskStore.create_tasks`): its identity and its spec."""
+
+    task_id: str
+    thread_id: str
+    channel: str
+    provider: str
+    model: str
+    spec: TaskSpec
 
 
 class TaskWrites:
@@ -44,6 +59,39 @@ class TaskWrites:
                 spec=spec.model_dump_json(), created_at=now, updated_at=now, delivery_due_at=now,
             ).on_conflict_ignore().as_rowcount().execute()
         return inserted > 0
+
+    def create_many(self, tasks: Sequence[NewTask]) -> list[str]:
+        """Store new `queued` tasks in one transaction; the ids stored (not those that existed already).
+
+        One SELECT per 500 ids finds the existing ones and one prepared
+        INSERT, run by ``executemany``, stores the rest (``ON CONFLICT DO
+        NOTHING`` as in `create`),
+        so a batch costs a few statements and one commit, not one each. Task
+        ids must be distinct (`ValueError` otherwise). All or nothing: an
+        error stores none of them.
+        """
+        ids = [task.task_id for task in tasks]
+        if len(set(ids)) != len(ids):
+            raise ValueError("tasks: task ids must be distinct")
+        ctx = self.ctx
+        Task, sql = ctx.tables.Task, ctx.sql
+        now = ctx.clock()
+        with ctx.db.atomic():
+            existing: set[str] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                existing.update(row[0] for row in Task.select(Task.task_id).where(Task.task_id.in_(chunk)).tuples())
+            rows = [{**sql.new_task_defaults, **dict(
+                        task_id=task.task_id, thread_id=task.thread_id, channel=task.channel, provider=task.provider,
+                        model=task.model, status=TaskStatus.QUEUED.value, spec=task.spec.model_dump_json(),
+                        created_at=now, updated_at=now, delivery_due_at=now)}
+                    for task in tasks if task.task_id not in existing]
+            # One prepared INSERT, run with every row (executemany): rendering a multi-row peewee
+            # insert cost more than storing the rows.
+            with __exception_wrapper__:
+                ctx.db.cursor().executemany(sql.insert_task, [
+                    tuple(row.get(name) for name in sql.new_task_columns) for row in rows])
+        return [row["task_id"] for row in rows]
 
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
         """Upsert a task's visible state (see `TaskStore.save_snapshot`)."""

@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from longhaul import worker
-from longhaul.models import TaskNotFound, TaskSpec, TaskStatus
+from longhaul.models import CorruptRecord, TaskNotFound, TaskSpec, TaskStatus
 from longhaul.models.event_stream import EventFile, event_file_name, export_events, truncate_tool_result
 from longhaul.worker.testing import FakeClock, wait_until
 
@@ -341,3 +341,43 @@ def test_an_unknown_task_id_raises_task_not_found_before_any_file_is_written(
     with pytest.raises(TaskNotFound, match="missing"):
         export_events(clocked_store, out_dir, task_ids=["known", "missing"])
     assert not out_dir.exists()
+
+
+# -- many tasks --------------------------------------------------------------------------------------------
+
+
+def test_exporting_many_tasks_again_removes_only_their_stale_files_and_lists_the_folder_once(
+    make_stepped_task, clocked_store, out_dir, monkeypatch
+):
+    ids = [make_stepped_task(f"task-{index:03d}", steps=2) for index in range(300)]  # more than one publish group
+    first = export_events(clocked_store, out_dir, max_events_per_file=2)  # 6 events a task: 3 files each
+    stranger = out_dir / "notes.txt"
+    stranger.write_text("not an export file")
+    scans: list[Path] = []
+    real_scandir = __import__("os").scandir
+    monkeypatch.setattr("longhaul.models.event_stream.os.scandir",
+                        lambda path: scans.append(Path(path)) or real_scandir(path))
+
+    second = export_events(clocked_store, out_dir, max_events_per_file=4)  # 2 files each now
+
+    assert len(first) == 3 * len(ids) and len(second) == 2 * len(ids)
+    assert scans == [out_dir]  # one listing for 300 tasks: linear, not a scan per task
+    assert stranger.exists()
+    stranger.unlink()
+    # The first export's third files are gone, and no temporaries are left.
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(f.path.name for f in second)
+    for task_id in (ids[0], ids[150], ids[-1]):
+        events = events_of([file for file in second if file.task_id == task_id])
+        assert [event["sequence"] for event in events] == list(range(6))
+
+
+def test_an_export_that_fails_midway_leaves_no_temporary_files(make_stepped_task, clocked_store, out_dir):
+    for index in range(5):
+        make_stepped_task(f"task-{index}", steps=1)
+    clocked_store.db.execute_sql("UPDATE \"checkpoint\" SET \"items\" = 'not json' WHERE \"task_id\" = "
+                                 "(SELECT \"id\" FROM \"task\" WHERE \"task_id\" = 'task-3')")
+
+    with pytest.raises(CorruptRecord, match="task-3"):
+        export_events(clocked_store, out_dir)
+
+    assert not [path.name for path in out_dir.iterdir() if path.name.startswith(".")]

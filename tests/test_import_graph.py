@@ -9,6 +9,9 @@ modules that each need the other: a part that reaches back up the ladder.
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +103,23 @@ def test_find_cycle_reports_a_cycle() -> None:
 def test_longhauls_modules_import_each_other_without_a_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert not cycle, "import cycle: " + " -> ".join(cycle)
+
+
+def test_importing_the_cli_loads_no_database_driver_broker_or_http_client():
+    """`longhaul --help`, `tasks`, `show` on SQLite never need psycopg, Dramatiq, redis-py or httpx (issue 16)."""
+    heavy = ["psycopg", "dramatiq", "redis", "httpx", "pydantic_settings"]
+    code = ("import sys, longhaul.worker.cli; "
+            f"print([name for name in {heavy!r} if name in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_sqlite_commands_that_only_read_never_import_psycopg(tmp_path: Path):
+    code = ("import os, sys; os.environ['LONGHAUL_DATABASE_URL'] = sys.argv[1]\n"
+            "from longhaul.worker import admin\n"
+            "admin.list_tasks(); admin.store_space()\n"
+            "print('psycopg' in sys.modules, 'dramatiq' in sys.modules)")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("LONGHAUL_")}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tasks.db")], capture_output=True, text=True,
+                          check=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.stdout.split() == ["False", "False"], done.stdout + done.stderr

@@ -17,6 +17,7 @@ from longhaul.models import (
     ChatMessage,
     CorruptRecord,
     InvalidInput,
+    NewTask,
     TaskNotFound,
     TaskNotResumable,
     TaskRecord,
@@ -55,7 +56,7 @@ class Progress:
 
 
 @strict
-def submit(
+def prepare(
     rt: Runtime,
     prompt: str,
     *,
@@ -71,8 +72,8 @@ def submit(
     budget: Optional[Budget] = None,
     if_busy: IfBusy = "enqueue",
     **provider_options: Any,
-) -> str:
-    """Validate and store a new `queued` task (not yet sent); returns its id.
+) -> NewTask:
+    """Validate a new task without storing it: what `submit` stores (see there for the arguments and errors).
 
     With `agent`, the task runs that registered agent (its definition is
     stored with the task); every other argument given overrides the
@@ -110,21 +111,34 @@ def submit(
     ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
                          model=model or (defined.model if defined else None) or rt.settings.default_model,
                          status=TaskStatus.QUEUED)
-    if not admit(rt.store, task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel,
-                 provider=ident.provider, model=ident.model, spec=spec, if_busy=if_busy):
-        raise TaskExists(task_id, identical=_is_stored_as(rt, ident, spec))
-    return task_id
+    return NewTask(task_id=ident.task_id, thread_id=ident.thread_id, channel=ident.channel, provider=ident.provider,
+                   model=ident.model, spec=spec)
 
 
-def _is_stored_as(rt: Runtime, ident: TaskSnapshot, spec: TaskSpec) -> bool:
-    """Whether the task stored under `ident.task_id` has this identity and spec (a repeated enqueue)."""
+def submit(rt: Runtime, prompt: str, **kwargs: Any) -> str:
+    """Validate and store a new `queued` task (not yet sent); returns its id.
+
+    Takes the arguments of `prepare`, which says what is refused
+    (`InvalidInput` naming the field, nothing stored). `TaskExists` if the
+    task id is taken (its `identical` says whether by this very task: a
+    repeated call).
+    """
+    new = prepare(rt, prompt, **kwargs)
+    if not admit(rt.store, task_id=new.task_id, thread_id=new.thread_id, channel=new.channel,
+                 provider=new.provider, model=new.model, spec=new.spec, if_busy=kwargs.get("if_busy", "enqueue")):
+        raise TaskExists(new.task_id, identical=is_stored_as(rt, new))
+    return new.task_id
+
+
+def is_stored_as(rt: Runtime, new: NewTask) -> bool:
+    """Whether the task stored under `new.task_id` has this identity and spec (a repeated enqueue)."""
     try:
-        stored, stored_spec = rt.store.summary(ident.task_id), rt.store.task_spec(ident.task_id)
+        stored, stored_spec = rt.store.summary(new.task_id), rt.store.task_spec(new.task_id)
     except (CorruptRecord, TaskNotFound):  # unreadable, or deleted since: not this task
         return False
     return ((stored.thread_id, stored.channel, stored.provider, stored.model)
-            == (ident.thread_id, ident.channel, ident.provider, ident.model)
-            and stored_spec.model_dump(mode="json") == spec.model_dump(mode="json"))
+            == (new.thread_id, new.channel, new.provider, new.model)
+            and stored_spec.model_dump(mode="json") == new.spec.model_dump(mode="json"))
 
 
 @strict

@@ -21,8 +21,6 @@ from pydantic import ValidationError
 
 from longhaul.models import InvalidInput, LonghaulError, TaskStatus, TaskSummary
 
-from . import admin, api
-from .apps import APP_ENV_VAR, add_to_environment, import_apps, parse_app_modules
 from .cli_output import (
     EXIT_FAILED,
     print_cancelled,
@@ -35,12 +33,21 @@ from .cli_output import (
     print_task,
     print_tasks,
     print_trace_event,
+    print_vacuumed,
     report_finished,
     report_sent,
 )
-from .cli_params import Duration, LonghaulCommand, PointInTime, count, submit_kwargs, task_options
-from .health import check_health
-from .settings import load_settings, log_level_from_env
+from .cli_params import (
+    CountOrAll,
+    Duration,
+    LonghaulCommand,
+    PointInTime,
+    count,
+    read_task_lines,
+    submit_kwargs,
+    task_options,
+)
+from .lazy_modules import admin, api, apps, bulk, health_checks, settings, worker_errors
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -87,7 +94,7 @@ class LonghaulGroup(click.Group):
 @click.version_option(package_name="longhaul")
 def cli() -> None:
     """longhaul: durable long-horizon agent tasks on Dramatiq."""
-    logging.basicConfig(level=log_level_from_env("WARNING"),
+    logging.basicConfig(level=settings.log_level_from_env("WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
     if not os.environ.get("LONGHAUL_DEBUG"):
         for handler in logging.getLogger().handlers:
@@ -115,11 +122,27 @@ def run(prompt: str, as_json: bool, **options: Any) -> None:
 
 
 @cli.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option("--file", "task_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Enqueue one task per line of this JSON Lines file (- for stdin), in one batch: each line an "
+                   "object of enqueue's arguments ({\"prompt\": ..., \"task_id\": ...}); the options below are "
+                   "defaults under each line's.")
 @task_options
-def enqueue(prompt: str, **options: Any) -> None:
-    """Send a task to the Redis workers and print its id."""
-    click.echo(api.enqueue(prompt, **submit_kwargs(**options)))
+def enqueue(prompt: Optional[str], task_file: Optional[Path], **options: Any) -> None:
+    """Send a task (or a --file of them) to the Redis workers and print the id(s)."""
+    if (prompt is None) == (task_file is None):
+        raise click.UsageError("give a PROMPT or --file (one of them)")
+    defaults = submit_kwargs(**options)
+    if task_file is None:
+        click.echo(api.enqueue(prompt or "", **defaults))
+        return
+    items, lines = read_task_lines(task_file)
+    try:
+        task_ids = bulk.enqueue_many([{**defaults, **item} for item in items])
+    except worker_errors.InvalidBatchItem as exc:
+        raise InvalidInput(f"--file {str(task_file)!r} line {lines[exc.index]}: {exc.problem} "
+                           "(nothing of the file was stored)") from None
+    click.echo("\n".join(task_ids))
 
 
 @cli.command()
@@ -170,7 +193,7 @@ def migrate(as_json: bool) -> None:
 @click.pass_context
 def health(ctx: click.Context, as_json: bool) -> None:
     """Check that the store and the broker answer: exit 0 if so, else 1 naming what failed (a HEALTHCHECK)."""
-    checks = check_health(load_settings())
+    checks = health_checks.check_health(settings.load_settings())
     print_health(checks, as_json)
     if not all(check.ok for check in checks):
         ctx.exit(EXIT_FAILED)
@@ -183,14 +206,19 @@ def health(ctx: click.Context, as_json: bool) -> None:
 @click.option("--since", type=PointInTime(), help="Created at or after: ISO time or a duration ago (12h).")
 @click.option("--until", type=PointInTime(), help="Created before: ISO time or a duration ago.")
 @click.option("--limit", type=count(1), default=50, show_default=True)
-@click.option("--offset", type=count(0), default=0)
+@click.option("--after", "after", metavar="CURSOR",
+              help="The next page: tasks after this cursor (the `cursor` of a --json row, or the one printed "
+                   "under a full page).")
+@click.option("--offset", type=count(0), default=0, help="Skip this many tasks (slower than --after far in).")
 @click.option("--order-by", type=click.Choice(["updated", "created"]), default="updated", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def tasks(status: Optional[str], thread_id: Optional[str], provider: Optional[str], since: Optional[datetime],
-          until: Optional[datetime], limit: int, offset: int, order_by: str, as_json: bool) -> None:
-    """List tasks with their counts, tokens and cost, newest first."""
-    print_tasks(admin.list_tasks(status=status, thread_id=thread_id, provider=provider, since=since, until=until,
-                                 limit=limit, offset=offset, order_by=order_by), as_json)
+          until: Optional[datetime], limit: int, after: Optional[str], offset: int, order_by: str,
+          as_json: bool) -> None:
+    """List tasks with their counts, tokens and cost, newest first, a page at a time."""
+    listed = admin.list_tasks(status=status, thread_id=thread_id, provider=provider, since=since, until=until,
+                              limit=limit, offset=offset, after=after, order_by=order_by)
+    print_tasks(listed, as_json, next_cursor=listed[-1].cursor if len(listed) >= limit else None)
 
 
 @cli.command()
@@ -261,15 +289,32 @@ def prune(max_tasks: Optional[int], older_than_s: Optional[float], dry_run: bool
     if max_tasks is None and older_than_s is None:
         raise click.UsageError("give --max-tasks and/or --older-than")
     print_pruned(admin.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run), dry_run=dry_run,
-                 as_json=as_json)
+                 as_json=as_json, space=admin.store_space())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def vacuum(as_json: bool) -> None:
+    """Rebuild the store compactly: once on a SQLite file made before longhaul shrank it on prune, then never.
+
+    SQLite: rewrites the file under an exclusive lock (workers' writes wait)
+    and needs free disk of about its size; afterwards every `prune` returns
+    its space at once. PostgreSQL: VACUUM (ANALYZE) of longhaul's tables,
+    which makes deleted rows' space reusable without locking them.
+    """
+    print_vacuumed(admin.vacuum(), as_json)
 
 
 @cli.command()
 @click.argument("task_id")
-@click.option("--json", "as_json", is_flag=True)
-def show(task_id: str, as_json: bool) -> None:
-    """Show a task: record, checkpoints and lease."""
-    print_task(admin.show_task(task_id), as_json)
+@click.option("--checkpoints", "checkpoint_count", type=CountOrAll(), default="10", show_default=True,
+              help="Show this many of the newest checkpoints, or `all`.")
+@click.option("--no-histories", is_flag=True, help="Leave the message histories out of --json (long tasks).")
+@click.option("--json", "as_json", is_flag=True, help="The record as JSON, with both histories.")
+def show(task_id: str, checkpoint_count: Optional[int], no_histories: bool, as_json: bool) -> None:
+    """Show a task: record, lease and its newest checkpoints (the record's checkpoint_count says how many in all)."""
+    print_task(admin.show_task(task_id, checkpoints=checkpoint_count, histories=as_json and not no_histories),
+               as_json)
 
 
 @cli.command()
@@ -326,15 +371,15 @@ def _import_apps(ctx: click.Context, param: click.Parameter, value: tuple[str, .
     ``--app`` modules are added to `LONGHAUL_APP`, so the worker processes
     `longhaul worker` starts import them too.
     """
-    modules = parse_app_modules([*load_settings().app_modules, *value])
-    import_apps(modules)
-    add_to_environment(modules)
+    modules = apps.parse_app_modules([*settings.load_settings().app_modules, *value])
+    apps.import_apps(modules)
+    apps.add_to_environment(modules)
 
 
 def _app_option() -> click.Option:
     return click.Option(["--app", "apps"], multiple=True, expose_value=False, is_eager=True, callback=_import_apps,
-                        metavar="MODULE", help=f"Import this app module first (repeat for more; adds to "
-                                               f"{APP_ENV_VAR}): your agents, tools and providers.")
+                        metavar="MODULE", help="Import this app module first (repeat for more; adds to "
+                                               "LONGHAUL_APP): your agents, tools and providers.")
 
 
 for _command in cli.commands.values():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import click
 import orjson
@@ -17,9 +17,12 @@ from longhaul.models import TaskRecord, TaskStatus, TaskSummary
 from longhaul.models.event_stream import EventFile
 from longhaul.models.traces import TraceEventRecord
 
-from .admin import AgentRef, ListedTask, MigrationReport
-from .api import Progress
-from .health import HealthCheck
+if TYPE_CHECKING:  # the CLI loads these modules only when a command needs them (`lazy_modules`)
+    from longhaul.models.space import StoreSpace
+
+    from .admin import AgentRef, ListedTask, MigrationReport, VacuumReport
+    from .api import Progress
+    from .health import HealthCheck
 
 #: Exit code of a command whose task did not complete, or whose object is missing.
 EXIT_FAILED = 1
@@ -102,9 +105,11 @@ def _lease_text(row: TaskSummary) -> str:
     return f"{row.lease.host} pid {row.lease.pid}" if row.lease else "-"
 
 
-def print_tasks(listed: Sequence[ListedTask], as_json: bool) -> None:
+def print_tasks(listed: Sequence[ListedTask], as_json: bool, *, next_cursor: Optional[str] = None) -> None:
+    """The rows as a table (and, under a full page, on stderr, how to get the next), or as JSON with their cursors."""
     if as_json:
-        dump_json([{**item.summary.model_dump(mode="json"), "agent": _agent_json(item.agent)} for item in listed])
+        dump_json([{**item.summary.model_dump(mode="json"), "agent": _agent_json(item.agent), "cursor": item.cursor}
+                   for item in listed])
         return
     click.echo(f"{'TASK':<24} {'THREAD':<20} {'AGENT':<24} {'STATUS':<9} {'STEPS':>5} {'MSGS':>5} {'TURNS':>5} "
                f"{'TOOLS':>5} {'TOKENS':>8} {'COST':>8} {'STARTED':<19} {'UPDATED':<19} {'ENDED':<19} WORKER")
@@ -115,6 +120,8 @@ def print_tasks(listed: Sequence[ListedTask], as_json: bool) -> None:
                    f"{row.message_count:>5} {row.turn_count:>5} {row.tool_call_count:>5} "
                    f"{row.usage.total_tokens:>8} {row.usage.cost_usd:>8.4f} {_when(row.started_at):<19} "
                    f"{_when(row.updated_at):<19} {_when(row.completed_at):<19} {_lease_text(row)}")
+    if next_cursor is not None:
+        click.echo(f"next page: --after {next_cursor}", err=True)
 
 
 def print_trace_event(event: TraceEventRecord, as_json: bool) -> None:
@@ -137,16 +144,37 @@ def print_exported(files: Sequence[EventFile], as_json: bool) -> None:
     click.echo(f"{len(files)} file(s), {sum(f.event_count for f in files)} events", err=True)
 
 
-def print_pruned(deleted: Sequence[str], *, dry_run: bool, as_json: bool) -> None:
+def print_pruned(deleted: Sequence[str], *, dry_run: bool, as_json: bool, space: Optional[StoreSpace] = None) -> None:
     if as_json:
         dump_json({"dry_run": dry_run, "deleted": list(deleted)})
         return
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {len(deleted)} finished task(s)" + (": " + ", ".join(deleted) if deleted else ""))
+    if space is not None and space.backend == "sqlite":
+        click.echo(f"store: {_mb(space.total_bytes)} on disk, {_mb(space.free_bytes)} free inside", err=True)
+        if not space.prune_shrinks_file and space.free_bytes:
+            click.echo("this SQLite file predates shrinking on prune: run `longhaul vacuum` once to return the "
+                       "free space (and every later prune's) to the disk", err=True)
+
+
+def print_vacuumed(report: VacuumReport, as_json: bool) -> None:
+    if as_json:
+        dump_json({"backend": report.after.backend, "before_bytes": report.before.total_bytes,
+                   "after_bytes": report.after.total_bytes, "auto_vacuum": report.after.auto_vacuum})
+        return
+    click.echo(f"vacuumed the {report.after.backend} store: {_mb(report.before.total_bytes)} -> "
+               f"{_mb(report.after.total_bytes)}" + ("; prunes now shrink the file"
+                                                      if report.after.prune_shrinks_file else ""))
+
+
+def _mb(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:.1f} MB"
 
 
 def print_task(record: TaskRecord, as_json: bool) -> None:
     agent = record.spec.agent if record.spec else None
+    from .admin import AgentRef
+
     agent_ref = None if agent is None else AgentRef(name=agent.name, version=agent.version)
     if as_json:
         dump_json({**record.model_dump(mode="json"), "agent": _agent_json(agent_ref)})

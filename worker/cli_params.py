@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
+import orjson
 
-from longhaul.models import Budget
+from longhaul.models import Budget, InvalidInput
 from longhaul.models.thread_admission import IF_BUSY_CHOICES
 
 #: The largest count any option takes: what the store's 64-bit integer columns hold.
@@ -94,6 +95,42 @@ def submit_kwargs(steps: Optional[int], step_delay: Optional[float], ledger: Opt
     if ledger is not None:
         kwargs["ledger_path"] = str(ledger.resolve())
     return kwargs
+
+
+def read_task_lines(path: Path) -> tuple[list[dict[str, Any]], list[int]]:
+    """The JSON objects of a JSON Lines file (``-``: stdin), blank lines skipped, and each one's line number.
+
+    `InvalidInput` naming the file and line for a line that is not a JSON object.
+    """
+    try:
+        text = click.get_text_stream("stdin").read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"--file {str(path)!r}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    items, lines = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"--file {str(path)!r} line {number}: not JSON ({exc})") from None
+        if not isinstance(item, dict):
+            raise InvalidInput(f"--file {str(path)!r} line {number}: expected a JSON object of enqueue's arguments "
+                               f"(\"prompt\", \"task_id\", ...), got {type(item).__name__}")
+        items.append(item)
+        lines.append(number)
+    return items, lines
+
+
+class CountOrAll(click.ParamType):
+    """A whole number from 0 up to `MAX_COUNT`, or ``all`` (None: no limit)."""
+
+    name = "count|all"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Optional[int]:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+            return None
+        return int(count(0).convert(value, param, ctx))
 
 
 class Duration(click.ParamType):

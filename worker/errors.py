@@ -7,10 +7,7 @@ are failures of a running task or of a part it calls.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
-from dramatiq.errors import BrokerError
-from redis.exceptions import RedisError
+from typing import Any, Optional, Sequence
 
 from longhaul.models import InvalidInput, LonghaulError
 
@@ -93,6 +90,15 @@ class TaskExists(InvalidInput):
         self.identical = identical
 
 
+class InvalidBatchItem(InvalidInput):
+    """One item of a bulk enqueue (`enqueue_many`) is refused; nothing of the batch was stored or sent."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(f"items[{index}]: {problem} (nothing of the batch was stored)")
+        self.index = index
+        self.problem = problem
+
+
 # -- a task and the parts it calls -------------------------------------------------------------
 
 class TaskBusy(LonghaulError):
@@ -126,8 +132,14 @@ class BrokerUnavailable(LonghaulError):
         self.problem = problem
 
 
-#: What a broker raises when it cannot be reached (redis-py's errors, Dramatiq's own).
-BROKER_ERRORS: tuple[type[Exception], ...] = (RedisError, BrokerError)
+def __getattr__(name: str) -> Any:
+    # `BROKER_ERRORS` lives in `broker_errors.py`: importing redis-py and Dramatiq for it here made every
+    # module that raises a longhaul error (the CLI's settings included) pay ~70 ms for them.
+    if name == "BROKER_ERRORS":
+        from .broker_errors import BROKER_ERRORS
+
+        return BROKER_ERRORS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class BudgetExceeded(LonghaulError):
@@ -174,6 +186,6 @@ __all__ = [
     "SettingsError", "InvalidFilter", "BrokerRequired", "AppImportError", "DuplicateAgent", "UnknownAgent",
     "UnknownProvider",
     "UnknownTool", "TaskExists",
-    "TaskBusy", "BrokerUnavailable", "BROKER_ERRORS",
+    "TaskBusy", "BrokerUnavailable",
     "BudgetExceeded", "ProviderError", "TransientProviderError", "PermanentProviderError", "ToolError",
 ]

@@ -14,8 +14,9 @@ from typing import Callable, Optional
 
 from longhaul.models import LeaseRow, LonghaulError, StoreUnavailable, TaskStatus
 
+from .broker_errors import BROKER_ERRORS
 from .context import WorkerContext
-from .errors import BROKER_ERRORS, BrokerUnavailable
+from .errors import BrokerUnavailable
 from .identity import holder_is_dead
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,9 @@ import logging
 import threading
 import time
 from typing import Any, Callable, Optional
+from uuid import uuid4
 
+from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import current_millis
 from dramatiq.errors import DecodeError
@@ -103,6 +105,29 @@ class LonghaulRedisBroker(RedisBroker):
                                   self._max_unpack_size(), *args], keys=keys)
 
         return do_dispatch
+
+    def enqueue_many(self, messages: list[Message]) -> list[Message]:
+        """`enqueue` for many messages in one Redis round trip (a pipeline of Dramatiq's dispatch script).
+
+        Each message gets its own ``redis_message_id`` and passes the
+        middleware's enqueue hooks as with `enqueue`; no delay. A broker
+        error raises (some messages may have been queued: the caller marks
+        the tasks unsent and recovery re-sends them, and a duplicate message
+        is harmless, the lease decides who runs a task).
+        """
+        sent = [message.copy(options={"redis_message_id": str(uuid4())}) for message in messages]
+        dispatch = self.scripts["dispatch"]
+        with self.client.pipeline(transaction=False) as pipe:
+            for message in sent:
+                self.emit_before("enqueue", message, None)
+                dispatch(args=["enqueue", self.redis_millis(), message.queue_name, self.broker_id,
+                               self.heartbeat_timeout, self.dead_message_ttl, self._should_do_maintenance("enqueue"),
+                               self._max_unpack_size(), message.options["redis_message_id"], message.encode()],
+                         keys=[self.namespace], client=pipe)
+            pipe.execute()
+        for message in sent:
+            self.emit_after("enqueue", message, None)
+        return sent
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:

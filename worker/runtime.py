@@ -25,7 +25,8 @@ from longhaul.models.redact import redact_log_handlers
 
 from .apps import import_apps
 from .broker import build_broker
-from .errors import BROKER_ERRORS, BrokerUnavailable
+from .broker_errors import BROKER_ERRORS
+from .errors import BrokerUnavailable
 from .identity import current_claimant
 from .live import LiveOutput
 from .metrics import PrometheusObserver, metrics_enabled
@@ -138,6 +139,30 @@ class Runtime:
         message_id = message.options.get("redis_message_id")
         self.leases.note_sent(task_id, message_id=message_id if isinstance(message_id, str) else None)
 
+    def send_many(self, task_ids: list[str]) -> None:
+        """`send` for many tasks: one broker round trip on Redis (a pipeline), one store transaction.
+
+        `BrokerUnavailable` if the broker cannot be reached: every one of
+        the tasks is then marked unsent, and recovery sends them.
+        """
+        if not task_ids:
+            return
+        budgets = self.store.time_budgets(task_ids)
+        messages = [self.actor.message_with_options(
+            args=(task_id,), time_limit=self._remaining_ms(*budgets.get(task_id, (None, None))))
+            for task_id in task_ids]
+        enqueue_many = getattr(self.broker, "enqueue_many", None)
+        try:
+            sent = enqueue_many(messages) if enqueue_many is not None else [self.broker.enqueue(m) for m in messages]
+        except BROKER_ERRORS as exc:
+            for task_id in task_ids:
+                self.leases.note_unsent(task_id)
+            raise BrokerUnavailable(task_ids[0], f"{type(exc).__name__}: {exc} (and {len(task_ids) - 1} more "
+                                                 "task(s) of the batch)") from None
+        ids = [message.options.get("redis_message_id") for message in sent]
+        self.leases.note_sent_many([(task_id, message_id if isinstance(message_id, str) else None)
+                                    for task_id, message_id in zip(task_ids, ids, strict=True)])
+
     def remaining_time_limit_ms(self, task_id: str) -> int:
         """The task's time budget left (at least 1 s), or the default per-delivery limit."""
         try:
@@ -145,6 +170,9 @@ class Runtime:
         except CorruptRecord:
             # Send it anyway: the worker fails the task with a message naming the field.
             return int(self.settings.default_time_limit_s * 1000)
+        return self._remaining_ms(limit_s, started_at)
+
+    def _remaining_ms(self, limit_s: Optional[float], started_at: Optional[float]) -> int:
         if limit_s is None:
             return int(self.settings.default_time_limit_s * 1000)
         used_s = 0.0 if started_at is None else max(0.0, self.store.clock() - started_at)
@@ -217,6 +245,12 @@ def get_runtime() -> Runtime:
     with _default_lock:
         if _default is None:
             _default = Runtime(load_settings())
+        return _default
+
+
+def current_runtime() -> Optional[Runtime]:
+    """The process-wide runtime if one was built or set, else None (never builds one)."""
+    with _default_lock:
         return _default
 
 
