@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -349,6 +350,8 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
 
 #: PostgreSQL connections the ceiling writes through.
 CEILING_CONNECTIONS = 10
+#: HTTP clients the ceiling spreads its tasks over (as many as longhaul's `http_clients.MAX_SHARDS`).
+CEILING_CLIENTS = 16
 CEILING_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS ceiling_message (task TEXT, position INTEGER, role TEXT, content TEXT)",
     "CREATE TABLE IF NOT EXISTS ceiling_checkpoint (task TEXT, step INTEGER, note TEXT, PRIMARY KEY (task, step))",
@@ -394,7 +397,8 @@ async def _ceiling(db_url: str, base_url: str, tasks: int) -> dict[str, Any]:
             lite.execute("INSERT INTO ceiling_checkpoint VALUES (?, ?, ?)", (task, step, "ok"))
             lite.execute("COMMIT")
 
-    async def one_task(client: httpx.AsyncClient, index: int) -> None:
+    async def one_task(clients: list[httpx.AsyncClient], index: int) -> None:
+        client = clients[index % len(clients)]
         nonlocal in_flight, in_flight_max
         task = f"ceiling-{index:05d}"
         history: list[dict[str, Any]] = [{"role": "user", "content": f"bench task {index}"}]
@@ -412,11 +416,17 @@ async def _ceiling(db_url: str, base_url: str, tasks: int) -> dict[str, Any]:
             await checkpoint(task, step, new)
         in_flight -= 1
 
+    # Sharded like longhaul's (worker/providers/http_clients.py): httpcore's pool scans every connection it
+    # holds on each request, so one client with a thousand in flight is O(n) per request.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=tasks)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+    context = httpx.create_ssl_context()
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits,
+                                                                     verify=context))
+                   for _ in range(CEILING_CLIENTS)]
         before = resource.getrusage(resource.RUSAGE_SELF)  # imports and connections are off the clock
         started = time.monotonic()
-        await asyncio.gather(*(one_task(client, i) for i in range(tasks)))
+        await asyncio.gather(*(one_task(clients, i) for i in range(tasks)))
         makespan_s = time.monotonic() - started
     if postgres:
         while not pool.empty():

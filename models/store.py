@@ -33,7 +33,7 @@ from .db import (
     connect_or_explain,
     open_database,
 )
-from .dialect import Dialect, StoreFailures
+from .dialect import Dialect
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .reads import TaskReads
 from .schemas import (
@@ -90,7 +90,7 @@ class TaskStore:
         if not dialect.is_sqlite:
             connect_or_explain(self.db, self.url)
             self.sync_clock()
-        with StoreFailures():
+        with self.context.call():
             self.schema_migration: SchemaMigration = migrate_waiting_for_writers(
                 self.context, timeout_s=busy_timeout_ms / 1000)
         self.trace_store = TraceStore(self.context)
@@ -119,14 +119,14 @@ class TaskStore:
         """
         if self.server_clock is None or self.context.dialect.is_sqlite:
             return 0.0
-        with StoreFailures():
+        with self.context.call():
             return self.server_clock.sync(self.context.dialect.server_epoch_s)
 
     # -- lifecycle -----------------------------------------------------------
 
     def schema_version(self) -> int:
         """The highest schema version recorded in the database."""
-        with StoreFailures():
+        with self.context.call():
             return schema_version(self.tables)
 
     def read_snapshot(self) -> AbstractContextManager[Any]:
@@ -160,7 +160,7 @@ class TaskStore:
                     spec: TaskSpec) -> bool:
         """Store a new `queued` task with its spec. False if the id exists (nothing changes)."""
         refuse_nul_identifiers(task_id=task_id, thread_id=thread_id, channel=channel)
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.create(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                       model=model, spec=spec)
 
@@ -175,7 +175,7 @@ class TaskStore:
         sets `completed_at` and releases the lease.
         """
         refuse_nul_identifiers(**{name: getattr(snapshot, name, None) for name in NUL_FREE_FIELDS})
-        with StoreFailures(getattr(snapshot, "task_id", None)):
+        with self.context.call(getattr(snapshot, "task_id", None)):
             self._tasks.save_snapshot(snapshot, lease_token=lease_token)
 
     def reset_for_rerun(self, task_id: str) -> None:
@@ -185,7 +185,7 @@ class TaskStore:
         kept, readable as they were); its spec is kept. Raises
         `TaskNotResumable` if the task has not finished (cancel it first).
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self._tasks.rerun(task_id)
 
     def request_cancel(self, task_id: str) -> TaskStatus:
@@ -195,17 +195,17 @@ class TaskStore:
         held it, `running` when the running worker will stop after its
         current step, or the terminal status it already had.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.request_cancel(task_id)
 
     def is_cancel_requested(self, task_id: str) -> bool:
         """Whether `request_cancel` asked the running task to stop (checked between steps)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.is_cancel_requested(task_id)
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""
-        with StoreFailures():
+        with self.context.call():
             return self._tasks.delete_by_thread_id(thread_id)
 
     def prune(self, *, max_tasks: Optional[int] = None, older_than_s: Optional[float] = None,
@@ -217,7 +217,7 @@ class TaskStore:
         tasks are never touched. Returns the ids deleted (or, with
         `dry_run`, that would be).
         """
-        with StoreFailures():
+        with self.context.call():
             return self._tasks.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
 
     # -- writes of a running task ------------------------------------------------
@@ -246,7 +246,7 @@ class TaskStore:
         the history already stored.
         """
         refuse_nul_identifiers(**{name: getattr(update, name, None) for name in NUL_FREE_FIELDS})
-        with StoreFailures(getattr(update, "task_id", None)):
+        with self.context.call(getattr(update, "task_id", None)):
             return self._checkpoints.record(update, lease_token=lease_token, lease_expires_at=lease_expires_at,
                                             lease_s=lease_s, traces=traces, usage=usage)
 
@@ -259,7 +259,7 @@ class TaskStore:
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
                          resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None) -> None:
         """Append messages to both of a task's histories in one transaction (a task's opening turns)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self._checkpoints.append_histories(task_id, execution=execution, resumable=resumable,
                                                lease_token=lease_token)
 
@@ -273,7 +273,7 @@ class TaskStore:
         finish the task (else `LeaseLost`, nothing written). `last_error` is
         stored with secrets redacted.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self._checkpoints.finish(task_id, status, final_response=final_response, last_error=last_error,
                                      new_messages=new_messages, resumable_messages=resumable_messages,
                                      lease_token=lease_token, traces=traces, usage=usage)
@@ -282,12 +282,12 @@ class TaskStore:
 
     def append_traces(self, task_id: str, traces: PendingTraces, *, lease_token: Optional[str] = None) -> None:
         """Write trace events outside a checkpoint (a resume, a shutdown); fenced like checkpoints."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self.trace_store.append(task_id, traces, lease_token=lease_token)
 
     def next_trace_sequence(self, task_id: str) -> int:
         """The sequence number after the highest stored for the task (0 if none)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self.trace_store.next_sequence(task_id)
 
     def traces(self, task_id: str, *, after_sequence: int = -1, limit: Optional[int] = None) -> list[TraceEventRecord]:
@@ -296,7 +296,7 @@ class TaskStore:
         Text stored once, in a message, comes back in its event, redacted
         like the rest of the event's data.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self.trace_store.events(task_id, after_sequence=after_sequence, limit=limit)
 
     # -- reads -----------------------------------------------------------------
@@ -309,27 +309,27 @@ class TaskStore:
         (a resume needs only `last_step_index`), which is what keeps
         rebuilding a long task's state cheap.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.load(task_id, checkpoints=checkpoints)
 
     def get(self, task_id: str, *, checkpoints: bool = True) -> TaskRecord:
         """Like `load`, but raises `TaskNotFound`."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.get(task_id, checkpoints=checkpoints)
 
     def load_by_thread_id(self, thread_id: str, *, exclude_task_id: Optional[str] = None) -> Optional[TaskRecord]:
         """The thread's most recently updated task, or None."""
-        with StoreFailures():
+        with self.context.call():
             return self._reads.load_by_thread_id(thread_id, exclude_task_id=exclude_task_id)
 
     def summary(self, task_id: str) -> TaskSummary:
         """A task without its histories (cheap to poll); `TaskNotFound` if missing."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.summary(task_id)
 
     def latest_checkpoint(self, task_id: str) -> Optional[TaskCheckpointRecord]:
         """The checkpoint with the highest step index, or None."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.latest_checkpoint(task_id)
 
     def list_tasks(self, status: Union[TaskStatus, str, None] = None, thread_id: Optional[str] = None,
@@ -340,26 +340,26 @@ class TaskStore:
         `since`/`until` bound the creation time; `order_by` is ``updated``
         or ``created``.
         """
-        with StoreFailures():
+        with self.context.call():
             return self._reads.list_tasks(status, thread_id, limit, offset=offset, order_by=order_by,
                                           provider=provider, since=since, until=until)
 
     def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:
         """How many tasks are stored (with this status)."""
-        with StoreFailures():
+        with self.context.call():
             return self._reads.count_tasks(status)
 
     def task_spec(self, task_id: str) -> TaskSpec:
         """The spec a task was created with (`CorruptRecord` if it cannot be read)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.task_spec(task_id)
 
     def task_specs(self, task_ids: Sequence[str]) -> dict[str, Optional[TaskSpec]]:
         """The specs of many tasks in few queries: None for one that cannot be read, absent for a missing task."""
-        with StoreFailures():
+        with self.context.call():
             return self._reads.task_specs(list(task_ids))
 
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.time_budget(task_id)
