@@ -20,7 +20,7 @@ from longhaul.models.event_stream import EventFile, export_events
 from . import workspaces
 from .errors import BrokerRequired
 from .runtime import get_runtime
-from .settings import load_settings
+from .settings import load_settings, threads_per_process
 from .supervisor import supervise
 
 
@@ -106,17 +106,21 @@ def delete_thread(thread_id: str) -> int:
     return workspaces.delete_thread(rt.store, rt.settings.workspace_root, thread_id)
 
 
-def serve(*, processes: int, threads: int) -> int:
+def serve(*, processes: int, threads: Optional[int] = None, concurrency: Optional[int] = None) -> int:
     """Run a supervised pool of worker processes until it is told to stop; its exit code.
 
-    The settings and the store are checked once, here, before any child
-    starts (`BrokerRequired` without Redis). The supervisor itself runs no
-    task, so it lets go of its database connections.
+    Each process runs `threads` tasks at once, else its share of
+    `concurrency` (default: `Settings.concurrency`, LONGHAUL_CONCURRENCY),
+    else 4. The settings and the store are checked once, here, before any
+    child starts (`BrokerRequired` without Redis). The supervisor itself
+    runs no task, so it lets go of its database connections.
     """
     runtime = get_runtime()
     if runtime.settings.redis_url is None:
         raise BrokerRequired("`longhaul worker`")
     runtime.store.close_all()
+    threads = threads_per_process(processes=processes, threads=threads,
+                                  concurrency=concurrency if concurrency is not None else runtime.settings.concurrency)
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads))

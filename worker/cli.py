@@ -39,7 +39,7 @@ from .cli_output import (
 )
 from .cli_params import Duration, LonghaulCommand, PointInTime, count, submit_kwargs, task_options
 from .health import check_health
-from .settings import load_settings, log_level_from_env
+from .settings import MAX_CONCURRENCY, load_settings, log_level_from_env
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -122,16 +122,26 @@ def enqueue(prompt: str, **options: Any) -> None:
 
 
 @cli.command()
+@click.option("--concurrency", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="tasks this host runs at once, spread over --processes [default: LONGHAUL_CONCURRENCY, "
+                   "else 4 per process]")
 @click.option("--processes", type=count(1), default=1, show_default=True)
-@click.option("--threads", type=count(1), default=4, show_default=True)
-def worker(processes: int, threads: int) -> None:
+@click.option("--threads", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="tasks each process runs at once (instead of --concurrency) [default: 4]")
+def worker(concurrency: Optional[int], processes: int, threads: Optional[int]) -> None:
     """Run a supervised pool of worker processes for longhaul (needs Redis).
 
-    A worker process that dies is replaced while the others keep serving;
-    SIGTERM or SIGINT (to this process or its whole process group) stops
-    every process after its current steps; SIGHUP restarts them gracefully.
+    `--concurrency N` is the one knob for many tasks in flight: N tasks
+    waiting on their models at once on this host (1,000 fit one process
+    on two cores). A worker process that dies is replaced while the others
+    keep serving; SIGTERM or SIGINT (to this process or its whole process
+    group) stops every process after its current steps; SIGHUP restarts
+    them gracefully.
     """
-    sys.exit(admin.serve(processes=processes, threads=threads))
+    if concurrency is not None and threads is not None:
+        raise click.UsageError("--concurrency and --threads: give one (--concurrency is per host, "
+                               "--threads per process)")
+    sys.exit(admin.serve(processes=processes, threads=threads, concurrency=concurrency))
 
 
 @cli.command()
