@@ -3,12 +3,15 @@
 A loopback OpenAI-compatible server (its own process, plain asyncio) answers
 every chat request after a fixed latency L: a task's first five requests get
 one ``list_files`` tool call each, the sixth a final answer, so a task is six
-model turns. N tasks are enqueued at once on real Redis, and the worker host
-(``longhaul worker`` with the given arguments) runs them against that server.
+model turns. N tasks are enqueued on real Redis while the worker host
+(``longhaul worker`` with the given arguments, default ``--concurrency
+1000``) is paused (SIGSTOP), then the host resumes and runs them against
+that server: admission from a full queue is measured alone.
 
-Printed per run: the most tasks in flight at once, how long after the last
-enqueue all N were in flight (or done), the makespan (first enqueue to last
-finish; the ideal is 6 x L), failed tasks, the worker host's CPU per model
+Printed per run: the most tasks in flight at once, how long after the
+resume all N were in flight (or done) and that as tasks admitted per
+second, the enqueue rate, the makespan (resume to last finish; the ideal is
+6 x L), failed tasks, the worker host's CPU per model
 turn (ms) and on average (cores), its largest worker process (RSS, MB), and
 the most database connections it held (PostgreSQL: ``pg_stat_activity``;
 SQLite: open descriptors of the database file).
@@ -21,12 +24,17 @@ sqlite3 connection (WAL, synchronous=NORMAL) for SQLite. It does the same
 model and store work as longhaul with nothing else, so its CPU per turn is
 the floor that longhaul's is judged against (``ratio`` column).
 
+And next to both, **DBOS** (an optional peer, as in ``bench/peers.py``:
+its row says "skipped" without ``pip install -e '.[bench]'``): N DBOS async
+workflows of six ``@DBOS.step`` model calls on the same backend, one
+process.
+
 Nothing asserts on the figures; they are printed for a reader to judge.
 
     python bench/concurrency.py                                  # N=1,000, L=10 s, SQLite and PostgreSQL
     python bench/concurrency.py --tasks 1000 --latency-s 1 --backend postgres
-    python bench/concurrency.py --worker-args "--processes 4 --threads 250"
-    python bench/concurrency.py --quick                          # N=20, L=0.2 s, SQLite: about 20 s
+    python bench/concurrency.py --worker-args "--processes 4 --threads 250"   # the layout of issue 16's table
+    python bench/concurrency.py --quick                          # N=20, L=0.2 s, SQLite: about 30 s
 """
 
 from __future__ import annotations
@@ -160,6 +168,7 @@ class Figures:
     rss_mb_max: float
     db_connections_max: int
     enqueue_per_s: float
+    admitted_per_s: Optional[float] = None  # tasks / seconds from the host's resume until all were in flight
     ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
 
 
@@ -304,10 +313,16 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
             cpu_before = sampler.cpu_s()
             sampler.total = tasks + 1  # the warm-up task counts as started
             sampler.start()
+            # The host is paused (SIGSTOP) while the tasks are enqueued, so that all N wait in the queue when
+            # it resumes: admission (queue to in flight) is then measured alone, not bounded by the enqueue rate.
+            os.killpg(host.pid, signal.SIGSTOP)
             first_enqueue = time.monotonic()
-            for i in range(tasks):
-                api.enqueue(f"bench task {i}", provider="openai", model="fake-slow", task_id=f"bench-{i:05d}")
-            last_enqueue = time.monotonic()
+            try:
+                for i in range(tasks):
+                    api.enqueue(f"bench task {i}", provider="openai", model="fake-slow", task_id=f"bench-{i:05d}")
+            finally:
+                last_enqueue = time.monotonic()
+                os.killpg(host.pid, signal.SIGCONT)
             deadline = last_enqueue + 60 + 20 * TURNS_PER_TASK * latency_s
             while time.monotonic() < deadline:
                 finished = sum(n for status, n in sampler.latest.items() if status not in ("queued", "running"))
@@ -331,7 +346,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                 os.killpg(host.pid, signal.SIGKILL)
                 host.wait()
             log.close()
-    makespan_s = finished_at - first_enqueue
+    makespan_s = finished_at - last_enqueue  # from the moment all N are queued and the host resumes
     return Figures(
         run=f"longhaul worker {' '.join(worker_args)}", tasks=tasks, latency_s=latency_s,
         in_flight_max=sampler.in_flight_max,
@@ -342,6 +357,8 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
         cpu_ms_per_turn=1000 * cpu_s / (tasks * TURNS_PER_TASK), cpu_cores=cpu_s / makespan_s,
         rss_mb_max=sampler.rss_max / 2**20, db_connections_max=sampler.connections_max,
         enqueue_per_s=tasks / max(last_enqueue - first_enqueue, 1e-9),
+        admitted_per_s=(None if sampler.all_in_flight_at is None
+                        else tasks / max(sampler.all_in_flight_at - last_enqueue, SAMPLE_INTERVAL_S)),
     )
 
 
@@ -605,7 +622,8 @@ def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: l
 
 def print_table(results: list[Figures], skipped: list[str]) -> None:
     print(f"{'run':<58} {'N':>5} {'L s':>5} {'in flight':>9} {'all in':>7} {'makespan':>9} {'ideal':>6} "
-          f"{'failed':>6} {'CPU ms/turn':>11} {'ratio':>6} {'cores':>6} {'RSS MB':>7} {'DB conns':>8} {'enq/s':>7}")
+          f"{'failed':>6} {'CPU ms/turn':>11} {'ratio':>6} {'cores':>6} {'RSS MB':>7} {'DB conns':>8} {'enq/s':>7} "
+          f"{'admit/s':>8}")
     for f in results:
         all_in = ("-" if f.enqueue_per_s != f.enqueue_per_s  # NaN: an in-process peer, nothing queued
                   else "never" if f.all_in_flight_after_s is None else f"{f.all_in_flight_after_s:.1f}")
@@ -613,9 +631,12 @@ def print_table(results: list[Figures], skipped: list[str]) -> None:
         failed = f"{f.failed}" + (f"+{f.unfinished}?" if f.unfinished else "")
         print(f"{f.run:<58} {f.tasks:>5} {f.latency_s:>5g} {f.in_flight_max:>9} {all_in:>7} {f.makespan_s:>8.1f}s "
               f"{f.ideal_s:>5.0f}s {failed:>6} {f.cpu_ms_per_turn:>11.2f} {ratio:>6} {f.cpu_cores:>6.2f} "
-              f"{f.rss_mb_max:>7.0f} {f.db_connections_max:>8} {f.enqueue_per_s:>7.0f}")
+              f"{f.rss_mb_max:>7.0f} {f.db_connections_max:>8} {f.enqueue_per_s:>7.0f} "
+              f"{'-' if f.admitted_per_s is None else f'{f.admitted_per_s:.0f}':>8}")
     for line in skipped:
         print(line)
+    print("The host is paused while the N tasks are enqueued: makespan and all in count from its resume; "
+          "admit/s: N over all in (at most N / the sampling interval).")
     print("all in: seconds from the last enqueue until every task was in flight or done; failed: +N? = unfinished "
           "at the deadline; ratio: CPU per turn over the asyncio ceiling's on the same backend.")
 

@@ -17,6 +17,13 @@ life), each holding the connections of its own threads only. The
 connection count is unbounded (a task waits on its own request, never on
 a free slot).
 
+Each request in flight waits in ``sock.recv(READ_NUM_BYTES)``, and
+httpcore asks for 64 KiB at a time: a 64 KiB buffer per task waiting on
+its model, about 60 MB of a worker's RSS at a thousand in flight. Model
+answers are a few KiB, so this process's sync HTTP/1.1 connections read
+`READ_CHUNK_BYTES` at a time instead (httpcore's class attribute, set once
+on import; a longer answer simply takes more reads).
+
 A forked child gets clients of its own (a pool's sockets belong to the
 process that opened them). The clients live as long as the process.
 """
@@ -29,7 +36,12 @@ import ssl
 import threading
 from typing import Optional
 
+import httpcore._sync.http11
 import httpx
+
+#: How much one read of a model's answer asks the socket for (httpcore's default: 64 KiB).
+READ_CHUNK_BYTES = 8 * 1024
+httpcore._sync.http11.HTTP11Connection.READ_NUM_BYTES = READ_CHUNK_BYTES
 
 #: Clients per process and endpoint; the threads of a process are spread over them round-robin.
 MAX_SHARDS = 16
