@@ -262,7 +262,8 @@ class _PoolRepairs:
                         self._close_raw(held.connection)  # type: ignore[attr-defined]
 
     def connect(self, reuse_if_open: bool = False) -> bool:
-        self._reclaim_from_finished_threads()
+        if len(self._in_use) >= self._max_connections:  # only a full pool needs them back (a scan per call costs)
+            self._reclaim_from_finished_threads()
         try:
             return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
         except MaxConnectionsExceeded:
