@@ -169,6 +169,7 @@ class Figures:
     db_connections_max: int
     enqueue_per_s: float
     admitted_per_s: Optional[float] = None  # tasks / seconds from the host's resume until all were in flight
+    locked_mentions: int = 0  # "database is locked" in the worker host's log (each a retried call)
     ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
 
 
@@ -346,6 +347,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                 os.killpg(host.pid, signal.SIGKILL)
                 host.wait()
             log.close()
+    locked = (workdir / f"worker-{backend}.log").read_text(errors="replace").count("database is locked")
     makespan_s = finished_at - last_enqueue  # from the moment all N are queued and the host resumes
     return Figures(
         run=f"longhaul worker {' '.join(worker_args)}", tasks=tasks, latency_s=latency_s,
@@ -357,6 +359,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
         cpu_ms_per_turn=1000 * cpu_s / (tasks * TURNS_PER_TASK), cpu_cores=cpu_s / makespan_s,
         rss_mb_max=sampler.rss_max / 2**20, db_connections_max=sampler.connections_max,
         enqueue_per_s=tasks / max(last_enqueue - first_enqueue, 1e-9),
+        locked_mentions=locked,
         admitted_per_s=(None if sampler.all_in_flight_at is None
                         else tasks / max(sampler.all_in_flight_at - last_enqueue, SAMPLE_INTERVAL_S)),
     )
@@ -635,6 +638,9 @@ def print_table(results: list[Figures], skipped: list[str]) -> None:
               f"{'-' if f.admitted_per_s is None else f'{f.admitted_per_s:.0f}':>8}")
     for line in skipped:
         print(line)
+    for f in results:
+        if f.locked_mentions:
+            print(f"{f.run}: {f.locked_mentions} log mentions of `database is locked` (each a retried call)")
     print("The host is paused while the N tasks are enqueued: makespan and all in count from its resume; "
           "admit/s: N over all in (at most N / the sampling interval).")
     print("all in: seconds from the last enqueue until every task was in flight or done; failed: +N? = unfinished "
