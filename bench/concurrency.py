@@ -464,13 +464,20 @@ def run_ceiling(*, db_url: str, tasks: int, latency_s: float) -> Figures:
         done = subprocess.run([sys.executable, __file__, "--ceiling", db_url, model.base_url, str(tasks)],
                               capture_output=True, text=True, timeout=600 + 20 * latency_s, check=True)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return _in_process_figures("plain asyncio ceiling (1 process)", measured, tasks=tasks, latency_s=latency_s,
+                               db_connections_max=measured["db_connections_max"])
+
+
+def _in_process_figures(run: str, measured: dict[str, Any], *, tasks: int, latency_s: float,
+                        db_connections_max: int) -> Figures:
+    """The figures of a one-process peer from what it measured of itself (nothing queued: no admission)."""
     return Figures(
-        run="plain asyncio ceiling (1 process)", tasks=tasks, latency_s=latency_s,
+        run=run, tasks=tasks, latency_s=latency_s,
         in_flight_max=measured["in_flight_max"], all_in_flight_after_s=None, makespan_s=measured["makespan_s"],
         ideal_s=TURNS_PER_TASK * latency_s, failed=0, unfinished=0,
         cpu_ms_per_turn=1000 * measured["cpu_s"] / (tasks * TURNS_PER_TASK),
         cpu_cores=measured["cpu_s"] / measured["makespan_s"], rss_mb_max=measured["rss_mb_max"],
-        db_connections_max=measured["db_connections_max"], enqueue_per_s=float("nan"),
+        db_connections_max=db_connections_max, enqueue_per_s=float("nan"),
     )
 
 
@@ -559,14 +566,8 @@ def run_dbos(*, db_url: str, tasks: int, latency_s: float, pg_database: Optional
     if peer.returncode != 0:
         raise Skipped(f"DBOS run failed: {err.strip().splitlines()[-1] if err.strip() else peer.returncode}")
     measured = json.loads(out.strip().splitlines()[-1])
-    return Figures(
-        run="DBOS async workflows (1 process)", tasks=tasks, latency_s=latency_s,
-        in_flight_max=measured["in_flight_max"], all_in_flight_after_s=None, makespan_s=measured["makespan_s"],
-        ideal_s=TURNS_PER_TASK * latency_s, failed=0, unfinished=0,
-        cpu_ms_per_turn=1000 * measured["cpu_s"] / (tasks * TURNS_PER_TASK),
-        cpu_cores=measured["cpu_s"] / measured["makespan_s"], rss_mb_max=measured["rss_mb_max"],
-        db_connections_max=connections_max, enqueue_per_s=float("nan"),
-    )
+    return _in_process_figures("DBOS async workflows (1 process)", measured, tasks=tasks, latency_s=latency_s,
+                               db_connections_max=connections_max)
 
 
 class Skipped(Exception):
