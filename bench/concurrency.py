@@ -3,12 +3,15 @@
 A loopback OpenAI-compatible server (its own process, plain asyncio) answers
 every chat request after a fixed latency L: a task's first five requests get
 one ``list_files`` tool call each, the sixth a final answer, so a task is six
-model turns. N tasks are enqueued at once on real Redis, and the worker host
-(``longhaul worker`` with the given arguments) runs them against that server.
+model turns. N tasks are enqueued on real Redis while the worker host
+(``longhaul worker`` with the given arguments, default ``--concurrency
+1000``) is paused (SIGSTOP), then the host resumes and runs them against
+that server: admission from a full queue is measured alone.
 
-Printed per run: the most tasks in flight at once, how long after the last
-enqueue all N were in flight (or done), the makespan (first enqueue to last
-finish; the ideal is 6 x L), failed tasks, the worker host's CPU per model
+Printed per run: the most tasks in flight at once, how long after the
+resume all N were in flight (or done) and that as tasks admitted per
+second, the enqueue rate, the makespan (resume to last finish; the ideal is
+6 x L), failed tasks, the worker host's CPU per model
 turn (ms) and on average (cores), its largest worker process (RSS, MB), and
 the most database connections it held (PostgreSQL: ``pg_stat_activity``;
 SQLite: open descriptors of the database file).
@@ -21,18 +24,24 @@ sqlite3 connection (WAL, synchronous=NORMAL) for SQLite. It does the same
 model and store work as longhaul with nothing else, so its CPU per turn is
 the floor that longhaul's is judged against (``ratio`` column).
 
+And next to both, **DBOS** (an optional peer, as in ``bench/peers.py``:
+its row says "skipped" without ``pip install -e '.[bench]'``): N DBOS async
+workflows of six ``@DBOS.step`` model calls on the same backend, one
+process.
+
 Nothing asserts on the figures; they are printed for a reader to judge.
 
     python bench/concurrency.py                                  # N=1,000, L=10 s, SQLite and PostgreSQL
     python bench/concurrency.py --tasks 1000 --latency-s 1 --backend postgres
-    python bench/concurrency.py --worker-args "--processes 4 --threads 250"
-    python bench/concurrency.py --quick                          # N=20, L=0.2 s, SQLite: about 20 s
+    python bench/concurrency.py --worker-args "--processes 4 --threads 250"   # the layout of issue 16's table
+    python bench/concurrency.py --quick                          # N=20, L=0.2 s, SQLite: about 30 s
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -159,6 +168,8 @@ class Figures:
     rss_mb_max: float
     db_connections_max: int
     enqueue_per_s: float
+    admitted_per_s: Optional[float] = None  # tasks / seconds from the host's resume until all were in flight
+    locked_mentions: int = 0  # "database is locked" in the worker host's log (each a retried call)
     ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
 
 
@@ -263,12 +274,11 @@ class HostSampler(threading.Thread):
         return sum(self.cpu_seen.values())
 
 
-def _worker_env(db_url: str, redis_url: str, model: SlowModel, workdir: Path, pool_size: int) -> dict[str, str]:
+def _worker_env(db_url: str, redis_url: str, model: SlowModel, workdir: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("LONGHAUL_")}
     env.update(LONGHAUL_DATABASE_URL=db_url, LONGHAUL_REDIS_URL=redis_url, LONGHAUL_OPENAI_BASE_URL=model.base_url,
                LONGHAUL_DEFAULT_PROVIDER="openai", LONGHAUL_DEFAULT_MODEL="fake-slow",
-               LONGHAUL_WORKSPACE_ROOT=str(workdir / "workspaces"), LONGHAUL_DB_POOL_SIZE=str(pool_size),
-               LONGHAUL_LOG_LEVEL="WARNING")
+               LONGHAUL_WORKSPACE_ROOT=str(workdir / "workspaces"), LONGHAUL_LOG_LEVEL="WARNING")
     return env
 
 
@@ -283,7 +293,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
     from longhaul.worker import Runtime, api, load_settings, set_runtime
 
     with SlowModel(latency_s) as model:
-        env = _worker_env(db_url, redis.url, model, workdir, pool_size=_threads_in(worker_args) + 8)
+        env = _worker_env(db_url, redis.url, model, workdir)
         longhaul_cli = [sys.executable, "-c", "from longhaul.worker.cli import main; main()"]
         subprocess.run([*longhaul_cli, "migrate"], env=env, check=True, capture_output=True, timeout=120)
         log = open(workdir / f"worker-{backend}.log", "wb")
@@ -304,10 +314,16 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
             cpu_before = sampler.cpu_s()
             sampler.total = tasks + 1  # the warm-up task counts as started
             sampler.start()
+            # The host is paused (SIGSTOP) while the tasks are enqueued, so that all N wait in the queue when
+            # it resumes: admission (queue to in flight) is then measured alone, not bounded by the enqueue rate.
+            os.killpg(host.pid, signal.SIGSTOP)
             first_enqueue = time.monotonic()
-            for i in range(tasks):
-                api.enqueue(f"bench task {i}", provider="openai", model="fake-slow", task_id=f"bench-{i:05d}")
-            last_enqueue = time.monotonic()
+            try:
+                for i in range(tasks):
+                    api.enqueue(f"bench task {i}", provider="openai", model="fake-slow", task_id=f"bench-{i:05d}")
+            finally:
+                last_enqueue = time.monotonic()
+                os.killpg(host.pid, signal.SIGCONT)
             deadline = last_enqueue + 60 + 20 * TURNS_PER_TASK * latency_s
             while time.monotonic() < deadline:
                 finished = sum(n for status, n in sampler.latest.items() if status not in ("queued", "running"))
@@ -331,7 +347,8 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                 os.killpg(host.pid, signal.SIGKILL)
                 host.wait()
             log.close()
-    makespan_s = finished_at - first_enqueue
+    locked = (workdir / f"worker-{backend}.log").read_text(errors="replace").count("database is locked")
+    makespan_s = finished_at - last_enqueue  # from the moment all N are queued and the host resumes
     return Figures(
         run=f"longhaul worker {' '.join(worker_args)}", tasks=tasks, latency_s=latency_s,
         in_flight_max=sampler.in_flight_max,
@@ -342,6 +359,9 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
         cpu_ms_per_turn=1000 * cpu_s / (tasks * TURNS_PER_TASK), cpu_cores=cpu_s / makespan_s,
         rss_mb_max=sampler.rss_max / 2**20, db_connections_max=sampler.connections_max,
         enqueue_per_s=tasks / max(last_enqueue - first_enqueue, 1e-9),
+        locked_mentions=locked,
+        admitted_per_s=(None if sampler.all_in_flight_at is None
+                        else tasks / max(sampler.all_in_flight_at - last_enqueue, SAMPLE_INTERVAL_S)),
     )
 
 
@@ -349,6 +369,8 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
 
 #: PostgreSQL connections the ceiling writes through.
 CEILING_CONNECTIONS = 10
+#: HTTP clients the ceiling spreads its tasks over (as many as longhaul's `http_clients.MAX_SHARDS`).
+CEILING_CLIENTS = 16
 CEILING_SCHEMA = [
     "CREATE TABLE IF NOT EXISTS ceiling_message (task TEXT, position INTEGER, role TEXT, content TEXT)",
     "CREATE TABLE IF NOT EXISTS ceiling_checkpoint (task TEXT, step INTEGER, note TEXT, PRIMARY KEY (task, step))",
@@ -394,7 +416,8 @@ async def _ceiling(db_url: str, base_url: str, tasks: int) -> dict[str, Any]:
             lite.execute("INSERT INTO ceiling_checkpoint VALUES (?, ?, ?)", (task, step, "ok"))
             lite.execute("COMMIT")
 
-    async def one_task(client: httpx.AsyncClient, index: int) -> None:
+    async def one_task(clients: list[httpx.AsyncClient], index: int) -> None:
+        client = clients[index % len(clients)]
         nonlocal in_flight, in_flight_max
         task = f"ceiling-{index:05d}"
         history: list[dict[str, Any]] = [{"role": "user", "content": f"bench task {index}"}]
@@ -412,11 +435,17 @@ async def _ceiling(db_url: str, base_url: str, tasks: int) -> dict[str, Any]:
             await checkpoint(task, step, new)
         in_flight -= 1
 
+    # Sharded like longhaul's (worker/providers/http_clients.py): httpcore's pool scans every connection it
+    # holds on each request, so one client with a thousand in flight is O(n) per request.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=tasks)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+    context = httpx.create_ssl_context()
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits,
+                                                                     verify=context))
+                   for _ in range(CEILING_CLIENTS)]
         before = resource.getrusage(resource.RUSAGE_SELF)  # imports and connections are off the clock
         started = time.monotonic()
-        await asyncio.gather(*(one_task(client, i) for i in range(tasks)))
+        await asyncio.gather(*(one_task(clients, i) for i in range(tasks)))
         makespan_s = time.monotonic() - started
     if postgres:
         while not pool.empty():
@@ -435,21 +464,124 @@ def run_ceiling(*, db_url: str, tasks: int, latency_s: float) -> Figures:
         done = subprocess.run([sys.executable, __file__, "--ceiling", db_url, model.base_url, str(tasks)],
                               capture_output=True, text=True, timeout=600 + 20 * latency_s, check=True)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
+    return _in_process_figures("plain asyncio ceiling (1 process)", measured, tasks=tasks, latency_s=latency_s,
+                               db_connections_max=measured["db_connections_max"])
+
+
+def _in_process_figures(run: str, measured: dict[str, Any], *, tasks: int, latency_s: float,
+                        db_connections_max: int) -> Figures:
+    """The figures of a one-process peer from what it measured of itself (nothing queued: no admission)."""
     return Figures(
-        run="plain asyncio ceiling (1 process)", tasks=tasks, latency_s=latency_s,
-        in_flight_max=measured["in_flight_max"], all_in_flight_after_s=0.0, makespan_s=measured["makespan_s"],
+        run=run, tasks=tasks, latency_s=latency_s,
+        in_flight_max=measured["in_flight_max"], all_in_flight_after_s=None, makespan_s=measured["makespan_s"],
         ideal_s=TURNS_PER_TASK * latency_s, failed=0, unfinished=0,
         cpu_ms_per_turn=1000 * measured["cpu_s"] / (tasks * TURNS_PER_TASK),
         cpu_cores=measured["cpu_s"] / measured["makespan_s"], rss_mb_max=measured["rss_mb_max"],
-        db_connections_max=measured["db_connections_max"], enqueue_per_s=float("nan"),
+        db_connections_max=db_connections_max, enqueue_per_s=float("nan"),
     )
+
+
+# -- the peer: DBOS async workflows doing the same model work ----------------------------------------
+
+#: What a missing peer prints instead of its row (as bench/peers.py does).
+DBOS_INSTALL_HINT = "pip install -e '.[bench]'"
+
+
+async def _dbos(db_url: str, base_url: str, tasks: int) -> dict[str, Any]:
+    """N DBOS async workflows, each six `@DBOS.step` model calls whose answers DBOS records (its checkpoints)."""
+    import httpx
+    from dbos import DBOS
+
+    clients: list[httpx.AsyncClient] = []
+    in_flight = in_flight_max = 0
+
+    @DBOS.step()
+    async def model_turn(index: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        response = await clients[index % len(clients)].post(
+            "/chat/completions", json={"model": "fake-slow", "messages": history})
+        return response.json()["choices"][0]["message"]  # type: ignore[no-any-return]
+
+    @DBOS.workflow()
+    async def agent(index: int) -> int:
+        nonlocal in_flight, in_flight_max
+        in_flight += 1
+        in_flight_max = max(in_flight_max, in_flight)
+        history: list[dict[str, Any]] = [{"role": "user", "content": f"bench task {index}"}]
+        for _ in range(TURNS_PER_TASK):
+            message = await model_turn(index, history)
+            history.append({"role": "assistant", "content": message.get("content"),
+                            **({"tool_calls": message["tool_calls"]} if message.get("tool_calls") else {})})
+            for call in message.get("tool_calls") or []:
+                history.append({"role": "tool", "tool_call_id": call["id"], "content": "[]"})
+        in_flight -= 1
+        return len(history)
+
+    DBOS(config={"name": "longhaul-concurrency-bench", "system_database_url": db_url, "log_level": "WARNING"})
+    DBOS.launch()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=tasks)
+    context = httpx.create_ssl_context()
+    clients.extend(httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits, verify=context)
+                   for _ in range(CEILING_CLIENTS))
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.monotonic()
+        handles = [await DBOS.start_workflow_async(agent, i) for i in range(tasks)]
+        await asyncio.gather(*(handle.get_result() for handle in handles))
+        makespan_s = time.monotonic() - started
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        for client in clients:
+            await client.aclose()
+        DBOS.destroy()
+    cpu_s = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+    return {"makespan_s": makespan_s, "cpu_s": cpu_s, "in_flight_max": in_flight_max,
+            "rss_mb_max": usage.ru_maxrss / 1024}
+
+
+def run_dbos(*, db_url: str, tasks: int, latency_s: float, pg_database: Optional[str]) -> Figures:
+    """DBOS in a process of its own; raises `Skipped` when dbos is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("dbos") is None:
+        raise Skipped(DBOS_INSTALL_HINT)
+    counts = StatusCounts(db_url) if pg_database else None
+    with SlowModel(latency_s) as model:
+        peer = subprocess.Popen([sys.executable, __file__, "--dbos", db_url, model.base_url, str(tasks)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        connections_max = 0
+        db_file = None if pg_database else db_url.removeprefix("sqlite:///")
+        while peer.poll() is None:
+            try:
+                if counts is not None:
+                    connections_max = max(connections_max, counts.connections(pg_database or ""))
+                else:
+                    held = sum(1 for f in psutil.Process(peer.pid).open_files() if f.path == db_file)
+                    connections_max = max(connections_max, held)
+            except Exception:  # the peer is starting or exiting; the next sample counts
+                pass
+            time.sleep(SAMPLE_INTERVAL_S)
+        out, err = peer.communicate()
+    if counts is not None:
+        counts.close()
+    if peer.returncode != 0:
+        raise Skipped(f"DBOS run failed: {err.strip().splitlines()[-1] if err.strip() else peer.returncode}")
+    measured = json.loads(out.strip().splitlines()[-1])
+    return _in_process_figures("DBOS async workflows (1 process)", measured, tasks=tasks, latency_s=latency_s,
+                               db_connections_max=connections_max)
+
+
+class Skipped(Exception):
+    """A peer that cannot run here (not installed, or it failed): its row says why."""
 
 
 # -- the whole invocation --------------------------------------------------------------------------
 
 
-def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: list[str]) -> list[Figures]:
+def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: list[str], with_dbos: bool = True,
+            skipped: Optional[list[str]] = None) -> list[Figures]:
+    """Each backend's longhaul run, then the ceiling's and DBOS's; a peer that cannot run is noted in `skipped`."""
     results: list[Figures] = []
+    skipped = [] if skipped is None else skipped
     with tempfile.TemporaryDirectory(prefix="longhaul-concurrency-") as tmp:
         workdir = Path(tmp)
         postgres: Optional[PostgresServer] = None
@@ -459,10 +591,10 @@ def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: l
                     if postgres is None:
                         postgres = PostgresServer(max_connections=max(200, 4 * _threads_in(worker_args) + 50))
                         postgres.start()
-                    urls = [postgres.create_database(f"bench_{name}") for name in ("longhaul", "ceiling")]
+                    urls = [postgres.create_database(f"bench_{name}") for name in ("longhaul", "ceiling", "dbos")]
                     pg_database: Optional[str] = "bench_longhaul"
                 else:
-                    urls = [f"sqlite:///{workdir / f'{name}.db'}" for name in ("longhaul", "ceiling")]
+                    urls = [f"sqlite:///{workdir / f'{name}.db'}" for name in ("longhaul", "ceiling", "dbos")]
                     pg_database = None
                 (workdir / f"redis-{backend}").mkdir()
                 redis = RedisServer(workdir / f"redis-{backend}").start()
@@ -474,25 +606,44 @@ def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: l
                     redis.stop()
                 ceiling = run_ceiling(db_url=urls[1], tasks=tasks, latency_s=latency_s)
                 ours.ratio = ours.cpu_ms_per_turn / ceiling.cpu_ms_per_turn
-                for figures in (ours, ceiling):
+                rows = [ours, ceiling]
+                if with_dbos:
+                    try:
+                        peer = run_dbos(db_url=urls[2], tasks=tasks, latency_s=latency_s,
+                                        pg_database="bench_dbos" if pg_database else None)
+                        peer.ratio = peer.cpu_ms_per_turn / ceiling.cpu_ms_per_turn
+                        rows.append(peer)
+                    except Skipped as skip:
+                        skipped.append(f"{backend}: DBOS async workflows skipped: {skip}")
+                for figures in rows:
                     figures.run = f"{backend}: {figures.run}"
-                results += [ours, ceiling]
+                results += rows
         finally:
             if postgres is not None:
                 postgres.stop()
     return results
 
 
-def print_table(results: list[Figures]) -> None:
+def print_table(results: list[Figures], skipped: list[str]) -> None:
     print(f"{'run':<58} {'N':>5} {'L s':>5} {'in flight':>9} {'all in':>7} {'makespan':>9} {'ideal':>6} "
-          f"{'failed':>6} {'CPU ms/turn':>11} {'ratio':>6} {'cores':>6} {'RSS MB':>7} {'DB conns':>8} {'enq/s':>7}")
+          f"{'failed':>6} {'CPU ms/turn':>11} {'ratio':>6} {'cores':>6} {'RSS MB':>7} {'DB conns':>8} {'enq/s':>7} "
+          f"{'admit/s':>8}")
     for f in results:
-        all_in = "never" if f.all_in_flight_after_s is None else f"{f.all_in_flight_after_s:.1f}"
+        all_in = ("-" if f.enqueue_per_s != f.enqueue_per_s  # NaN: an in-process peer, nothing queued
+                  else "never" if f.all_in_flight_after_s is None else f"{f.all_in_flight_after_s:.1f}")
         ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
         failed = f"{f.failed}" + (f"+{f.unfinished}?" if f.unfinished else "")
         print(f"{f.run:<58} {f.tasks:>5} {f.latency_s:>5g} {f.in_flight_max:>9} {all_in:>7} {f.makespan_s:>8.1f}s "
               f"{f.ideal_s:>5.0f}s {failed:>6} {f.cpu_ms_per_turn:>11.2f} {ratio:>6} {f.cpu_cores:>6.2f} "
-              f"{f.rss_mb_max:>7.0f} {f.db_connections_max:>8} {f.enqueue_per_s:>7.0f}")
+              f"{f.rss_mb_max:>7.0f} {f.db_connections_max:>8} {f.enqueue_per_s:>7.0f} "
+              f"{'-' if f.admitted_per_s is None else f'{f.admitted_per_s:.0f}':>8}")
+    for line in skipped:
+        print(line)
+    for f in results:
+        if f.locked_mentions:
+            print(f"{f.run}: {f.locked_mentions} log mentions of `database is locked` (each a retried call)")
+    print("The host is paused while the N tasks are enqueued: makespan and all in count from its resume; "
+          "admit/s: N over all in (at most N / the sampling interval).")
     print("all in: seconds from the last enqueue until every task was in flight or done; failed: +N? = unfinished "
           "at the deadline; ratio: CPU per turn over the asyncio ceiling's on the same backend.")
 
@@ -504,10 +655,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--latency-s", type=float, default=10.0, help="the fake model's answer time")
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
-    parser.add_argument("--worker-args", default="--processes 4 --threads 250",
+    parser.add_argument("--worker-args", default="--concurrency 1000",
                         help="arguments of `longhaul worker` (the host under test)")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "LATENCY_S"), help=argparse.SUPPRESS)
+    parser.add_argument("--no-dbos", action="store_true", help="leave out the DBOS peer")
     parser.add_argument("--ceiling", nargs=3, metavar=("DB_URL", "BASE_URL", "TASKS"), help=argparse.SUPPRESS)
+    parser.add_argument("--dbos", nargs=3, metavar=("DB_URL", "BASE_URL", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(_serve(int(args.serve[0]), float(args.serve[1])))
@@ -515,15 +668,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.ceiling:
         print(json.dumps(asyncio.run(_ceiling(args.ceiling[0], args.ceiling[1], int(args.ceiling[2])))))
         return
+    if args.dbos:
+        print(json.dumps(asyncio.run(_dbos(args.dbos[0], args.dbos[1], int(args.dbos[2])))))
+        return
     if args.quick:
-        args.tasks, args.latency_s, args.backend, args.worker_args = 20, 0.2, "sqlite", "--processes 1 --threads 8"
+        args.tasks, args.latency_s, args.backend, args.worker_args = 20, 0.2, "sqlite", "--concurrency 20"
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
+    skipped: list[str] = []
     results = measure(backends=backends, tasks=args.tasks, latency_s=args.latency_s,
-                      worker_args=shlex.split(args.worker_args))
+                      worker_args=shlex.split(args.worker_args), with_dbos=not args.no_dbos, skipped=skipped)
     if args.json:
-        print(json.dumps([asdict(f) for f in results], indent=2))
+        print(json.dumps({"runs": [asdict(f) for f in results], "skipped": skipped}, indent=2))
     else:
-        print_table(results)
+        print_table(results, skipped)
 
 
 if __name__ == "__main__":

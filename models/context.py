@@ -14,7 +14,7 @@ from typing import Any, Optional, Protocol, Union
 from peewee import Database, __exception_wrapper__
 
 from .clock import Clock
-from .dialect import Dialect
+from .dialect import Dialect, StoreFailures
 from .errors import TaskNotFound
 from .statements import Statements
 from .tables import EXECUTION, Tables
@@ -34,6 +34,10 @@ class StoreContext:
     def context(self) -> StoreContext:
         """Itself, so a part accepts a context wherever it accepts a `TaskStore` (see `HasContext`)."""
         return self
+
+    def call(self, task_id: Optional[str] = None) -> StoreFailures:
+        """One store call: a connection borrowed from the pool for its duration, driver errors translated."""
+        return StoreFailures(task_id, db=self.db)
 
     def locked_task_row(self, task_id: str) -> Any:
         """The task's row or None, locked until the transaction ends (see `Dialect.locked`)."""

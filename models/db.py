@@ -19,13 +19,14 @@ SQLite's single writer made a read-then-write safe.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
-from peewee import Database, InterfaceError, OperationalError, SqliteDatabase
-from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase
+from peewee import Database, InterfaceError, OperationalError
+from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from .codec import escape_nul, unescape_nul
 from .drivers import load_psycopg
@@ -102,7 +103,7 @@ def open_database(
         raise InvalidDatabaseUrl(text, "empty; give a path or a URL such as sqlite:///state/tasks.db")
     path = sqlite_path_from_url(text)
     if path is not None:
-        return track(_open_sqlite(text, path, busy_timeout_ms, sqlite_synchronous))
+        return track(_open_sqlite(text, path, busy_timeout_ms, sqlite_synchronous, pool_size))
     if is_postgres_url(text):
         return track(_open_postgres(text, pool_size))
     raise InvalidDatabaseUrl(
@@ -121,7 +122,7 @@ def connect_or_explain(db: Database, url: str) -> None:
         raise InvalidDatabaseUrl(redact_url(url), f"cannot connect to PostgreSQL: {reason}") from None
 
 
-def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) -> SqliteDatabase:
+def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str, pool_size: int) -> SqliteStore:
     if synchronous not in SQLITE_SYNCHRONOUS_LEVELS:
         raise InvalidInput(f"sqlite_synchronous (LONGHAUL_SQLITE_SYNCHRONOUS): must be one of "
                            f"{', '.join(SQLITE_SYNCHRONOUS_LEVELS)}, got {synchronous!r}")
@@ -137,8 +138,12 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) 
         raise InvalidDatabaseUrl(text, f"cannot create folder {str(path.parent)!r}: {exc.strerror}") from None
     if path.is_dir():
         raise InvalidDatabaseUrl(text, "names a folder, not a database file")
-    return SqliteDatabase(
+    if pool_size < 1:
+        raise InvalidDatabaseUrl(text, f"the pool size must be at least 1, got {pool_size}")
+    return SqliteStore(
         str(path),
+        max_connections=pool_size,
+        timeout_s=busy_timeout_ms / 1000,
         pragmas={
             # First: it takes effect only on a file with no tables yet (older files: `space.vacuum`).
             "auto_vacuum": "incremental",
@@ -148,7 +153,6 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str) 
             "busy_timeout": busy_timeout_ms,
             "cache_size": -16_000,  # 16 MB page cache per connection
         },
-        timeout=busy_timeout_ms / 1000,
         lock_type="IMMEDIATE",
     )
 
@@ -214,7 +218,143 @@ def install_nul_escaping(conn: Any) -> None:
     conn._longhaul_nul_escaping = True
 
 
-class PostgresStore(PooledPostgresqlDatabase):
+class _PoolRepairs:
+    """What both pooled backends add to peewee's pool, for long-running workers with many threads.
+
+    - A thread that ended without giving its connection back (peewee keeps
+      one per thread until closed) gives it back when another thread needs
+      one, so a finished thread never pins a pool slot.
+    - A pool with no free connection for `POOL_WAIT_S` raises
+      `OperationalError` (transient: `StoreUnavailable`, retried) naming
+      LONGHAUL_DB_POOL_SIZE, not a bare ``ValueError``.
+
+    Store calls borrow a connection only for their duration
+    (`dialect.StoreFailures`), so the pool bounds connections, not threads.
+    """
+
+    _pool_lock: Any
+    _in_use: dict[int, Any]
+    _max_connections: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._owners: dict[int, threading.Thread] = {}  # checked-out connection -> the thread holding it
+        super().__init__(*args, **kwargs)
+
+    def _connect(self) -> Any:
+        conn = super()._connect()  # type: ignore[misc]
+        with self._pool_lock:
+            self._owners[self.conn_key(conn)] = threading.current_thread()  # type: ignore[attr-defined]
+        return conn
+
+    def _close(self, conn: Any, close_conn: bool = False) -> None:
+        with self._pool_lock:
+            self._owners.pop(self.conn_key(conn), None)  # type: ignore[attr-defined]
+            super()._close(conn, close_conn)  # type: ignore[misc]
+
+    def close_all(self) -> None:
+        super().close_all()  # type: ignore[misc]
+        with self._pool_lock:
+            self._owners.clear()
+
+    def _reclaim_from_finished_threads(self) -> None:
+        with self._pool_lock:
+            for key, thread in list(self._owners.items()):
+                if not thread.is_alive():
+                    del self._owners[key]
+                    held = self._in_use.pop(key, None)
+                    if held is not None:
+                        self._close_raw(held.connection)  # type: ignore[attr-defined]
+
+    def connect(self, reuse_if_open: bool = False) -> bool:
+        if len(self._in_use) >= self._max_connections:  # only a full pool needs them back (a scan per call costs)
+            self._reclaim_from_finished_threads()
+        try:
+            return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
+        except MaxConnectionsExceeded:
+            raise OperationalError(
+                f"all {self._max_connections} pooled database connections of this process are in use "
+                f"for {POOL_WAIT_S} s; raise LONGHAUL_DB_POOL_SIZE (default {DEFAULT_POOL_SIZE})"
+            ) from None
+
+
+#: Per process and SQLite file: the lock its writers take (see `SqliteStore`).
+_WRITER_LOCKS: dict[tuple[int, str], threading.Lock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def _writer_lock(path: str) -> threading.Lock:
+    """This process's writer lock of the file at `path` (a fresh one in a forked child)."""
+    key = (os.getpid(), path)
+    lock = _WRITER_LOCKS.get(key)
+    if lock is None:
+        with _WRITER_LOCKS_GUARD:
+            lock = _WRITER_LOCKS.setdefault(key, threading.Lock())
+    return lock
+
+
+class SqliteStore(_PoolRepairs, PooledSqliteDatabase):
+    """peewee's pooled SQLite database, with one writer at a time per process.
+
+    Why a process-wide writer lock: SQLite admits one writer per file, and
+    a writer that finds the file locked sleeps and polls (its busy
+    handler), with no queue and no fairness. With hundreds of threads
+    claiming and checkpointing at once, some lose every poll until their
+    busy timeout runs out (``database is locked``). So every write
+    transaction (``BEGIN IMMEDIATE``) first takes this process's lock for
+    the file, a real queue where each waiter is woken in turn, and holds it
+    until its COMMIT or ROLLBACK; the busy handler is then only ever
+    contended by *other* processes. Reads (``BEGIN DEFERRED``, WAL) take no
+    lock and run beside the writer. The lock is waited on for at most the
+    busy timeout, then the write fails as SQLite's would (``database is
+    locked``, transient).
+
+    Connections come from a pool of `max_connections` (each thread borrows
+    one per store call); they may move between threads, hence
+    ``check_same_thread=False`` (a connection is used by one thread at a
+    time, which is what SQLite requires).
+    """
+
+    def __init__(self, database: str, *, timeout_s: float, **kwargs: Any) -> None:
+        self._writer_wait_s = timeout_s
+        self._writer_held = threading.local()
+        super().__init__(database, timeout=POOL_WAIT_S, check_same_thread=False, **kwargs)
+
+    def begin(self, lock_type: Optional[str] = None) -> None:
+        lock_type = lock_type or self._lock_type
+        if (lock_type or "").upper() not in ("IMMEDIATE", "EXCLUSIVE"):
+            super().begin(lock_type)
+            return
+        lock = _writer_lock(self.database)
+        if not lock.acquire(timeout=self._writer_wait_s):
+            raise OperationalError(f"database is locked: waited {self._writer_wait_s:g} s for this process's "
+                                   "other writers (LONGHAUL_SQLITE_BUSY_TIMEOUT_MS)")
+        try:
+            super().begin(lock_type)
+        except BaseException:
+            lock.release()
+            raise
+        self._writer_held.lock = lock
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        finally:
+            self._release_writer()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._release_writer()
+
+    def _release_writer(self) -> None:
+        lock = getattr(self._writer_held, "lock", None)
+        if lock is not None:
+            self._writer_held.lock = None
+            lock.release()
+
+
+class PostgresStore(_PoolRepairs, PooledPostgresqlDatabase):
     """peewee's pooled PostgreSQL database, with repairs for long-running workers.
 
     - A thread whose connection broke (a server restart, a proxy that cut
@@ -229,17 +369,10 @@ class PostgresStore(PooledPostgresqlDatabase):
       transaction). A failure later in a transaction, or of ``COMMIT``, is
       not repeated here (the outcome of a lost ``COMMIT`` is unknown): it
       surfaces as `StoreUnavailable`, which callers retry from stored state.
-    - A thread that ended without closing its connection (peewee keeps one
-      per thread) gives it back when another thread needs one.
-    - A pool with no free connection raises `OperationalError` (transient,
-      so the task is retried) naming LONGHAUL_DB_POOL_SIZE, not a bare
-      ``ValueError``.
+    - The pool's bookkeeping of `_PoolRepairs` (connections of finished
+      threads reclaimed, a clear error when the pool runs dry).
     - Text holding NUL is stored escaped (`install_nul_escaping`).
     """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._owners: dict[int, threading.Thread] = {}  # checked-out connection -> the thread holding it
-        super().__init__(*args, **kwargs)
 
     def cursor(self, named_cursor: Optional[Any] = None) -> Any:
         if not self.is_closed() and self._state.conn.closed and not self.in_transaction():
@@ -276,35 +409,4 @@ class PostgresStore(PooledPostgresqlDatabase):
         conn = super()._connect()
         if not getattr(conn, "_longhaul_nul_escaping", False):
             install_nul_escaping(conn)
-        with self._pool_lock:
-            self._owners[self.conn_key(conn)] = threading.current_thread()
         return conn
-
-    def _close(self, conn: Any, close_conn: bool = False) -> None:
-        with self._pool_lock:
-            self._owners.pop(self.conn_key(conn), None)
-            super()._close(conn, close_conn)
-
-    def close_all(self) -> None:
-        super().close_all()
-        with self._pool_lock:
-            self._owners.clear()
-
-    def _reclaim_from_finished_threads(self) -> None:
-        with self._pool_lock:
-            for key, thread in list(self._owners.items()):
-                if not thread.is_alive():
-                    del self._owners[key]
-                    held = self._in_use.pop(key, None)
-                    if held is not None:
-                        self._close_raw(held.connection)
-
-    def connect(self, reuse_if_open: bool = False) -> bool:
-        self._reclaim_from_finished_threads()
-        try:
-            return super().connect(reuse_if_open)
-        except MaxConnectionsExceeded:
-            raise OperationalError(
-                f"all {self._max_connections} pooled PostgreSQL connections of this process are in use "
-                f"for {POOL_WAIT_S} s; raise LONGHAUL_DB_POOL_SIZE above the worker threads per process plus 2"
-            ) from None

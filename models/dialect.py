@@ -127,20 +127,46 @@ class StoreFailures:
     the error aborted has already rolled back, so the message can promise
     that nothing was written. A class, not a generator: it wraps every
     store call, the per-step checkpoint included.
+
+    With `db`, the call also *borrows* a connection of `db`'s pool for its
+    duration: taken on entry if this thread holds none, given back on exit
+    (an outer call, or a transaction opened outside, keeps its own). That
+    is what lets a thousand tasks in flight share a pool of 16: a task holds
+    a connection only while it reads or writes, never while it waits on a
+    model. A pool with no free connection for `POOL_WAIT_S` is a
+    `StoreUnavailable` like any other outage.
     """
 
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "db", "borrowed")
 
-    def __init__(self, task_id: Optional[str] = None) -> None:
+    def __init__(self, task_id: Optional[str] = None, *, db: Any = None) -> None:
         self.task_id = task_id
+        self.db = db
+        self.borrowed = False
 
     def __enter__(self) -> None:
+        db = self.db
+        if db is not None and db.is_closed():
+            try:
+                db.connect()
+            except _driver_errors() as exc:
+                self._translate(exc)
+            self.borrowed = True
         return None
 
     def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
                  traceback: Optional[TracebackType]) -> bool:
-        if kind is None or exc is None or not issubclass(kind, _driver_errors()):
-            return False
+        try:
+            if kind is None or exc is None or not issubclass(kind, _driver_errors()):
+                return False
+            self._translate(exc)
+        finally:
+            if self.borrowed:
+                self.borrowed = False
+                self.db.close()  # back to the pool (a broken one is discarded there)
+        return False  # pragma: no cover (_translate always raises)
+
+    def _translate(self, exc: BaseException) -> None:
         exc = original_error(exc)
         kind = type(exc)
         if issubclass(kind, _value_errors()):

@@ -30,7 +30,6 @@ from typing import Iterable, Optional, Sequence
 from peewee import Case, __exception_wrapper__, fn
 
 from .context import HasContext
-from .dialect import StoreFailures
 from .errors import LeaseLost
 from .schemas import TaskStatus
 from .tables import NO_LEASE
@@ -115,7 +114,7 @@ class LeaseBook:
         free = Task.lease_token.is_null() | (Task.lease_expires_at <= now)
         if steal_token is not None:
             free = free | (Task.lease_token == steal_token)
-        with StoreFailures(task_id), self.db.atomic():
+        with self.ctx.call(task_id), self.db.atomic():
             update = (
                 Task.update(
                     lease_token=token,
@@ -157,7 +156,7 @@ class LeaseBook:
         if not tokens:
             return 0
         Task = self.Task
-        with StoreFailures(), self.db.atomic():
+        with self.ctx.call(), self.db.atomic():
             self.ctx.dialect.limit_lock_wait()
             return (
                 Task.update(lease_expires_at=self.ctx.clock() + lease_s)
@@ -173,7 +172,7 @@ class LeaseBook:
         retry) is due then, and recovery waits for it.
         """
         Task = self.Task
-        with StoreFailures(task_id), self.db.atomic():
+        with self.ctx.call(task_id), self.db.atomic():
             return bool(
                 Task.update(delivery_due_at=redeliver_at, delivery_message_id=None, updated_at=self.ctx.clock(),
                             **NO_LEASE)
@@ -183,14 +182,14 @@ class LeaseBook:
 
     def holder(self, task_id: str) -> Optional[LeaseRow]:
         """The task's status and lease as stored now, or None if there is no such task."""
-        with StoreFailures(task_id):
+        with self.ctx.call(task_id):
             row = self._lease_rows().where(self.Task.task_id == task_id).first()
         return None if row is None else _lease_row(row)
 
     def holds(self, task_id: str, token: str) -> bool:
         """Whether `token` still holds the task's lease."""
         Task = self.Task
-        with StoreFailures(task_id):
+        with self.ctx.call(task_id):
             return Task.select().where((Task.task_id == task_id) & (Task.lease_token == token)).exists()
 
     def unfinished(self, *, limit: int = 1000) -> list[LeaseRow]:
@@ -202,7 +201,7 @@ class LeaseBook:
         """
         Task = self.Task
         rows = self._lease_rows().where(Task.status.in_(_CLAIMABLE) & startable(Task)).order_by(Task.updated_at)
-        with StoreFailures():
+        with self.ctx.call():
             return [_lease_row(row) for row in rows.limit(limit)]
 
     def _lease_rows(self):  # type: ignore[no-untyped-def]
@@ -232,7 +231,7 @@ class LeaseBook:
             same = Task.lease_token.is_null() & Task.delivery_due_at.is_null()
         else:
             same = Task.lease_token.is_null() & (Task.delivery_due_at == row.delivery_due_at)
-        with StoreFailures(row.task_id), self.db.atomic():
+        with self.ctx.call(row.task_id), self.db.atomic():
             self.ctx.dialect.limit_lock_wait()
             recoveries = Task.recovery_count + (0 if row.token is None else 1)
             return bool(
@@ -249,7 +248,7 @@ class LeaseBook:
         when `message_id` is known, else for the redelivery grace period.
         """
         Task = self.Task
-        with StoreFailures(task_id), self.db.atomic():
+        with self.ctx.call(task_id), self.db.atomic():
             Task.update(delivery_due_at=self.ctx.clock(), delivery_message_id=message_id).where(
                 (Task.task_id == task_id) & Task.lease_token.is_null()).execute()
 
@@ -262,7 +261,7 @@ class LeaseBook:
         claimed or finished meanwhile.
         """
         Task = self.Task
-        with StoreFailures(task_id), self.db.atomic():
+        with self.ctx.call(task_id), self.db.atomic():
             return bool(Task.update(delivery_due_at=None, delivery_message_id=None).where(
                 (Task.task_id == task_id) & (Task.status == TaskStatus.QUEUED.value)
                 & Task.lease_token.is_null()).execute())
@@ -272,14 +271,14 @@ class LeaseBook:
         if not sent:
             return
         now = self.ctx.clock()
-        with StoreFailures(), self.db.atomic(), __exception_wrapper__:
+        with self.ctx.call(), self.db.atomic(), __exception_wrapper__:
             self.db.cursor().executemany(self.ctx.sql.note_sent,
                                          [(now, message_id, task_id) for task_id, message_id in sent])
 
     def note_unsent(self, task_id: str) -> None:
         """Record that no message for an unleased task is on its way (the broker refused it): recovery sends one."""
         Task = self.Task
-        with StoreFailures(task_id), self.db.atomic():
+        with self.ctx.call(task_id), self.db.atomic():
             Task.update(delivery_due_at=None, delivery_message_id=None).where(
                 (Task.task_id == task_id) & Task.lease_token.is_null()).execute()
 

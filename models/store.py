@@ -36,7 +36,7 @@ from .db import (
     connect_or_explain,
     open_database,
 )
-from .dialect import Dialect, StoreFailures
+from .dialect import Dialect
 from .errors import InvalidInput
 from .forks import Forks
 from .journal import OpenStep
@@ -100,7 +100,7 @@ class TaskStore:
         if not dialect.is_sqlite:
             connect_or_explain(self.db, self.url)
             self.sync_clock()
-        with StoreFailures():
+        with self.context.call():  # no borrowed connection: the retry loop inside connects, and waits out SQLITE_BUSY
             self.schema_migration: SchemaMigration = migrate_waiting_for_writers(
                 self.context, timeout_s=busy_timeout_ms / 1000)
         self.trace_store = TraceStore(self.context)
@@ -132,14 +132,14 @@ class TaskStore:
         """
         if self.server_clock is None or self.context.dialect.is_sqlite:
             return 0.0
-        with StoreFailures():
+        with self.context.call():
             return self.server_clock.sync(self.context.dialect.server_epoch_s)
 
     # -- lifecycle -----------------------------------------------------------
 
     def schema_version(self) -> int:
         """The highest schema version recorded in the database."""
-        with StoreFailures():
+        with self.context.call():
             return schema_version(self.tables)
 
     def read_snapshot(self) -> AbstractContextManager[Any]:
@@ -173,7 +173,7 @@ class TaskStore:
                     spec: TaskSpec) -> bool:
         """Store a new `queued` task with its spec. False if the id exists (nothing changes)."""
         refuse_nul_identifiers(task_id=task_id, thread_id=thread_id, channel=channel)
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.create(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                       model=model, spec=spec)
 
@@ -188,7 +188,7 @@ class TaskStore:
         `Admission.created` is False (nothing changes) if the id exists.
         """
         refuse_nul_identifiers(task_id=task_id, thread_id=thread_id, channel=channel)
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._admission.admit(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                          model=model, spec=spec, if_busy=if_busy)
 
@@ -204,7 +204,7 @@ class TaskStore:
             if task.task_id in seen:
                 raise InvalidInput(f"tasks[{index}].task_id: {task.task_id!r} is given twice")
             seen.add(task.task_id)
-        with StoreFailures():
+        with self.context.call():
             return self._tasks.create_many(tasks)
 
     def save_snapshot(self, snapshot: TaskSnapshot, *, lease_token: Optional[str] = None) -> None:
@@ -218,7 +218,7 @@ class TaskStore:
         sets `completed_at` and releases the lease.
         """
         refuse_nul_identifiers(**{name: getattr(snapshot, name, None) for name in NUL_FREE_FIELDS})
-        with StoreFailures(getattr(snapshot, "task_id", None)):
+        with self.context.call(getattr(snapshot, "task_id", None)):
             self._tasks.save_snapshot(snapshot, lease_token=lease_token)
 
     def reset_for_rerun(self, task_id: str) -> None:
@@ -228,7 +228,7 @@ class TaskStore:
         kept, readable as they were); its spec is kept. Raises
         `TaskNotResumable` if the task has not finished (cancel it first).
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self._tasks.rerun(task_id)
 
     def request_cancel(self, task_id: str, *, reason: Optional[str] = None) -> TaskStatus:
@@ -240,17 +240,17 @@ class TaskStore:
         (default ``cancelled``) starts its `last_error`, e.g.
         ``"interrupted by task 'x' after step 3"``.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.request_cancel(task_id, reason=reason)
 
     def trace_parent(self, task_id: str) -> Optional[str]:
         """The OpenTelemetry trace parent (``<trace id>-<span id>``, hex) the task's runs continue, or None."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.trace_parent(task_id)
 
     def keep_trace_parent(self, task_id: str, trace_parent: str) -> str:
         """Record the task's trace parent if none is yet (idempotent); returns the one recorded."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.keep_trace_parent(task_id, trace_parent)
 
     def is_cancel_requested(self, task_id: str) -> bool:
@@ -259,12 +259,12 @@ class TaskStore:
 
     def cancel_reason(self, task_id: str) -> Optional[str]:
         """None unless `request_cancel` asked the running task to stop; then why (``cancelled`` by default)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.cancel_reason(task_id)
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""
-        with StoreFailures():
+        with self.context.call():
             return self._tasks.delete_by_thread_id(thread_id)
 
     def prune(self, *, max_tasks: Optional[int] = None, older_than_s: Optional[float] = None,
@@ -278,7 +278,7 @@ class TaskStore:
         file system (incremental auto-vacuum; a file made by an older
         longhaul needs `vacuum` once for that).
         """
-        with StoreFailures():
+        with self.context.call():
             deleted = self._tasks.prune(max_tasks=max_tasks, older_than_s=older_than_s, dry_run=dry_run)
             if deleted and not dry_run:
                 reclaim_after_delete(self.context)
@@ -286,7 +286,7 @@ class TaskStore:
 
     def space(self) -> StoreSpace:
         """The store's size on disk and how much of it is free (see `space.py`)."""
-        with StoreFailures():
+        with self.context.call():
             return measure_space(self.context)
 
     def vacuum(self) -> StoreSpace:
@@ -296,7 +296,7 @@ class TaskStore:
         free disk of about the file's size; PostgreSQL: ``VACUUM (ANALYZE)``
         of longhaul's tables, no exclusive lock. Returns the space after.
         """
-        with StoreFailures():
+        with self.context.call():
             vacuum_store(self.context)
             return measure_space(self.context)
 
@@ -332,7 +332,7 @@ class TaskStore:
         the history already stored.
         """
         refuse_nul_identifiers(**{name: getattr(update, name, None) for name in NUL_FREE_FIELDS})
-        with StoreFailures(getattr(update, "task_id", None)):
+        with self.context.call(getattr(update, "task_id", None)):
             return self._checkpoints.record(update, lease_token=lease_token, lease_expires_at=lease_expires_at,
                                             lease_s=lease_s, traces=traces, usage=usage, journal=journal)
 
@@ -349,7 +349,7 @@ class TaskStore:
         `journal_result` adds each result, and `record_checkpoint(...,
         journal=step)` completes the step.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._checkpoints.journal_answer(task_id, step_index, answer, lease_token=lease_token,
                                                     lease_s=lease_s, traces=traces, usage=usage)
 
@@ -359,7 +359,7 @@ class TaskStore:
 
         Fenced (`LeaseLost`); call it as each tool returns, in any order.
         """
-        with StoreFailures(step.task_id):
+        with self.context.call(step.task_id):
             return self._checkpoints.journal_result(step, call_index, result, lease_token=lease_token)
 
     def open_step(self, task_id: str) -> Optional[OpenStep]:
@@ -369,7 +369,7 @@ class TaskStore:
         result: what a resumed task runs (with the same idempotency keys)
         before it asks the model anything. `TaskNotFound` if no such task.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._checkpoints.open_step(task_id)
 
     def append_messages(self, task_id: str, messages: Sequence[ChatMessage], *, history: str = "execution",
@@ -381,7 +381,7 @@ class TaskStore:
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
                          resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None) -> None:
         """Append messages to both of a task's histories in one transaction (a task's opening turns)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self._checkpoints.append_histories(task_id, execution=execution, resumable=resumable,
                                                lease_token=lease_token)
 
@@ -397,7 +397,7 @@ class TaskStore:
         finish the task (else `LeaseLost`, nothing written). `last_error` is
         stored with secrets redacted.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self._checkpoints.finish(task_id, status, final_response=final_response, last_error=last_error,
                                      new_messages=new_messages, resumable_messages=resumable_messages,
                                      lease_token=lease_token, traces=traces, usage=usage)
@@ -406,12 +406,12 @@ class TaskStore:
 
     def append_traces(self, task_id: str, traces: PendingTraces, *, lease_token: Optional[str] = None) -> None:
         """Write trace events outside a checkpoint (a resume, a shutdown); fenced like checkpoints."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self.trace_store.append(task_id, traces, lease_token=lease_token)
 
     def next_trace_sequence(self, task_id: str) -> int:
         """The sequence number after the highest stored for the task (0 if none)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self.trace_store.next_sequence(task_id)
 
     def traces(self, task_id: str, *, after_sequence: int = -1, limit: Optional[int] = None) -> list[TraceEventRecord]:
@@ -420,7 +420,7 @@ class TaskStore:
         Text stored once, in a message, comes back in its event, redacted
         like the rest of the event's data.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self.trace_store.events(task_id, after_sequence=after_sequence, limit=limit)
 
     # -- reads -----------------------------------------------------------------
@@ -438,20 +438,20 @@ class TaskStore:
         ``histories=False`` leaves both histories empty: what `show` reads,
         in time and memory that do not grow with the task's length.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.load(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
                                     histories=histories)
 
     def get(self, task_id: str, *, checkpoints: bool = True, latest_checkpoints: Optional[int] = None,
             histories: bool = True) -> TaskRecord:
         """Like `load`, but raises `TaskNotFound`."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.get(task_id, checkpoints=checkpoints, latest_checkpoints=latest_checkpoints,
                                    histories=histories)
 
     def load_by_thread_id(self, thread_id: str, *, exclude_task_id: Optional[str] = None) -> Optional[TaskRecord]:
         """The thread's most recently updated task, or None."""
-        with StoreFailures():
+        with self.context.call():
             return self._reads.load_by_thread_id(thread_id, exclude_task_id=exclude_task_id)
 
     def thread_story(self, thread_id: str, *, before_task_id: Optional[str] = None) -> ThreadStory:
@@ -460,7 +460,7 @@ class TaskStore:
         With `before_task_id`, only the tasks that arrived before that one
         (what that task starts from). See `threads.py`.
         """
-        with StoreFailures():
+        with self.context.call():
             return self._threads.story(thread_id, before_task_id=before_task_id)
 
     def fork(self, task_id: str, *, at_step: int, new_task_id: str, thread_id: str,
@@ -470,28 +470,28 @@ class TaskStore:
         False if `new_task_id` is taken (nothing changes); `StepNotForkable`
         if the original has no checkpoint `at_step`; the original is only read.
         """
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._forks.fork(task_id, at_step=at_step, new_task_id=new_task_id, thread_id=thread_id,
                                     prompt=prompt)
 
     def thread_busy(self, thread_id: str, *, excluding: Optional[str] = None) -> list[tuple[str, TaskStatus]]:
         """The thread's unfinished tasks as ``(task_id, status)``, running ones first, then in arrival order."""
-        with StoreFailures():
+        with self.context.call():
             return self._threads.busy(thread_id, excluding=excluding)
 
     def next_startable(self, task_id: str) -> Optional[str]:
         """The task of `task_id`'s thread that may start now, or None (something runs, or nothing waits)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._threads.next_startable(task_id)
 
     def summary(self, task_id: str) -> TaskSummary:
         """A task without its histories (cheap to poll); `TaskNotFound` if missing."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.summary(task_id)
 
     def latest_checkpoint(self, task_id: str) -> Optional[TaskCheckpointRecord]:
         """The checkpoint with the highest step index, or None."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.latest_checkpoint(task_id)
 
     def list_tasks(self, status: Union[TaskStatus, str, None] = None, thread_id: Optional[str] = None,
@@ -516,31 +516,31 @@ class TaskStore:
         with the offset) but not together with `after`. A cursor that was
         altered or is for another `order_by` raises `InvalidCursor`.
         """
-        with StoreFailures():
+        with self.context.call():
             return self._reads.page_tasks(status, thread_id, limit, offset=offset, after=after, order_by=order_by,
                                           provider=provider, since=since, until=until)
 
     def count_tasks(self, status: Union[TaskStatus, str, None] = None) -> int:
         """How many tasks are stored (with this status)."""
-        with StoreFailures():
+        with self.context.call():
             return self._reads.count_tasks(status)
 
     def task_spec(self, task_id: str) -> TaskSpec:
         """The spec a task was created with (`CorruptRecord` if it cannot be read)."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.task_spec(task_id)
 
     def task_specs(self, task_ids: Sequence[str]) -> dict[str, Optional[TaskSpec]]:
         """The specs of many tasks in few queries: None for one that cannot be read, absent for a missing task."""
-        with StoreFailures():
+        with self.context.call():
             return self._reads.task_specs(list(task_ids))
 
     def time_budgets(self, task_ids: Sequence[str]) -> dict[str, tuple[Optional[float], Optional[float]]]:
         """`time_budget` of many tasks in few queries (absent: no such task; a corrupt spec: no limit)."""
-        with StoreFailures():
+        with self.context.call():
             return self._reads.time_budgets(list(task_ids))
 
     def time_budget(self, task_id: str) -> tuple[Optional[float], Optional[float]]:
         """``(time_limit_s, started_at)`` of a task: its budget and when it first ran."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._reads.time_budget(task_id)

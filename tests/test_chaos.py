@@ -126,6 +126,45 @@ def test_a_kill_storm_loses_no_task_and_repeats_only_the_steps_in_flight(
           f"re-executed, drained {drained_s:.1f} s after the first enqueue")
 
 
+#: The storm with many tasks in flight on one process: every kill cuts all of them mid-step.
+CROWD_TASKS, CROWD_STEPS, CROWD_KILLS = 200, 6, 3
+
+
+@pytest.mark.redis
+@pytest.mark.crash
+def test_a_kill_storm_with_200_tasks_in_flight_on_one_process_loses_none_and_each_restart_resumes_them_all(
+    client_runtime, start_worker, db_path: Path, rng: random.Random, tmp_path: Path
+):
+    store, ledger = client_runtime.store, tmp_path / "ledger.txt"
+    host = start_worker(processes=1, threads=CROWD_TASKS, dramatiq_queue_prefetch=str(CROWD_TASKS))
+    task_ids = enqueue_tasks(CROWD_TASKS, prefix="crowd", steps=CROWD_STEPS, ledger=ledger,
+                             step_delay_s=lambda: round(rng.uniform(0.4, 0.8), 3))
+    kills: list[Kill] = []
+    resumed_after_s: list[float] = []
+    for _ in range(CROWD_KILLS):
+        wait_until(lambda: sum(row.token is not None for row in client_runtime.leases.unfinished())
+                   >= CROWD_TASKS // 2, timeout_s=60, what="half the tasks in flight before the kill")
+        time.sleep(rng.uniform(0.0, 1.0))
+        kills.append(kill_at_random_moment(host, client_runtime))
+        progress = {task_id: store.summary(task_id).checkpoint_count for task_id in task_ids}
+        host.start()
+        restarted = time.monotonic()
+        # Resumed: every task the kill interrupted stored a step since (or finished).
+        wait_until(lambda progress=progress: all(  # type: ignore[misc]
+                       store.summary(task_id).checkpoint_count > count or store.summary(task_id).status.is_terminal
+                       for task_id, count in progress.items()),
+                   timeout_s=60, what="every interrupted task to store a step after the restart")
+        resumed_after_s.append(time.monotonic() - restarted)
+    wait_until(lambda: all_finished(store, task_ids), timeout_s=120, what="every task to finish after the storm")
+
+    assert_each_step_checkpointed_once(store, task_ids, CROWD_STEPS)
+    repeats = assert_only_steps_in_flight_repeated(store, task_ids, CROWD_STEPS, ledger, kills)
+    assert integrity_check(db_path) == ["ok"]
+    print(f"crowded kill storm: {CROWD_TASKS} tasks x {CROWD_STEPS} steps on one process, {len(kills)} kills with "
+          f"{[len(kill.leased_steps) for kill in kills]} steps in flight, {repeats} steps re-executed; every "
+          f"interrupted task stored a step {', '.join(f'{s:.1f}' for s in resumed_after_s)} s after each restart")
+
+
 @pytest.mark.redis
 @pytest.mark.crash
 def test_a_message_fetched_by_a_worker_killed_before_its_claim_is_delivered_again_within_seconds(

@@ -94,6 +94,10 @@ def test_run_of_a_task_that_fails_exits_1_with_its_error(longhaul):
     pytest.param(("run", "x"), {"LONGHAUL_MAX_RETRIES": "-1"}, ("LONGHAUL_MAX_RETRIES",), id="negative env"),
     pytest.param(("enqueue", "x"), {}, ("LONGHAUL_REDIS_URL",), id="enqueue without redis"),
     pytest.param(("worker",), {}, ("LONGHAUL_REDIS_URL",), id="worker without redis"),
+    pytest.param(("worker", "--concurrency", "8", "--threads", "2"), {}, ("--concurrency", "--threads"),
+                 id="worker concurrency and threads"),
+    pytest.param(("worker", "--concurrency", "0"), {}, ("--concurrency",), id="worker concurrency 0"),
+    pytest.param(("worker",), {"LONGHAUL_CONCURRENCY": "0"}, ("LONGHAUL_CONCURRENCY",), id="bad concurrency env"),
     pytest.param(("resume",), {}, ("--interrupted",), id="resume without a target"),
     pytest.param(("tasks", "--since", "9999999999999d"), {}, ("--since",), id="duration past any date"),
     pytest.param(("tasks", "--since", "nan"), {}, ("--since",), id="duration not a number"),
@@ -347,3 +351,13 @@ def test_thread_commands_refuse_bad_input_naming_it_without_a_traceback(longhaul
     for args, exit_code, names in BAD_THREAD_COMMANDS:  # one stored task for all: each case costs a process
         assert_clean_error(longhaul(*args), exit_code, *names)
     assert store.count_tasks() == 1
+
+
+@pytest.mark.parametrize("processes, threads, concurrency, expected", [
+    (1, None, None, 4), (1, None, 1000, 1000), (3, None, 1000, 334), (2, 7, None, 7),
+])
+def test_concurrency_is_spread_over_the_processes_and_threads_say_it_per_process(processes, threads, concurrency,
+                                                                                 expected):
+    from longhaul.worker.settings import threads_per_process
+
+    assert threads_per_process(processes=processes, threads=threads, concurrency=concurrency) == expected

@@ -200,11 +200,13 @@ def test_a_pool_too_small_for_the_threads_names_the_setting(make_runtime, make_u
     monkeypatch.setattr("longhaul.models.db.POOL_WAIT_S", 1)
     monkeypatch.setenv("LONGHAUL_DB_POOL_SIZE", "1")
     store = make_runtime().store  # the runtime reads LONGHAUL_DB_POOL_SIZE and sizes its store's pool
-    store.record_checkpoint(make_update(1))  # this thread now holds the only connection
+    store.record_checkpoint(make_update(1))
     failures: list[BaseException] = []
-    thread = threading.Thread(target=lambda: failures.extend(_raised(lambda: store.summary("task-1"))))
-    thread.start()
-    thread.join(timeout=30)
+    with store.read_snapshot():  # this thread holds the only connection until the transaction ends
+        store.summary("task-1")
+        thread = threading.Thread(target=lambda: failures.extend(_raised(lambda: store.summary("task-1"))))
+        thread.start()
+        thread.join(timeout=30)
 
     assert len(failures) == 1 and isinstance(failures[0], StoreUnavailable)
     assert "raise LONGHAUL_DB_POOL_SIZE" in str(failures[0])
@@ -216,3 +218,32 @@ def _raised(call) -> list[BaseException]:  # type: ignore[no-untyped-def]
     except BaseException as exc:  # noqa: B036
         return [exc]
     return []
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_hundred_threads_share_a_pool_of_two_each_borrowing_a_connection_only_per_call(db_url, make_update,
+                                                                                           monkeypatch):
+    # Before, a thread kept its connection from its first call until it ended: the third thread would wait
+    # out the pool and fail; a thousand tasks in flight needed a thousand connections.
+    monkeypatch.setattr("longhaul.models.db.POOL_WAIT_S", 2)
+    threads, steps = 100, 3
+    with TaskStore(db_url, pool_size=2) as store:
+        failures: list[BaseException] = []
+        start = threading.Barrier(threads)
+
+        def run(index: int) -> None:
+            start.wait()
+            for step in range(1, steps + 1):
+                update = make_update(step, task_id=f"pooled-{index}", thread_id=f"pooled-{index}")
+                failures.extend(_raised(lambda: store.record_checkpoint(update)))  # noqa: B023 (called at once)
+
+        workers = [threading.Thread(target=run, args=(index,)) for index in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+
+        assert failures == []
+        assert [store.summary(f"pooled-{i}").checkpoint_count for i in range(threads)] == [steps] * threads
+        db = store.db
+        assert len(db._in_use) + len(db._connections) <= 2  # type: ignore[attr-defined]

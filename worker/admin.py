@@ -23,7 +23,7 @@ from longhaul.models.space import StoreSpace
 
 from . import workspaces
 from .errors import BrokerRequired
-from .settings import Settings, load_settings
+from .settings import Settings, load_settings, threads_per_process
 
 
 @dataclass(frozen=True)
@@ -164,14 +164,17 @@ def delete_thread(thread_id: str) -> int:
         return workspaces.delete_thread(store, settings.workspace_root, thread_id)
 
 
-def serve(*, processes: int, threads: int, metrics_port: Optional[int] = None) -> int:
+def serve(*, processes: int, threads: Optional[int] = None, concurrency: Optional[int] = None,
+          metrics_port: Optional[int] = None) -> int:
     """Run a supervised pool of worker processes until it is told to stop; its exit code.
 
-    The settings and the store are checked once, here, before any child
-    starts (`BrokerRequired` without Redis). The supervisor itself runs no
-    task, so it lets go of its database connections. With `metrics_port`
-    (default `LONGHAUL_METRICS_PORT`) it serves the pool's Prometheus
-    metrics there (`metrics.MetricsEndpoint`) for as long as it runs.
+    Each process runs `threads` tasks at once, else its share of
+    `concurrency` (default: `Settings.concurrency`, LONGHAUL_CONCURRENCY),
+    else 4. The settings and the store are checked once, here, before any
+    child starts (`BrokerRequired` without Redis). The supervisor itself
+    runs no task, so it lets go of its database connections. With
+    `metrics_port` (default `LONGHAUL_METRICS_PORT`) it serves the pool's
+    Prometheus metrics there (`metrics.MetricsEndpoint`) for as long as it runs.
     """
     from .metrics import MetricsEndpoint
     from .runtime import get_runtime
@@ -181,6 +184,8 @@ def serve(*, processes: int, threads: int, metrics_port: Optional[int] = None) -
     if runtime.settings.redis_url is None:
         raise BrokerRequired("`longhaul worker`")
     runtime.store.close_all()
+    threads = threads_per_process(processes=processes, threads=threads,
+                                  concurrency=concurrency if concurrency is not None else runtime.settings.concurrency)
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads))

@@ -48,6 +48,7 @@ from .cli_params import (
     task_options,
 )
 from .lazy_modules import admin, api, apps, bulk, health_checks, settings, worker_errors
+from .limits import MAX_CONCURRENCY
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -146,18 +147,28 @@ def enqueue(prompt: Optional[str], task_file: Optional[Path], **options: Any) ->
 
 
 @cli.command()
+@click.option("--concurrency", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="tasks this host runs at once, spread over --processes [default: LONGHAUL_CONCURRENCY, "
+                   "else 4 per process]")
 @click.option("--processes", type=count(1), default=1, show_default=True)
-@click.option("--threads", type=count(1), default=4, show_default=True)
+@click.option("--threads", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="tasks each process runs at once (instead of --concurrency) [default: 4]")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve the pool's Prometheus metrics on this port (default: LONGHAUL_METRICS_PORT; none).")
-def worker(processes: int, threads: int, metrics_port: Optional[int]) -> None:
+def worker(concurrency: Optional[int], processes: int, threads: Optional[int], metrics_port: Optional[int]) -> None:
     """Run a supervised pool of worker processes for longhaul (needs Redis).
 
-    A worker process that dies is replaced while the others keep serving;
-    SIGTERM or SIGINT (to this process or its whole process group) stops
-    every process after its current steps; SIGHUP restarts them gracefully.
+    `--concurrency N` is the one knob for many tasks in flight: N tasks
+    waiting on their models at once on this host (1,000 fit one process
+    on two cores). A worker process that dies is replaced while the others
+    keep serving; SIGTERM or SIGINT (to this process or its whole process
+    group) stops every process after its current steps; SIGHUP restarts
+    them gracefully.
     """
-    sys.exit(admin.serve(processes=processes, threads=threads, metrics_port=metrics_port))
+    if concurrency is not None and threads is not None:
+        raise click.UsageError("--concurrency and --threads: give one (--concurrency is per host, "
+                               "--threads per process)")
+    sys.exit(admin.serve(processes=processes, threads=threads, concurrency=concurrency, metrics_port=metrics_port))
 
 
 @cli.command()

@@ -8,7 +8,6 @@ Settings: `LONGHAUL_ANTHROPIC_BASE_URL`, the key (`ANTHROPIC_API_KEY` or
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import httpx
@@ -27,6 +26,7 @@ from .common import (
     status_error,
     transport_error,
 )
+from .http_clients import shared_client
 
 if TYPE_CHECKING:
     pass
@@ -59,8 +59,7 @@ class AnthropicProvider(SettingsProvider):
     def next_turn(self, ctx: StepContext) -> AssistantTurn:
         settings = self.settings
         if self._client is None:
-            self._client = httpx.Client(timeout=httpx.Timeout(settings.anthropic_timeout_s))
-            weakref.finalize(self, self._client.close)
+            self._client = shared_client(settings.anthropic_base_url, timeout_s=settings.anthropic_timeout_s)
         url = settings.anthropic_base_url.rstrip("/") + "/v1/messages"
         secrets = secret_values(settings.anthropic_api_key)
         headers = {"anthropic-version": API_VERSION, **({"x-api-key": secrets[0]} if secrets else {})}

@@ -22,7 +22,6 @@ unset, as local servers want).
 from __future__ import annotations
 
 import json
-import weakref
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import httpx
@@ -51,6 +50,7 @@ from .common import (
     status_error,
     transport_error,
 )
+from .http_clients import shared_client
 
 if TYPE_CHECKING:
     from ..tools.base import Tool
@@ -91,8 +91,9 @@ NAME = "openai"
 class OpenAIProvider(SettingsProvider):
     """Chat completions against `settings.openai_base_url`.
 
-    `settings` defaults to the environment's, read on first use; one
-    HTTP connection pool serves every step of the run that created it.
+    `settings` defaults to the environment's, read on first use; the
+    process's one client for the base URL (`http_clients.shared_client`)
+    serves every step of every task.
     """
 
     name = NAME
@@ -101,14 +102,12 @@ class OpenAIProvider(SettingsProvider):
     @property
     def client(self) -> httpx.Client:
         if self._client is None:
-            self._client = httpx.Client(timeout=httpx.Timeout(self.settings.openai_timeout_s),
-                                        headers={"User-Agent": "longhaul"})
-            weakref.finalize(self, self._client.close)
+            self._client = shared_client(self.settings.openai_base_url, timeout_s=self.settings.openai_timeout_s)
         return self._client
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        """Let go of the client (the process's shared one stays open for the other tasks)."""
+        self._client = None
 
     @property
     def url(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import typing
 from dataclasses import dataclass, field
@@ -70,8 +71,15 @@ class Tool:
             raise InvalidInput(f"tool {self.name}: parallel must be True or False, got {self.parallel!r}")
 
     def json_schema(self) -> dict[str, Any]:
-        """The arguments' JSON schema, as providers send it to the model."""
-        return self.schema or self.arguments.model_json_schema()
+        """The arguments' JSON schema, as providers send it to the model (computed once per model; do not mutate)."""
+        return self.schema or arguments_schema(self.arguments)
+
+
+@functools.lru_cache(maxsize=None)
+def arguments_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema, built once per process: pydantic rebuilds it at every call (about 1 ms),
+    and every model turn of every task sends its tools' schemas."""
+    return model.model_json_schema()
 
 
 ToolFunction = Callable[[Any, ToolContext], str]
