@@ -145,12 +145,13 @@ def _open_sqlite(text: str, path: Path, busy_timeout_ms: int, synchronous: str, 
         max_connections=pool_size,
         timeout_s=busy_timeout_ms / 1000,
         pragmas={
-            # First: it takes effect only on a file with no tables yet (older files: `space.vacuum`).
+            # First: every pragma after it may meet another process's lock (journal_mode=wal needs the file's).
+            "busy_timeout": busy_timeout_ms,
+            # Before any table exists: only then does it take effect (older files: `space.vacuum`).
             "auto_vacuum": "incremental",
             "journal_mode": "wal",
             "synchronous": synchronous,
             "foreign_keys": 1,
-            "busy_timeout": busy_timeout_ms,
             "cache_size": -16_000,  # 16 MB page cache per connection
         },
         lock_type="IMMEDIATE",

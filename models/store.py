@@ -36,7 +36,7 @@ from .db import (
     connect_or_explain,
     open_database,
 )
-from .dialect import Dialect
+from .dialect import Dialect, StoreFailures
 from .errors import InvalidInput
 from .forks import Forks
 from .journal import OpenStep
@@ -100,7 +100,7 @@ class TaskStore:
         if not dialect.is_sqlite:
             connect_or_explain(self.db, self.url)
             self.sync_clock()
-        with self.context.call():  # no borrowed connection: the retry loop inside connects, and waits out SQLITE_BUSY
+        with StoreFailures():  # no borrowed connection: the retry loop inside connects, and waits out SQLITE_BUSY
             self.schema_migration: SchemaMigration = migrate_waiting_for_writers(
                 self.context, timeout_s=busy_timeout_ms / 1000)
         self.trace_store = TraceStore(self.context)
