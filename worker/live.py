@@ -72,6 +72,9 @@ def live_event(event_type: str, data: dict[str, Any]) -> Optional[dict[str, Any]
         return {"type": "started"}
     if event_type == "resumed":
         return {"type": "resumed", "from_step": data.get("from_step")}
+    if event_type == "waiting":
+        return {"type": "waiting", "kind": data.get("kind"), "question": redact_text(str(data.get("question", ""))),
+                "step": data.get("step"), "tool": data.get("tool")}
     if event_type == "done":
         return {"type": "done", "status": data.get("status"), "answer": redact_text(data.get("final_response") or ""),
                 "error": data.get("last_error")}
