@@ -61,7 +61,7 @@ class ThreadEcho:
             call = (longhaul.ToolCall(id="ask1", name="ask_user", arguments={"question": options.ask}) if options.ask
                     else longhaul.ToolCall(id="dep1", name="deploy", arguments={"target": "prod"}))
             return longhaul.AssistantTurn("", [call])
-        if ctx.history and ctx.history[-1].role == "tool":
+        if (options.ask or options.deploy) and ctx.history and ctx.history[-1].role == "tool":
             return longhaul.AssistantTurn(f"got: {ctx.history[-1].content}")
         if ctx.step_index <= options.tool_steps:
             call = longhaul.ToolCall(id=f"c{ctx.step_index}", name="ledger",
