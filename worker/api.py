@@ -28,6 +28,7 @@ from longhaul.models import (
     TaskSummary,
     denial,
 )
+from longhaul.models.redact import redact_text
 from longhaul.models.traces import TraceEventRecord
 
 from .agents import get_agent
@@ -358,7 +359,17 @@ def follow(task_id: Optional[str] = None, *, thread_id: Optional[str] = None, af
         yield from _follow_stored(rt, task_id, after=start, idle_timeout_s=idle_timeout_s)
         return
     key = task_key(task_id) if task_id is not None else thread_key(str(thread_id))
-    yield from follow_stream(rt.live, key, after=start, until_done_of=task_id, idle_timeout_s=idle_timeout_s)
+    yield from follow_stream(rt.live, key, after=start, until_done_of=task_id, idle_timeout_s=idle_timeout_s,
+                             ended=None if task_id is None else lambda: _stored_end(rt, str(task_id)))
+
+
+def _stored_end(rt: Runtime, task_id: str) -> Optional[dict[str, Any]]:
+    """A ``done`` event built from the store if the task has ended (its worker may have died before publishing it)."""
+    summary = rt.store.summary(task_id)
+    if not summary.status.is_terminal:
+        return None
+    return {"type": "done", "status": summary.status.value, "answer": redact_text(summary.final_response or ""),
+            "error": summary.last_error, "task_id": task_id, "from_store": True}
 
 
 def _follow_stored(rt: Runtime, task_id: str, *, after: str,
