@@ -120,10 +120,10 @@ class ThreadBusy(LonghaulError):
         self.task_id = task_id
 
 
-class WaitForReply(Exception):
+class WaitForReply(LonghaulError):
     """Raised by a tool: the task waits (status `waiting`) for the user's reply to `question`.
 
-    A signal, not an error (so not a `LonghaulError`): the loop stores the
+    A signal more than an error (under the one root all the same): the loop stores the
     wait and lets the worker thread go; `longhaul.reply(thread_id, text)`
     (or the next message on the thread) becomes this call's result and the
     task resumes. The tool is not run again: the reply is its result.
