@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         InvalidInput,
         LeaseLost,
         LonghaulError,
+        NotWaiting,
         SchemaTooNew,
         StepNotForkable,
         StoreUnavailable,
@@ -31,10 +32,13 @@ if TYPE_CHECKING:
     )
     from longhaul.worker.agents import Agent
     from longhaul.worker.api import (
+        approve,
         cancel,
+        deny,
         enqueue,
         follow,
         fork,
+        reply,
         rerun,
         resume,
         run_inline,
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
         UnknownAgent,
         UnknownProvider,
         UnknownTool,
+        WaitForReply,
     )
     from longhaul.worker.providers import AssistantTurn, StepContext, register_provider
     from longhaul.worker.tools import ToolContext, register_tool, tool
@@ -70,17 +75,17 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["Budget", "ChatMessage", "OpenStep", "TaskStatus", "TaskStore", "ToolCall", "Usage"],
                     "longhaul.models"),
     **dict.fromkeys(["CorruptRecord", "InvalidCursor", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost",
-                     "LonghaulError", "SchemaTooNew", "StepNotForkable", "StoreUnavailable", "StoreUnusable",
-                     "TaskNotFound", "TaskNotResumable", "TraceSequenceClash",
+                     "LonghaulError", "NotWaiting", "SchemaTooNew", "StepNotForkable", "StoreUnavailable",
+                     "StoreUnusable", "TaskNotFound", "TaskNotResumable", "TraceSequenceClash",
                      "UnstorableValue"], "longhaul.models.errors"),
     "Agent": "longhaul.worker.agents",
-    **dict.fromkeys(["cancel", "enqueue", "follow", "fork", "rerun", "resume", "run_inline", "thread_turns",
-                     "wait_for"], "longhaul.worker.api"),
+    **dict.fromkeys(["approve", "cancel", "deny", "enqueue", "follow", "fork", "reply", "rerun", "resume",
+                     "run_inline", "thread_turns", "wait_for"], "longhaul.worker.api"),
     "enqueue_many": "longhaul.worker.bulk",
     **dict.fromkeys(["AppImportError", "BrokerRequired", "BrokerUnavailable", "BudgetExceeded", "DuplicateAgent",
                      "InvalidBatchItem", "InvalidFilter", "PermanentProviderError", "ProviderError", "SettingsError",
                      "TaskBusy", "TaskExists", "ThreadBusy", "ToolError", "TransientProviderError", "UnknownAgent",
-                     "UnknownProvider", "UnknownTool"],
+                     "UnknownProvider", "UnknownTool", "WaitForReply"],
                     "longhaul.worker.errors"),
     **dict.fromkeys(["AssistantTurn", "StepContext", "register_provider"], "longhaul.worker.providers"),
     **dict.fromkeys(["ToolContext", "register_tool", "tool"], "longhaul.worker.tools"),
@@ -90,7 +95,7 @@ __all__ = [
     # Running tasks
     "enqueue", "enqueue_many", "run_inline", "resume", "cancel", "rerun", "wait_for",
     # Threads (channel bots)
-    "thread_turns", "follow", "fork",
+    "thread_turns", "follow", "fork", "reply", "approve", "deny", "WaitForReply",
     # Defining agents, tools and providers (in app modules)
     "Agent", "Budget", "tool", "register_tool", "ToolContext", "register_provider", "AssistantTurn",
     "StepContext",
@@ -102,7 +107,7 @@ __all__ = [
     "TaskExists", "UnknownAgent", "UnknownProvider", "UnknownTool", "InvalidFilter", "InvalidBatchItem",
     "InvalidCursor",
     "BrokerUnavailable", "BudgetExceeded", "CorruptRecord", "LeaseLost", "SchemaTooNew", "StoreUnavailable", "TaskBusy",
-    "StoreUnusable", "TaskNotFound", "TaskNotResumable", "ThreadBusy", "StepNotForkable", "ToolError",
+    "StoreUnusable", "TaskNotFound", "TaskNotResumable", "NotWaiting", "ThreadBusy", "StepNotForkable", "ToolError",
     "TraceSequenceClash", "UnstorableValue",
     "ProviderError", "PermanentProviderError", "TransientProviderError",
 ]

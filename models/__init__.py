@@ -11,6 +11,7 @@ from .errors import (
     InvalidInput,
     LeaseLost,
     LonghaulError,
+    NotWaiting,
     SchemaTooNew,
     StoreUnavailable,
     StoreUnusable,
@@ -49,11 +50,12 @@ from .turns import (
     resumable_turns_from_task_record,
     strip_tool_call_tags,
 )
+from .waiting import Wait, denial
 
 __all__ = [
     # Errors
     "LonghaulError", "CorruptRecord", "InvalidCursor", "InvalidDatabaseUrl", "InvalidInput", "LeaseLost",
-    "SchemaTooNew", "StoreUnavailable", "StoreUnusable", "TaskNotFound",
+    "NotWaiting", "SchemaTooNew", "StoreUnavailable", "StoreUnusable", "TaskNotFound",
     "TaskNotResumable", "TraceSequenceClash", "UnstorableValue",
     # Schemas
     "AgentSpec", "Budget", "ChatMessage", "CheckpointItem", "CheckpointUpdate", "InvalidArguments", "LeaseInfo",
@@ -61,6 +63,8 @@ __all__ = [
     "TaskRecord", "TaskSnapshot", "TaskSpec", "TaskStatus", "TaskSummary", "ToolCall", "Usage",
     # Store
     "DEFAULT_DATABASE_URL", "NewTask", "TaskStore", "open_database",
+    # Waiting for a reply
+    "Wait", "denial",
     # The step journal
     "OpenStep", "orphan_result", "with_orphans_answered",
     # Leases

@@ -125,11 +125,20 @@ class UnstorableValue(InvalidInput):
         self.problem = problem
 
 
+class NotWaiting(LonghaulError):
+    """`reply`, `approve` or `deny` found nothing waiting for it (no waiting task on the thread, or not waiting)."""
+
+    def __init__(self, subject: str, problem: str) -> None:
+        super().__init__(f"{subject}: {problem}; `longhaul tasks --status waiting` lists the tasks waiting")
+        self.subject = subject
+        self.problem = problem
+
+
 class TaskNotResumable(LonghaulError):
     """The task is in a state that cannot be run again without `rerun`."""
 
     def __init__(self, task_id: str, status: str) -> None:
-        if status in ("queued", "running"):
+        if status in ("queued", "running", "waiting"):
             # Not finished: rerun does not apply; say what the task will do and how to stop it.
             hint = (f"it will run to its end without a rerun: `longhaul show {task_id}` shows its progress, "
                     f"`longhaul cancel {task_id}` stops it (then it can be rerun)")

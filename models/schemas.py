@@ -76,6 +76,8 @@ class TaskStatus(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     TIMED_OUT = "timed_out"
+    #: Waiting for a reply or an approval (`ask_user`, `WaitForReply`, ``needs_approval``): no lease, no worker.
+    WAITING = "waiting"
 
     @property
     def is_terminal(self) -> bool:
@@ -276,6 +278,8 @@ class TaskSpec(_Input):
     time_limit_s: Optional[float] = Field(default=None, gt=0)
     #: Provider and tool options (e.g. the scripted provider's ``steps``).
     options: dict[str, Json] = Field(default_factory=dict)
+    #: How long the task may wait for a reply or an approval before it ends `timed_out` (None: forever).
+    reply_timeout_s: Optional[float] = Field(default=None, gt=0)
     #: The agent the task runs, as defined when the task was created: its instructions are
     #: the first (system) message the provider sees, however the agent changes later.
     agent: Optional[AgentSpec] = None

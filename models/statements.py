@@ -31,8 +31,9 @@ class Statements:
             Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence, highest_step)
             .where(Task.task_id == "")))
         self.select_task_row = render_sql(Task.select().where(Task.task_id == ""))
-        self.select_cancel_requested = render_sql(Task.select(Task.cancel_requested, Task.cancel_reason)
-                                                  .where(Task.task_id == ""))
+        self.select_cancel_requested = render_sql(
+            Task.select(Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
+            .where(Task.task_id == ""))
         self.insert_checkpoint = render_sql(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
                               trace_first_sequence=0, trace="")

@@ -10,6 +10,7 @@ one `StoreContext` (database, tables, dialect, prepared statements, clock):
 - `ThreadReads` (`threads.py`): a thread's story, who runs on it, who starts next;
 - `Forks` (`forks.py`): a new task from an earlier step of another;
 - `ThreadAdmission` (`thread_admission.py`): a new task on a thread under `if_busy`, atomically;
+- `Waiting` (`waiting.py`): tasks waiting for a reply or an approval; steering messages;
 - `LeaseBook` (`leases.py`): claims, renewals, releases;
 - `migrations.py`: the schema, created or upgraded on open.
 
@@ -62,6 +63,7 @@ from .thread_admission import Admission, ThreadAdmission
 from .threads import ThreadReads, ThreadStory
 from .trace_store import TraceStore
 from .traces import PendingTraces, TraceEventRecord
+from .waiting import Wait, Waiting
 
 __all__ = ["SchemaMigration", "TaskStore"]
 
@@ -109,7 +111,8 @@ class TaskStore:
         self._reads = TaskReads(self.context)
         self._threads = ThreadReads(self.context)
         self._forks = Forks(self.context)
-        self._admission = ThreadAdmission(self.context, self._tasks, self._threads)
+        self._waiting = Waiting(self.context)
+        self._admission = ThreadAdmission(self.context, self._tasks, self._threads, self._waiting)
         # Connections are opened per thread on first use; close (not just
         # pool) this one, so a process that forks after construction does not
         # hand a live connection to its children.
@@ -261,6 +264,11 @@ class TaskStore:
         """None unless `request_cancel` asked the running task to stop; then why (``cancelled`` by default)."""
         with self.context.call(task_id):
             return self._tasks.cancel_reason(task_id)
+
+    def step_boundary(self, task_id: str) -> tuple[Optional[str], bool]:
+        """What the loop reads between steps, in one query: `cancel_reason`, and whether steering messages wait."""
+        with StoreFailures(task_id):
+            return self._tasks.step_boundary(task_id)
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""
@@ -478,6 +486,44 @@ class TaskStore:
         """The thread's unfinished tasks as ``(task_id, status)``, running ones first, then in arrival order."""
         with self.context.call():
             return self._threads.busy(thread_id, excluding=excluding)
+
+    # -- waiting for a reply or an approval; steering (see `waiting.py`) ---------------------------
+
+    def wait_for_user(self, task_id: str, wait: Wait, *, lease_token: Optional[str] = None) -> None:
+        """Fenced: the running task waits (status `waiting`, no lease, nothing due) for what `wait` says."""
+        with StoreFailures(task_id):
+            self._waiting.wait(task_id, wait, lease_token=lease_token)
+
+    def waiting_task(self, thread_id: str) -> Optional[str]:
+        """The thread's task that waits for a reply or an approval, or None."""
+        with StoreFailures():
+            return self._waiting.waiting_task(thread_id)
+
+    def wait_of(self, task_id: str) -> Optional[Wait]:
+        """What the task waits (or last waited) for, with the decision once answered; None if it never waited."""
+        with StoreFailures(task_id):
+            return self._waiting.wait_of(task_id)
+
+    def answer_wait(self, task_id: str, text: str, *, decision: str = "replied",
+                    kinds: tuple[str, ...] = ("reply",)) -> Wait:
+        """Store `text` as the waiting call's result; the task is resumable (send it). `NotWaiting` otherwise."""
+        with StoreFailures(task_id):
+            return self._waiting.answer(task_id, text, decision=decision, kinds=kinds)
+
+    def approve(self, task_id: str) -> Wait:
+        """Approve the call the task waits on; the task is resumable (send it). `NotWaiting` otherwise."""
+        with StoreFailures(task_id):
+            return self._waiting.approve(task_id)
+
+    def expire_waits(self, *, limit: int = 100) -> list[str]:
+        """End (`timed_out`) the waiting tasks whose reply timeout has passed; their ids."""
+        with StoreFailures():
+            return self._waiting.expire(limit=limit)
+
+    def take_steering(self, task_id: str, *, lease_token: Optional[str] = None) -> list[ChatMessage]:
+        """Fenced: the steering messages sent to the running task, now appended to its histories."""
+        with StoreFailures(task_id):
+            return self._waiting.take_steering(task_id, lease_token=lease_token)
 
     def next_startable(self, task_id: str) -> Optional[str]:
         """The task of `task_id`'s thread that may start now, or None (something runs, or nothing waits)."""

@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -112,6 +112,12 @@ def bind_tables(db: Database) -> Tables:
         # Since schema 6 (threads): who asked the running task to stop, said in its end
         # ("interrupted by task 'X'"); None for a plain cancel.
         cancel_reason = CharField(max_length=300, null=True)
+        # Since schema 8 (waiting for a reply): what a `waiting` task waits for, as JSON (`models/waiting.py`),
+        # kept after the reply (an approval's decision lives here), and when it stops waiting (None: never).
+        waiting_for = TextField(null=True)
+        reply_due_at = DoubleField(null=True)
+        # Since schema 8: messages sent with if_busy="steer", a JSON list of texts, taken before the next model call.
+        steering = TextField(null=True)
         # Since schema 3: the next trace sequence; a trace batch must start at or after it.
         trace_next_sequence = BigIntegerField(default=0)
         # Since schema 2: what the task said and spent, summed as it runs.

@@ -153,6 +153,7 @@ class TaskWrites:
                 execution_count=0, resumable_count=0, latest_checkpoint_note=None, final_response=None,
                 last_error=None, completed_at=None, started_at=None, updated_at=now, delivery_due_at=now,
                 otel_trace_parent=None,  # a rerun is a new trace
+                waiting_for=None, reply_due_at=None, steering=None,
             ).where(Task.id == row.id).execute()
 
     def _clear_run(self, task_id: str, task_pk: int) -> None:
@@ -211,6 +212,13 @@ class TaskWrites:
         if not (row and row[0]):
             return None
         return row[1] or "cancelled"
+
+    def step_boundary(self, task_id: str) -> tuple[Optional[str], bool]:
+        """`cancel_reason`, and whether steering messages wait to be taken (`Waiting.take_steering`): one read."""
+        row = self.ctx.db.execute_sql(self.ctx.sql.select_cancel_requested, (task_id,)).fetchone()
+        if not row:
+            return None, False
+        return (row[1] or "cancelled") if row[0] else None, bool(row[2])
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""

@@ -2,7 +2,7 @@
 
 A thread's tasks are ordered by their row id, handed out at `create` time:
 the order they arrived in. `startable` is the condition a claim adds for a queued
-task: no other task of its thread is running (leased or resumable), and no
+task: no other task of its thread is running (leased or resumable) or waiting for a reply, and no
 task that arrived before it is still queued. Why that is atomic:
 
 - SQLite: the claim's ``UPDATE`` runs inside ``BEGIN IMMEDIATE``, so the
@@ -25,6 +25,7 @@ from .schemas import TaskStatus
 
 _RUNNING = TaskStatus.RUNNING.value
 _QUEUED = TaskStatus.QUEUED.value
+_WAITING = TaskStatus.WAITING.value
 
 
 def startable(Task: Any) -> Any:
@@ -32,5 +33,5 @@ def startable(Task: Any) -> Any:
     Other = Task.alias("thread_peer")
     ahead = Other.select(SQL("1")).where(
         (Other.thread_id == Task.thread_id) & (Other.id != Task.id)
-        & ((Other.status == _RUNNING) | ((Other.status == _QUEUED) & (Other.id < Task.id))))
+        & (Other.status.in_((_RUNNING, _WAITING)) | ((Other.status == _QUEUED) & (Other.id < Task.id))))
     return (Task.status == _RUNNING) | ~fn.EXISTS(ahead)

@@ -10,8 +10,8 @@ prompt, then its final answer (tool-call tags stripped), or, for a task that
 ended otherwise, what its steps did (its assistant text and tool results,
 so an interrupted task's work stays in the thread) and a short note of how
 it ended ("interrupted by task 'x' after step 3"), so user and
-assistant strictly alternate without merging unrelated prompts. A queued or
-running task contributes nothing yet. The whole story is one indexed query
+assistant strictly alternate without merging unrelated prompts. A queued,
+running or waiting task contributes nothing yet. The whole story is one indexed query
 over the thread's task rows: no message rows are read, except for the rare
 task that ended otherwise after taking steps (its partial work) and the task
 stored by `save_snapshot` (no spec; its resumable history is its turns).
@@ -36,6 +36,7 @@ from .turns import normalize_resumable_turns, strip_tool_call_tags
 
 _RUNNING = TaskStatus.RUNNING.value
 _QUEUED = TaskStatus.QUEUED.value
+_WAITING = TaskStatus.WAITING.value
 _COMPLETED = TaskStatus.COMPLETED.value
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
 
@@ -138,14 +139,14 @@ class ThreadReads:
         return turns
 
     def busy(self, thread_id: str, *, excluding: Optional[str] = None) -> list[tuple[str, TaskStatus]]:
-        """The thread's unfinished tasks, ``(task_id, status)`` in arrival order (running ones first)."""
+        """The thread's unfinished tasks, ``(task_id, status)`` in arrival order (running and waiting ones first)."""
         Task = self.ctx.tables.Task
         query = Task.select(Task.task_id, Task.status).where(
-            (Task.thread_id == thread_id) & Task.status.in_((_QUEUED, _RUNNING)))
+            (Task.thread_id == thread_id) & Task.status.in_((_QUEUED, _RUNNING, _WAITING)))
         if excluding is not None:
             query = query.where(Task.task_id != excluding)
         rows = [(task_id, TaskStatus(status)) for task_id, status in query.order_by(Task.id).tuples()]
-        return sorted(rows, key=lambda row: row[1] is not TaskStatus.RUNNING)
+        return sorted(rows, key=lambda row: row[1] is TaskStatus.QUEUED)
 
     def next_startable(self, task_id: str) -> Optional[str]:
         """The task of `task_id`'s thread that may start now (the earliest queued one, if nothing runs), or None."""

@@ -144,3 +144,19 @@ def test_the_cli_refuses_a_public_bind_without_a_token_in_one_line(longhaul):
     result = longhaul("dashboard", "--host", "0.0.0.0", "--port", "8089")
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: LONGHAUL_DASHBOARD_TOKEN: required to listen on '0.0.0.0'")
+
+
+def test_a_waiting_task_offers_reply_approve_and_deny_with_their_fields(runtime, client):
+    from longhaul.models import Claimant, Wait
+
+    submit(runtime, "ask me", provider="scripted", task_id="asker")
+    claim = runtime.leases.claim("asker", Claimant(owner="t", host="h", pid=1, pid_started_at=0.0), lease_s=30)
+    runtime.store.wait_for_user("asker", Wait(kind="reply", question="which city?", step=1, call=0, tool="ask_user",
+                                              since=0.0), lease_token=claim.token)
+    client.get(f"/?token={TOKEN}")
+    page = client.get("/tasks/asker/actions/reply")
+    assert page.status_code == 200 and 'name="text"' in page.text
+    assert 'name="reason"' in client.get("/tasks/asker/actions/deny").text
+    refused = client.post("/tasks/asker/actions/reply", headers=BEARER, data={"text": "Lisbon"})
+    assert refused.status_code == 409  # never run inside the dashboard without Redis
+    assert runtime.store.summary("asker").status is TaskStatus.WAITING

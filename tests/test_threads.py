@@ -172,6 +172,32 @@ def test_done_is_published_only_after_the_final_status_is_committed(embedded_run
         live.close()
 
 
+class DiesBeforeDone(LiveOutput):
+    """Real live output that never publishes `done`: a worker that died between the commit and the publish."""
+
+    def _publish(self, task_id: str, keys: tuple[str, ...], event: dict) -> None:
+        if event["type"] != "done":
+            super()._publish(task_id, keys, event)
+
+
+@pytest.mark.redis
+def test_a_follower_of_a_task_that_ended_without_publishing_done_ends_with_a_done_built_from_the_store(
+        embedded_runtime, redis_server):
+    live = DiesBeforeDone(redis_server.url, retention_s=60, max_events=1000)
+    embedded_runtime.live = live
+    try:
+        longhaul.run_inline("hello", task_id="silent", provider="thread-echo")
+        followed = list(longhaul.follow("silent"))  # would hang without the store check
+        published = [e for _, e in followed if not e.get("from_store")]
+        assert all(e["type"] != "done" for e in published) and published
+        cursor, done = followed[-1]
+        assert done["type"] == "done" and done["from_store"] and done["status"] == "completed"
+        assert done["answer"] == embedded_runtime.store.get("silent").final_response
+        assert cursor == followed[-2][0]  # the last real cursor: reconnecting from it misses nothing
+    finally:
+        live.close()
+
+
 # -- real Redis, several worker processes --------------------------------------------------------
 
 

@@ -26,6 +26,21 @@ class ThreadEchoOptions(BaseModel):
     tool_steps: int = Field(default=0, ge=0)
     chunks: int = Field(default=4, ge=1)
     chunk_delay_s: float = Field(default=0.0, ge=0)
+    #: Step 1 asks the user this (`ask_user`), or calls `deploy` (needs approval) with ``deploy=True``.
+    ask: str = ""
+    deploy: bool = False
+    #: Seconds each model call takes before answering (to land a steer during a running task).
+    think_s: float = Field(default=0.0, ge=0)
+
+
+class DeployArgs(BaseModel):
+    target: str
+
+
+@longhaul.tool(needs_approval=True)
+def deploy(args: DeployArgs, ctx: longhaul.ToolContext) -> str:
+    """Deploy to a target (needs the user's approval)."""
+    return f"deployed to {args.target}"
 
 
 def seen_prompts(answer: str) -> list[str]:
@@ -41,6 +56,13 @@ class ThreadEcho:
 
     def next_turn(self, ctx: longhaul.StepContext) -> longhaul.AssistantTurn:
         options = ThreadEchoOptions(**{k: v for k, v in ctx.options.items() if k in ThreadEchoOptions.model_fields})
+        time.sleep(options.think_s)
+        if (options.ask or options.deploy) and ctx.step_index == 1:
+            call = (longhaul.ToolCall(id="ask1", name="ask_user", arguments={"question": options.ask}) if options.ask
+                    else longhaul.ToolCall(id="dep1", name="deploy", arguments={"target": "prod"}))
+            return longhaul.AssistantTurn("", [call])
+        if (options.ask or options.deploy) and ctx.history and ctx.history[-1].role == "tool":
+            return longhaul.AssistantTurn(f"got: {ctx.history[-1].content}")
         if ctx.step_index <= options.tool_steps:
             call = longhaul.ToolCall(id=f"c{ctx.step_index}", name="ledger",
                                      arguments={"line": f"{ctx.task_id} step {ctx.step_index}"})

@@ -18,6 +18,7 @@ from longhaul.models import (
     CorruptRecord,
     InvalidInput,
     NewTask,
+    NotWaiting,
     TaskNotFound,
     TaskNotResumable,
     TaskRecord,
@@ -25,7 +26,9 @@ from longhaul.models import (
     TaskSpec,
     TaskStatus,
     TaskSummary,
+    denial,
 )
+from longhaul.models.redact import redact_text
 from longhaul.models.traces import TraceEventRecord
 
 from .agents import get_agent
@@ -71,6 +74,7 @@ def prepare(
     time_limit_s: Optional[float] = None,
     budget: Optional[Budget] = None,
     if_busy: IfBusy = "enqueue",
+    reply_timeout_s: Optional[float] = None,
     **provider_options: Any,
 ) -> NewTask:
     """Validate a new task without storing it: what `submit` stores (see there for the arguments and errors).
@@ -88,7 +92,10 @@ def prepare(
     (see `threads.py`): ``enqueue`` (default) runs this task after it,
     ``reject`` raises `ThreadBusy` naming it and stores nothing,
     ``interrupt`` stores this task and asks the running one to stop at its
-    next step boundary (it ends `cancelled`).
+    next step boundary (it ends `cancelled`), ``steer`` stores no task and
+    adds the prompt to the running task's history before its next model
+    call. On a thread whose task waits for a reply, the prompt is that reply.
+    `reply_timeout_s` ends the task `timed_out` if it waits longer for a reply or an approval.
     """
     defined = get_agent(agent).spec if agent is not None else None
     provider = provider or (defined.provider if defined else None) or rt.settings.default_provider
@@ -105,7 +112,7 @@ def prepare(
     spec = TaskSpec(prompt=prompt, options=options, agent=defined, budget=None if limits.is_empty else limits,
                     max_steps=max_steps if max_steps is not None else (defined.max_steps if defined else None),
                     time_limit_s=time_limit_s if time_limit_s is not None else (
-                        defined.time_limit_s if defined else None))
+                        defined.time_limit_s if defined else None), reply_timeout_s=reply_timeout_s)
     task_id = task_id or f"task-{uuid.uuid4().hex[:16]}"
     # Validate the identity fields before anything is written.
     ident = TaskSnapshot(task_id=task_id, thread_id=thread_id or task_id, channel=channel, provider=provider,
@@ -123,11 +130,21 @@ def submit(rt: Runtime, prompt: str, **kwargs: Any) -> str:
     task id is taken (its `identical` says whether by this very task: a
     repeated call).
     """
+    return _admitted(rt, prompt, **kwargs)[0]
+
+
+def _admitted(rt: Runtime, prompt: str, **kwargs: Any) -> tuple[str, bool]:
+    """`submit`, and whether the id returned needs a message (False: the message steered a running task)."""
     new = prepare(rt, prompt, **kwargs)
-    if not admit(rt.store, task_id=new.task_id, thread_id=new.thread_id, channel=new.channel,
-                 provider=new.provider, model=new.model, spec=new.spec, if_busy=kwargs.get("if_busy", "enqueue")):
+    admission = admit(rt.store, task_id=new.task_id, thread_id=new.thread_id, channel=new.channel,
+                      provider=new.provider, model=new.model, spec=new.spec, if_busy=kwargs.get("if_busy", "enqueue"))
+    if admission.replied_to is not None:
+        return admission.replied_to, True
+    if admission.steered is not None:
+        return admission.steered, False
+    if not admission.created:
         raise TaskExists(new.task_id, identical=is_stored_as(rt, new))
-    return new.task_id
+    return new.task_id, True
 
 
 def is_stored_as(rt: Runtime, new: NewTask) -> bool:
@@ -158,7 +175,9 @@ def enqueue(prompt: str, **kwargs: Any) -> str:
     if rt.embedded:
         raise BrokerRequired("enqueue")
     try:
-        task_id = submit(rt, prompt, **kwargs)
+        task_id, send = _admitted(rt, prompt, **kwargs)
+        if not send:
+            return task_id  # steered: the running task takes the message
     except TaskExists as exc:
         if not exc.identical:
             raise
@@ -198,6 +217,9 @@ def resume(task_id: str, *, on_progress: Optional[Callable[[Progress], None]] = 
         raise TaskNotFound(task_id)
     if holder.status.is_terminal:
         raise TaskNotResumable(task_id, holder.status.value)
+    if holder.status is TaskStatus.WAITING:
+        raise NotWaiting(f"task {task_id!r}", "it waits for the user: `longhaul reply`, `approve` or `deny` resumes it,"
+                         " not `resume`")
     if holder.token is not None and not any(row.task_id == task_id for row, _ in find_interrupted(rt)):
         raise TaskBusy(task_id, holder.host, holder.pid)
     _drive(rt, [task_id], on_progress=on_progress)
@@ -252,6 +274,56 @@ def cancel(task_id: str) -> TaskStatus:
 
 
 @strict
+def reply(thread_id: str, text: str) -> str:
+    """Answer the question the thread's waiting task asked (`ask_user`, `WaitForReply`); returns its id.
+
+    `text` becomes that tool call's result and the task resumes from there.
+    `NotWaiting` if no task of the thread waits for a reply. Sending the
+    thread any message with `enqueue` does the same.
+    """
+    rt = get_runtime()
+    task_id = rt.store.waiting_task(thread_id)
+    if task_id is None:
+        raise NotWaiting(f"thread {thread_id!r}", "no task of it waits for a reply")
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInput("text: the reply must be non-empty text")
+    rt.store.answer_wait(task_id, text, decision="replied", kinds=("reply",))
+    _send_resumed(rt, task_id)
+    return task_id
+
+
+@strict
+def approve(task_id: str) -> str:
+    """Approve the call the task waits on (a ``needs_approval`` tool): it runs, and the task goes on."""
+    rt = get_runtime()
+    rt.store.approve(task_id)
+    _send_resumed(rt, task_id)
+    return task_id
+
+
+@strict
+def deny(task_id: str, *, reason: Optional[str] = None) -> str:
+    """Deny the call the task waits on: its result says it was denied (with `reason`), and the task goes on."""
+    rt = get_runtime()
+    wait = rt.store.wait_of(task_id)
+    rt.store.answer_wait(task_id, denial(wait.tool if wait else "the tool", reason), decision="denied",
+                         kinds=("approval",))
+    _send_resumed(rt, task_id)
+    return task_id
+
+
+def _send_resumed(rt: Runtime, task_id: str) -> None:
+    """Send a task that stopped waiting; without Redis, run it here to its end (or its next wait)."""
+    if rt.embedded:
+        _drive(rt, [task_id], on_progress=None)
+        return
+    try:
+        rt.send(task_id)
+    except BrokerUnavailable as exc:  # it is resumable: recovery sends it
+        logger.warning("%s", exc)
+
+
+@strict
 def thread_turns(thread_id: str) -> list[ChatMessage]:
     """The thread's story: each finished task's prompt and answer (or how it ended), in arrival order."""
     return get_runtime().store.thread_story(thread_id).turns
@@ -287,7 +359,17 @@ def follow(task_id: Optional[str] = None, *, thread_id: Optional[str] = None, af
         yield from _follow_stored(rt, task_id, after=start, idle_timeout_s=idle_timeout_s)
         return
     key = task_key(task_id) if task_id is not None else thread_key(str(thread_id))
-    yield from follow_stream(rt.live, key, after=start, until_done_of=task_id, idle_timeout_s=idle_timeout_s)
+    yield from follow_stream(rt.live, key, after=start, until_done_of=task_id, idle_timeout_s=idle_timeout_s,
+                             ended=None if task_id is None else lambda: _stored_end(rt, str(task_id)))
+
+
+def _stored_end(rt: Runtime, task_id: str) -> Optional[dict[str, Any]]:
+    """A ``done`` event built from the store if the task has ended (its worker may have died before publishing it)."""
+    summary = rt.store.summary(task_id)
+    if not summary.status.is_terminal:
+        return None
+    return {"type": "done", "status": summary.status.value, "answer": redact_text(summary.final_response or ""),
+            "error": summary.last_error, "task_id": task_id, "from_store": True}
 
 
 def _follow_stored(rt: Runtime, task_id: str, *, after: str,
@@ -337,7 +419,7 @@ CURSOR = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 #: The keywords `submit` (and so `enqueue` and `run_inline`) declares, beside provider options.
 SUBMIT_PARAMETERS = ("agent", "thread_id", "task_id", "channel", "provider", "model", "tools", "max_steps",
-                     "time_limit_s", "budget", "if_busy")
+                     "time_limit_s", "budget", "if_busy", "reply_timeout_s")
 
 
 def _drive(rt: Runtime, task_ids: list[str], *, on_progress: Optional[Callable[[Progress], None]],
@@ -372,7 +454,7 @@ def wait_for(
     poll_s: float = 0.1,
     while_running: bool = False,
 ) -> TaskSummary:
-    """Poll the store until the task finishes (or, with `while_running`, stops running here).
+    """Poll the store until the task finishes or waits for the user (or, with `while_running`, stops running here).
 
     `while_running` also returns once the embedded worker is stopping and
     no thread here runs the task any more (its last step checkpointed, its
@@ -387,8 +469,8 @@ def wait_for(
         if on_progress is not None and summary.checkpoint_count != last_step:
             last_step = summary.checkpoint_count
             on_progress(_progress(rt, task_id, summary.status, planned_steps, time.monotonic() - started))
-        if summary.status.is_terminal:
-            return summary
+        if summary.status.is_terminal or summary.status is TaskStatus.WAITING:
+            return summary  # waiting: nobody runs it until the user answers
         if while_running and rt.stopping.is_set() and not rt.running_here(task_id):
             return rt.store.summary(task_id)  # after the loop's last checkpoint and release
         if timeout_s is not None and time.monotonic() - started > timeout_s:

@@ -272,6 +272,29 @@ def fork(task_id: str, at_step: int, thread_id: Optional[str], prompt: Optional[
 
 
 @cli.command()
+@click.argument("thread_id")
+@click.argument("text")
+def reply(thread_id: str, text: str) -> None:
+    """Answer the question THREAD_ID's waiting task asked; it resumes with TEXT as the answer. Prints its id."""
+    click.echo(api.reply(thread_id, text))
+
+
+@cli.command()
+@click.argument("task_id")
+def approve(task_id: str) -> None:
+    """Approve the tool call TASK_ID waits on: the tool runs and the task goes on."""
+    click.echo(api.approve(task_id))
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--reason", help="Told to the model as the call's result.")
+def deny(task_id: str, reason: Optional[str]) -> None:
+    """Deny the tool call TASK_ID waits on: its result says so (with --reason) and the task goes on."""
+    click.echo(api.deny(task_id, reason=reason))
+
+
+@cli.command()
 @click.argument("task_id", required=False)
 @click.option("--all", "all_tasks", is_flag=True, help="Export every task.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),

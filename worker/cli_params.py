@@ -54,7 +54,9 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--task-id", help="Use this task id instead of a generated one."),
         click.option("--if-busy", type=click.Choice(IF_BUSY_CHOICES),
                      help="The thread has an unfinished task: run after it (enqueue, the default), refuse "
-                          "(reject, exit 1), or stop it at its next step and run after it (interrupt)."),
+                          "(reject, exit 1), stop it at its next step and run after it (interrupt), or add this "
+                          "message to its history before its next model call (steer). A thread whose task waits for a "
+                          "reply takes the message as that reply."),
         click.option("--channel", default="cli", show_default=True, help="Where the task came from."),
         click.option("--provider", help="Model provider (default: LONGHAUL_DEFAULT_PROVIDER, 'scripted')."),
         click.option("--model", help="Model name for the provider."),
@@ -65,6 +67,8 @@ def task_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-steps", type=count(1), help="Fail the task past this many steps."),
         click.option("--time-limit", "time_limit_s", type=click.FloatRange(min=0, min_open=True),
                      help="Seconds the task may run in all, across resumes."),
+        click.option("--reply-timeout", "reply_timeout_s", type=click.FloatRange(min=0, min_open=True),
+                     help="Seconds the task may wait for a reply or an approval, then it ends timed_out."),
         click.option("--tool", "tools", multiple=True,
                      help="A tool the task may call (repeat for more; default: the agent's, else every tool)."),
         click.option("--max-model-calls", type=count(0), help="Budget: model calls in all."),

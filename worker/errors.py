@@ -120,6 +120,22 @@ class ThreadBusy(LonghaulError):
         self.task_id = task_id
 
 
+class WaitForReply(LonghaulError):
+    """Raised by a tool: the task waits (status `waiting`) for the user's reply to `question`.
+
+    A signal more than an error (under the one root all the same): the loop stores the
+    wait and lets the worker thread go; `longhaul.reply(thread_id, text)`
+    (or the next message on the thread) becomes this call's result and the
+    task resumes. The tool is not run again: the reply is its result.
+    """
+
+    def __init__(self, question: str) -> None:
+        if not isinstance(question, str) or not question.strip():
+            raise TypeError("WaitForReply(question): question must be non-empty text")
+        super().__init__(question)
+        self.question = question
+
+
 class BrokerUnavailable(LonghaulError):
     """The broker could not take a task's message; the task stays stored and recovery sends it later."""
 

@@ -47,6 +47,9 @@ def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
     if holder.status.is_terminal:
         logger.info("task %r is already %s; dropping duplicate delivery", task_id, holder.status.value)
         return None
+    if holder.status is TaskStatus.WAITING:
+        logger.info("task %r waits for the user; dropping the delivery (a reply resends it)", task_id)
+        return None
     if holder.status is TaskStatus.QUEUED and holder.token is None:  # free to claim but for its thread
         park_waiting_task(rt, task_id)
         return None

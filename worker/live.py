@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import orjson
 
@@ -72,6 +72,9 @@ def live_event(event_type: str, data: dict[str, Any]) -> Optional[dict[str, Any]
         return {"type": "started"}
     if event_type == "resumed":
         return {"type": "resumed", "from_step": data.get("from_step")}
+    if event_type == "waiting":
+        return {"type": "waiting", "kind": data.get("kind"), "question": redact_text(str(data.get("question", ""))),
+                "step": data.get("step"), "tool": data.get("tool")}
     if event_type == "done":
         return {"type": "done", "status": data.get("status"), "answer": redact_text(data.get("final_response") or ""),
                 "error": data.get("last_error")}
@@ -158,12 +161,21 @@ class LivePublisher:
             self.live._publish(self.task_id, self.keys, event)
 
 
+#: How long a task's live stream may stay quiet before its follower asks the store whether the task ended.
+STORE_CHECK_AFTER_S = 1.0
+
+
 def follow_stream(live: LiveOutput, key: str, *, after: str, until_done_of: Optional[str],
-                  idle_timeout_s: Optional[float], block_ms: int = 200) -> Iterator[FollowedEvent]:
+                  idle_timeout_s: Optional[float], block_ms: int = 200,
+                  ended: Optional[Callable[[], Optional[dict[str, Any]]]] = None) -> Iterator[FollowedEvent]:
     """Yield `key`'s entries after `after` as they arrive.
 
     Ends after the ``done`` event of task `until_done_of` (None: never), or
-    once `idle_timeout_s` passes without an event. Each ``XREAD`` blocks at
+    once `idle_timeout_s` passes without an event. A follower never hangs on
+    a task whose worker died between storing its end and publishing ``done``:
+    after `STORE_CHECK_AFTER_S` of quiet it calls `ended`, and if that returns
+    a ``done`` event (built from the store) yields it, with the last cursor
+    seen, and ends. Each ``XREAD`` blocks at
     most `block_ms`, so a stop is noticed quickly; a chunk is returned by
     Redis the moment it is added.
     """
@@ -177,5 +189,12 @@ def follow_stream(live: LiveOutput, key: str, *, after: str, until_done_of: Opti
             yield cursor, event
             if until_done_of is not None and event.get("type") == "done" and event.get("task_id") == until_done_of:
                 return
-        if idle_timeout_s is not None and time.monotonic() - idle_since > idle_timeout_s:
+        quiet_s = time.monotonic() - idle_since
+        if ended is not None and quiet_s > STORE_CHECK_AFTER_S:
+            done = ended()
+            if done is not None:
+                yield cursor, done
+                return
+            idle_since = time.monotonic() - STORE_CHECK_AFTER_S / 2  # ask again in half the time, not every read
+        if idle_timeout_s is not None and quiet_s > idle_timeout_s:
             return

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+import orjson
 from dramatiq.middleware import CurrentMessage, Shutdown, TimeLimitExceeded
 
 from longhaul.models import (
@@ -31,6 +32,7 @@ from longhaul.models import (
     ToolCall,
     TraceSequenceClash,
     Usage,
+    Wait,
     load_resumable_state,
     strip_tool_call_tags,
     with_orphans_answered,
@@ -41,6 +43,7 @@ from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .budgets import BudgetExceeded, Spend, check_budget
 from .context import WorkerContext
+from .errors import WaitForReply
 from .live import LivePublisher
 from .observe import NULL_RUN, ObservedProvider, ObservedStore, RunInfo, RunObserver, ToolCallListener
 from .providers import (
@@ -78,6 +81,14 @@ class _TaskFailed(Exception):
 
 class _CancelledMidStep(Exception):
     """Internal: a cancel request seen between two tool calls of one answer."""
+
+
+class _Waiting(Exception):
+    """Internal: call `call` of step `step` waits for the user (a reply, or an approval); the task waits."""
+
+    def __init__(self, kind: str, question: str, step: int, call: int, tool: str) -> None:
+        super().__init__(question)
+        self.kind, self.question, self.step, self.call, self.tool = kind, question, step, call, tool
 
 
 def run_claimed_task(rt: WorkerContext, claim: Claim) -> TaskStatus:
@@ -118,6 +129,7 @@ class TaskRun:
         self.totals, self.spend = Usage(), Spend()
         #: The step in progress as stored: its answer and the results journaled so far (None between steps).
         self.open_step: Optional[OpenStep] = None
+        self.reply_timeout_s: Optional[float] = None  # the spec's reply_timeout_s, for `_wait`
 
     def run(self) -> TaskStatus:
         """Run until the task finishes or is interrupted (see `run_claimed_task`), observed from start to end."""
@@ -162,6 +174,8 @@ class TaskRun:
             return self._fail(exc)
         except _CancelledMidStep as exc:
             return self._finish(TaskStatus.CANCELLED, last_error=str(exc))
+        except _Waiting as exc:
+            return self._wait(exc)
         except TimeLimitExceeded:
             return self._finish(TaskStatus.TIMED_OUT, last_error="time limit exceeded")
         except LeaseLost as exc:
@@ -254,6 +268,7 @@ class TaskRun:
                          history: list[ChatMessage]) -> TaskStatus:
         task_id = self.task_id
         self.options = dict(spec.options)
+        self.reply_timeout_s = spec.reply_timeout_s
         self.totals, self.spend = record.usage, Spend.stored(record)
         step = self._reopen_step(record, history)
         index = record.last_step_index if step is None else step.step_index
@@ -262,12 +277,17 @@ class TaskRun:
                 logger.info("task %r: worker shutting down; stopping after step %d", task_id, index)
                 self._release(redeliver_at=None)
                 return TaskStatus.RUNNING
-            if (stop_reason := self.store.cancel_reason(task_id)) is not None:  # cancel, or if_busy="interrupt"
+            stop_reason, steered = self.store.step_boundary(task_id)  # one read: cancel, if_busy interrupt/steer
+            if stop_reason is not None:
                 done = index if step is None else index - 1  # a reopened step is not done yet
                 return self._finish(TaskStatus.CANCELLED, last_error=f"{stop_reason} after step {done}")
+            if steered and step is None:  # if_busy="steer": the messages join the history before the model call
+                history.extend(self.store.take_steering(task_id, lease_token=self.claim.token))
             if step is None:
                 index += 1
                 turn = self._ask_model(record, spec, provider, history, index)
+                if not turn.tool_calls and self._steered_during(history, turn):
+                    continue  # a steer came while the model answered: it answers that too
                 if not turn.tool_calls:
                     self.tracer.end_turn()
                     return self._finish(TaskStatus.COMPLETED, final_response=turn.content,
@@ -280,6 +300,16 @@ class TaskRun:
             history.extend(self.open_step.messages if self.open_step else ())
             step = self.open_step = None
             _reset_retries()
+
+    def _steered_during(self, history: list[ChatMessage], turn: AssistantTurn) -> bool:
+        """A steer arrived during the final model call: store that answer and the steer; the model is asked again."""
+        if not self.store.step_boundary(self.task_id)[1]:
+            return False
+        answer = ChatMessage.assistant(turn.content)
+        self.store.append_histories(self.task_id, execution=[answer], lease_token=self.claim.token)
+        history.append(answer)
+        history.extend(self.store.take_steering(self.task_id, lease_token=self.claim.token))
+        return True
 
     def _reopen_step(self, record: TaskRecord, history: list[ChatMessage]) -> Optional[OpenStep]:
         """The step a crash left open, its stored messages taken off the end of `history`; None if none."""
@@ -342,7 +372,9 @@ class TaskRun:
         pending = step.pending_calls
         ran: dict[int, tuple[ChatMessage, CheckpointItem]] = {}
         known = TOOLS if self.tools is None else self.tools
-        parallel = len(pending) > 1 and all(getattr(known.get(call.name), "parallel", False) for _, call in pending)
+        parallel = len(pending) > 1 and all(getattr(known.get(call.name), "parallel", False)
+                                            and not getattr(known.get(call.name), "needs_approval", False)
+                                            for _, call in pending)
         for index, outcome in (self._calls_at_once if parallel else self._calls_in_turn)(spec, step, pending):
             ran[index] = outcome
             if len(ran) < len(pending):
@@ -359,9 +391,26 @@ class TaskRun:
             if done and (stop_reason := self.store.cancel_reason(self.task_id)) is not None:
                 raise _CancelledMidStep(
                     f"{stop_reason} during step {step.step_index}, before its tool call {index + 1}")
+            self._check_approved(step, index, call)
             ctx = self._tool_context(spec, step, index)
             started = time.perf_counter()
-            yield index, self._tool_finished(call, ctx, run_tool_call(call, ctx, self.tools), started)
+            try:
+                result = run_tool_call(call, ctx, self.tools)
+            except WaitForReply as exc:
+                raise _Waiting("reply", exc.question, step.step_index, index, call.name) from None
+            yield index, self._tool_finished(call, ctx, result, started)
+
+    def _check_approved(self, step: OpenStep, index: int, call: ToolCall) -> None:
+        """A ``needs_approval`` tool runs only once `longhaul approve` approved this very call; else the task waits."""
+        known = TOOLS if self.tools is None else self.tools
+        if not getattr(known.get(call.name), "needs_approval", False):
+            return
+        wait = self.store.wait_of(self.task_id)
+        if wait is not None and (wait.kind, wait.step, wait.call, wait.decision) == (
+                "approval", step.step_index, index, "approved"):
+            return
+        raise _Waiting("approval", f"approve the call {call.name}({orjson.dumps(call.arguments).decode()})?",
+                       step.step_index, index, call.name)
 
     def _calls_at_once(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
                        ) -> Iterator[tuple[int, tuple[ChatMessage, CheckpointItem]]]:
@@ -373,7 +422,11 @@ class TaskRun:
                        for index, call in pending for ctx in [self._tool_context(spec, step, index)]}
             for future in as_completed(futures):
                 index, call, ctx = futures[future]
-                yield index, self._tool_finished(call, ctx, future.result(), started)
+                try:
+                    result = future.result()
+                except WaitForReply as exc:  # the calls that finished before it are journaled; the rest run again
+                    raise _Waiting("reply", exc.question, step.step_index, index, call.name) from None
+                yield index, self._tool_finished(call, ctx, result, started)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -430,6 +483,24 @@ class TaskRun:
         """Fail the task, keeping what the step in progress already did (its answer and results are journaled)."""
         self.tracer.emit("budget_exceeded", {"limit": exc.limit, "limit_value": exc.limit_value, "used": exc.used})
         return self._finish(TaskStatus.FAILED, last_error=str(exc))
+
+    def _wait(self, waiting: _Waiting) -> TaskStatus:
+        """The task waits for the user: the step stays open with the call pending; no lease, no worker thread."""
+        assert self.open_step is not None
+        timeout = self.reply_timeout_s
+        self.tracer.emit("waiting", {"kind": waiting.kind, "question": waiting.question, "step": waiting.step,
+                                     "tool": waiting.tool, "reply_timeout_s": timeout})
+        wait = Wait(kind=waiting.kind, question=waiting.question, step=waiting.step, call=waiting.call,
+                    tool=waiting.tool, since=self.store.clock(), reply_timeout_s=timeout)
+        try:
+            self.store.append_traces(self.task_id, self.tracer.take(), lease_token=self.claim.token)
+            self.store.wait_for_user(self.task_id, wait, lease_token=self.claim.token)
+        except LeaseLost as exc:
+            logger.warning("%s", exc)
+            return TaskStatus.RUNNING
+        logger.info("task %r waits for %s (step %d, %s)", self.task_id,
+                    "a reply" if waiting.kind == "reply" else "an approval", waiting.step, waiting.tool)
+        return TaskStatus.WAITING
 
     def _fail(self, exc: BaseException, *, message: Optional[str] = None) -> TaskStatus:
         self._error_event(exc, kind="permanent")

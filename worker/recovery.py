@@ -18,6 +18,7 @@ from .broker_errors import BROKER_ERRORS
 from .context import WorkerContext
 from .errors import BrokerUnavailable
 from .identity import holder_is_dead
+from .threads import send_next_on_thread
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def resend_interrupted(rt: WorkerContext) -> list[str]:
     requeue = getattr(rt.broker, "requeue_stale_acks", None)
     if requeue is not None:
         requeue(stale_after_s=rt.settings.broker_stale_consumer_s)
+    end_expired_waits(rt)
     sent = []
     for row, reason in find_interrupted(rt):
         try:
@@ -124,6 +126,19 @@ def resend_interrupted(rt: WorkerContext) -> list[str]:
                 break
             sent.append(row.task_id)
     return sent
+
+
+def end_expired_waits(rt: WorkerContext) -> list[str]:
+    """End the waiting tasks whose reply timeout passed (`timed_out`) and send the next task of each thread."""
+    try:
+        ended = rt.store.expire_waits()
+    except StoreUnavailable as exc:
+        logger.info("could not end expired waits this pass (%s)", exc.problem)
+        return []
+    for task_id in ended:
+        logger.warning("task %r timed out waiting for a reply", task_id)
+        send_next_on_thread(rt, task_id)
+    return ended
 
 
 class _Every(threading.Thread):

@@ -12,7 +12,10 @@ the next task once the thread is free (`LeaseBook.unfinished`).
 ``reject`` refuses it (`ThreadBusy`, nothing stored), ``interrupt`` asks the
 running task to stop at its next step boundary (it ends `cancelled`,
 "interrupted by task X after step N", its work kept in the story) and runs
-the new one after it. The check is atomic (`models/thread_admission.py`).
+the new one after it, ``steer`` adds the message to the running task's
+history before its next model call (no new task). A message to a thread
+whose task waits for a reply is that reply, whatever `if_busy` says. The
+check is atomic (`models/thread_admission.py`).
 """
 
 from __future__ import annotations
@@ -21,14 +24,15 @@ import logging
 from typing import Any, Literal, Optional
 
 from longhaul.models import TaskStore
+from longhaul.models.thread_admission import Admission
 
 from .context import WorkerContext
 from .errors import BrokerUnavailable, ThreadBusy
 
 logger = logging.getLogger(__name__)
 
-#: The `if_busy` strategies (``steer`` comes with issue 14's journaled turns); the store checks them too.
-IfBusy = Literal["enqueue", "reject", "interrupt"]
+#: The `if_busy` strategies; the store checks them too.
+IfBusy = Literal["enqueue", "reject", "interrupt", "steer"]
 
 
 def park_waiting_task(rt: WorkerContext, task_id: str) -> None:
@@ -52,8 +56,11 @@ def send_next_on_thread(rt: WorkerContext, task_id: str) -> Optional[str]:
     return following
 
 
-def admit(store: TaskStore, *, if_busy: str, **task: Any) -> bool:
-    """Store a new task on its thread as `if_busy` says (`TaskStore.admit_task`); False if its id is taken.
+def admit(store: TaskStore, *, if_busy: str, **task: Any) -> Admission:
+    """Store a new task on its thread as `if_busy` says (`TaskStore.admit_task`); what it did.
+
+    Not created: its id is taken, or the message was the reply of the
+    thread's waiting task (`replied_to`), or steered the running one (`steered`).
 
     `ThreadBusy` (nothing stored) for ``reject`` on a thread with an
     unfinished task. The check and the insert are one transaction with the
@@ -65,5 +72,5 @@ def admit(store: TaskStore, *, if_busy: str, **task: Any) -> bool:
         raise ThreadBusy(task["thread_id"], busy_id, status.value)
     for interrupted in admission.interrupted:
         logger.info("task %r interrupted by %r: it stops at its next step boundary", interrupted, task["task_id"])
-    return admission.created
+    return admission
 

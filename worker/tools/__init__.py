@@ -2,7 +2,8 @@
 
 Built in: `ledger` (the scripted provider's), `read_file`, `write_file` and
 `list_files` (confined to the task's workspace, see `files`), and
-`http_get` (size-capped, public addresses only by default, see `http`).
+`http_get` (size-capped, public addresses only by default, see `http`),
+`ask_user` (the task waits for the user's reply, see `ask_user`).
 User code adds tools with ``@tool()`` at module level of an app module
 (registered when the module is imported, in every process that imports
 it) or with `register_tool` for tools built at run time. A task chooses
@@ -18,13 +19,14 @@ from pydantic import BaseModel, ValidationError
 
 from longhaul.models import CheckpointItem, InvalidInput, ToolCall
 
-from ..errors import ToolError, UnknownTool
+from ..errors import ToolError, UnknownTool, WaitForReply
+from .ask_user import ASK_USER
 from .base import Tool, ToolContext, ToolFunction, ToolResult, define_tool
 from .files import LIST_FILES, READ_FILE, WRITE_FILE
 from .http import HTTP_GET
 from .ledger import LEDGER
 
-TOOLS: dict[str, Tool] = {t.name: t for t in (LEDGER, READ_FILE, WRITE_FILE, LIST_FILES, HTTP_GET)}
+TOOLS: dict[str, Tool] = {t.name: t for t in (LEDGER, READ_FILE, WRITE_FILE, LIST_FILES, HTTP_GET, ASK_USER)}
 
 
 def register_tool(tool: Tool) -> None:
@@ -33,7 +35,8 @@ def register_tool(tool: Tool) -> None:
 
 
 def tool(name: Optional[str] = None, *, description: Optional[str] = None,
-         options: Optional[type[BaseModel]] = None, parallel: bool = False) -> Callable[[ToolFunction], Tool]:
+         options: Optional[type[BaseModel]] = None, parallel: bool = False,
+         needs_approval: bool = False) -> Callable[[ToolFunction], Tool]:
     """Decorate ``fn(args: SomeModel, ctx: ToolContext) -> str`` to make it a registered `Tool`.
 
     At module level of an app module (``--app`` / ``LONGHAUL_APP``) the tool
@@ -41,10 +44,13 @@ def tool(name: Optional[str] = None, *, description: Optional[str] = None,
     included. The name defaults to the function's, the description to its
     docstring; `options` is a pydantic model of the task options the tool
     reads (see `Tool`); ``parallel=True`` declares it safe to run at the
-    same time as the other calls of one answer. Every parameter is keyword-only but the name, so
+    same time as the other calls of one answer; ``needs_approval=True`` makes
+    each call wait (status `waiting`) for ``longhaul approve`` or ``longhaul
+    deny`` before it runs. Every parameter is keyword-only but the name, so
     later ones can be added freely.
     """
-    make = define_tool(name, description=description, options=options, parallel=parallel)
+    make = define_tool(name, description=description, options=options, parallel=parallel,
+                       needs_approval=needs_approval)
 
     def register(fn: ToolFunction) -> Tool:
         made = make(fn)
@@ -85,7 +91,8 @@ def run_tool_call(call: ToolCall, ctx: ToolContext, tools: Optional[Mapping[str,
     Refused: a tool the task may not call, an unknown tool, arguments that
     were not a JSON object (`ToolCall.invalid_arguments`), arguments that fail
     validation (the message names each field). A `ToolError` is reported as
-    its message; any other exception with its type.
+    its message; any other exception with its type. `WaitForReply` is
+    raised on: the task waits for the user's reply (see `loop.py`).
     """
     known = TOOLS if tools is None else tools
     offered = allowed_tools(ctx.options, known)
@@ -106,6 +113,8 @@ def run_tool_call(call: ToolCall, ctx: ToolContext, tools: Optional[Mapping[str,
         return ToolResult(False, f"invalid arguments for {call.name}: {problems}")
     try:
         return ToolResult(True, tool_.run(args, ctx))
+    except WaitForReply:
+        raise  # the task waits for the user: the loop stores the wait
     except ToolError as exc:
         return ToolResult(False, f"{call.name} failed: {exc}")
     except Exception as exc:  # a tool's failure is the model's to handle, not the worker's
@@ -128,7 +137,8 @@ __all__ = [
     # Registry
     "TOOLS", "UnknownTool", "allowed_tools", "define_tool", "register_tool", "tool", "validate_tool_names",
     # Calls
-    "Tool", "ToolContext", "ToolError", "ToolResult", "checkpoint_item", "failed_output", "run_tool_call",
+    "Tool", "ToolContext", "ToolError", "WaitForReply", "ToolResult", "checkpoint_item", "failed_output",
+    "run_tool_call",
     # Built-ins
-    "HTTP_GET", "LEDGER", "LIST_FILES", "READ_FILE", "WRITE_FILE",
+    "ASK_USER", "HTTP_GET", "LEDGER", "LIST_FILES", "READ_FILE", "WRITE_FILE",
 ]

@@ -56,6 +56,8 @@ class Tool:
     arguments, checked like its provider's options. `parallel` says the
     tool is safe to run at the same time as other calls of one answer:
     when every call of an answer is to such a tool, they run at once.
+    `needs_approval` makes each call wait for an approval before it runs
+    (`longhaul approve TASK_ID`; a denial is its result instead).
     """
 
     name: str
@@ -65,10 +67,13 @@ class Tool:
     schema: Optional[dict[str, Any]] = None
     options: Optional[type[BaseModel]] = None
     parallel: bool = False
+    #: The call waits (status `waiting`) for `longhaul approve` / `longhaul deny` before it runs.
+    needs_approval: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.parallel, bool):
-            raise InvalidInput(f"tool {self.name}: parallel must be True or False, got {self.parallel!r}")
+        for flag in ("parallel", "needs_approval"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidInput(f"tool {self.name}: {flag} must be True or False, got {getattr(self, flag)!r}")
 
     def json_schema(self) -> dict[str, Any]:
         """The arguments' JSON schema, as providers send it to the model (computed once per model; do not mutate)."""
@@ -86,18 +91,21 @@ ToolFunction = Callable[[Any, ToolContext], str]
 
 
 def define_tool(name: Optional[str] = None, *, description: Optional[str] = None,
-                options: Optional[type[BaseModel]] = None, parallel: bool = False) -> Callable[[ToolFunction], Tool]:
+                options: Optional[type[BaseModel]] = None, parallel: bool = False,
+                needs_approval: bool = False) -> Callable[[ToolFunction], Tool]:
     """Make a `Tool` of a typed function ``fn(args: SomeModel, ctx: ToolContext) -> str``, unregistered.
 
     The arguments model is the first parameter's annotation (a pydantic
     model; its JSON schema is what the model sees), the name defaults to the
     function's and the description to its docstring; ``parallel=True`` lets
-    calls of one answer run at once (see `Tool`). `worker.tools.tool`
+    calls of one answer run at once, ``needs_approval=True`` makes each call wait for an
+    approval (see `Tool`). `worker.tools.tool`
     does the same and registers the result.
     """
 
-    if not isinstance(parallel, bool):
-        raise InvalidInput(f"parallel: must be True or False, got {parallel!r}")
+    for flag, value in (("parallel", parallel), ("needs_approval", needs_approval)):
+        if not isinstance(value, bool):
+            raise InvalidInput(f"{flag}: must be True or False, got {value!r}")
 
     def make(fn: ToolFunction) -> Tool:
         params = list(inspect.signature(fn).parameters)
@@ -108,6 +116,6 @@ def define_tool(name: Optional[str] = None, *, description: Optional[str] = None
         if not text:
             raise TypeError(f"tool {fn.__name__}: give it a docstring or a description; the model reads it")
         return Tool(name=name or fn.__name__, description=text, arguments=model, run=fn, options=options,
-                    parallel=parallel)
+                    parallel=parallel, needs_approval=needs_approval)
 
     return make
