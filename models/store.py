@@ -267,7 +267,7 @@ class TaskStore:
 
     def step_boundary(self, task_id: str) -> tuple[Optional[str], bool]:
         """What the loop reads between steps, in one query: `cancel_reason`, and whether steering messages wait."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._tasks.step_boundary(task_id)
 
     def delete_by_thread_id(self, thread_id: str) -> int:
@@ -491,38 +491,38 @@ class TaskStore:
 
     def wait_for_user(self, task_id: str, wait: Wait, *, lease_token: Optional[str] = None) -> None:
         """Fenced: the running task waits (status `waiting`, no lease, nothing due) for what `wait` says."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             self._waiting.wait(task_id, wait, lease_token=lease_token)
 
     def waiting_task(self, thread_id: str) -> Optional[str]:
         """The thread's task that waits for a reply or an approval, or None."""
-        with StoreFailures():
+        with self.context.call():
             return self._waiting.waiting_task(thread_id)
 
     def wait_of(self, task_id: str) -> Optional[Wait]:
         """What the task waits (or last waited) for, with the decision once answered; None if it never waited."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._waiting.wait_of(task_id)
 
     def answer_wait(self, task_id: str, text: str, *, decision: str = "replied",
                     kinds: tuple[str, ...] = ("reply",)) -> Wait:
         """Store `text` as the waiting call's result; the task is resumable (send it). `NotWaiting` otherwise."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._waiting.answer(task_id, text, decision=decision, kinds=kinds)
 
     def approve(self, task_id: str) -> Wait:
         """Approve the call the task waits on; the task is resumable (send it). `NotWaiting` otherwise."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._waiting.approve(task_id)
 
     def expire_waits(self, *, limit: int = 100) -> list[str]:
         """End (`timed_out`) the waiting tasks whose reply timeout has passed; their ids."""
-        with StoreFailures():
+        with self.context.call():
             return self._waiting.expire(limit=limit)
 
     def take_steering(self, task_id: str, *, lease_token: Optional[str] = None) -> list[ChatMessage]:
         """Fenced: the steering messages sent to the running task, now appended to its histories."""
-        with StoreFailures(task_id):
+        with self.context.call(task_id):
             return self._waiting.take_steering(task_id, lease_token=lease_token)
 
     def next_startable(self, task_id: str) -> Optional[str]:
