@@ -32,7 +32,7 @@ from longhaul.worker.loop import TaskRun
 from longhaul.worker.providers import AssistantTurn, StepContext
 from longhaul.worker.providers.anthropic import anthropic_messages
 from longhaul.worker.providers.openai import chat_messages
-from longhaul.worker.tools import Tool, ToolContext, define_tool
+from longhaul.worker.tools import Tool, ToolContext, ToolError, define_tool
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -161,6 +161,59 @@ def test_a_run_interrupted_between_two_tools_resumes_with_the_pending_call_only_
     assert runtime.store.open_step(task_id) is None
     assert record.turn_count == 2 and record.tool_call_count == 3
     assert_no_orphans(record.execution_history)
+
+
+def _echo_and_broken_tools(calls: Calls) -> dict[str, Tool]:
+    """`echo` answers its text (after recording the call, which may interrupt); `broken` always fails."""
+
+    @define_tool("echo")
+    def echo(args: Note, ctx: ToolContext) -> str:
+        """Say the text back."""
+        calls.record(args, ctx)
+        return args.text
+
+    @define_tool("broken")
+    def broken(args: Note, ctx: ToolContext) -> str:
+        """Fail."""
+        raise ToolError("it broke")
+
+    return {"echo": echo, "broken": broken}
+
+
+LOOKS_FAILED = "echo failed: no, this call worked"  # a success whose text starts like `run_tool_call`'s failures
+
+
+def test_a_resumed_step_keeps_each_journaled_results_success_flag_even_when_its_text_reads_like_a_failure(
+    runtime, calls
+):
+    task_id = new_task(runtime, "flags")
+    tools = _echo_and_broken_tools(calls)
+    provider = Planned(("echo", LOOKS_FAILED), ("broken", "x"), ("echo", "b"))
+    calls.interrupt_at = "b"
+
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.RUNNING
+    step = runtime.store.open_step(task_id)
+    assert step is not None and step.succeeded == (True, False, None)
+
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.COMPLETED
+    items = runtime.store.get(task_id).checkpoints[0].items
+    assert [(item.output, item.success) for item in items] == [
+        (LOOKS_FAILED, True), ("broken failed: it broke", False), ("b", True)]
+
+
+def test_a_result_journaled_without_a_flag_by_an_older_release_is_judged_by_its_text_as_before(runtime, calls):
+    task_id = new_task(runtime, "legacy")
+    tools = _echo_and_broken_tools(calls)
+    provider = Planned(("echo", LOOKS_FAILED), ("echo", "ok"), ("echo", "b"))
+    calls.interrupt_at = "b"
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.RUNNING
+    runtime.store.db.execute_sql('UPDATE "message" SET "tool_succeeded" = NULL')  # as a schema-7 row reads
+    step = runtime.store.open_step(task_id)
+    assert step is not None and step.succeeded == (None, None, None)
+
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.COMPLETED
+    items = runtime.store.get(task_id).checkpoints[0].items
+    assert [item.success for item in items] == [False, True, True]  # the guess: fooled by the text, as before
 
 
 def test_the_store_keeps_results_in_the_answers_order_whatever_order_they_complete_in(runtime):

@@ -348,7 +348,7 @@ class TaskRun:
             if len(ran) < len(pending):
                 assert self.open_step is not None
                 self.open_step = self.store.journal_result(self.open_step, index, outcome[0],
-                                                           lease_token=self.claim.token)
+                                                           lease_token=self.claim.token, success=outcome[1].success)
         return ran
 
     def _calls_in_turn(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
@@ -405,9 +405,7 @@ class TaskRun:
         for index, (message, _item) in ran.items():
             if complete.results[index] is None:
                 complete = complete.with_result(index, message)
-        items = [ran[index][1] if index in ran else
-                 CheckpointItem(tool_name=call.name, arguments=call.arguments,
-                                success=not failed_output(call, result.content), output=result.content)
+        items = [ran[index][1] if index in ran else _replayed_item(stored, index, call, result)
                  for index, (call, result) in enumerate(zip(complete.calls, complete.messages[1:], strict=True))]
         note = f"step {step.step_index} done: " + ", ".join(
             f"{item.tool_name} {'ok' if item.success else 'failed'}" for item in items)
@@ -477,6 +475,15 @@ class TaskRun:
         except Exception:  # the lease then simply expires
             logger.warning("task %r: could not release its lease; it resumes when the lease expires",
                            self.task_id, exc_info=True)
+
+
+def _replayed_item(step: OpenStep, index: int, call: ToolCall, result: ChatMessage) -> CheckpointItem:
+    """The checkpoint item of a result journaled by an earlier run: its stored success flag, else (a row
+    stored before schema 8) the flag guessed from its text."""
+    succeeded = step.result_succeeded(index)
+    if succeeded is None:
+        succeeded = not failed_output(call, result.content)
+    return CheckpointItem(tool_name=call.name, arguments=call.arguments, success=succeeded, output=result.content)
 
 
 def _reset_retries() -> None:
