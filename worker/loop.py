@@ -41,6 +41,7 @@ from longhaul.models.traces import NullTraceWriter, TraceWriter
 
 from .budgets import BudgetExceeded, Spend, check_budget
 from .context import WorkerContext
+from .fault_points import fault_point
 from .live import LivePublisher
 from .observe import NULL_RUN, ObservedProvider, ObservedStore, RunInfo, RunObserver, ToolCallListener
 from .providers import (
@@ -331,6 +332,7 @@ class TaskRun:
                                          traces=self.tracer.take(), usage=self.usage)
         self.totals, self.usage = self.totals + self.usage, Usage()
         self.open_step = step
+        fault_point("after_answer_journaled")
         return step
 
     def _run_pending_calls(self, spec: TaskSpec, step: OpenStep) -> dict[int, tuple[ChatMessage, CheckpointItem]]:
@@ -349,6 +351,8 @@ class TaskRun:
                 assert self.open_step is not None
                 self.open_step = self.store.journal_result(self.open_step, index, outcome[0],
                                                            lease_token=self.claim.token, success=outcome[1].success)
+                fault_point("in_parallel_batch" if parallel else "between_tools")
+        fault_point("before_checkpoint")
         return ran
 
     def _calls_in_turn(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
