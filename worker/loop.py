@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from dramatiq.middleware import CurrentMessage, Shutdown, TimeLimitExceeded
@@ -68,6 +68,11 @@ from .tools import (
 
 logger = logging.getLogger(__name__)
 
+
+#: The most tool calls of one parallel batch that run at the same time; the others wait their turn.
+PARALLEL_TOOL_THREADS = 8
+#: How long the step loop waits for a parallel batch at a time (see `TaskRun._calls_at_once`).
+TOOL_WAIT_SLICE_S = 0.05
 
 #: Errors worth a Dramatiq retry (with backoff) from the latest checkpoint.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TransientProviderError, StoreUnavailable)
@@ -369,17 +374,62 @@ class TaskRun:
 
     def _calls_at_once(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
                        ) -> Iterator[tuple[int, tuple[ChatMessage, CheckpointItem]]]:
-        # Tracing and the store stay on this thread; the pool only runs the tools.
-        pool = ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix=f"tools-{self.task_id}")
+        """Run the calls on a pool of up to `PARALLEL_TOOL_THREADS`; yield each result as it completes.
+
+        Tracing and the store stay on this thread; the pool only runs the
+        tools. The wait is cut in `TOOL_WAIT_SLICE_S` slices: Dramatiq's time
+        limit (and its shutdown) is an exception raised *into this thread*,
+        which Python delivers only while the thread runs bytecode, never
+        inside one long wait for a future. When the batch is stopped that way
+        (`_left_behind`), calls not yet started never start; calls still
+        running cannot be stopped (Python cannot kill a thread): they are
+        logged and traced, their results are dropped, and the task's end
+        gives each pending call a synthetic result.
+        """
+        pool = ThreadPoolExecutor(max_workers=min(len(pending), PARALLEL_TOOL_THREADS),
+                                  thread_name_prefix=f"tools-{self.task_id}")
+        futures: dict[Future[ToolResult], tuple[int, ToolCall, ToolContext]] = {}
+        reported: set[Future[ToolResult]] = set()
         try:
             started = time.perf_counter()
-            futures = {pool.submit(run_tool_call, call, ctx, self.tools): (index, call, ctx)
-                       for index, call in pending for ctx in [self._tool_context(spec, step, index)]}
-            for future in as_completed(futures):
-                index, call, ctx = futures[future]
-                yield index, self._tool_finished(call, ctx, future.result(), started)
+            for index, call in pending:
+                ctx = self._tool_context(spec, step, index)
+                futures[pool.submit(run_tool_call, call, ctx, self.tools)] = (index, call, ctx)
+            waiting = set(futures)
+            while waiting:
+                done, waiting = wait(waiting, timeout=TOOL_WAIT_SLICE_S, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, call, ctx = futures[future]
+                    reported.add(future)
+                    yield index, self._tool_finished(call, ctx, future.result(), started)
+        except BaseException as exc:  # a time limit, a shutdown, the generator closed by either: stop the batch
+            self._left_behind(step, futures, reported, exc)
+            raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _left_behind(self, step: OpenStep, futures: dict[Future[ToolResult], tuple[int, ToolCall, ToolContext]],
+                     reported: set[Future[ToolResult]], exc: BaseException) -> None:
+        """A parallel batch stopped early: cancel the calls not started; log and trace those left running."""
+        not_started, running = [], []
+        for future, (_index, call, ctx) in futures.items():
+            if future in reported:
+                continue
+            about = {"tool": call.name, "call_id": call.id, "idempotency_key": ctx.idempotency_key}
+            if future.cancel():
+                not_started.append(about)
+            elif not future.done():
+                running.append(about)
+        if not (not_started or running):
+            return
+        reason = "GeneratorExit" if isinstance(exc, GeneratorExit) else type(exc).__name__
+        if running:
+            logger.warning("task %r: step %d stopped (%s) with %d tool call(s) still running in their threads, "
+                           "which Python cannot stop; their results will be dropped: %s", self.task_id,
+                           step.step_index, reason, len(running),
+                           ", ".join(f"{c['tool']} {c['idempotency_key']}" for c in running))
+        self.tracer.emit("tool_calls_left_behind", {"step": step.step_index, "reason": reason,
+                                                    "running": running, "not_started": not_started})
 
     def _tool_context(self, spec: TaskSpec, step: OpenStep, index: int) -> ToolContext:
         """The call's context, after the budget allows it and its start is traced."""
