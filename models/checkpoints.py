@@ -96,7 +96,8 @@ class Checkpoints:
                 ctx.insert_messages([
                     row for index, stored in enumerate(journal.results) if stored is None
                     for row in message_rows(task_pk, EXECUTION, journal.result_position(index),
-                                            [update.new_messages[1 + index]], update.step_index)])
+                                            [update.new_messages[1 + index]], update.step_index,
+                                            tool_succeeded=_item_success(update, index))])
                 added, turns, tool_calls = 0, 0, 0
             if lease_s is not None:  # read the clock now: the row lock above may have been waited for
                 lease_expires_at = ctx.clock() + lease_s
@@ -136,7 +137,7 @@ class Checkpoints:
                         results=(None,) * len(calls))
 
     def journal_result(self, step: OpenStep, call_index: int, result: ChatMessage, *,
-                       lease_token: Optional[str]) -> OpenStep:
+                       lease_token: Optional[str], success: Optional[bool] = None) -> OpenStep:
         """Store one tool result of an open step in its reserved position; returns the step with it."""
         ctx = self.ctx
         with ctx.db.atomic():
@@ -145,8 +146,8 @@ class Checkpoints:
             if row is None:
                 raise TaskNotFound(step.task_id)
             ctx.insert_messages(message_rows(row[0], EXECUTION, step.result_position(call_index), [result],
-                                             step.step_index))
-        return step.with_result(call_index, result)
+                                             step.step_index, tool_succeeded=success))
+        return step.with_result(call_index, result, succeeded=success)
 
     def open_step(self, task_id: str) -> Optional[OpenStep]:
         """The task's step whose answer is stored but not its checkpoint, or None."""
@@ -217,3 +218,8 @@ def _ended_because(status: TaskStatus, last_error: Optional[str]) -> str:
     """Why a task's pending tool calls never got their result: what its synthetic results say."""
     reason = f"the task ended ({status.value})"
     return f"{reason}: {redact_text(last_error)}" if last_error else reason
+
+
+def _item_success(update: CheckpointUpdate, call_index: int) -> Optional[bool]:
+    """The success flag of the step's item for call `call_index`, stored with its result; None if no such item."""
+    return update.items[call_index].success if call_index < len(update.items) else None

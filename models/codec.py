@@ -71,8 +71,12 @@ def refuse_nul_identifiers(**fields: object) -> None:
 
 
 def message_rows(task_pk: int, history: int, first_position: int, messages: Sequence[ChatMessage],
-                 step_index: Optional[int]) -> list[tuple[Any, ...]]:
-    """`message` rows for `messages`, numbered from `first_position`, in `Statements.insert_message` order."""
+                 step_index: Optional[int], *, tool_succeeded: Optional[bool] = None) -> list[tuple[Any, ...]]:
+    """`message` rows for `messages`, numbered from `first_position`, in `Statements.insert_message` order.
+
+    `tool_succeeded` is stored with the tool results among `messages` (the
+    journal stores one result at a time); None leaves the flag unknown.
+    """
     return [
         (
             task_pk,
@@ -85,6 +89,7 @@ def message_rows(task_pk: int, history: int, first_position: int, messages: Sequ
             message.name,
             None if message.tool_calls is None
             else orjson.dumps([call.model_dump() for call in message.tool_calls]).decode(),
+            tool_succeeded if message.role == "tool" else None,
         )
         for offset, message in enumerate(messages)
     ]

@@ -64,10 +64,11 @@ class Forks:
             new_pk = Task.select(Task.id).where(Task.task_id == new_task_id).scalar()
             Message.insert_from(
                 Message.select(new_pk, Message.history, Message.position, Message.step_index, Message.role,
-                               Message.content, Message.tool_call_id, Message.name, Message.tool_calls)
+                               Message.content, Message.tool_call_id, Message.name, Message.tool_calls,
+                               Message.tool_succeeded)
                 .where((Message.task == row.id) & (Message.history == EXECUTION) & (Message.position <= through)),
                 [Message.task, Message.history, Message.position, Message.step_index, Message.role,
-                 Message.content, Message.tool_call_id, Message.name, Message.tool_calls],
+                 Message.content, Message.tool_call_id, Message.name, Message.tool_calls, Message.tool_succeeded],
             ).execute()
             Checkpoint.insert_from(
                 Checkpoint.select(new_pk, Checkpoint.step_index, Checkpoint.checkpoint_note, Checkpoint.items,

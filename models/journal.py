@@ -36,6 +36,9 @@ class OpenStep:
     `answer_position` is the answer's execution-history position; the
     result of call ``i`` is stored at ``answer_position + 1 + i``
     (`result_position`), whatever order the calls finish in.
+    `succeeded[i]` is whether that stored result says its call succeeded
+    (None: no result yet, or one stored before schema 8 without the flag);
+    empty means unknown for every call.
     """
 
     task_id: str
@@ -43,6 +46,7 @@ class OpenStep:
     answer: ChatMessage
     answer_position: int
     results: tuple[Optional[ChatMessage], ...]
+    succeeded: tuple[Optional[bool], ...] = ()
 
     @property
     def calls(self) -> list[ToolCall]:
@@ -73,10 +77,16 @@ class OpenStep:
     def result_position(self, call_index: int) -> int:
         return self.answer_position + 1 + call_index
 
-    def with_result(self, call_index: int, message: ChatMessage) -> OpenStep:
+    def result_succeeded(self, call_index: int) -> Optional[bool]:
+        """Whether the stored result of call `call_index` says it succeeded; None if no flag was stored."""
+        return self.succeeded[call_index] if call_index < len(self.succeeded) else None
+
+    def with_result(self, call_index: int, message: ChatMessage, *, succeeded: Optional[bool] = None) -> OpenStep:
         results = list(self.results)
         results[call_index] = message
-        return replace(self, results=tuple(results))
+        flags = list(self.succeeded) + [None] * (len(results) - len(self.succeeded))
+        flags[call_index] = succeeded
+        return replace(self, results=tuple(results), succeeded=tuple(flags))
 
 
 def tool_result(call: ToolCall, output: str) -> ChatMessage:
@@ -125,24 +135,26 @@ def load_open_step(ctx: StoreContext, task_pk: int, task_id: str) -> Optional[Op
         Checkpoint.step_index.desc()).limit(1).scalar() or 0
     rows = list(
         Message.select(Message.position, Message.step_index, Message.role, Message.content, Message.tool_call_id,
-                       Message.name, Message.tool_calls)
+                       Message.name, Message.tool_calls, Message.tool_succeeded)
         .where((Message.task == task_pk) & (Message.history == EXECUTION) & (Message.step_index > last_step))
         .order_by(Message.position).tuples()
     )
     if not rows or rows[0][2] != "assistant" or rows[0][6] is None:
         return None
-    position, step_index, _role, content, _call_id, _name, raw_calls = rows[0]
+    position, step_index, _role, content, _call_id, _name, raw_calls, _flag = rows[0]
     calls = decode_tool_calls(task_id, raw_calls)
     if not calls:
         return None
     answer = stored_message("assistant", content, None, None, calls)
     results: list[Optional[ChatMessage]] = [None] * len(calls)
-    for result_position, result_step, role, text, call_id, name, _calls in rows[1:]:
+    succeeded: list[Optional[bool]] = [None] * len(calls)
+    for result_position, result_step, role, text, call_id, name, _calls, flag in rows[1:]:
         call_index = result_position - position - 1
         if result_step == step_index and role == "tool" and 0 <= call_index < len(calls):
             results[call_index] = stored_message(role, text, call_id, name, None)
+            succeeded[call_index] = None if flag is None else bool(flag)  # SQLite gives 0/1
     return OpenStep(task_id=task_id, step_index=step_index, answer=answer, answer_position=position,
-                    results=tuple(results))
+                    results=tuple(results), succeeded=tuple(succeeded))
 
 
 def close_open_step(ctx: StoreContext, task_pk: int, task_id: str, reason: str) -> Optional[OpenStep]:
@@ -157,6 +169,6 @@ def close_open_step(ctx: StoreContext, task_pk: int, task_id: str, reason: str) 
     for call_index, call in step.pending_calls:
         message = orphan_result(call, reason)
         ctx.insert_messages(message_rows(task_pk, EXECUTION, step.result_position(call_index), [message],
-                                         step.step_index))
-        step = step.with_result(call_index, message)
+                                         step.step_index, tool_succeeded=False))
+        step = step.with_result(call_index, message, succeeded=False)
     return step

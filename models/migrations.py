@@ -216,6 +216,18 @@ def _to_v8_waiting(db: Database, tables: Tables) -> None:
             db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "{name}" {column_type}')
 
 
+def _to_v9_tool_succeeded(db: Database, tables: Tables) -> None:
+    """Schema 9 (journal): a tool result's row says whether its call succeeded (`message.tool_succeeded`).
+
+    Nullable, no default: rows stored before keep NULL (their flag is
+    guessed from their text, as before), and on PostgreSQL adding the
+    column rewrites nothing.
+    """
+    if "tool_succeeded" not in {column.name for column in db.get_columns("message")}:
+        column_type = sql_type(db, tables.Message._meta.fields["tool_succeeded"])
+        db.execute_sql(f'ALTER TABLE "message" ADD COLUMN "tool_succeeded" {column_type}')
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -229,6 +241,7 @@ def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
 MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {
     2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_otel_trace_parent, 6: _to_v6_threads, 7: _to_v7_task_listing_indexes,
     8: _to_v8_waiting,
+    9: _to_v9_tool_succeeded,
 }
 
 

@@ -52,7 +52,7 @@ class Statements:
         )
         self.insert_message = render_sql(
             Message.insert(task=0, history=0, position=0, step_index=0, role="", content="",
-                           tool_call_id="", name="", tool_calls="").returning()
+                           tool_call_id="", name="", tool_calls="", tool_succeeded=False).returning()
         )
         p = dialect.param
         # A journaled answer: its message, a position reserved per tool call, its turn and usage.

@@ -362,13 +362,16 @@ class TaskStore:
                                                     lease_s=lease_s, traces=traces, usage=usage)
 
     def journal_result(self, step: OpenStep, call_index: int, result: ChatMessage, *,
-                       lease_token: Optional[str] = None) -> OpenStep:
+                       lease_token: Optional[str] = None, success: Optional[bool] = None) -> OpenStep:
         """Store the result of call `call_index` of an open step, in its reserved position; returns the step with it.
 
-        Fenced (`LeaseLost`); call it as each tool returns, in any order.
+        `success` (whether the call succeeded) is stored with it, so a resume
+        reads it back (`OpenStep.result_succeeded`) instead of guessing from
+        the text. Fenced (`LeaseLost`); call it as each tool returns, in any order.
         """
         with self.context.call(step.task_id):
-            return self._checkpoints.journal_result(step, call_index, result, lease_token=lease_token)
+            return self._checkpoints.journal_result(step, call_index, result, lease_token=lease_token,
+                                                    success=success)
 
     def open_step(self, task_id: str) -> Optional[OpenStep]:
         """The task's open step: its answer stored, its checkpoint not yet; None if every stored step is complete.

@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -155,6 +155,9 @@ def bind_tables(db: Database) -> Tables:
         tool_call_id = CharField(max_length=200, null=True)
         name = CharField(max_length=200, null=True)
         tool_calls = TextField(null=True)  # list[ToolCall] as JSON
+        # Since schema 9: whether a tool result says its call succeeded (None: not a tool result, or one
+        # stored before schema 9, whose flag `worker.tools.failed_output` guesses from its text).
+        tool_succeeded = BooleanField(null=True)
 
         class Meta:
             table_name = "message"

@@ -107,6 +107,8 @@ def test_run_of_a_task_that_fails_exits_1_with_its_error(longhaul):
     pytest.param(("show", "\udcff"), {}, ("TASK_ID", "not UTF-8"), id="task id not UTF-8"),
     pytest.param(("run", "x", "--thread", "a\udcfe"), {}, ("--thread", "not UTF-8"), id="thread id not UTF-8"),
     pytest.param(("tasks",), {"LONGHAUL_LOG_LEVEL": "bogus"}, ("LONGHAUL_LOG_LEVEL",), id="bad log level"),
+    pytest.param(("run", "x"), {"LONGHAUL_FAULT_AT": "somewhere"}, ("LONGHAUL_FAULT_AT", "between_tools"),
+                 id="unknown fault point"),
 ])
 def test_bad_usage_exits_2_naming_the_problem_and_stores_nothing(longhaul, store, args, env, names):
     result = longhaul(*args, **env)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from longhaul.models import ChatMessage, StoreUnavailable, TaskStore
+from longhaul.models import ChatMessage, StoreUnavailable, TaskStore, ToolCall
 from longhaul.models.tables import SCHEMA_VERSION
 from longhaul.worker.testing import free_port, wait_until
 
@@ -69,6 +69,32 @@ def test_migrate_upgrades_a_version_1_store_and_keeps_its_tasks(db_url, make_upd
         record = store.get("task-1")
         assert (record.checkpoint_count, record.turn_count, record.usage.total_tokens) == (1, 2, 0)
         assert store.traces("task-1") == []
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_migrate_adds_the_tool_success_flag_to_a_version_8_store_whose_journaled_results_then_have_none(
+    db_url, make_update, longhaul
+):
+    with TaskStore(db_url) as store:
+        store.record_checkpoint(make_update(1, new_messages=[ChatMessage.assistant("a")]))
+        answer = ChatMessage.assistant("go", tool_calls=[ToolCall(id=f"c{i}", name="note") for i in range(2)])
+        step = store.journal_answer("task-1", 2, answer)
+        store.journal_result(step, 0, ChatMessage(role="tool", content="done", tool_call_id="c0", name="note"),
+                             success=True)
+        store.db.execute_sql('ALTER TABLE "message" DROP COLUMN "tool_succeeded"')
+        set_schema_version(store, 8)
+
+    upgraded = longhaul("migrate")
+
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.startswith(f"schema upgraded from version 8 to {SCHEMA_VERSION} (")
+    with TaskStore(db_url) as store:
+        reopened = store.open_step("task-1")
+        assert reopened is not None and [c for c, _ in reopened.pending_calls] == [1]
+        assert reopened.succeeded == (None, None)  # stored before the flag: the loop guesses from the text
+        assert store.journal_result(reopened, 1, ChatMessage(role="tool", content="x", tool_call_id="c1", name="note"),
+                                    success=False).succeeded == (None, False)
+        assert store.open_step("task-1").succeeded == (None, False)
 
 
 @pytest.mark.backends("sqlite", "postgres")

@@ -15,6 +15,7 @@ from typing import Iterator, Optional
 
 import pytest
 from dramatiq.middleware import Shutdown, TimeLimitExceeded
+from dramatiq.middleware.threading import raise_thread_exception
 from pydantic import BaseModel
 
 from longhaul.models import (
@@ -26,13 +27,14 @@ from longhaul.models import (
     ToolCall,
     with_orphans_answered,
 )
-from longhaul.worker import Runtime, load_settings
+from longhaul.worker import Runtime, load_settings, loop
 from longhaul.worker.api import submit
 from longhaul.worker.loop import TaskRun
 from longhaul.worker.providers import AssistantTurn, StepContext
 from longhaul.worker.providers.anthropic import anthropic_messages
 from longhaul.worker.providers.openai import chat_messages
-from longhaul.worker.tools import Tool, ToolContext, define_tool
+from longhaul.worker.testing import wait_until
+from longhaul.worker.tools import Tool, ToolContext, ToolError, define_tool
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -163,6 +165,59 @@ def test_a_run_interrupted_between_two_tools_resumes_with_the_pending_call_only_
     assert_no_orphans(record.execution_history)
 
 
+def _echo_and_broken_tools(calls: Calls) -> dict[str, Tool]:
+    """`echo` answers its text (after recording the call, which may interrupt); `broken` always fails."""
+
+    @define_tool("echo")
+    def echo(args: Note, ctx: ToolContext) -> str:
+        """Say the text back."""
+        calls.record(args, ctx)
+        return args.text
+
+    @define_tool("broken")
+    def broken(args: Note, ctx: ToolContext) -> str:
+        """Fail."""
+        raise ToolError("it broke")
+
+    return {"echo": echo, "broken": broken}
+
+
+LOOKS_FAILED = "echo failed: no, this call worked"  # a success whose text starts like `run_tool_call`'s failures
+
+
+def test_a_resumed_step_keeps_each_journaled_results_success_flag_even_when_its_text_reads_like_a_failure(
+    runtime, calls
+):
+    task_id = new_task(runtime, "flags")
+    tools = _echo_and_broken_tools(calls)
+    provider = Planned(("echo", LOOKS_FAILED), ("broken", "x"), ("echo", "b"))
+    calls.interrupt_at = "b"
+
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.RUNNING
+    step = runtime.store.open_step(task_id)
+    assert step is not None and step.succeeded == (True, False, None)
+
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.COMPLETED
+    items = runtime.store.get(task_id).checkpoints[0].items
+    assert [(item.output, item.success) for item in items] == [
+        (LOOKS_FAILED, True), ("broken failed: it broke", False), ("b", True)]
+
+
+def test_a_result_journaled_without_a_flag_by_an_older_release_is_judged_by_its_text_as_before(runtime, calls):
+    task_id = new_task(runtime, "legacy")
+    tools = _echo_and_broken_tools(calls)
+    provider = Planned(("echo", LOOKS_FAILED), ("echo", "ok"), ("echo", "b"))
+    calls.interrupt_at = "b"
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.RUNNING
+    runtime.store.db.execute_sql('UPDATE "message" SET "tool_succeeded" = NULL')  # as a schema-7 row reads
+    step = runtime.store.open_step(task_id)
+    assert step is not None and step.succeeded == (None, None, None)
+
+    assert run_once(runtime, task_id, provider, tools) is TaskStatus.COMPLETED
+    items = runtime.store.get(task_id).checkpoints[0].items
+    assert [item.success for item in items] == [False, True, True]  # the guess: fooled by the text, as before
+
+
 def test_the_store_keeps_results_in_the_answers_order_whatever_order_they_complete_in(runtime):
     store: TaskStore = runtime.store
     task_id = new_task(runtime, "order")
@@ -267,6 +322,53 @@ def test_a_time_limit_hit_during_a_tool_gives_that_call_and_the_rest_a_result_sa
     assert [m.tool_call_id for m in results] == ["c0", "c1"]
     assert all("the task ended (timed_out): time limit exceeded" in m.content for m in results)
     assert_no_orphans(record.execution_history)
+
+
+def test_a_time_limit_during_a_parallel_batch_stops_it_at_once_and_never_starts_the_calls_still_queued(
+    runtime, monkeypatch, caplog
+):
+    """Dramatiq's time limit, raised into the loop's thread as Dramatiq does, while two calls block.
+
+    Four parallel calls on a pool of two: ``a`` returns and is stored; ``b``
+    and ``c`` block (``c`` starts in ``a``'s thread); ``d`` waits its turn.
+    """
+    monkeypatch.setattr(loop, "PARALLEL_TOOL_THREADS", 2)
+    task_id = new_task(runtime, "batch")
+    loop_thread, release = threading.get_ident(), threading.Event()
+    started: list[str] = []
+    returned: list[str] = []  # of the blocking calls
+
+    @define_tool("fetch", parallel=True)
+    def fetch(args: Note, ctx: ToolContext) -> str:
+        """Fetch; ``a`` at once, the others only once released."""
+        started.append(args.text)
+        if args.text == "a":
+            return "fetched a"
+        if args.text == "c":  # both blocking calls run, and a's result is stored: the time is up
+            wait_until(lambda: (step := runtime.store.open_step(task_id)) is not None and step.results[0] is not None,
+                       timeout_s=30, what="a's result to be stored")
+            raise_thread_exception(loop_thread, TimeLimitExceeded)
+        release.wait(timeout=30)
+        returned.append(args.text)
+        return f"fetched {args.text} too late"
+
+    provider = Planned(("fetch", "a"), ("fetch", "b"), ("fetch", "c"), ("fetch", "d"))
+    with caplog.at_level("WARNING", logger="longhaul.worker.loop"):
+        status = run_once(runtime, task_id, provider, {"fetch": fetch})
+    still_blocked = not returned
+    release.set()
+
+    assert status is TaskStatus.TIMED_OUT and still_blocked  # the loop did not wait for the blocked tools
+    record = runtime.store.get(task_id)
+    results = [m.content for m in record.execution_history if m.role == "tool"]
+    assert results[0] == "fetched a"
+    assert all("the task ended (timed_out): time limit exceeded" in text for text in results[1:]) and len(results) == 4
+    assert_no_orphans(record.execution_history)
+    left = next(e for e in runtime.store.traces(task_id) if e.event_type == "tool_calls_left_behind")
+    assert [c["call_id"] for c in left.data["running"]] == ["c1", "c2"]
+    assert [c["call_id"] for c in left.data["not_started"]] == ["c3"]
+    assert "batch:1:1" in caplog.text and "batch:1:2" in caplog.text and "cannot stop" in caplog.text
+    assert sorted(started) == ["a", "b", "c"]  # d never started, not even once a thread was free
 
 
 def test_cancelling_a_task_whose_worker_died_mid_step_closes_its_open_step(runtime):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import orjson
@@ -44,6 +44,7 @@ from longhaul.models.traces import NullTraceWriter, TraceWriter
 from .budgets import BudgetExceeded, Spend, check_budget
 from .context import WorkerContext
 from .errors import WaitForReply
+from .fault_points import fault_point
 from .live import LivePublisher
 from .observe import NULL_RUN, ObservedProvider, ObservedStore, RunInfo, RunObserver, ToolCallListener
 from .providers import (
@@ -70,6 +71,11 @@ from .tools import (
 
 logger = logging.getLogger(__name__)
 
+
+#: The most tool calls of one parallel batch that run at the same time; the others wait their turn.
+PARALLEL_TOOL_THREADS = 8
+#: How long the step loop waits for a parallel batch at a time (see `TaskRun._calls_at_once`).
+TOOL_WAIT_SLICE_S = 0.05
 
 #: Errors worth a Dramatiq retry (with backoff) from the latest checkpoint.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TransientProviderError, StoreUnavailable)
@@ -361,6 +367,7 @@ class TaskRun:
                                          traces=self.tracer.take(), usage=self.usage)
         self.totals, self.usage = self.totals + self.usage, Usage()
         self.open_step = step
+        fault_point("after_answer_journaled")
         return step
 
     def _run_pending_calls(self, spec: TaskSpec, step: OpenStep) -> dict[int, tuple[ChatMessage, CheckpointItem]]:
@@ -380,7 +387,9 @@ class TaskRun:
             if len(ran) < len(pending):
                 assert self.open_step is not None
                 self.open_step = self.store.journal_result(self.open_step, index, outcome[0],
-                                                           lease_token=self.claim.token)
+                                                           lease_token=self.claim.token, success=outcome[1].success)
+                fault_point("in_parallel_batch" if parallel else "between_tools")
+        fault_point("before_checkpoint")
         return ran
 
     def _calls_in_turn(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
@@ -414,21 +423,66 @@ class TaskRun:
 
     def _calls_at_once(self, spec: TaskSpec, step: OpenStep, pending: list[tuple[int, ToolCall]]
                        ) -> Iterator[tuple[int, tuple[ChatMessage, CheckpointItem]]]:
-        # Tracing and the store stay on this thread; the pool only runs the tools.
-        pool = ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix=f"tools-{self.task_id}")
+        """Run the calls on a pool of up to `PARALLEL_TOOL_THREADS`; yield each result as it completes.
+
+        Tracing and the store stay on this thread; the pool only runs the
+        tools. The wait is cut in `TOOL_WAIT_SLICE_S` slices: Dramatiq's time
+        limit (and its shutdown) is an exception raised *into this thread*,
+        which Python delivers only while the thread runs bytecode, never
+        inside one long wait for a future. When the batch is stopped that way
+        (`_left_behind`), calls not yet started never start; calls still
+        running cannot be stopped (Python cannot kill a thread): they are
+        logged and traced, their results are dropped, and the task's end
+        gives each pending call a synthetic result.
+        """
+        pool = ThreadPoolExecutor(max_workers=min(len(pending), PARALLEL_TOOL_THREADS),
+                                  thread_name_prefix=f"tools-{self.task_id}")
+        futures: dict[Future[ToolResult], tuple[int, ToolCall, ToolContext]] = {}
+        reported: set[Future[ToolResult]] = set()
         try:
             started = time.perf_counter()
-            futures = {pool.submit(run_tool_call, call, ctx, self.tools): (index, call, ctx)
-                       for index, call in pending for ctx in [self._tool_context(spec, step, index)]}
-            for future in as_completed(futures):
-                index, call, ctx = futures[future]
-                try:
-                    result = future.result()
-                except WaitForReply as exc:  # the calls that finished before it are journaled; the rest run again
-                    raise _Waiting("reply", exc.question, step.step_index, index, call.name) from None
-                yield index, self._tool_finished(call, ctx, result, started)
+            for index, call in pending:
+                ctx = self._tool_context(spec, step, index)
+                futures[pool.submit(run_tool_call, call, ctx, self.tools)] = (index, call, ctx)
+            waiting = set(futures)
+            while waiting:
+                done, waiting = wait(waiting, timeout=TOOL_WAIT_SLICE_S, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index, call, ctx = futures[future]
+                    reported.add(future)
+                    try:
+                        result = future.result()
+                    except WaitForReply as exc:  # the calls that finished before it are journaled; the rest run again
+                        raise _Waiting("reply", exc.question, step.step_index, index, call.name) from None
+                    yield index, self._tool_finished(call, ctx, result, started)
+        except BaseException as exc:  # a time limit, a shutdown, the generator closed by either: stop the batch
+            self._left_behind(step, futures, reported, exc)
+            raise
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _left_behind(self, step: OpenStep, futures: dict[Future[ToolResult], tuple[int, ToolCall, ToolContext]],
+                     reported: set[Future[ToolResult]], exc: BaseException) -> None:
+        """A parallel batch stopped early: cancel the calls not started; log and trace those left running."""
+        not_started, running = [], []
+        for future, (_index, call, ctx) in futures.items():
+            if future in reported:
+                continue
+            about = {"tool": call.name, "call_id": call.id, "idempotency_key": ctx.idempotency_key}
+            if future.cancel():
+                not_started.append(about)
+            elif not future.done():
+                running.append(about)
+        if not (not_started or running):
+            return
+        reason = "GeneratorExit" if isinstance(exc, GeneratorExit) else type(exc).__name__
+        if running:
+            logger.warning("task %r: step %d stopped (%s) with %d tool call(s) still running in their threads, "
+                           "which Python cannot stop; their results will be dropped: %s", self.task_id,
+                           step.step_index, reason, len(running),
+                           ", ".join(f"{c['tool']} {c['idempotency_key']}" for c in running))
+        self.tracer.emit("tool_calls_left_behind", {"step": step.step_index, "reason": reason,
+                                                    "running": running, "not_started": not_started})
 
     def _tool_context(self, spec: TaskSpec, step: OpenStep, index: int) -> ToolContext:
         """The call's context, after the budget allows it and its start is traced."""
@@ -458,9 +512,7 @@ class TaskRun:
         for index, (message, _item) in ran.items():
             if complete.results[index] is None:
                 complete = complete.with_result(index, message)
-        items = [ran[index][1] if index in ran else
-                 CheckpointItem(tool_name=call.name, arguments=call.arguments,
-                                success=not failed_output(call, result.content), output=result.content)
+        items = [ran[index][1] if index in ran else _replayed_item(stored, index, call, result)
                  for index, (call, result) in enumerate(zip(complete.calls, complete.messages[1:], strict=True))]
         note = f"step {step.step_index} done: " + ", ".join(
             f"{item.tool_name} {'ok' if item.success else 'failed'}" for item in items)
@@ -548,6 +600,15 @@ class TaskRun:
         except Exception:  # the lease then simply expires
             logger.warning("task %r: could not release its lease; it resumes when the lease expires",
                            self.task_id, exc_info=True)
+
+
+def _replayed_item(step: OpenStep, index: int, call: ToolCall, result: ChatMessage) -> CheckpointItem:
+    """The checkpoint item of a result journaled by an earlier run: its stored success flag, else (a row
+    stored before schema 8) the flag guessed from its text."""
+    succeeded = step.result_succeeded(index)
+    if succeeded is None:
+        succeeded = not failed_output(call, result.content)
+    return CheckpointItem(tool_name=call.name, arguments=call.arguments, success=succeeded, output=result.content)
 
 
 def _reset_retries() -> None:

@@ -18,6 +18,7 @@ from longhaul.models.redact import register_secrets
 
 from .apps import parse_app_modules
 from .errors import SettingsError
+from .fault_points import FAULT_POINTS
 from .limits import MAX_CONCURRENCY
 
 #: Worker threads per process when neither --threads nor --concurrency says.
@@ -151,6 +152,8 @@ class Settings(BaseSettings):
     http_get_timeout_s: float = Field(default=20.0, gt=0)
     # Largest response body http_get returns, in bytes (the rest is cut off, and said so).
     http_get_max_bytes: int = Field(default=1_000_000, ge=1)
+    # Crash tests only: the named point (`fault_points.FAULT_POINTS`) where this process SIGKILLs itself.
+    fault_at: Optional[str] = None
     # Let http_get reach loopback, private and link-local addresses (off: no SSRF into the host's network).
     http_get_allow_private: bool = False
 
@@ -170,6 +173,15 @@ class Settings(BaseSettings):
         if parts.scheme != "unix" and not parts.hostname:
             raise ValueError("names no host (e.g. redis://localhost:6379/0)")
         return url
+
+    @field_validator("fault_at")
+    @classmethod
+    def _fault_at_is_a_point(cls, point: Optional[str]) -> Optional[str]:
+        if point is None or not point.strip():
+            return None
+        if point.strip() not in FAULT_POINTS:
+            raise ValueError(f"must be one of {', '.join(FAULT_POINTS)} (a crash-test fault point)")
+        return point.strip()
 
     @field_validator("log_level")
     @classmethod

@@ -123,7 +123,8 @@ def run_tool_call(call: ToolCall, ctx: ToolContext, tools: Optional[Mapping[str,
 
 def failed_output(call: ToolCall, output: str) -> bool:
     """Whether a stored result of `call` says it failed: the outputs `run_tool_call` gives failures, or a
-    synthetic result (`models.orphan_result`). For results replayed from the journal, which store no flag."""
+    synthetic result (`models.orphan_result`). Only for results journaled before schema 8, which store no
+    flag (`OpenStep.result_succeeded` is None): a successful output may start the same way."""
     return (output.startswith(("unknown tool ", "tool not allowed for this task ", f"invalid arguments for {call.name}",
                                f"{call.name} failed: ", "[no result: ")))
 
