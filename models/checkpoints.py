@@ -156,17 +156,21 @@ class Checkpoints:
             return load_open_step(self.ctx, row.id, task_id)
 
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
-                         resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None) -> None:
-        """Append messages to a task's execution and resumable histories, in one transaction."""
+                         resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None,
+                         traces: Optional[PendingTraces] = None) -> None:
+        """Append messages to a task's execution and resumable histories, and `traces`, in one transaction."""
         ctx = self.ctx
         Task = ctx.tables.Task
         with ctx.db.atomic():
             row = ctx.task_row(task_id, for_update=True)
             require_lease(task_id, row.lease_token, lease_token)
+            self.traces.check_sequence(task_id, traces, row.trace_next_sequence)
             ctx.insert_messages(message_rows(row.id, EXECUTION, row.execution_count, list(execution), None)
                                 + message_rows(row.id, RESUMABLE, row.resumable_count, list(resumable), None))
+            self.traces.insert(row.id, traces, {})
             Task.update(execution_count=Task.execution_count + len(execution),
                         resumable_count=Task.resumable_count + len(resumable),
+                        trace_next_sequence=traces.last_sequence + 1 if traces else Task.trace_next_sequence,
                         updated_at=ctx.clock()).where(Task.id == row.id).execute()
 
     def finish(

@@ -57,6 +57,8 @@ class Claim:
     expires_at: float
     recovery_count: int
     resumed: bool  # the task had run before (crash, shutdown or takeover)
+    #: The task's next trace sequence when claimed (None: not read; ask `TaskStore.next_trace_sequence`).
+    trace_next_sequence: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -133,22 +135,24 @@ class LeaseBook:
                 .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free & startable(Task))
             )
             if self.ctx.dialect.returning:
-                won = list(update.returning(Task.recovery_count, Task.checkpoint_count, Task.execution_count)
-                           .tuples().execute())
+                won = list(update.returning(Task.recovery_count, Task.checkpoint_count, Task.execution_count,
+                                            Task.trace_next_sequence).tuples().execute())
                 if not won:
                     return None
-                recovery_count, checkpoint_count, execution_count = won[0]
+                recovery_count, checkpoint_count, execution_count, next_sequence = won[0]
             else:
                 # SQLite: peewee leaves RETURNING off (it needs 3.35+); BEGIN IMMEDIATE keeps this read consistent.
                 if not update.execute():
                     return None
-                recovery_count, checkpoint_count, execution_count = (
-                    Task.select(Task.recovery_count, Task.checkpoint_count, Task.execution_count)
+                recovery_count, checkpoint_count, execution_count, next_sequence = (
+                    Task.select(Task.recovery_count, Task.checkpoint_count, Task.execution_count,
+                                Task.trace_next_sequence)
                     .where(Task.task_id == task_id).tuples().get()
                 )
         # It ran before if it was interrupted, stored a step, or opened its histories.
         return Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=recovery_count,
-                     resumed=recovery_count > 0 or checkpoint_count > 0 or execution_count > 0)
+                     resumed=recovery_count > 0 or checkpoint_count > 0 or execution_count > 0,
+                     trace_next_sequence=next_sequence or 0)
 
     def renew(self, tokens: Iterable[str], *, lease_s: float) -> int:
         """Extend the leases with these tokens; returns how many are still held."""

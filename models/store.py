@@ -390,11 +390,16 @@ class TaskStore:
         self.append_histories(task_id, execution=execution, resumable=resumable, lease_token=lease_token)
 
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
-                         resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None) -> None:
-        """Append messages to both of a task's histories in one transaction (a task's opening turns)."""
+                         resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None,
+                         traces: Optional[PendingTraces] = None) -> None:
+        """Append messages to both of a task's histories in one transaction (a task's opening turns).
+
+        With `traces`, its trace events too, fenced like checkpoints: a task's
+        first run writes its opening turns and its first events together.
+        """
         with self.context.call(task_id):
             self._checkpoints.append_histories(task_id, execution=execution, resumable=resumable,
-                                               lease_token=lease_token)
+                                               lease_token=lease_token, traces=traces)
 
     def finish(self, task_id: str, status: TaskStatus, *, final_response: Optional[str] = None,
                last_error: Optional[str] = None, new_messages: Sequence[ChatMessage] = (),

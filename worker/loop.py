@@ -209,13 +209,22 @@ class TaskRun:
     # -- starting ----------------------------------------------------------------
 
     def _open_tracer(self, record: TaskRecord) -> TraceWriter:
-        """The run's trace writer; its first event (started or resumed) is written at once."""
+        """The run's trace writer with its first event (started or resumed).
+
+        A resume writes its event at once; a first run's ``session_started``
+        goes with the opening histories (`_open_histories`), one write
+        instead of two (every way out before then writes what the tracer
+        holds). The next sequence came with the claim.
+        """
         if not self.rt.settings.traces:
             return self.tracer
         started_at = record.started_at.timestamp() if record.started_at else self.store.clock()
         self.live = self.rt.live.publisher(record.task_id, record.thread_id) if self.rt.live else None
+        next_sequence = self.claim.trace_next_sequence
+        if next_sequence is None:
+            next_sequence = self.store.next_trace_sequence(self.task_id)
         tracer = TraceWriter(agent=record.provider, model=record.model, job_type="agent_task",
-                             next_sequence=self.store.next_trace_sequence(self.task_id), started_at=started_at,
+                             next_sequence=next_sequence, started_at=started_at,
                              clock=self.store.clock, on_event=self.live)  # live output for `longhaul follow`
         if self.claim.resumed:
             tracer.emit("resumed", {"from_step": record.last_step_index + 1,
@@ -225,7 +234,8 @@ class TaskRun:
             tracer.emit("session_started", {"thread_id": record.thread_id, "channel": record.channel,
                                             "prompt": (record.spec.prompt[:500] if record.spec else None),
                                             "worker": self.rt.claimant.owner})
-        self.store.append_traces(self.task_id, tracer.take(), lease_token=self.claim.token)
+        if self.claim.resumed or record.execution_history:
+            self.store.append_traces(self.task_id, tracer.take(), lease_token=self.claim.token)
         return tracer
 
     def _check_startable(self, record: TaskRecord) -> None:
@@ -261,7 +271,7 @@ class TaskRun:
         prompt = ChatMessage.user(spec.prompt)
         execution.append(prompt)
         self.store.append_histories(record.task_id, execution=execution, resumable=[*turns, prompt],
-                                    lease_token=self.claim.token)
+                                    lease_token=self.claim.token, traces=self.tracer.take())
         return execution
 
     # -- the loop ------------------------------------------------------------------
