@@ -5,7 +5,9 @@ endpoint and prints its spans (``OTEL_TRACES_EXPORTER=console``, set by
 environment only) to a file. Two worker processes are killed mid-run;
 their replacements and the survivors resume the tasks. Afterwards the
 counters of what the store records equal the store's own counts, and
-each killed task's runs, in every process, share one trace.
+each killed task's runs, in every process, share one trace. A task the
+CLI cancels before any worker ran it is counted too (the store counts each
+task's end, whoever wrote it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -74,6 +77,12 @@ def test_metrics_agree_with_the_store_and_spans_keep_one_trace_per_task_after_wo
         wait_until(lambda: _answers(port) and len(worker_children(pool)) == 2, timeout_s=30, what="the pool to start")
         task_ids = [worker.enqueue(f"job {i}", task_id=f"job-{i}", steps=STEPS, step_delay_s=0.15,
                                    ledger_path=str(tmp_path / "ledger.txt")) for i in range(TASKS)]
+        # Queued behind job-0 on its thread, so no worker runs it before the CLI (no worker) cancels it.
+        worker.enqueue("never runs", task_id="cancel-me", thread_id="job-0", steps=1)
+        cancelled = subprocess.run([*LONGHAUL, "cancel", "cancel-me"], env=worker_env, capture_output=True,
+                                   text=True, timeout=60)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert store.summary("cancel-me").status is TaskStatus.CANCELLED
         orphaned: set[str] = set()
         for _ in range(2):  # kill a worker process holding leases, twice
             victim = wait_until(lambda: _leaseholder(store, task_ids, pool), timeout_s=30, what="a leaseholder")
@@ -91,7 +100,8 @@ def test_metrics_agree_with_the_store_and_spans_keep_one_trace_per_task_after_wo
     assert orphaned, "the killed processes held no lease"
     # What the store records, counted at commit, equals the store's counts.
     assert total(metrics["longhaul_tasks_total"], status="completed", agent="scripted") == TASKS
-    assert total(metrics["longhaul_tasks_total"]) == TASKS
+    assert total(metrics["longhaul_tasks_total"], status="cancelled", agent="scripted") == 1
+    assert total(metrics["longhaul_tasks_total"]) == TASKS + 1 == store.count_tasks()
     assert total(metrics["longhaul_steps_total"]) == sum(s.turn_count for s in summaries) == TASKS * (STEPS + 1)
     assert total(metrics["longhaul_tool_calls_total"], tool="ledger", outcome="ok") == sum(
         s.tool_call_count for s in summaries) == TASKS * STEPS
