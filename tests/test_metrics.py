@@ -149,3 +149,42 @@ def _leaseholder(store, task_ids: list[str], pool: WorkerProcess):
         if lease is not None and lease.pid in pids and store.summary(task_id).checkpoint_count >= 1:
             return pids[lease.pid]
     return None
+
+
+def test_token_and_cost_counters_of_a_real_pool_equal_what_the_openai_provider_reported_and_the_store_summed(
+        worker_env, client_runtime, store, tmp_path):
+    from tests.fake_openai import FakeOpenAI, answer, native_call
+
+    fake = FakeOpenAI().start()
+    fake.script = lambda request: (answer(request, "Noting.", tool_calls=[native_call(
+        "ledger", {"line": f"step {request.step}"}, f"c{request.step}")]) if request.step < 3
+        else answer(request, "done"))
+    port = free_port()
+    env = {**worker_env, "LONGHAUL_OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "lh-test-key-metrics",
+           "LONGHAUL_MODEL_PRICES_USD_PER_MTOK": json.dumps({"gpt-test": [2.0, 8.0]})}
+    pool = WorkerProcess(env, processes=1, threads=2, log_path=tmp_path / "pool.log",
+                         argv=[*LONGHAUL, "worker", "--processes", "1", "--threads", "2",
+                               "--metrics-port", str(port)]).start()
+    try:
+        wait_until(lambda: _answers(port), timeout_s=30, what="the pool to start")
+        task_ids = [worker.enqueue(f"note {i}", task_id=f"priced-{i}", provider="openai", model="gpt-test",
+                                   ledger_path=str(tmp_path / "ledger.txt")) for i in range(2)]
+        wait_until(lambda: all(store.summary(t).status is TaskStatus.COMPLETED for t in task_ids),
+                   timeout_s=60, what="both tasks to complete")
+        metrics = wait_until(lambda: _settled(scrape(port)), timeout_s=30, what="no task in flight")
+        assert pool.terminate() == 0
+    finally:
+        pool.kill()
+        fake.stop()
+
+    usages = [store.summary(t).usage for t in task_ids]
+    tokens = metrics["longhaul_tokens_total"]
+    # usage_block(): 11 in (3 cached), 7 out (2 reasoning) per call, 3 calls per task.
+    assert total(tokens, type="input", model="gpt-test") == sum(u.input_tokens for u in usages) == 2 * 3 * 11
+    assert total(tokens, type="output", model="gpt-test") == sum(u.output_tokens for u in usages) == 2 * 3 * 7
+    assert total(tokens, type="cache_read", model="gpt-test") == sum(u.cache_read_tokens for u in usages) > 0
+    assert total(tokens, type="reasoning", model="gpt-test") == sum(u.reasoning_tokens for u in usages) > 0
+    assert total(metrics["longhaul_cost_usd_total"], model="gpt-test") == pytest.approx(
+        sum(u.cost_usd for u in usages)) == pytest.approx(2 * 3 * (11 * 2.0 + 7 * 8.0) / 1_000_000)
+    assert total(metrics["longhaul_model_calls_total"], provider="openai", model="gpt-test") == 2 * 3
+    assert total(metrics["longhaul_tasks_total"], status="completed", agent="openai") == 2
