@@ -21,6 +21,7 @@ from .leases import require_lease
 from .redact import redact_text
 from .schemas import ChatMessage, CheckpointUpdate, TaskStatus, Usage
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
+from .task_ends import count_end
 from .trace_store import TraceStore
 from .traces import PendingTraces
 
@@ -216,6 +217,7 @@ class Checkpoints:
                 **{name: getattr(Task, name) + getattr(added, name) for name in USAGE_FIELDS},
                 **NO_LEASE,
             ).where(Task.id == row.id).execute()
+            count_end(ctx, row, status.value)
 
 
 def _ended_because(status: TaskStatus, last_error: Optional[str]) -> str:

@@ -59,6 +59,8 @@ class Claim:
     resumed: bool  # the task had run before (crash, shutdown or takeover)
     #: The task's next trace sequence when claimed (None: not read; ask `TaskStore.next_trace_sequence`).
     trace_next_sequence: Optional[int] = None
+    #: The claim took a lease another holder still had on the row (expired, or `steal_token`'s): a takeover.
+    took_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,8 @@ class LeaseBook:
         if steal_token is not None:
             free = free | (Task.lease_token == steal_token)
         with self.ctx.call(task_id), self.db.atomic():
+            # Who held it before (read locked: the update below is what releases the row): a takeover or not.
+            held = self.ctx.dialect.locked(Task.select(Task.lease_token).where(Task.task_id == task_id)).scalar()
             update = (
                 Task.update(
                     lease_token=token,
@@ -152,7 +156,7 @@ class LeaseBook:
         # It ran before if it was interrupted, stored a step, or opened its histories.
         return Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=recovery_count,
                      resumed=recovery_count > 0 or checkpoint_count > 0 or execution_count > 0,
-                     trace_next_sequence=next_sequence or 0)
+                     trace_next_sequence=next_sequence or 0, took_over=held is not None)
 
     def renew(self, tokens: Iterable[str], *, lease_s: float) -> int:
         """Extend the leases with these tokens; returns how many are still held."""

@@ -228,6 +228,17 @@ def _to_v9_tool_succeeded(db: Database, tables: Tables) -> None:
         db.execute_sql(f'ALTER TABLE "message" ADD COLUMN "tool_succeeded" {column_type}')
 
 
+def _to_v10_task_end_counts(db: Database, tables: Tables) -> None:
+    """Schema 10 (metrics): ``task_end_count``, tasks that reached each terminal status per agent (`task_ends.py`).
+
+    A step of its own, so it can be renumbered when merged next to other
+    schema changes. The opening `create_tables` made the table; counts
+    start at zero here (tasks that ended before are not counted: a
+    Prometheus counter only needs to grow from its first scrape).
+    """
+    tables.TaskEndCount.create_table(safe=True)
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -242,6 +253,7 @@ MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {
     2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5_otel_trace_parent, 6: _to_v6_threads, 7: _to_v7_task_listing_indexes,
     8: _to_v8_waiting,
     9: _to_v9_tool_succeeded,
+    10: _to_v10_task_end_counts,
 }
 
 

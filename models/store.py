@@ -58,6 +58,7 @@ from .schemas import (
 from .space import StoreSpace, measure_space, reclaim_after_delete, vacuum_store
 from .statements import Statements
 from .tables import bind_tables
+from .task_ends import end_counts
 from .tasks import NewTask, TaskWrites
 from .thread_admission import Admission, ThreadAdmission
 from .threads import ThreadReads, ThreadStory
@@ -578,6 +579,11 @@ class TaskStore:
         """How many tasks are stored (with this status)."""
         with self.context.call():
             return self._reads.count_tasks(status)
+
+    def task_end_counts(self) -> dict[tuple[str, str], int]:
+        """{(terminal status, agent): how many tasks reached it}, counted as each ended (`task_ends.py`)."""
+        with self.context.call():
+            return end_counts(self.context)
 
     def task_spec(self, task_id: str) -> TaskSpec:
         """The spec a task was created with (`CorruptRecord` if it cannot be read)."""

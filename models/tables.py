@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -55,10 +55,11 @@ class Tables:
     Checkpoint: type[Model]
     TraceBatch: type[Model]
     SchemaVersion: type[Model]
+    TaskEndCount: type[Model]
 
     @property
     def all(self) -> list[type[Model]]:
-        return [self.Task, self.Message, self.Checkpoint, self.TraceBatch, self.SchemaVersion]
+        return [self.Task, self.Message, self.Checkpoint, self.TraceBatch, self.SchemaVersion, self.TaskEndCount]
 
 
 def bind_tables(db: Database) -> Tables:
@@ -216,5 +217,16 @@ def bind_tables(db: Database) -> Tables:
         class Meta:
             table_name = "schema_version"
 
+    class TaskEndCount(Base):
+        """Since schema 10: how many tasks reached each terminal status, per agent (`task_ends.py`)."""
+
+        status = CharField(max_length=16)
+        agent = CharField(max_length=200)
+        count = BigIntegerField(default=0)
+
+        class Meta:
+            table_name = "task_end_count"
+            primary_key = CompositeKey("status", "agent")
+
     return Tables(Task=Task, Message=Message, Checkpoint=Checkpoint, TraceBatch=TraceBatch,
-                  SchemaVersion=SchemaVersion)
+                  SchemaVersion=SchemaVersion, TaskEndCount=TaskEndCount)

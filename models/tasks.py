@@ -19,6 +19,7 @@ from .journal import close_open_step
 from .leases import require_lease
 from .schemas import TaskSnapshot, TaskSpec, TaskStatus
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
+from .task_ends import count_end
 from .trace_store import TraceStore
 
 _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
@@ -184,6 +185,7 @@ class TaskWrites:
                 Task.update(status=TaskStatus.CANCELLED.value, completed_at=now, updated_at=now,
                             last_error=f"{reason or 'cancelled'} {f'after step {steps}' if steps else 'before it ran'}",
                             **NO_LEASE).where(Task.id == row.id).execute()
+                count_end(ctx, row, TaskStatus.CANCELLED.value)
                 return TaskStatus.CANCELLED
             Task.update(cancel_requested=True, cancel_reason=reason, updated_at=now).where(Task.id == row.id).execute()
             return status

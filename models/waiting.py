@@ -39,6 +39,7 @@ from .journal import close_open_step, load_open_step, tool_result
 from .leases import require_lease
 from .schemas import ChatMessage, TaskStatus
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
+from .task_ends import count_end
 
 _WAITING = TaskStatus.WAITING.value
 _RUNNING = TaskStatus.RUNNING.value
@@ -154,6 +155,7 @@ class Waiting:
                 close_open_step(ctx, row.id, task_id, error)
                 Task.update(status=TaskStatus.TIMED_OUT.value, last_error=error, completed_at=now, updated_at=now,
                             reply_due_at=None).where(Task.id == row.id).execute()
+                count_end(ctx, row, TaskStatus.TIMED_OUT.value)
             ended.append(task_id)
         return ended
 

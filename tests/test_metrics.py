@@ -5,7 +5,9 @@ endpoint and prints its spans (``OTEL_TRACES_EXPORTER=console``, set by
 environment only) to a file. Two worker processes are killed mid-run;
 their replacements and the survivors resume the tasks. Afterwards the
 counters of what the store records equal the store's own counts, and
-each killed task's runs, in every process, share one trace.
+each killed task's runs, in every process, share one trace. A task the
+CLI cancels before any worker ran it is counted too (the store counts each
+task's end, whoever wrote it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import shlex
 import signal
+import subprocess
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -74,6 +77,12 @@ def test_metrics_agree_with_the_store_and_spans_keep_one_trace_per_task_after_wo
         wait_until(lambda: _answers(port) and len(worker_children(pool)) == 2, timeout_s=30, what="the pool to start")
         task_ids = [worker.enqueue(f"job {i}", task_id=f"job-{i}", steps=STEPS, step_delay_s=0.15,
                                    ledger_path=str(tmp_path / "ledger.txt")) for i in range(TASKS)]
+        # Queued behind job-0 on its thread, so no worker runs it before the CLI (no worker) cancels it.
+        worker.enqueue("never runs", task_id="cancel-me", thread_id="job-0", steps=1)
+        cancelled = subprocess.run([*LONGHAUL, "cancel", "cancel-me"], env=worker_env, capture_output=True,
+                                   text=True, timeout=60)
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert store.summary("cancel-me").status is TaskStatus.CANCELLED
         orphaned: set[str] = set()
         for _ in range(2):  # kill a worker process holding leases, twice
             victim = wait_until(lambda: _leaseholder(store, task_ids, pool), timeout_s=30, what="a leaseholder")
@@ -91,7 +100,8 @@ def test_metrics_agree_with_the_store_and_spans_keep_one_trace_per_task_after_wo
     assert orphaned, "the killed processes held no lease"
     # What the store records, counted at commit, equals the store's counts.
     assert total(metrics["longhaul_tasks_total"], status="completed", agent="scripted") == TASKS
-    assert total(metrics["longhaul_tasks_total"]) == TASKS
+    assert total(metrics["longhaul_tasks_total"], status="cancelled", agent="scripted") == 1
+    assert total(metrics["longhaul_tasks_total"]) == TASKS + 1 == store.count_tasks()
     assert total(metrics["longhaul_steps_total"]) == sum(s.turn_count for s in summaries) == TASKS * (STEPS + 1)
     assert total(metrics["longhaul_tool_calls_total"], tool="ledger", outcome="ok") == sum(
         s.tool_call_count for s in summaries) == TASKS * STEPS
@@ -139,3 +149,42 @@ def _leaseholder(store, task_ids: list[str], pool: WorkerProcess):
         if lease is not None and lease.pid in pids and store.summary(task_id).checkpoint_count >= 1:
             return pids[lease.pid]
     return None
+
+
+def test_token_and_cost_counters_of_a_real_pool_equal_what_the_openai_provider_reported_and_the_store_summed(
+        worker_env, client_runtime, store, tmp_path):
+    from tests.fake_openai import FakeOpenAI, answer, native_call
+
+    fake = FakeOpenAI().start()
+    fake.script = lambda request: (answer(request, "Noting.", tool_calls=[native_call(
+        "ledger", {"line": f"step {request.step}"}, f"c{request.step}")]) if request.step < 3
+        else answer(request, "done"))
+    port = free_port()
+    env = {**worker_env, "LONGHAUL_OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "lh-test-key-metrics",
+           "LONGHAUL_MODEL_PRICES_USD_PER_MTOK": json.dumps({"gpt-test": [2.0, 8.0]})}
+    pool = WorkerProcess(env, processes=1, threads=2, log_path=tmp_path / "pool.log",
+                         argv=[*LONGHAUL, "worker", "--processes", "1", "--threads", "2",
+                               "--metrics-port", str(port)]).start()
+    try:
+        wait_until(lambda: _answers(port), timeout_s=30, what="the pool to start")
+        task_ids = [worker.enqueue(f"note {i}", task_id=f"priced-{i}", provider="openai", model="gpt-test",
+                                   ledger_path=str(tmp_path / "ledger.txt")) for i in range(2)]
+        wait_until(lambda: all(store.summary(t).status is TaskStatus.COMPLETED for t in task_ids),
+                   timeout_s=60, what="both tasks to complete")
+        metrics = wait_until(lambda: _settled(scrape(port)), timeout_s=30, what="no task in flight")
+        assert pool.terminate() == 0
+    finally:
+        pool.kill()
+        fake.stop()
+
+    usages = [store.summary(t).usage for t in task_ids]
+    tokens = metrics["longhaul_tokens_total"]
+    # usage_block(): 11 in (3 cached), 7 out (2 reasoning) per call, 3 calls per task.
+    assert total(tokens, type="input", model="gpt-test") == sum(u.input_tokens for u in usages) == 2 * 3 * 11
+    assert total(tokens, type="output", model="gpt-test") == sum(u.output_tokens for u in usages) == 2 * 3 * 7
+    assert total(tokens, type="cache_read", model="gpt-test") == sum(u.cache_read_tokens for u in usages) > 0
+    assert total(tokens, type="reasoning", model="gpt-test") == sum(u.reasoning_tokens for u in usages) > 0
+    assert total(metrics["longhaul_cost_usd_total"], model="gpt-test") == pytest.approx(
+        sum(u.cost_usd for u in usages)) == pytest.approx(2 * 3 * (11 * 2.0 + 7 * 8.0) / 1_000_000)
+    assert total(metrics["longhaul_model_calls_total"], provider="openai", model="gpt-test") == 2 * 3
+    assert total(metrics["longhaul_tasks_total"], status="completed", agent="openai") == 2

@@ -453,6 +453,7 @@ def test_finish_moves_a_task_to_a_terminal_status_with_its_last_messages(clocked
     assert [m.content for m in record.resumable_history] == ["do it", "all done"]
     assert record.lease is None  # released
     assert record.checkpoint_count == 1
+    assert clocked_store.task_end_counts() == {("completed", "openai"): 1}
 
 
 def test_finish_refuses_a_status_that_is_not_terminal(store, make_update):
@@ -498,6 +499,8 @@ def test_request_cancel_of_a_task_whose_lease_expired_cancels_it_at_once(clocked
 
     assert clocked_store.request_cancel("task-1") is TaskStatus.CANCELLED
     assert clocked_store.load("task-1").lease is None
+    # Counted as it ended, though no worker wrote it (longhaul_tasks_total reads this).
+    assert clocked_store.task_end_counts() == {("cancelled", "openai"): 1}
 
 
 def test_request_cancel_leaves_a_finished_task_alone(store, make_snapshot):
@@ -645,6 +648,7 @@ def test_a_claim_succeeds_once_the_lease_expires(leased, clock):
     new = book.claim("task-1", WORKER_B, lease_s=LEASE_S)
 
     assert new is not None and new.token != old.token
+    assert (old.took_over, new.took_over) == (False, True)  # longhaul_lease_takeovers_total counts the second
     assert new.expires_at == clock() + LEASE_S
     assert new.resumed is True  # it had a checkpoint
     assert store.load("task-1").lease.owner == WORKER_B.owner

@@ -193,7 +193,8 @@ def serve(*, processes: int, threads: Optional[int] = None, concurrency: Optiona
     if port is None:
         return supervise(processes=processes, threads=threads)
     endpoint = MetricsEndpoint(host=runtime.settings.metrics_host, port=port,
-                               count_tasks=lambda status: runtime.store.count_tasks(status)).start()
+                               count_tasks=lambda status: runtime.store.count_tasks(status),
+                               end_counts=lambda: runtime.store.task_end_counts()).start()
     try:
         return supervise(processes=processes, threads=threads, on_child_exit=endpoint.process_exited)
     finally:

@@ -39,6 +39,9 @@ def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
     lease_s = rt.settings.lease_s
     claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s)
     if claim is not None:
+        if claim.took_over:  # its holder's lease had expired
+            logger.info("task %r: took over an expired lease", task_id)
+            rt.observer.takeover()
         return claim
     holder = rt.leases.holder(task_id)
     if holder is None:

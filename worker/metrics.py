@@ -10,11 +10,15 @@ its live gauges are dropped when the supervisor reaps it
 supervisor and removed when it stops: counters start from zero with the
 pool, which Prometheus' `rate()` expects of a restarted target.
 
-Counters of what the store records (tasks per status, steps, tool calls,
-tokens, cost) are counted when the write committed (`observe.ObservedStore`),
-so they agree with the store; model calls count every call made, including
-one whose step a crash lost. ``longhaul_tasks_waiting`` is read from the
-store at each scrape.
+Counters of what a worker's run stores (steps, tool calls, tokens, cost) are
+counted when the write committed (`observe.ObservedStore`), so they agree
+with the store; model calls count every call made, including one whose step
+a crash lost. ``longhaul_tasks_total`` and ``longhaul_tasks_waiting`` are
+read from the store at each scrape: a task can end in a process that is no
+worker (a CLI or dashboard cancel), so the store counts each end in the
+transaction that wrote it (`models.task_ends`). Both are the store's, the
+same on every pool's endpoint: aggregate them with ``max``, not ``sum``,
+across pools sharing a store.
 """
 
 from __future__ import annotations
@@ -66,8 +70,6 @@ class _Metrics:
         def histogram(name: str, doc: str, labels: tuple[str, ...]) -> Any:
             return Histogram(name, doc, labels, buckets=DURATION_BUCKETS_S, registry=registry)
 
-        self.tasks = counter("longhaul_tasks", "Tasks that reached each status (stored by a worker).",
-                             ("status", "agent"))
         self.in_flight = Gauge("longhaul_tasks_in_flight", "Tasks a worker thread runs right now.",
                                multiprocess_mode="livesum", registry=registry)
         self.steps = counter("longhaul_steps", "Model turns stored (the store's turn_count).", ("agent",))
@@ -125,8 +127,6 @@ class _PrometheusRun:
             self.m.tool_calls.labels(item.tool_name, "ok" if item.success else "error").inc()
         if commit.usage is not None:
             _count_usage(self.m, commit.usage, model)
-        if commit.status is not None:
-            self.m.tasks.labels(commit.status.value, agent).inc()
 
     def ended(self, status: TaskStatus, error_type: Optional[str]) -> None:
         self.m.in_flight.dec()
@@ -175,14 +175,26 @@ def dramatiq_middleware() -> list[Any]:
 # -- the supervisor's endpoint ---------------------------------------------------------------------
 
 
-class _WaitingTasks:
-    """A collector that reads ``longhaul_tasks_waiting`` from the store at each scrape."""
+class _StoreCounts:
+    """A collector that reads ``longhaul_tasks_total`` and ``longhaul_tasks_waiting`` from the store at each scrape."""
 
-    def __init__(self, count_tasks: Callable[[str], int]) -> None:
+    def __init__(self, count_tasks: Callable[[str], int],
+                 end_counts: Callable[[], dict[tuple[str, str], int]]) -> None:
         self.count_tasks = count_tasks
+        self.end_counts = end_counts
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        ended = CounterMetricFamily("longhaul_tasks", "Tasks that reached each terminal status, whoever ended them "
+                                    "(counted by the store).", labels=["status", "agent"])
+        try:
+            for (status, agent), count in sorted(self.end_counts().items()):
+                ended.add_metric([status, agent], count)
+        except Exception as exc:  # the store is down: the other metrics are still worth serving
+            logger.warning("longhaul_tasks_total: could not read the store (%s: %s)", type(exc).__name__, exc)
+            return
+        yield ended
 
         family = GaugeMetricFamily("longhaul_tasks_waiting", "Tasks waiting: for a worker (queued), or for a reply "
                                    "(waiting, where the store has that status).", labels=["waiting_for"])
@@ -205,10 +217,12 @@ class MetricsEndpoint:
     child's live gauges; `stop` closes the endpoint and removes the folder.
     """
 
-    def __init__(self, *, host: str, port: int, count_tasks: Callable[[str], int]) -> None:
+    def __init__(self, *, host: str, port: int, count_tasks: Callable[[str], int],
+                 end_counts: Callable[[], dict[tuple[str, str], int]]) -> None:
         self.host = host
         self.port = port
         self.count_tasks = count_tasks
+        self.end_counts = end_counts
         self.folder: Optional[str] = None
         self._server: Any = None
         self._thread: Optional[threading.Thread] = None
@@ -222,7 +236,7 @@ class MetricsEndpoint:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.folder)
-        registry.register(_WaitingTasks(self.count_tasks))  # type: ignore[arg-type]
+        registry.register(_StoreCounts(self.count_tasks, self.end_counts))  # type: ignore[arg-type]
         try:
             self._server, self._thread = start_http_server(self.port, addr=self.host, registry=registry)
         except OSError as exc:

@@ -222,7 +222,7 @@ class ObservedProvider:
 
 
 class ObservedStore:
-    """The run's view of the store: `record_checkpoint` and `finish` report what they committed.
+    """The run's view of the store: `journal_answer`, `record_checkpoint` and `finish` report what they committed.
 
     Reported only once the write returned, so a write refused (lease lost,
     store down) or a process killed before the commit counts nothing, and
@@ -238,6 +238,12 @@ class ObservedStore:
         result = self.inner.record_checkpoint(update, **kwargs)
         self.run.committed(Committed(assistant_turns=_assistant_turns(update.new_messages), items=update.items,
                                      usage=kwargs.get("usage"), status=None))
+        return result
+
+    def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, **kwargs: Any) -> Any:
+        # The answer's usage is stored here (its step is counted when `record_checkpoint` completes it).
+        result = self.inner.journal_answer(task_id, step_index, answer, **kwargs)
+        self.run.committed(Committed(assistant_turns=0, items=(), usage=kwargs.get("usage"), status=None))
         return result
 
     def finish(self, task_id: str, status: TaskStatus, **kwargs: Any) -> Any:
