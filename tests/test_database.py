@@ -98,6 +98,28 @@ def test_migrate_adds_the_tool_success_flag_to_a_version_8_store_whose_journaled
 
 
 @pytest.mark.backends("sqlite", "postgres")
+def test_migrate_brings_a_version_7_store_to_waiting_and_steering_and_keeps_its_tasks(db_url, make_update, longhaul):
+    with TaskStore(db_url) as store:
+        store.record_checkpoint(make_update(1, new_messages=[ChatMessage.assistant("a")]))
+        for column in ("waiting_for", "reply_due_at", "steering"):
+            store.db.execute_sql(f'ALTER TABLE "task" DROP COLUMN "{column}"')
+        store.db.execute_sql('ALTER TABLE "message" DROP COLUMN "tool_succeeded"')
+        set_schema_version(store, 7)
+
+    upgraded = longhaul("migrate")
+
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.startswith(f"schema upgraded from version 7 to {SCHEMA_VERSION} (")
+    with TaskStore(db_url) as store:
+        columns = {column.name for column in store.db.get_columns("task")}
+        assert {"waiting_for", "reply_due_at", "steering"} <= columns
+        record = store.get("task-1")
+        assert (record.checkpoint_count, [m.content for m in record.execution_history]) == (1, ["a"])
+        assert store.wait_of("task-1") is None and store.step_boundary("task-1") == (None, False)
+        assert [t.task_id for t in store.list_tasks(status="waiting")] == []
+
+
+@pytest.mark.backends("sqlite", "postgres")
 def test_migrate_refuses_a_schema_newer_than_it_knows(newer_store, longhaul):
     refused = longhaul("migrate")
     assert refused.returncode == 1
