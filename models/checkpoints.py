@@ -23,6 +23,7 @@ from .schemas import ChatMessage, CheckpointUpdate, TaskStatus, Usage
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
 from .trace_store import TraceStore
 from .traces import PendingTraces
+from .waiting import queue_late_steering
 
 
 class Checkpoints:
@@ -212,6 +213,7 @@ class Checkpoints:
                 **{name: getattr(Task, name) + getattr(added, name) for name in USAGE_FIELDS},
                 **NO_LEASE,
             ).where(Task.id == row.id).execute()
+            queue_late_steering(ctx, row, now)  # a steer that came after the last step boundary: its own task
 
 
 def _ended_because(status: TaskStatus, last_error: Optional[str]) -> str:

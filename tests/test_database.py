@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from longhaul.models import ChatMessage, StoreUnavailable, TaskStore, ToolCall
+from longhaul.models import ChatMessage, StoreUnavailable, TaskSpec, TaskStatus, TaskStore, ToolCall
 from longhaul.models.tables import SCHEMA_VERSION
 from longhaul.worker.testing import free_port, wait_until
 
@@ -101,7 +101,7 @@ def test_migrate_adds_the_tool_success_flag_to_a_version_8_store_whose_journaled
 def test_migrate_brings_a_version_7_store_to_waiting_and_steering_and_keeps_its_tasks(db_url, make_update, longhaul):
     with TaskStore(db_url) as store:
         store.record_checkpoint(make_update(1, new_messages=[ChatMessage.assistant("a")]))
-        for column in ("waiting_for", "reply_due_at", "steering"):
+        for column in ("waiting_for", "reply_due_at", "steering", "steered"):
             store.db.execute_sql(f'ALTER TABLE "task" DROP COLUMN "{column}"')
         store.db.execute_sql('ALTER TABLE "message" DROP COLUMN "tool_succeeded"')
         set_schema_version(store, 7)
@@ -112,11 +112,16 @@ def test_migrate_brings_a_version_7_store_to_waiting_and_steering_and_keeps_its_
     assert upgraded.stdout.startswith(f"schema upgraded from version 7 to {SCHEMA_VERSION} (")
     with TaskStore(db_url) as store:
         columns = {column.name for column in store.db.get_columns("task")}
-        assert {"waiting_for", "reply_due_at", "steering"} <= columns
+        assert {"waiting_for", "reply_due_at", "steering", "steered"} <= columns
         record = store.get("task-1")
         assert (record.checkpoint_count, [m.content for m in record.execution_history]) == (1, ["a"])
         assert store.wait_of("task-1") is None and store.step_boundary("task-1") == (None, False)
         assert [t.task_id for t in store.list_tasks(status="waiting")] == []
+        store.admit_task(task_id="new", thread_id="t7", channel="api", provider="scripted", model="m",
+                         spec=TaskSpec(prompt="hi"))
+        store.finish("new", TaskStatus.COMPLETED, final_response="hello")
+        assert [(m.role, m.content) for m in store.thread_story("t7").turns] == [  # the story reads the new column
+            ("user", "hi"), ("assistant", "hello")]
 
 
 @pytest.mark.backends("sqlite", "postgres")
