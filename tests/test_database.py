@@ -27,6 +27,13 @@ def set_schema_version(task_store: TaskStore, version: int) -> None:
                                   (version,))
 
 
+def migrate_from(version: int, longhaul) -> None:
+    """Run `longhaul migrate` on a store at schema `version`; it must say it upgraded it to the current one."""
+    upgraded = longhaul("migrate")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.startswith(f"schema upgraded from version {version} to {SCHEMA_VERSION} (")
+
+
 @pytest.fixture
 def newer_store(db_url: str) -> str:
     """A store whose schema a later longhaul wrote; returns its URL."""
@@ -60,10 +67,7 @@ def test_migrate_upgrades_a_version_1_store_and_keeps_its_tasks(db_url, make_upd
         store.db.execute_sql('DROP TABLE "trace_batch"')
         set_schema_version(store, 1)
 
-    upgraded = longhaul("migrate")
-
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.startswith(f"schema upgraded from version 1 to {SCHEMA_VERSION} (")
+    migrate_from(1, longhaul)
     with TaskStore(db_url) as store:
         assert store.schema_version() == SCHEMA_VERSION
         record = store.get("task-1")
@@ -84,10 +88,7 @@ def test_migrate_adds_the_tool_success_flag_to_a_version_8_store_whose_journaled
         store.db.execute_sql('ALTER TABLE "message" DROP COLUMN "tool_succeeded"')
         set_schema_version(store, 8)
 
-    upgraded = longhaul("migrate")
-
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.startswith(f"schema upgraded from version 8 to {SCHEMA_VERSION} (")
+    migrate_from(8, longhaul)
     with TaskStore(db_url) as store:
         reopened = store.open_step("task-1")
         assert reopened is not None and [c for c, _ in reopened.pending_calls] == [1]
@@ -106,10 +107,7 @@ def test_migrate_brings_a_version_7_store_to_waiting_and_steering_and_keeps_its_
         store.db.execute_sql('ALTER TABLE "message" DROP COLUMN "tool_succeeded"')
         set_schema_version(store, 7)
 
-    upgraded = longhaul("migrate")
-
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.startswith(f"schema upgraded from version 7 to {SCHEMA_VERSION} (")
+    migrate_from(7, longhaul)
     with TaskStore(db_url) as store:
         columns = {column.name for column in store.db.get_columns("task")}
         assert {"waiting_for", "reply_due_at", "steering", "steered"} <= columns
