@@ -24,6 +24,7 @@ from .tables import EXECUTION, NO_LEASE, RESUMABLE
 from .task_ends import count_end
 from .trace_store import TraceStore
 from .traces import PendingTraces
+from .waiting import queue_late_steering
 
 
 class Checkpoints:
@@ -218,6 +219,7 @@ class Checkpoints:
                 **NO_LEASE,
             ).where(Task.id == row.id).execute()
             count_end(ctx, row, status.value)
+            queue_late_steering(ctx, row, now)  # a steer that came after the last step boundary: its own task
 
 
 def _ended_because(status: TaskStatus, last_error: Optional[str]) -> str:

@@ -239,6 +239,18 @@ def _to_v10_task_end_counts(db: Database, tables: Tables) -> None:
     tables.TaskEndCount.create_table(safe=True)
 
 
+def _to_v11_steered(db: Database, tables: Tables) -> None:
+    """Schema 10 (steering in the story): ``task.steered``, the steering texts a task took, for its thread's story.
+
+    A step of its own, so it can be renumbered when merged next to other
+    schema changes. Nullable, no default: tasks stored before were never
+    steered as far as their story knows.
+    """
+    if "steered" not in {column.name for column in db.get_columns("task")}:
+        column_type = sql_type(db, tables.Task._meta.fields["steered"])
+        db.execute_sql(f'ALTER TABLE "task" ADD COLUMN "steered" {column_type}')
+
+
 def _one_event(elapsed_ms: float, event_type: str, data: str) -> str:
     """A schema-2 event as a schema-3 batch of one (its data JSON kept as it was, or wrapped if unreadable)."""
     try:
@@ -254,6 +266,7 @@ MIGRATIONS: dict[int, Callable[[Database, Tables], None]] = {
     8: _to_v8_waiting,
     9: _to_v9_tool_succeeded,
     10: _to_v10_task_end_counts,
+    11: _to_v11_steered,
 }
 
 

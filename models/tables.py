@@ -35,7 +35,7 @@ from peewee import (
 from .dialect import is_sqlite
 
 #: The schema this code writes. Bump it with a migration in `migrations.py`.
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 #: Column values of a task that nobody holds.
 NO_LEASE = dict(lease_token=None, lease_owner=None, lease_host=None, lease_pid=None,
@@ -119,6 +119,8 @@ def bind_tables(db: Database) -> Tables:
         reply_due_at = DoubleField(null=True)
         # Since schema 8: messages sent with if_busy="steer", a JSON list of texts, taken before the next model call.
         steering = TextField(null=True)
+        # Since schema 11: the steering messages the task took, in order (JSON list of texts): its story's turns.
+        steered = TextField(null=True)
         # Since schema 3: the next trace sequence; a trace batch must start at or after it.
         trace_next_sequence = BigIntegerField(default=0)
         # Since schema 2: what the task said and spent, summed as it runs.

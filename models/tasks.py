@@ -154,7 +154,7 @@ class TaskWrites:
                 execution_count=0, resumable_count=0, latest_checkpoint_note=None, final_response=None,
                 last_error=None, completed_at=None, started_at=None, updated_at=now, delivery_due_at=now,
                 otel_trace_parent=None,  # a rerun is a new trace
-                waiting_for=None, reply_due_at=None, steering=None,
+                waiting_for=None, reply_due_at=None, steering=None, steered=None,
             ).where(Task.id == row.id).execute()
 
     def _clear_run(self, task_id: str, task_pk: int) -> None:

@@ -79,8 +79,7 @@ class ThreadAdmission:
             if busy and if_busy == "reject":
                 return Admission(created=False, refused_by=busy[0])
             running = [busy_id for busy_id, status in busy if status is TaskStatus.RUNNING]
-            if running and if_busy == "steer":
-                self.waiting.steer(running[0], spec.prompt)
+            if running and if_busy == "steer" and self.waiting.steer(running[0], spec.prompt):
                 return Admission(created=False, steered=running[0])
             if not self.tasks.create(task_id=task_id, thread_id=thread_id, channel=channel, provider=provider,
                                      model=model, spec=spec):

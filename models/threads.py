@@ -10,7 +10,10 @@ prompt, then its final answer (tool-call tags stripped), or, for a task that
 ended otherwise, what its steps did (its assistant text and tool results,
 so an interrupted task's work stays in the thread) and a short note of how
 it ended ("interrupted by task 'x' after step 3"), so user and
-assistant strictly alternate without merging unrelated prompts. A queued,
+assistant strictly alternate without merging unrelated prompts. A task
+steered (``if_busy="steer"``) also contributes each steering message it
+took, in order, after its prompt, each after a short assistant note
+(`STEERED_NOTE`), so the alternation holds and the message is in the story. A queued,
 running or waiting task contributes nothing yet. The whole story is one indexed query
 over the thread's task rows: no message rows are read, except for the rare
 task that ended otherwise after taking steps (its partial work) and the task
@@ -42,6 +45,8 @@ _TERMINAL_VALUES = tuple(s.value for s in TaskStatus if s.is_terminal)
 
 #: How much of a task's `last_error` its "how it ended" note quotes.
 ENDING_NOTE_CHARS = 200
+#: The assistant turn before each steering message in a task's story (it was still working when the message came).
+STEERED_NOTE = "(still working: the user added the next message)"
 #: How much of each tool result an unfinished task's partial work quotes in the story.
 PARTIAL_RESULT_CHARS = 200
 
@@ -74,7 +79,7 @@ class ThreadReads:
         ctx = self.ctx
         Task = ctx.tables.Task
         query = (Task.select(Task.id, Task.task_id, Task.status, Task.spec, Task.final_response, Task.last_error,
-                             Task.latest_checkpoint_note, Task.checkpoint_count)
+                             Task.latest_checkpoint_note, Task.checkpoint_count, Task.steered)
                  .where((Task.thread_id == thread_id) & Task.status.in_(_TERMINAL_VALUES)))
         if before_task_id is not None:
             asking = Task.select(Task.id).where(Task.task_id == before_task_id)
@@ -84,12 +89,12 @@ class ThreadReads:
         note: Optional[str] = None
         with ctx.dialect.read_snapshot():
             rows = ctx.db.execute(query.order_by(Task.id)).fetchall()
-            for pk, task_id, status, spec, final_response, last_error, checkpoint_note, steps in rows:
+            for pk, task_id, status, spec, final_response, last_error, checkpoint_note, steps, steered in rows:
                 if spec is None:
                     own = self._snapshot_turns(pk, task_id)
                 else:
                     work = self._partial_work(pk) if steps and status != _COMPLETED else ""
-                    own = _own_turns(task_id, status, spec, final_response, last_error, work)
+                    own = _own_turns(task_id, status, spec, final_response, last_error, work, steered)
                 if own:
                     turns.extend(own)
                     task_ids.append(task_id)
@@ -158,7 +163,7 @@ class ThreadReads:
 
 
 def _own_turns(task_id: str, status: str, spec: str, final_response: Optional[str],
-               last_error: Optional[str], partial_work: str = "") -> list[ChatMessage]:
+               last_error: Optional[str], partial_work: str = "", steered: Optional[str] = None) -> list[ChatMessage]:
     try:
         prompt = orjson.loads(spec)["prompt"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -171,4 +176,21 @@ def _own_turns(task_id: str, status: str, spec: str, final_response: Optional[st
         answer = f"{partial_work}\n\n{ending_note(status, last_error)}" if partial_work else ending_note(
             status, last_error)
     # Built without a second validation: a story of 1,000 tasks is read in a few milliseconds.
-    return [stored_message("user", prompt, None, None, None), stored_message("assistant", answer, None, None, None)]
+    turns = [stored_message("user", prompt, None, None, None)]
+    for text in _steered_texts(task_id, steered):  # each message that steered it, in order, answered by a note
+        turns += [stored_message("assistant", STEERED_NOTE, None, None, None),
+                  stored_message("user", text, None, None, None)]
+    turns.append(stored_message("assistant", answer, None, None, None))
+    return turns
+
+
+def _steered_texts(task_id: str, steered: Optional[str]) -> list[str]:
+    if not steered:
+        return []
+    try:
+        texts = orjson.loads(steered)
+    except orjson.JSONDecodeError:
+        raise CorruptRecord(task_id, "steered", "not a JSON list of texts") from None
+    if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+        raise CorruptRecord(task_id, "steered", "not a JSON list of texts")
+    return texts

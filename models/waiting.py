@@ -27,17 +27,18 @@ user messages, so a crash either keeps them pending or has them stored.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 import orjson
 
-from .codec import message_rows
+from .codec import decode_spec, message_rows
 from .context import StoreContext
 from .errors import NotWaiting
 from .journal import close_open_step, load_open_step, tool_result
 from .leases import require_lease
-from .schemas import ChatMessage, TaskStatus
+from .schemas import ChatMessage, TaskSpec, TaskStatus
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
 from .task_ends import count_end
 
@@ -75,6 +76,30 @@ class Wait:
 def denial(tool: str, reason: Optional[str]) -> str:
     """The tool result of a denied call: what the model is told instead of the tool's output."""
     return f"[denied: the user did not approve this call to {tool}{': ' + reason if reason else ''}]"
+
+
+def queue_late_steering(ctx: StoreContext, row: object, now: float) -> list[str]:
+    """Steering messages a task never took (they came after its last step boundary): each a new queued task.
+
+    Called in the transaction that ends the task, on its locked row, so a
+    steer is either taken, or stored here, never lost: each text becomes a
+    task of the thread with the ended task's provider, model and spec (its
+    prompt replaced), queued after it. Returns their ids (none, mostly).
+    """
+    if not row.steering:
+        return []
+    Task = ctx.tables.Task
+    spec = decode_spec(row.task_id, row.spec) or TaskSpec(prompt="(no prompt stored)")
+    ids = []
+    for text in orjson.loads(row.steering):
+        task_id = f"{row.task_id}-steer-{uuid.uuid4().hex[:8]}"
+        Task.insert(task_id=task_id, thread_id=row.thread_id, channel=row.channel, provider=row.provider,
+                    model=row.model, status=TaskStatus.QUEUED.value,
+                    spec=spec.model_copy(update={"prompt": text}).model_dump_json(),
+                    created_at=now, updated_at=now, delivery_due_at=now).execute()
+        ids.append(task_id)
+    Task.update(steering=None).where(Task.id == row.id).execute()
+    return ids
 
 
 class Waiting:
@@ -161,15 +186,22 @@ class Waiting:
 
     # -- steering ----------------------------------------------------------------------------------
 
-    def steer(self, task_id: str, text: str) -> None:
-        """Add `text` to the running task's pending steering messages (inside the caller's transaction)."""
+    def steer(self, task_id: str, text: str) -> bool:
+        """Add `text` to the running task's pending steering messages (inside the caller's transaction).
+
+        False (nothing stored) if the task is no longer running: it finished
+        since the caller looked, and the message must become a task of its own.
+        """
         ctx = self.ctx
         Task = ctx.tables.Task
         row = ctx.task_row(task_id, for_update=True)
+        if row.status != _RUNNING:
+            return False
         pending = orjson.loads(row.steering) if row.steering else []
         pending.append(text)
         Task.update(steering=orjson.dumps(pending).decode(), updated_at=ctx.clock()).where(
             Task.id == row.id).execute()
+        return True
 
     def take_steering(self, task_id: str, *, lease_token: Optional[str]) -> list[ChatMessage]:
         """Fenced: the pending steering messages as user messages, appended to both histories and cleared."""
@@ -180,10 +212,13 @@ class Waiting:
             require_lease(task_id, row.lease_token, lease_token)
             if not row.steering:
                 return []
-            messages = [ChatMessage.user(text) for text in orjson.loads(row.steering)]
+            texts = orjson.loads(row.steering)
+            messages = [ChatMessage.user(text) for text in texts]
             ctx.insert_messages(message_rows(row.id, EXECUTION, row.execution_count, messages, None)
                                 + message_rows(row.id, RESUMABLE, row.resumable_count, messages, None))
-            Task.update(steering=None, execution_count=Task.execution_count + len(messages),
+            steered = (orjson.loads(row.steered) if row.steered else []) + texts
+            Task.update(steering=None, steered=orjson.dumps(steered).decode(),
+                        execution_count=Task.execution_count + len(messages),
                         resumable_count=Task.resumable_count + len(messages)).where(Task.id == row.id).execute()
         return messages
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from longhaul.models import ChatMessage, StoreUnavailable, TaskStore, ToolCall
+from longhaul.models import ChatMessage, StoreUnavailable, TaskSpec, TaskStatus, TaskStore, ToolCall
 from longhaul.models.tables import SCHEMA_VERSION
 from longhaul.worker.testing import free_port, wait_until
 
@@ -25,6 +25,13 @@ def set_schema_version(task_store: TaskStore, version: int) -> None:
         task_store.db.execute_sql('DELETE FROM "schema_version"')
         task_store.db.execute_sql(f'INSERT INTO "schema_version" ("version", "applied_at") VALUES ({p}, 0)',
                                   (version,))
+
+
+def migrate_from(version: int, longhaul) -> None:
+    """Run `longhaul migrate` on a store at schema `version`; it must say it upgraded it to the current one."""
+    upgraded = longhaul("migrate")
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.startswith(f"schema upgraded from version {version} to {SCHEMA_VERSION} (")
 
 
 @pytest.fixture
@@ -60,10 +67,7 @@ def test_migrate_upgrades_a_version_1_store_and_keeps_its_tasks(db_url, make_upd
         store.db.execute_sql('DROP TABLE "trace_batch"')
         set_schema_version(store, 1)
 
-    upgraded = longhaul("migrate")
-
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.startswith(f"schema upgraded from version 1 to {SCHEMA_VERSION} (")
+    migrate_from(1, longhaul)
     with TaskStore(db_url) as store:
         assert store.schema_version() == SCHEMA_VERSION
         record = store.get("task-1")
@@ -84,10 +88,7 @@ def test_migrate_adds_the_tool_success_flag_to_a_version_8_store_whose_journaled
         store.db.execute_sql('ALTER TABLE "message" DROP COLUMN "tool_succeeded"')
         set_schema_version(store, 8)
 
-    upgraded = longhaul("migrate")
-
-    assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.startswith(f"schema upgraded from version 8 to {SCHEMA_VERSION} (")
+    migrate_from(8, longhaul)
     with TaskStore(db_url) as store:
         reopened = store.open_step("task-1")
         assert reopened is not None and [c for c, _ in reopened.pending_calls] == [1]
@@ -95,6 +96,30 @@ def test_migrate_adds_the_tool_success_flag_to_a_version_8_store_whose_journaled
         assert store.journal_result(reopened, 1, ChatMessage(role="tool", content="x", tool_call_id="c1", name="note"),
                                     success=False).succeeded == (None, False)
         assert store.open_step("task-1").succeeded == (None, False)
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_migrate_brings_a_version_7_store_to_waiting_and_steering_and_keeps_its_tasks(db_url, make_update, longhaul):
+    with TaskStore(db_url) as store:
+        store.record_checkpoint(make_update(1, new_messages=[ChatMessage.assistant("a")]))
+        for column in ("waiting_for", "reply_due_at", "steering", "steered"):
+            store.db.execute_sql(f'ALTER TABLE "task" DROP COLUMN "{column}"')
+        store.db.execute_sql('ALTER TABLE "message" DROP COLUMN "tool_succeeded"')
+        set_schema_version(store, 7)
+
+    migrate_from(7, longhaul)
+    with TaskStore(db_url) as store:
+        columns = {column.name for column in store.db.get_columns("task")}
+        assert {"waiting_for", "reply_due_at", "steering", "steered"} <= columns
+        record = store.get("task-1")
+        assert (record.checkpoint_count, [m.content for m in record.execution_history]) == (1, ["a"])
+        assert store.wait_of("task-1") is None and store.step_boundary("task-1") == (None, False)
+        assert [t.task_id for t in store.list_tasks(status="waiting")] == []
+        store.admit_task(task_id="new", thread_id="t7", channel="api", provider="scripted", model="m",
+                         spec=TaskSpec(prompt="hi"))
+        store.finish("new", TaskStatus.COMPLETED, final_response="hello")
+        assert [(m.role, m.content) for m in store.thread_story("t7").turns] == [  # the story reads the new column
+            ("user", "hi"), ("assistant", "hello")]
 
 
 @pytest.mark.backends("sqlite", "postgres")

@@ -25,7 +25,7 @@ from longhaul.worker import Runtime, load_settings
 from longhaul.worker.providers import PermanentProviderError, StepContext, TransientProviderError, create_provider
 from longhaul.worker.providers.openai import OpenAIProvider
 from longhaul.worker.testing import free_port, ledger_counts, wait_until
-from longhaul.worker.tools import LEDGER, TOOLS
+from longhaul.worker.tools import LEDGER, OPT_IN_TOOLS, TOOLS
 from tests.fixtures.cli import LONGHAUL
 
 from .fake_openai import FakeOpenAI, Recorded, Reply, Responder, answer, error_reply, native_call
@@ -142,7 +142,7 @@ def test_a_task_calls_tools_natively_and_the_model_sees_each_result_under_its_ca
     assert first.json["model"] == "gpt-test"
     assert first.headers["authorization"] == f"Bearer {API_KEY}"
     assert {t["function"]["name"]: t["function"]["parameters"] for t in first.json["tools"]} == {
-        name: tool.json_schema() for name, tool in TOOLS.items()}
+        name: tool.json_schema() for name, tool in TOOLS.items() if name not in OPT_IN_TOOLS}  # ask_user: opt-in
     assert first.json["messages"] == [{"role": "user", "content": "keep a note"}]
     assistant, result = second.json["messages"][1:]
     assert assistant == {"role": "assistant", "content": "Saving a note.", "tool_calls": [

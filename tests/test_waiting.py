@@ -6,10 +6,13 @@ import pytest
 
 import longhaul
 from longhaul.models import TaskStatus
+from longhaul.models.threads import STEERED_NOTE
 from longhaul.worker.testing import wait_until
 from tests import thread_app  # noqa: F401  (registers `thread-echo` and the `deploy` tool in this process)
 
 APP = {"LONGHAUL_APP": "tests.thread_app"}
+#: `ask_user` is offered only to a task that names it.
+ASKS = ["ask_user"]
 
 pytestmark = [pytest.mark.redis, pytest.mark.backends("sqlite", "postgres")]
 
@@ -24,7 +27,7 @@ def test_a_task_waiting_for_a_reply_survives_a_worker_sigkill_and_resumes_with_t
     store = client_runtime.store
     first = start_worker(processes=2, threads=2, **APP)
     task_id = longhaul.enqueue("plan my trip", thread_id="chat", task_id="asker", provider="thread-echo",
-                               ask="which city?")
+                               ask="which city?", tools=ASKS)
     wait_until(lambda: waiting(store, task_id), timeout_s=30, what="the task to wait for a reply")
     record = store.get(task_id)
     assert record.lease is None or record.lease.token is None  # no lease held while waiting
@@ -50,7 +53,7 @@ def test_a_message_to_a_thread_that_waits_is_the_reply_and_the_thread_runs_one_a
     store = client_runtime.store
     start_worker(processes=2, threads=2, **APP)
     asker = longhaul.enqueue("book a table", thread_id="chat", task_id="asker", provider="thread-echo",
-                             ask="for how many?")
+                             ask="for how many?", tools=ASKS)
     wait_until(lambda: waiting(store, asker), timeout_s=30, what="the wait")
     assert longhaul.enqueue("four", thread_id="chat", provider="thread-echo") == asker  # no new task
     assert store.count_tasks() == 1
@@ -90,7 +93,7 @@ def test_a_reply_timeout_ends_the_waiting_task_timed_out_and_frees_its_thread(cl
     store = client_runtime.store
     start_worker(processes=2, threads=2, **APP)
     asker = longhaul.enqueue("hello", thread_id="chat", task_id="asker", provider="thread-echo", ask="name?",
-                             reply_timeout_s=1)
+                             reply_timeout_s=1, tools=ASKS)
     behind = longhaul.enqueue("next", thread_id="chat", task_id="behind", provider="thread-echo",
                               if_busy="enqueue")
     wait_until(lambda: store.summary(behind).status.is_terminal, timeout_s=30, what="the task behind it")
@@ -104,7 +107,8 @@ def test_a_reply_timeout_ends_the_waiting_task_timed_out_and_frees_its_thread(cl
 def test_cancel_ends_a_waiting_task_at_once(client_runtime, start_worker):
     store = client_runtime.store
     start_worker(processes=1, threads=2, **APP)
-    asker = longhaul.enqueue("hello", thread_id="chat", task_id="asker", provider="thread-echo", ask="name?")
+    asker = longhaul.enqueue("hello", thread_id="chat", task_id="asker", provider="thread-echo", ask="name?",
+                             tools=ASKS)
     wait_until(lambda: waiting(store, asker), timeout_s=30, what="the wait")
     assert longhaul.cancel(asker) is TaskStatus.CANCELLED
 
@@ -124,3 +128,6 @@ def test_steer_adds_the_message_to_the_running_task_before_its_next_model_call(c
     assert done.final_response == "answer to 'actually, second'; seen=[]"  # the model saw it as the last user turn
     users = [m.content for m in done.execution_history if m.role == "user"]
     assert users == ["first", "actually, second"]
+    assert [(t.role, t.content) for t in longhaul.thread_turns("chat")] == [  # the steer is in the story, in order
+        ("user", "first"), ("assistant", STEERED_NOTE), ("user", "actually, second"),
+        ("assistant", done.final_response)]

@@ -281,12 +281,12 @@ def reply(thread_id: str, text: str) -> str:
     `NotWaiting` if no task of the thread waits for a reply. Sending the
     thread any message with `enqueue` does the same.
     """
+    if not text.strip():
+        raise InvalidInput("text: the reply must be non-empty text")
     rt = get_runtime()
     task_id = rt.store.waiting_task(thread_id)
     if task_id is None:
         raise NotWaiting(f"thread {thread_id!r}", "no task of it waits for a reply")
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidInput("text: the reply must be non-empty text")
     rt.store.answer_wait(task_id, text, decision="replied", kinds=("reply",))
     _send_resumed(rt, task_id)
     return task_id
@@ -304,6 +304,8 @@ def approve(task_id: str) -> str:
 @strict
 def deny(task_id: str, *, reason: Optional[str] = None) -> str:
     """Deny the call the task waits on: its result says it was denied (with `reason`), and the task goes on."""
+    if reason is not None and not reason.strip():
+        raise InvalidInput("reason: give a non-empty reason, or none")
     rt = get_runtime()
     wait = rt.store.wait_of(task_id)
     rt.store.answer_wait(task_id, denial(wait.tool if wait else "the tool", reason), decision="denied",

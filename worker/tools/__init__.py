@@ -8,7 +8,9 @@ User code adds tools with ``@tool()`` at module level of an app module
 (registered when the module is imported, in every process that imports
 it) or with `register_tool` for tools built at run time. A task chooses
 its tools with ``options["tools"]`` (a list of names); without it, every
-registered tool is offered.
+registered tool is offered except those in `OPT_IN_TOOLS`: `ask_user` is
+offered only to a task that names it, since a task with nobody to answer
+(a batch job) would wait forever for a reply its model chose to ask for.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .http import HTTP_GET
 from .ledger import LEDGER
 
 TOOLS: dict[str, Tool] = {t.name: t for t in (LEDGER, READ_FILE, WRITE_FILE, LIST_FILES, HTTP_GET, ASK_USER)}
+#: Tools offered only to a task that names them in ``options["tools"]`` (not to one that names none).
+OPT_IN_TOOLS = frozenset({ASK_USER.name})
 
 
 def register_tool(tool: Tool) -> None:
@@ -77,11 +81,14 @@ def validate_tool_names(options: dict[str, Any], tools: Optional[Mapping[str, To
 
 
 def allowed_tools(options: dict[str, Any], tools: Optional[Mapping[str, Tool]] = None) -> list[Tool]:
-    """The tools a task may call: those of `tools` (default: the registry) named by ``options["tools"]``, else all."""
+    """The tools a task may call: those of `tools` (default: the registry) named by ``options["tools"]``.
+
+    Without ``options["tools"]``: all of them but the `OPT_IN_TOOLS`.
+    """
     known = TOOLS if tools is None else tools
     names = options.get("tools")
     if names is None:
-        return list(known.values())
+        return [tool for name, tool in known.items() if name not in OPT_IN_TOOLS]
     return [known[name] for name in names if name in known]
 
 
@@ -136,7 +143,8 @@ def checkpoint_item(call: ToolCall, result: ToolResult) -> CheckpointItem:
 
 __all__ = [
     # Registry
-    "TOOLS", "UnknownTool", "allowed_tools", "define_tool", "register_tool", "tool", "validate_tool_names",
+    "OPT_IN_TOOLS", "TOOLS", "UnknownTool",
+    "allowed_tools", "define_tool", "register_tool", "tool", "validate_tool_names",
     # Calls
     "Tool", "ToolContext", "ToolError", "WaitForReply", "ToolResult", "checkpoint_item", "failed_output",
     "run_tool_call",
