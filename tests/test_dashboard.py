@@ -77,6 +77,23 @@ def test_a_model_answer_holding_script_shows_as_text_and_no_secret_is_rendered(r
         assert "script-src 'self'" in page.headers["content-security-policy"]
 
 
+def test_an_agent_filter_finds_its_tasks_beyond_the_newest_rows_of_other_agents(runtime, client, monkeypatch):
+    from longhaul.models import NewTask, TaskSpec
+    from longhaul.worker.dashboard import app
+
+    monkeypatch.setattr(app, "AGENT_SCAN_PAGE", 7)  # several pages, one partly matching
+    runtime.store.create_task(task_id="oldest", thread_id="t-old", channel="api", provider="rare", model="m",
+                              spec=TaskSpec(prompt="old"))
+    runtime.store.create_tasks([NewTask(task_id=f"new-{i:02d}", thread_id=f"t-{i}", channel="api",
+                                        provider="common", model="m", spec=TaskSpec(prompt="p"))
+                                for i in range(app.LIST_LIMIT + 20)])
+
+    page = client.get("/fragments/tasks?agent=rare", headers=BEARER)
+
+    assert page.status_code == 200, page.text
+    assert re.findall(r'data-task-id="([^"]+)"', page.text) == ["oldest"]
+
+
 def test_the_task_list_filters_by_status_agent_thread_and_time_and_counts_each_status(runtime, client):
     store_answer(runtime, "done-1", "ok", thread_id="thread-a")
     submit(runtime, "later", provider="scripted", task_id="queued-1", thread_id="thread-b")

@@ -39,6 +39,8 @@ HERE = Path(__file__).parent
 POLL_S = 1
 #: Most tasks one list shows.
 LIST_LIMIT = 200
+#: Tasks read per page while an agent filter looks for `LIST_LIMIT` matches (the agent is in the spec, not a column).
+AGENT_SCAN_PAGE = 500
 #: Most trace events a task page shows (the latest).
 TRACE_EVENTS_SHOWN = 300
 #: Security headers of every page: no script but ours, no framing, no referrer (a token never leaks).
@@ -86,13 +88,28 @@ def _filters(request: Request) -> dict[str, Any]:
 
 
 def _listed(filters: dict[str, Any]) -> list[admin.ListedTask]:
-    rows = admin.list_tasks(status=filters["status"] or None, thread_id=filters["thread"] or None,
-                            since=datetime.fromisoformat(filters["since"]) if filters["since"] else None,
-                            until=datetime.fromisoformat(filters["until"]) if filters["until"] else None,
-                            limit=LIST_LIMIT)
-    if filters["agent"]:
-        rows = [row for row in rows if (row.agent.name if row.agent else row.summary.provider) == filters["agent"]]
-    return rows
+    """The newest `LIST_LIMIT` tasks matching the filters.
+
+    The agent lives in each task's stored spec, not in a column, so an
+    agent filter pages on through the store (keyset cursors) until it has
+    `LIST_LIMIT` matches or the store has no more: never only the matches
+    among the newest `LIST_LIMIT` rows.
+    """
+    query = dict(status=filters["status"] or None, thread_id=filters["thread"] or None,
+                 since=datetime.fromisoformat(filters["since"]) if filters["since"] else None,
+                 until=datetime.fromisoformat(filters["until"]) if filters["until"] else None)
+    if not filters["agent"]:
+        return admin.list_tasks(**query, limit=LIST_LIMIT)
+    matches: list[admin.ListedTask] = []
+    after: Optional[str] = None
+    while len(matches) < LIST_LIMIT:
+        page = admin.list_tasks(**query, limit=AGENT_SCAN_PAGE, after=after)
+        matches.extend(row for row in page
+                       if (row.agent.name if row.agent else row.summary.provider) == filters["agent"])
+        if len(page) < AGENT_SCAN_PAGE:
+            break
+        after = page[-1].cursor
+    return matches[:LIST_LIMIT]
 
 
 def _tasks_context(request: Request) -> dict[str, Any]:
