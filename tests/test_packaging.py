@@ -98,7 +98,10 @@ def test_a_wheel_holds_only_the_longhaul_package(tmp_path):
     assert tops == {"longhaul", f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info"}, tops
     for module in ("longhaul/__init__.py", "longhaul/models/store.py", "longhaul/worker/actors.py",
                    "longhaul/worker/providers/openai.py", "longhaul/worker/tools/files.py",
-                   "longhaul/py.typed", "longhaul/models/py.typed", "longhaul/worker/py.typed"):
+                   "longhaul/py.typed", "longhaul/models/py.typed", "longhaul/worker/py.typed",
+                   # The dashboard's files are package data: without them `longhaul dashboard` serves nothing.
+                   "longhaul/worker/dashboard/templates/task.html", "longhaul/worker/dashboard/static/htmx.min.js",
+                   "longhaul/worker/tools/ask_user.py"):
         assert module in names, module
 
 
