@@ -78,7 +78,7 @@ def test_enqueue_with_redis_down_returns_the_id_and_the_task_runs_once_redis_is_
         assert store.summary("outage").checkpoint_count == 2
         assert len(store.list_tasks()) == 1
     finally:
-        store.close()
+        store.close_all()  # every pooled connection, not only this thread's (a mount is undone after)
     assert worker.proc is not None and worker.proc.poll() is None
 
 
@@ -104,7 +104,7 @@ def test_redis_restarted_empty_before_the_worker_starts_resends_every_queued_tas
         print(f"\n{len(ids)} tasks lost with Redis's data completed {took_s:.2f} s after the worker started")
         assert took_s < 12  # one 5 s recovery interval, plus the worker's boot and the tasks' steps
     finally:
-        store.close()
+        store.close_all()  # every pooled connection, not only this thread's (a mount is undone after)
         worker.kill()
     assert "no longer holds its message" in worker.log()
 
@@ -143,7 +143,7 @@ def test_redis_restarted_empty_under_a_running_worker_resends_the_waiting_tasks_
                    timeout_s=60, what="every task to finish")
         assert not any(f"resuming task {t!r}" in worker.log() for t in busy)  # running tasks are left alone
     finally:
-        store.close()
+        store.close_all()  # every pooled connection, not only this thread's (a mount is undone after)
         worker.kill()
 
 
@@ -164,7 +164,7 @@ def test_messages_waiting_in_a_long_queue_are_not_sent_twice(
         wait_until(lambda: all(store.summary(t).status is TaskStatus.COMPLETED for t in ids), timeout_s=60,
                    what="every task to run")
     finally:
-        store.close()
+        store.close_all()  # every pooled connection, not only this thread's (a mount is undone after)
     log = worker.log()
     assert "resuming task" not in log, log[-2000:]
 
@@ -251,7 +251,7 @@ def read_only_state(tmp_path: Path) -> Iterator[Path]:
     source.mkdir()
     view.mkdir()
     store = TaskStore(f"sqlite:///{source / 'tasks.db'}")
-    store.close()
+    store.close_all()  # every pooled connection, not only this thread's (a mount is undone after)
     yield from _mounted(["--bind", "-o", "ro", str(source)], view, "a read-only bind mount")
 
 
@@ -317,4 +317,4 @@ def test_a_full_disk_is_reported_as_full_not_as_a_failed_rollback(small_disk: Pa
         (small_disk / "filler").unlink()
         assert store.summary("t").status is TaskStatus.QUEUED  # nothing already stored was lost
     finally:
-        store.close()
+        store.close_all()  # every pooled connection, not only this thread's (a mount is undone after)
