@@ -128,7 +128,9 @@ def test_an_operator_sees_the_tasks_watches_one_run_live_and_cancels_it(
     wait_until(lambda: text_of(browser, "#question"), timeout_s=10, what="the confirmation page")
     assert "Cancel task slow?" in text_of(browser, "#question")
     browser.find_element(By.ID, "confirm").click()
-    assert "cancel" in text_of(browser, "#flash").lower()
+    # The POST answers with a redirect to the task's page: its flash shows once that page has loaded.
+    wait_until(lambda: "cancel" in text_of(browser, "#flash").lower(), timeout_s=15,
+               what="the task page to say the cancel was done")
     wait_until(lambda: text_of(browser, "#task-status") == "cancelled", timeout_s=30,
                what="the page to show the task cancelled")
     assert store.summary(slow).status is TaskStatus.CANCELLED
