@@ -146,6 +146,7 @@ CLAIMERS_PROCESSES, CLAIMERS_THREADS = 4, 250
 
 
 @pytest.mark.redis
+@pytest.mark.timeout(480)  # its own deadline below is 420 s: on a loaded machine the retries' backoff outlasts 300 s
 def test_a_thousand_claimers_on_sqlite_meet_database_is_locked_as_a_delay_never_a_failed_task(
     redis_server: RedisServer, fault_env, start_workers, client_for, tmp_path: Path
 ):
