@@ -15,7 +15,6 @@ import peewee
 import pytest
 
 from longhaul.models import Claimant, LeaseBook, TaskSpec, TaskStatus, TaskStore
-from longhaul.models.statements import prepare
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -32,9 +31,14 @@ def create_queued(store: TaskStore, task_id: str = "task-1", thread_id: str = "t
 
 @pytest.fixture
 def watched(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """What the store runs from here on: each statement's text, and each peewee query rendered to SQL."""
+    """What the store runs from here on: each statement's text, and each peewee query rendered to SQL.
+
+    A peewee query is rendered when it is executed (`Database.execute`) or
+    asked for its SQL (`BaseQuery.sql`); SQL rendered once per store is run
+    as text (`Database.execute_sql`).
+    """
     seen: dict[str, list[str]] = {"statements": [], "rendered": []}
-    execute_sql, render = store.db.execute_sql, peewee.BaseQuery.sql
+    execute_sql, execute, render = store.db.execute_sql, store.db.execute, peewee.BaseQuery.sql
 
     def counting_execute(sql: str, params=None, *args, **kwargs):  # type: ignore[no-untyped-def]
         if sql.split()[0].upper() not in ("BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT", "RELEASE"):
@@ -45,7 +49,12 @@ def watched(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, list
         seen["rendered"].append(type(query).__name__)
         return render(query)
 
+    def counting_query(query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["rendered"].append(type(query).__name__)
+        return execute(query, *args, **kwargs)
+
     monkeypatch.setattr(store.db, "execute_sql", counting_execute)
+    monkeypatch.setattr(store.db, "execute", counting_query)
     monkeypatch.setattr(peewee.BaseQuery, "sql", counting_render)
     return seen
 
@@ -121,6 +130,8 @@ def test_the_thread_story_a_new_task_reads_renders_no_sql(store, watched):
 
 @pytest.mark.sqlite_only("a check of the statement helper, not of a backend")
 def test_a_prepared_statement_refuses_a_slot_that_did_not_render(store):
+    from longhaul.models.statements import prepare
+
     Task = store.tables.Task
 
     with pytest.raises(ValueError, match="slot"):
