@@ -35,6 +35,7 @@ Nothing asserts on the figures; they are printed for a reader to judge.
     python bench/concurrency.py --tasks 1000 --latency-s 1 --backend postgres
     python bench/concurrency.py --worker-args "--processes 4 --threads 250"   # the layout of issue 16's table
     python bench/concurrency.py --quick                          # N=20, L=0.2 s, SQLite: about 30 s
+    python bench/concurrency.py --backend sqlite --kill-after-s 3  # SIGKILL the host with all N in flight, restart
 """
 
 from __future__ import annotations
