@@ -35,6 +35,7 @@ Nothing asserts on the figures; they are printed for a reader to judge.
     python bench/concurrency.py --tasks 1000 --latency-s 1 --backend postgres
     python bench/concurrency.py --worker-args "--processes 4 --threads 250"   # the layout of issue 16's table
     python bench/concurrency.py --quick                          # N=20, L=0.2 s, SQLite: about 30 s
+    python bench/concurrency.py --backend sqlite --kill-after-s 3  # SIGKILL the host with all N in flight, restart
 """
 
 from __future__ import annotations
@@ -171,6 +172,19 @@ class Figures:
     admitted_per_s: Optional[float] = None  # tasks / seconds from the host's resume until all were in flight
     locked_mentions: int = 0  # "database is locked" in the worker host's log (each a retried call)
     ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
+    kill: Optional[KillFigures] = None  # with --kill-after-s: the host SIGKILLed with all N in flight, restarted
+
+
+@dataclass
+class KillFigures:
+    """The host SIGKILLed once all N were in flight (plus `after_s`), and a fresh host started at once."""
+
+    after_s: float  # how long after all N were in flight the host was killed
+    interrupted: int  # tasks unfinished at the kill
+    resumed_after_s: Optional[float]  # restart to every interrupted task leased again (or finished); None: never
+    stepped_after_s: Optional[float]  # restart to every interrupted task having stored a new step (or finished)
+    steps_at_kill: int  # steps the interrupted tasks had stored when the host died
+    repeated_steps: int  # tasks whose stored steps or messages differ from an uninterrupted task's: a step twice
 
 
 class StatusCounts:
@@ -195,6 +209,12 @@ class StatusCounts:
                 path = self.db_url.removeprefix("sqlite:///")
                 self._conn = sqlite3.connect(path, timeout=30, check_same_thread=False)  # read by the sampler
         return self._conn
+
+    def progress(self) -> dict[str, tuple[str, Optional[str], int, int]]:
+        """task id -> (status, lease token, stored steps, execution messages), read straight from the table."""
+        rows = self._connection().execute('SELECT "task_id", "status", "lease_token", "checkpoint_count", '
+                                          '"execution_count" FROM "task"').fetchall()
+        return {task_id: (status, token, steps, messages) for task_id, status, token, steps, messages in rows}
 
     def connections(self, database: str) -> int:
         """PostgreSQL backends serving `database`, this reader's own connection left out."""
@@ -288,8 +308,13 @@ def _threads_in(worker_args: list[str]) -> int:
 
 
 def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, latency_s: float,
-                 worker_args: list[str], workdir: Path, pg_database: Optional[str]) -> Figures:
-    """Start a `longhaul worker` host, enqueue `tasks` tasks at once, and measure until all finish."""
+                 worker_args: list[str], workdir: Path, pg_database: Optional[str],
+                 kill_after_s: Optional[float] = None) -> Figures:
+    """Start a `longhaul worker` host, enqueue `tasks` tasks at once, and measure until all finish.
+
+    With `kill_after_s`, the host is SIGKILLed that long after all tasks
+    are in flight and a fresh host is started at once (`_kill_and_restart`).
+    """
     from longhaul.worker import Runtime, api, load_settings, set_runtime
 
     with SlowModel(latency_s) as model:
@@ -297,8 +322,13 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
         longhaul_cli = [sys.executable, "-c", "from longhaul.worker.cli import main; main()"]
         subprocess.run([*longhaul_cli, "migrate"], env=env, check=True, capture_output=True, timeout=120)
         log = open(workdir / f"worker-{backend}.log", "wb")
-        host = subprocess.Popen([*longhaul_cli, "worker", *worker_args], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+
+        def start_host() -> subprocess.Popen[bytes]:
+            return subprocess.Popen([*longhaul_cli, "worker", *worker_args], env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+        host = start_host()
+        kill: Optional[KillFigures] = None
         client = Runtime(load_settings(database_url=db_url, redis_url=redis.url))
         set_runtime(client)
         counts = StatusCounts(db_url)
@@ -325,6 +355,9 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                 last_enqueue = time.monotonic()
                 os.killpg(host.pid, signal.SIGCONT)
             deadline = last_enqueue + 60 + 20 * TURNS_PER_TASK * latency_s
+            if kill_after_s is not None:
+                host, kill = _kill_and_restart(host, start_host, sampler, counts, after_s=kill_after_s,
+                                               deadline=deadline)
             while time.monotonic() < deadline:
                 finished = sum(n for status, n in sampler.latest.items() if status not in ("queued", "running"))
                 if finished >= tasks + 1:
@@ -336,6 +369,8 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
             sampler.sample()
             cpu_s = sampler.cpu_s() - cpu_before
             final = sampler.latest
+            if kill is not None:
+                kill.repeated_steps = _repeated_steps(counts.progress(), reference="warm-up")
         finally:
             set_runtime(None)
             client.broker.close()
@@ -362,7 +397,55 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
         locked_mentions=locked,
         admitted_per_s=(None if sampler.all_in_flight_at is None
                         else tasks / max(sampler.all_in_flight_at - last_enqueue, SAMPLE_INTERVAL_S)),
+        kill=kill,
     )
+
+
+#: How often the kill-restart measure reads every task's progress, in seconds.
+PROGRESS_INTERVAL_S = 0.1
+
+
+def _kill_and_restart(host: subprocess.Popen[bytes], start_host: Any, sampler: HostSampler, counts: StatusCounts,
+                      *, after_s: float, deadline: float) -> tuple[subprocess.Popen[bytes], KillFigures]:
+    """SIGKILL the whole host `after_s` after all tasks are in flight, start a fresh one, time the resume.
+
+    The store says what happened: a task resumed once the new host holds
+    its lease (a token other than the one it had at the kill) or it
+    finished; it stepped once it stored a step after the kill (or finished).
+    """
+    while sampler.all_in_flight_at is None and time.monotonic() < deadline:
+        time.sleep(PROGRESS_INTERVAL_S)
+    time.sleep(after_s)
+    os.killpg(host.pid, signal.SIGKILL)
+    host.wait()
+    at_kill = {task_id: row for task_id, row in counts.progress().items() if row[0] in ("queued", "running")}
+    host = start_host()
+    restarted = time.monotonic()
+    sampler.root = psutil.Process(host.pid)  # the dead host's CPU stays counted (`cpu_seen`)
+    resumed_after_s = stepped_after_s = None
+    while (resumed_after_s is None or stepped_after_s is None) and time.monotonic() < deadline:
+        now = counts.progress()
+        pending = [(now[task_id], old) for task_id, old in at_kill.items()
+                   if now[task_id][0] in ("queued", "running")]
+        if resumed_after_s is None and all(row[1] is not None and row[1] != old[1] for row, old in pending):
+            resumed_after_s = time.monotonic() - restarted
+        if stepped_after_s is None and all(row[2] > old[2] for row, old in pending):
+            stepped_after_s = time.monotonic() - restarted
+        time.sleep(PROGRESS_INTERVAL_S)
+    return host, KillFigures(after_s=after_s, interrupted=len(at_kill), resumed_after_s=resumed_after_s,
+                             stepped_after_s=stepped_after_s, steps_at_kill=sum(row[2] for row in at_kill.values()),
+                             repeated_steps=0)
+
+
+def _repeated_steps(progress: dict[str, tuple[str, Optional[str], int, int]], *, reference: str) -> int:
+    """Completed tasks whose stored steps or messages differ from `reference`'s (a task never interrupted).
+
+    Steps are unique per task in the store, so a step run twice shows as a
+    task with more messages than an uninterrupted one, or fewer steps.
+    """
+    _status, _token, steps, messages = progress[reference]
+    return sum(1 for task_id, row in progress.items()
+               if task_id != reference and row[0] == "completed" and (row[2], row[3]) != (steps, messages))
 
 
 # -- the ceiling: plain asyncio doing the same model and store work --------------------------------
@@ -578,7 +661,7 @@ class Skipped(Exception):
 
 
 def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: list[str], with_dbos: bool = True,
-            skipped: Optional[list[str]] = None) -> list[Figures]:
+            skipped: Optional[list[str]] = None, kill_after_s: Optional[float] = None) -> list[Figures]:
     """Each backend's longhaul run, then the ceiling's and DBOS's; a peer that cannot run is noted in `skipped`."""
     results: list[Figures] = []
     skipped = [] if skipped is None else skipped
@@ -601,7 +684,7 @@ def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: l
                 try:
                     ours = run_longhaul(backend=backend, db_url=urls[0], redis=redis, tasks=tasks,
                                         latency_s=latency_s, worker_args=worker_args, workdir=workdir,
-                                        pg_database=pg_database)
+                                        pg_database=pg_database, kill_after_s=kill_after_s)
                 finally:
                     redis.stop()
                 ceiling = run_ceiling(db_url=urls[1], tasks=tasks, latency_s=latency_s)
@@ -640,6 +723,14 @@ def print_table(results: list[Figures], skipped: list[str]) -> None:
     for line in skipped:
         print(line)
     for f in results:
+        if f.kill is not None:
+            k = f.kill
+            resumed = "never" if k.resumed_after_s is None else f"{k.resumed_after_s:.1f} s"
+            stepped = "never" if k.stepped_after_s is None else f"{k.stepped_after_s:.1f} s"
+            print(f"{f.run}: SIGKILL {k.after_s:g} s after all were in flight ({k.interrupted} unfinished, "
+                  f"{k.steps_at_kill} steps stored): all resumed {resumed} after the restart, all stored a new step "
+                  f"{stepped} after it; {k.repeated_steps} completed task(s) with a step stored twice or missing")
+    for f in results:
         if f.locked_mentions:
             print(f"{f.run}: {f.locked_mentions} log mentions of `database is locked` (each a retried call)")
     print("The host is paused while the N tasks are enqueued: makespan and all in count from its resume; "
@@ -659,6 +750,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="arguments of `longhaul worker` (the host under test)")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "LATENCY_S"), help=argparse.SUPPRESS)
     parser.add_argument("--no-dbos", action="store_true", help="leave out the DBOS peer")
+    parser.add_argument("--kill-after-s", type=float, metavar="S",
+                        help="SIGKILL the host S seconds after all tasks are in flight, start a fresh one, and "
+                             "print how soon every interrupted task resumed and stored a new step")
     parser.add_argument("--ceiling", nargs=3, metavar=("DB_URL", "BASE_URL", "TASKS"), help=argparse.SUPPRESS)
     parser.add_argument("--dbos", nargs=3, metavar=("DB_URL", "BASE_URL", "TASKS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -676,7 +770,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     skipped: list[str] = []
     results = measure(backends=backends, tasks=args.tasks, latency_s=args.latency_s,
-                      worker_args=shlex.split(args.worker_args), with_dbos=not args.no_dbos, skipped=skipped)
+                      worker_args=shlex.split(args.worker_args), with_dbos=not args.no_dbos, skipped=skipped,
+                      kill_after_s=args.kill_after_s)
     if args.json:
         print(json.dumps({"runs": [asdict(f) for f in results], "skipped": skipped}, indent=2))
     else:

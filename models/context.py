@@ -9,6 +9,7 @@ one another, so each can be read, and tested, on its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Optional, Protocol, Union
 
 from peewee import Database, __exception_wrapper__
@@ -41,8 +42,8 @@ class StoreContext:
 
     def locked_task_row(self, task_id: str) -> Any:
         """The task's row or None, locked until the transaction ends (see `Dialect.locked`)."""
-        Task = self.tables.Task
-        return self.dialect.locked(Task.select().where(Task.task_id == task_id)).first()
+        # Rendered once (`Statements.select_task_locked`): rendering a select of every column costs more than running it.
+        return next(iter(self.tables.Task.raw(self.sql.select_task_locked, task_id)), None)
 
     def task_row(self, task_id: str, *, for_update: bool = False) -> Any:
         """The task's row (`TaskNotFound` if missing); `for_update` inside write transactions."""
@@ -74,6 +75,11 @@ class StoreContext:
                 where & Message.position.in_(wanted[start:start + 500]))
             texts.update(query.tuples())
         return texts
+
+
+def named_row(cursor: Any, values: tuple[Any, ...]) -> SimpleNamespace:
+    """A fetched row's columns by name (the cursor's description), without building a peewee model instance."""
+    return SimpleNamespace(**dict(zip((column[0] for column in cursor.description), values, strict=True)))
 
 
 class HasContext(Protocol):

@@ -24,18 +24,17 @@ Why one conditional UPDATE is atomic on both backends:
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
 
-from peewee import Case, __exception_wrapper__, fn
+from peewee import __exception_wrapper__
 
-from .context import HasContext
+from .context import HasContext, named_row
 from .errors import LeaseLost
-from .schemas import TaskStatus
+from .schemas import TaskRecord, TaskStatus
+from .statements import CLAIMABLE as _CLAIMABLE
 from .tables import NO_LEASE
 from .thread_rule import startable
-
-_CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,8 @@ class Claim:
     trace_next_sequence: Optional[int] = None
     #: The claim took a lease another holder still had on the row (expired, or `steal_token`'s): a takeover.
     took_over: bool = False
+    #: The task as claimed, without checkpoints (`TaskStore.start`); None: not read, ask `TaskStore.get`.
+    record: Optional[TaskRecord] = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -112,51 +113,47 @@ class LeaseBook:
         resets the count (`Checkpoints.record`), so it counts interruptions
         without progress, not a task's age.
         """
-        Task = self.Task
-        now = self.ctx.clock()
+        return self.claim_row(task_id, claimant, lease_s=lease_s, steal_token=steal_token)[0]
+
+    def claim_row(
+        self, task_id: str, claimant: Claimant, *, lease_s: float, steal_token: Optional[str] = None
+    ) -> tuple[Optional[Claim], Any]:
+        """`claim`, and the task's row as the claim left it (None if not claimed).
+
+        The row is a namespace of the task's columns by name with its highest
+        stored step (``last_step_index``): what a start reads, from the
+        claim's own transaction (PostgreSQL: the UPDATE's ``RETURNING``).
+        Both statements are rendered once per store (`Statements.claim`).
+        """
+        ctx = self.ctx
+        sql = ctx.sql
+        now = ctx.clock()
         token = uuid.uuid4().hex
-        free = Task.lease_token.is_null() | (Task.lease_expires_at <= now)
-        if steal_token is not None:
-            free = free | (Task.lease_token == steal_token)
-        with self.ctx.call(task_id), self.db.atomic():
+        prepared = sql.claim if steal_token is None else sql.claim_stealing
+        params = prepared.params(now=now, token=token, owner=claimant.owner, host=claimant.host, pid=claimant.pid,
+                                 pid_started_at=claimant.pid_started_at, expires_at=now + lease_s, task_id=task_id,
+                                 steal_token=steal_token)
+        with ctx.call(task_id), self.db.atomic():
             # Who held it before (read locked: the update below is what releases the row): a takeover or not.
-            held = self.ctx.dialect.locked(Task.select(Task.lease_token).where(Task.task_id == task_id)).scalar()
-            update = (
-                Task.update(
-                    lease_token=token,
-                    lease_owner=claimant.owner,
-                    lease_host=claimant.host,
-                    lease_pid=claimant.pid,
-                    lease_pid_started_at=claimant.pid_started_at,
-                    lease_expires_at=now + lease_s,
-                    status=TaskStatus.RUNNING.value,
-                    started_at=fn.COALESCE(Task.started_at, now),
-                    recovery_count=Case(
-                        None, [(Task.lease_token.is_null(False), Task.recovery_count + 1)], Task.recovery_count,
-                    ),
-                    updated_at=now,
-                )
-                .where((Task.task_id == task_id) & Task.status.in_(_CLAIMABLE) & free & startable(Task))
-            )
-            if self.ctx.dialect.returning:
-                won = list(update.returning(Task.recovery_count, Task.checkpoint_count, Task.execution_count,
-                                            Task.trace_next_sequence).tuples().execute())
-                if not won:
-                    return None
-                recovery_count, checkpoint_count, execution_count, next_sequence = won[0]
-            else:
+            held = self.db.execute_sql(sql.select_lease_token, (task_id,)).fetchone()
+            cursor = self.db.execute_sql(prepared.sql, params)
+            if ctx.dialect.returning:
+                values = cursor.fetchone()
+            elif cursor.rowcount > 0:
                 # SQLite: peewee leaves RETURNING off (it needs 3.35+); BEGIN IMMEDIATE keeps this read consistent.
-                if not update.execute():
-                    return None
-                recovery_count, checkpoint_count, execution_count, next_sequence = (
-                    Task.select(Task.recovery_count, Task.checkpoint_count, Task.execution_count,
-                                Task.trace_next_sequence)
-                    .where(Task.task_id == task_id).tuples().get()
-                )
+                cursor = self.db.execute_sql(sql.select_task_row, (task_id,))
+                values = cursor.fetchone()
+            else:
+                values = None
+            if values is None:
+                return None, None
+            row = named_row(cursor, values)
         # It ran before if it was interrupted, stored a step, or opened its histories.
-        return Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=recovery_count,
-                     resumed=recovery_count > 0 or checkpoint_count > 0 or execution_count > 0,
-                     trace_next_sequence=next_sequence or 0, took_over=held is not None)
+        claim = Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=row.recovery_count,
+                      resumed=row.recovery_count > 0 or row.checkpoint_count > 0 or row.execution_count > 0,
+                      trace_next_sequence=row.trace_next_sequence or 0,
+                      took_over=held is not None and held[1] is not None)
+        return claim, row
 
     def renew(self, tokens: Iterable[str], *, lease_s: float) -> int:
         """Extend the leases with these tokens; returns how many are still held."""

@@ -10,7 +10,6 @@ rebuilding a 5,000-message task cheap.
 from __future__ import annotations
 
 from datetime import datetime
-from types import SimpleNamespace
 from typing import Any, Optional, Union
 
 from peewee import Tuple
@@ -24,10 +23,11 @@ from .codec import (
     decode_tool_calls,
     summary_fields,
 )
-from .context import StoreContext, StoredTexts
+from .context import StoreContext, StoredTexts, named_row
 from .errors import CorruptRecord, InvalidInput, TaskNotFound
 from .paging import Position, TaskPage, decode_cursor, encode_cursor
 from .schemas import ChatMessage, TaskCheckpointRecord, TaskRecord, TaskSpec, TaskStatus, TaskSummary, stored_message
+from .statements import LAST_STEP_COLUMN
 from .tables import EXECUTION, RESUMABLE
 
 #: Task ids per `IN (...)` when reading many specs: far below either backend's limit on parameters.
@@ -52,22 +52,33 @@ class TaskReads:
             if values is None:
                 return None
             # The row's columns by name, without a peewee model instance (a resume reads this).
-            row = SimpleNamespace(**dict(zip((column[0] for column in cursor.description), values, strict=True)))
-            row.cancel_requested = bool(row.cancel_requested)
-            return self._record_from_row(row, with_checkpoints=checkpoints, latest=latest_checkpoints,
-                                         with_histories=histories)
+            return self._record_from_row(named_row(cursor, values), with_checkpoints=checkpoints,
+                                         latest=latest_checkpoints, with_histories=histories)
+
+    def claimed(self, row: Any) -> TaskRecord:
+        """The record (without checkpoints) of a task from the row its claim read (`LeaseBook.claim_row`).
+
+        Only the histories are read (in one snapshot), and only if the task
+        has any: the start of a new task makes no query here.
+        """
+        if not (row.execution_count or row.resumable_count):
+            return self._record_from_row(row, with_checkpoints=False, latest=None, with_histories=True)
+        with self.ctx.dialect.read_snapshot():
+            return self._record_from_row(row, with_checkpoints=False, latest=None, with_histories=True)
 
     def _record_from_row(self, row: Any, *, with_checkpoints: bool, latest: Optional[int],
                          with_histories: bool) -> TaskRecord:
+        """`row` is `Statements.select_task_row`'s (or the claim's): every column and ``last_step_index``."""
         ctx = self.ctx
         histories: dict[int, list[ChatMessage]] = {EXECUTION: [], RESUMABLE: []}
+        counts = {EXECUTION: row.execution_count, RESUMABLE: row.resumable_count}  # the next position of each
         # Every row is fetched before any is decoded: a corrupt cell raises
         # with no statement left open, so the connection's read snapshot ends
         # with the transaction and its next write does not hit a stale one.
         message_rows = {history: ctx.db.execute_sql(ctx.sql.select_history, (row.id, history)).fetchall()
-                        for history in histories} if with_histories else {}
+                        for history in histories if counts[history]} if with_histories else {}
         checkpoint_rows = self._checkpoint_rows(row.id, latest) if with_checkpoints and latest != 0 else []
-        last_step = ctx.db.execute_sql(ctx.sql.select_last_step, (row.id,)).fetchone()[0] or 0
+        last_step = getattr(row, LAST_STEP_COLUMN) or 0
         try:
             # No peewee row objects and no second validation per message.
             for history, rows in message_rows.items():

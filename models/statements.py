@@ -10,13 +10,20 @@ backend's own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from peewee import fn
+from peewee import Case, fn
 
 from .codec import USAGE_FIELDS
 from .dialect import Dialect
+from .schemas import TaskStatus
 from .tables import Tables
+from .thread_rule import startable
+
+#: The statuses a claim accepts: a queued task, or a running one whose lease is free (a resume).
+CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
+#: The name a task row read carries its highest stored step under (`select_task_row`, the claim's read-back).
+LAST_STEP_COLUMN = "last_step_index"
 
 
 class Statements:
@@ -30,7 +37,15 @@ class Statements:
         self.select_task = render_sql(dialect.locked(
             Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence, highest_step)
             .where(Task.task_id == "")))
-        self.select_task_row = render_sql(Task.select().where(Task.task_id == ""))
+        last_step = highest_step.alias(LAST_STEP_COLUMN)
+        # A whole task row and its highest stored step: what a resume, `load` and a claim's read-back need.
+        self.select_task_row = render_sql(Task.select(*Task._meta.sorted_fields, last_step).where(Task.task_id == ""))
+        # The row every fenced write reads first, locked for its transaction (`StoreContext.locked_task_row`).
+        self.select_task_locked = render_sql(dialect.locked(Task.select().where(Task.task_id == "")))
+        # PostgreSQL hands the claimed row back with the UPDATE; SQLite reads it next (`select_task_row`).
+        claimed_row = (*Task._meta.sorted_fields, last_step) if dialect.returning else ()
+        self.claim = prepare(lambda slot: _claim_update(Task, slot, stealing=False, returning=claimed_row))
+        self.claim_stealing = prepare(lambda slot: _claim_update(Task, slot, stealing=True, returning=claimed_row))
         self.select_cancel_requested = render_sql(
             Task.select(Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
             .where(Task.task_id == ""))
@@ -45,7 +60,6 @@ class Statements:
             .where((Message.task == 0) & (Message.history == 0))
             .order_by(Message.position)
         )
-        self.select_last_step = render_sql(Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == 0))
         self.insert_trace_batch = render_sql(
             tables.TraceBatch.insert(task=0, first_sequence=0, last_sequence=0, started_at=0.0, agent="", model="",
                                      job_type="", events="", refers_to_messages=False).returning()
@@ -92,6 +106,80 @@ class Statements:
         # (delivery_due_at, delivery_message_id, task_id); a task leased meanwhile is left alone.
         self.note_sent = (f'UPDATE "task" SET "delivery_due_at" = {p}, "delivery_message_id" = {p} '
                           f'WHERE "task_id" = {p} AND "lease_token" IS NULL')
+
+
+def _claim_update(Task: Any, slot: Callable[[str, type], Any], *, stealing: bool, returning: tuple[Any, ...]) -> Any:
+    """The claim's conditional UPDATE (see `LeaseBook.claim`), its values left as named slots."""
+    now = slot("now", float)
+    free = Task.lease_token.is_null() | (Task.lease_expires_at <= now)
+    if stealing:
+        free = free | (Task.lease_token == slot("steal_token", str))
+    update = (
+        Task.update(
+            lease_token=slot("token", str),
+            lease_owner=slot("owner", str),
+            lease_host=slot("host", str),
+            lease_pid=slot("pid", int),
+            lease_pid_started_at=slot("pid_started_at", float),
+            lease_expires_at=slot("expires_at", float),
+            status=TaskStatus.RUNNING.value,
+            started_at=fn.COALESCE(Task.started_at, slot("now", float)),
+            # Taking a lease another holder still had on the row is a recovery (see `LeaseBook.claim`).
+            recovery_count=Case(None, [(Task.lease_token.is_null(False), Task.recovery_count + 1)],
+                                Task.recovery_count),
+            updated_at=slot("now", float),
+        )
+        .where((Task.task_id == slot("task_id", str)) & Task.status.in_(CLAIMABLE) & free & startable(Task))
+    )
+    return update.returning(*returning) if returning else update
+
+
+class Prepared:
+    """A query rendered once, with named parameters: `params(**values)` lists them in the SQL's own order.
+
+    Built by `prepare`; the parameters that are not slots (constants of the
+    query, such as status values) keep the value they were rendered with.
+    """
+
+    __slots__ = ("sql", "_order")
+
+    def __init__(self, sql: str, order: list[tuple[bool, Any]]) -> None:
+        self.sql = sql
+        self._order = order  # (is a slot, its name or the constant)
+
+    def params(self, **values: Any) -> list[Any]:
+        return [values[name] if is_slot else name for is_slot, name in self._order]
+
+
+#: First sentinel of each slot type (`prepare`): values no query of ours holds as a constant.
+_SLOT_BASES: dict[type, Any] = {str: "\x00slot:", int: 9_000_000_000_000, float: 1.5e15}
+
+
+def prepare(build: Callable[[Callable[[str, type], Any]], Any]) -> Prepared:
+    """Render the query `build(slot)` makes once; ``slot(name, type)`` marks where a value goes.
+
+    Each slot is rendered as a distinct sentinel value of its type (peewee
+    converts values by column type, so a string would not survive a float
+    column), then found again among the rendered parameters. `ValueError`
+    if a slot did not come through as a parameter.
+    """
+    sentinels: dict[Any, str] = {}
+
+    def slot(name: str, kind: type) -> Any:
+        base = _SLOT_BASES[kind]
+        value = f"{base}{len(sentinels)}" if kind is str else base + len(sentinels)
+        sentinels[value] = name
+        return value
+
+    sql, rendered = build(slot).sql()
+    order: list[tuple[bool, Any]] = []
+    for value in rendered:
+        name = sentinels.get(value) if type(value) in _SLOT_BASES else None
+        order.append((True, name) if name is not None else (False, value))
+    missing = set(sentinels.values()) - {name for is_slot, name in order if is_slot}
+    if missing:
+        raise ValueError(f"prepare: slot(s) {sorted(missing)} did not render as parameters")
+    return Prepared(sql, order)
 
 
 def render_sql(query: Any) -> str:

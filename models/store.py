@@ -22,6 +22,7 @@ callers handle longhaul's errors only.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -38,9 +39,10 @@ from .db import (
     open_database,
 )
 from .dialect import Dialect, StoreFailures
-from .errors import InvalidInput
+from .errors import CorruptRecord, InvalidInput, StoreUnavailable
 from .forks import Forks
 from .journal import OpenStep
+from .leases import Claim, Claimant, LeaseBook
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .paging import TaskPage
 from .reads import TaskReads
@@ -110,6 +112,7 @@ class TaskStore:
         self._tasks = TaskWrites(self.context, self.trace_store)
         self._checkpoints = Checkpoints(self.context, self.trace_store)
         self._reads = TaskReads(self.context)
+        self._leases = LeaseBook(self.context)
         self._threads = ThreadReads(self.context)
         self._forks = Forks(self.context)
         self._waiting = Waiting(self.context)
@@ -439,6 +442,30 @@ class TaskStore:
         """
         with self.context.call(task_id):
             return self.trace_store.events(task_id, after_sequence=after_sequence, limit=limit)
+
+    # -- starting a run ----------------------------------------------------------
+
+    def start(self, task_id: str, claimant: Claimant, *, lease_s: float,
+              steal_token: Optional[str] = None) -> Optional[Claim]:
+        """`LeaseBook.claim`, and what the run starts from, in one store call (one borrowed connection).
+
+        The claim's `Claim.record` is the task without checkpoints, built from
+        the row the claim's own transaction read back; its histories are read
+        after the claim commits, and only if it has any, so starting a new
+        task is the claim alone. None if the lease is not the caller's. If
+        the record cannot be read (a corrupt cell, an outage), the claim
+        still stands with `record` None: the run reads it with `get`, which
+        raises where the run handles it.
+        """
+        with self.context.call(task_id):
+            claim, row = self._leases.claim_row(task_id, claimant, lease_s=lease_s, steal_token=steal_token)
+            if claim is None:
+                return None
+            try:
+                with self.context.call(task_id):  # nested: a driver error is translated before it is caught here
+                    return replace(claim, record=self._reads.claimed(row))
+            except (CorruptRecord, StoreUnavailable):
+                return claim
 
     # -- reads -----------------------------------------------------------------
 

@@ -25,7 +25,7 @@ stored by `save_snapshot` (no spec; its resumable history is its turns).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import orjson
 from peewee import fn
@@ -33,6 +33,7 @@ from peewee import fn
 from .context import StoreContext
 from .errors import CorruptRecord
 from .schemas import ChatMessage, TaskStatus, stored_message
+from .statements import prepare
 from .tables import EXECUTION, RESUMABLE
 from .thread_rule import startable
 from .turns import normalize_resumable_turns, strip_tool_call_tags
@@ -73,22 +74,25 @@ class ThreadReads:
 
     def __init__(self, ctx: StoreContext) -> None:
         self.ctx = ctx
+        # Rendered once per store: a new task reads its thread's story as it starts, and rendering
+        # this query cost several times what running it does on SQLite.
+        self._story_of_thread = prepare(lambda slot: _story_query(ctx.tables.Task, slot("thread_id", str)))
+        self._story_before = prepare(lambda slot: _story_query(ctx.tables.Task, slot("thread_id", str),
+                                                               before_task_id=slot("before_task_id", str)))
 
     def story(self, thread_id: str, *, before_task_id: Optional[str] = None) -> ThreadStory:
         """The thread's story (see the module docstring); with `before_task_id`, only the tasks before that one."""
         ctx = self.ctx
-        Task = ctx.tables.Task
-        query = (Task.select(Task.id, Task.task_id, Task.status, Task.spec, Task.final_response, Task.last_error,
-                             Task.latest_checkpoint_note, Task.checkpoint_count, Task.steered)
-                 .where((Task.thread_id == thread_id) & Task.status.in_(_TERMINAL_VALUES)))
-        if before_task_id is not None:
-            asking = Task.select(Task.id).where(Task.task_id == before_task_id)
-            query = query.where(Task.id < fn.COALESCE(asking, 0))
+        if before_task_id is None:
+            query = self._story_of_thread.sql, self._story_of_thread.params(thread_id=thread_id)
+        else:
+            query = self._story_before.sql, self._story_before.params(thread_id=thread_id,
+                                                                      before_task_id=before_task_id)
         turns: list[ChatMessage] = []
         task_ids: list[str] = []
         note: Optional[str] = None
         with ctx.dialect.read_snapshot():
-            rows = ctx.db.execute(query.order_by(Task.id)).fetchall()
+            rows = ctx.db.execute_sql(*query).fetchall()
             for pk, task_id, status, spec, final_response, last_error, checkpoint_note, steps, steered in rows:
                 if spec is None:
                     own = self._snapshot_turns(pk, task_id)
@@ -160,6 +164,17 @@ class ThreadReads:
         return (Task.select(Task.task_id)
                 .where((Task.thread_id == thread) & (Task.status == _QUEUED) & startable(Task))
                 .order_by(Task.id).limit(1).scalar())
+
+
+def _story_query(Task: Any, thread_id: str, *, before_task_id: Optional[str] = None) -> Any:
+    """The thread's finished tasks in arrival order, with what their turns are made of (`ThreadReads.story`)."""
+    query = (Task.select(Task.id, Task.task_id, Task.status, Task.spec, Task.final_response, Task.last_error,
+                         Task.latest_checkpoint_note, Task.checkpoint_count, Task.steered)
+             .where((Task.thread_id == thread_id) & Task.status.in_(_TERMINAL_VALUES)))
+    if before_task_id is not None:
+        asking = Task.select(Task.id).where(Task.task_id == before_task_id)
+        query = query.where(Task.id < fn.COALESCE(asking, 0))
+    return query.order_by(Task.id)
 
 
 def _own_turns(task_id: str, status: str, spec: str, final_response: Optional[str],

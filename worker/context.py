@@ -68,6 +68,10 @@ class WorkerContext(Protocol):
         """Put a message for the task on the broker."""
         ...
 
+    def send_many(self, task_ids: list[str]) -> None:
+        """Put a message for each of these tasks on the broker: one round trip, one store write."""
+        ...
+
     def remaining_time_limit_ms(self, task_id: str) -> int:
         """The task's time budget left, in milliseconds."""
         ...

@@ -37,7 +37,7 @@ def execute_task(rt: WorkerContext, task_id: str) -> Optional[TaskStatus]:
 def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
     """Claim the task, taking it over from a dead process on this host if need be."""
     lease_s = rt.settings.lease_s
-    claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s)
+    claim = rt.store.start(task_id, rt.claimant, lease_s=lease_s)  # the claim with the record the run starts from
     if claim is not None:
         if claim.took_over:  # its holder's lease had expired
             logger.info("task %r: took over an expired lease", task_id)
@@ -57,7 +57,7 @@ def acquire_lease(rt: WorkerContext, task_id: str) -> Optional[Claim]:
         park_waiting_task(rt, task_id)
         return None
     if holder_is_dead(holder, host=rt.claimant.host):
-        claim = rt.leases.claim(task_id, rt.claimant, lease_s=lease_s, steal_token=holder.token)
+        claim = rt.store.start(task_id, rt.claimant, lease_s=lease_s, steal_token=holder.token)
         if claim is not None:
             logger.info("task %r: took over from dead process %d on this host", task_id, holder.pid)
             rt.observer.takeover()

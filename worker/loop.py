@@ -159,7 +159,8 @@ class TaskRun:
 
     def _run(self) -> TaskStatus:
         try:
-            record = self.store.get(self.task_id, checkpoints=False)
+            # Read with the claim when `TaskStore.start` made it (no second read of a new task).
+            record = self.claim.record or self.store.get(self.task_id, checkpoints=False)
             self._observe(record)
             self.tracer = self._open_tracer(record)
             self.tracer.listener = self.tool_calls_heard
