@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -298,3 +300,69 @@ def test_a_hundred_threads_share_a_pool_of_two_each_borrowing_a_connection_only_
         assert [store.summary(f"pooled-{i}").checkpoint_count for i in range(threads)] == [steps] * threads
         db = store.db
         assert len(db._in_use) + len(db._connections) <= 2  # type: ignore[attr-defined]
+
+
+def _parked_in_the_store(thread: threading.Thread) -> bool:
+    """True once `thread` is blocked inside the store (waiting for a lock or a pooled connection)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and frame.f_code.co_filename.endswith(("db.py", "pool.py", "threading.py"))
+
+
+@contextlib.contextmanager
+def _writer_lock_held(store: TaskStore) -> Iterator[None]:
+    """This process's SQLite writer lock held by another thread (in an open write transaction) until exit."""
+    writing, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.context.call(), store.db.atomic():  # BEGIN IMMEDIATE: the writer lock, then the file's
+            writing.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert writing.wait(10)
+    try:
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=60)
+
+
+def test_a_new_pooled_sqlite_connection_opens_while_a_write_is_in_progress(tmp_path: Path, make_update):
+    # Before, every new connection ran `journal_mode=wal`, which waits for the file's write lock, inside peewee's
+    # database-wide lock: one new connection behind a long write stalled every connect and close of the process.
+    with TaskStore(f"sqlite:///{tmp_path / 'tasks.db'}", pool_size=4) as store:
+        store.record_checkpoint(make_update(1))
+        read: list[int] = []
+        with _writer_lock_held(store):  # holds the pool's only connection so far: the read needs a new one
+            reader = threading.Thread(target=lambda: read.append(store.summary("task-1").checkpoint_count))
+            reader.start()
+            wait_until(lambda: read == [1], timeout_s=10, what="a read on a new connection during a write")
+        reader.join(timeout=60)
+        assert store.db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_writers_waiting_their_turn_hold_no_pooled_connection(tmp_path: Path, make_update):
+    # Before, each writer queued on the process's writer lock held a pooled connection: a queue as long as the
+    # pool emptied it, and a read waited for the write in progress (with 1,000 tasks resuming at once, calls
+    # met "all 16 pooled database connections ... in use for 30 s").
+    with TaskStore(f"sqlite:///{tmp_path / 'tasks.db'}", pool_size=2) as store:
+        store.record_checkpoint(make_update(1))
+        failures: list[BaseException] = []
+        read: list[int] = []
+        with _writer_lock_held(store):
+            writers = [threading.Thread(target=lambda i=i: failures.extend(_raised(
+                lambda: store.record_checkpoint(make_update(1, task_id=f"queued-{i}", thread_id=f"queued-{i}")))))
+                for i in range(3)]
+            for writer in writers:
+                writer.start()
+            wait_until(lambda: all(_parked_in_the_store(writer) for writer in writers), timeout_s=10,
+                       what="the writers to queue")
+            reader = threading.Thread(target=lambda: read.append(store.summary("task-1").checkpoint_count))
+            reader.start()
+            wait_until(lambda: read == [1], timeout_s=10, what="a read while three writers wait their turn")
+        for thread in (reader, *writers):
+            thread.join(timeout=60)
+
+        assert failures == []
+        assert [store.summary(f"queued-{i}").checkpoint_count for i in range(3)] == [1, 1, 1]
