@@ -7,6 +7,7 @@ tasks built on longhaul against real processes rather than mocks.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -354,7 +355,7 @@ class RoundTrips:
         self._file.seek(0)
         directions = [line[:1] for line in self._file.read().splitlines() if line[:1] in ("F", "B")]
         self._file.close()
-        self.count = sum(1 for sent, then in zip(directions, directions[1:]) if sent == "F" and then == "B")
+        self.count = sum(1 for sent, then in itertools.pairwise(directions) if sent == "F" and then == "B")
 
 
 class WorkerProcess:
