@@ -104,10 +104,11 @@ class PipelinedWrite(LockedWrite):
                 self._begin()
                 cursors = [self.db.execute_sql(sql, params) for sql, params in reads]
                 return [cursor.fetchone() for cursor in cursors]  # the first fetch sends them all, one flush
-            except connection_lost:
-                if attempt == 2 or not self._connection_broken():
+            except connection_lost as error:
+                if attempt == 2 or not self._session_ended(error):
                     raise
                 self._abandon()
+                self._conn.close()  # whatever libpq has not read of it yet, the session is gone
                 self.db.replace_broken_connection()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -121,6 +122,18 @@ class PipelinedWrite(LockedWrite):
         self._pipeline.__enter__()
         self._atomic = self.db.atomic()
         self._atomic.__enter__()  # queues BEGIN (`PostgresStore.begin` leaves a pipelined one to `read`)
+
+    def _session_ended(self, error: BaseException) -> bool:
+        """Whether `error` means the connection is gone: closed, broken, or the server ending the session.
+
+        A server shutting down or killing the backend sends a FATAL error
+        (SQLSTATE 57P01-57P03) before it closes; read in pipeline mode, that
+        error can arrive before libpq has seen the connection close.
+        """
+        if self._connection_broken():
+            return True
+        causes = (error, error.__cause__, error.__context__)
+        return any(str(getattr(cause, "sqlstate", "") or "").startswith("57P") for cause in causes)
 
     def _connection_broken(self) -> bool:
         conn = self._conn
@@ -143,19 +156,23 @@ class PipelinedWrite(LockedWrite):
                 raise OperationalError("the connection to PostgreSQL was lost before the commit")
             return
         atomic, pipeline, self._atomic, self._pipeline = self._atomic, self._pipeline, None, None
+        error: Optional[BaseException] = exc
         try:
-            with __exception_wrapper__:  # psycopg's errors as peewee's, as each statement's are
-                try:
-                    if atomic is not None:
-                        atomic.__exit__(kind, exc, traceback)  # queues COMMIT (or ROLLBACK)
-                finally:
-                    pipeline.__exit__(kind, exc, traceback)  # the sync: the writes and COMMIT, one round trip
-        except BaseException:
-            if kind is None:
-                raise
-            # else the error that ended the block propagates: it is the one that matters
+            try:
+                atomic.__exit__(kind, exc, traceback)  # queues COMMIT (or ROLLBACK)
+            except BaseException as raised:  # a refused statement's error, met while queuing COMMIT
+                error = raised
+            try:
+                # The sync: the writes and COMMIT in one round trip. With an error in flight psycopg
+                # logs a failure here instead of raising it: the first error is the one that matters.
+                pipeline.__exit__(None if error is None else type(error), error, None)
+            except BaseException as raised:
+                error = raised
         finally:
             self._settle()
+        if kind is None and error is not None:
+            with __exception_wrapper__:  # psycopg's errors as peewee's, as each statement's are
+                raise error
 
     def _settle(self) -> None:
         """Leave the connection idle and out of pipeline mode, or closed (the pool then discards it).
