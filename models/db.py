@@ -417,6 +417,22 @@ class PostgresStore(_PoolRepairs, PooledPostgresqlDatabase):
         self.close()  # the pool sees the broken connection and discards it
         return True
 
+    def _is_closed(self, conn: Any) -> bool:
+        """At checkout: whether to discard `conn`, without peewee's liveness ping (a ``SELECT 1`` per borrow).
+
+        Every store call borrows a connection, so the ping was a round trip
+        per call; a dead connection is replaced when its first statement
+        fails instead (see the class docstring). One left in a transaction
+        is still rolled back here, or discarded.
+        """
+        if conn.closed or conn.broken:
+            return True
+        psycopg = loaded_psycopg()
+        assert psycopg is not None
+        if conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            return False
+        return bool(super()._is_closed(conn))
+
     def _connect(self) -> Any:
         conn = super()._connect()
         if not getattr(conn, "_longhaul_nul_escaping", False):
