@@ -209,10 +209,11 @@ FLOORS = ("sequential", "pipelined")
 
 
 class Samples:
-    """Per write and per side (longhaul, each floor): times in ms, and round trips of the last sample."""
+    """Per write and per side (longhaul, each floor): wall and client CPU times in ms, round trips of one sample."""
 
     def __init__(self) -> None:
         self.ms: dict[tuple[str, str], list[float]] = {}
+        self.cpu_ms: dict[tuple[str, str], list[float]] = {}
         self.trips: dict[tuple[str, str], int] = {}
 
     def time(self, write: str, side: str, conn: Any, call: Callable[[], object], *, count: bool) -> None:
@@ -221,8 +222,9 @@ class Samples:
                 call()
             self.trips[(write, side)] = trips.count
             return
-        started = time.perf_counter_ns()
+        started, cpu_started = time.perf_counter_ns(), time.thread_time_ns()
         call()
+        self.cpu_ms.setdefault((write, side), []).append((time.thread_time_ns() - cpu_started) / 1e6)
         self.ms.setdefault((write, side), []).append((time.perf_counter_ns() - started) / 1e6)
 
 
@@ -317,9 +319,14 @@ class Bench:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        medians = {f"{write}/{side}": statistics.median(values) for (write, side), values in self.samples.ms.items()}
-        trips = {f"{write}/{side}": count for (write, side), count in self.samples.trips.items()}
-        return {"samples": self.plan.tasks * self.plan.steps, "median_ms": medians, "round_trips": trips}
+        samples = self.samples
+        return {
+            "samples": self.plan.tasks * self.plan.steps,
+            "median_ms": {f"{write}/{side}": statistics.median(values) for (write, side), values in samples.ms.items()},
+            "median_cpu_ms": {f"{write}/{side}": statistics.median(values)
+                              for (write, side), values in samples.cpu_ms.items()},
+            "round_trips": {f"{write}/{side}": count for (write, side), count in samples.trips.items()},
+        }
 
     def close(self) -> None:
         for floor in self.floors.values():
@@ -346,16 +353,19 @@ def run(plan: Plan) -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    medians, trips = result["median_ms"], result["round_trips"]
-    print(f"PostgreSQL step writes, median ms of {result['samples']} each (round trips in brackets), "
-          "against raw psycopg 3 floors for the same rows")
-    print()
-    print(f"{'write':<16} {'longhaul':>14} {'floor, seq.':>14} {'floor, pipel.':>14} {'/ seq.':>7} {'/ pipel.':>8}")
-    for write in WRITES:
-        ours = medians[f"{write}/longhaul"]
-        cells = [f"{medians[f'{write}/{side}']:.3f} ({trips[f'{write}/{side}']})" for side in ("longhaul", *FLOORS)]
-        print(f"{write:<16} {cells[0]:>14} {cells[1]:>14} {cells[2]:>14} "
-              f"{ours / medians[f'{write}/sequential']:>6.2f}x {ours / medians[f'{write}/pipelined']:>7.2f}x")
+    trips = result["round_trips"]
+    print(f"PostgreSQL step writes against raw psycopg 3 floors for the same rows, medians of {result['samples']} "
+          "each")
+    for figure, label in (("median_ms", "wall-clock ms (round trips)"), ("median_cpu_ms", "client CPU ms")):
+        medians = result[figure]
+        print()
+        print(f"{label:<28} {'longhaul':>12} {'floor, seq.':>12} {'floor, pipel.':>13} {'/ seq.':>7} {'/ pipel.':>8}")
+        for write in WRITES:
+            ours = medians[f"{write}/longhaul"]
+            cells = [f"{medians[f'{write}/{side}']:.3f}" + (f" ({trips[f'{write}/{side}']})" if figure == "median_ms"
+                                                            else "") for side in ("longhaul", *FLOORS)]
+            print(f"{write:<28} {cells[0]:>12} {cells[1]:>12} {cells[2]:>13} "
+                  f"{ours / medians[f'{write}/sequential']:>6.2f}x {ours / medians[f'{write}/pipelined']:>7.2f}x")
     print()
     print("checkpoint: a whole tool step; journal_answer + completion: the same step journaled "
           "(the step loop's path); journal_result: the first result of a two-call step")

@@ -75,6 +75,20 @@ def test_a_journaled_step_is_two_round_trips_per_write(store, make_update):
     assert store.open_step("task-1") is None
 
 
+def test_a_call_borrowing_its_connection_from_the_pool_sends_no_ping(store, make_update):
+    store.record_checkpoint(make_update(1))
+    store.db.connect(reuse_if_open=True)
+    conn = store.db.connection()
+    store.db.close()  # back to the pool: the calls below borrow it (the only one there) and give it back
+
+    with RoundTrips(conn) as trips:
+        store.summary("task-1")
+        store.record_checkpoint(make_update(2))
+
+    assert trips.count == 1 + STEP_WRITE_ROUND_TRIPS  # a SELECT 1 at each checkout was a round trip per call
+    assert store.db.is_closed()  # given back
+
+
 def test_a_refused_write_rolls_back_and_leaves_the_connection_idle(store, make_update, refuse_messages):
     store.record_checkpoint(make_update(1))
     refuse_messages(store, "boom")
