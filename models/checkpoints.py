@@ -6,7 +6,10 @@ task costs the same as step 1. `record` runs the statements `Statements`
 rendered once; the rarer writes use the peewee models. Each write is one
 transaction that first reads the task row locked (`Dialect.locked`), then
 checks the lease (`require_lease`) on that row, so a takeover waits for a
-write in flight instead of being overwritten by it.
+write in flight instead of being overwritten by it. The step writes
+(`record`, `journal_answer`, `journal_result`) decide everything on their
+reads, before writing (`Dialect.locked_write`): on PostgreSQL a step write
+is then two round trips.
 """
 
 from __future__ import annotations
@@ -57,11 +60,11 @@ class Checkpoints:
         ctx = self.ctx
         db, sql = ctx.db, ctx.sql
         now = ctx.clock()
-        with db.atomic():
-            # On PostgreSQL this locks the task row until commit: a claim by
-            # another worker waits, so the token checked here still holds when
-            # the checkpoint commits, and the message positions cannot race.
-            row = db.execute_sql(sql.select_task, (update.task_id,)).fetchone()
+        reads = ((sql.select_task, (update.task_id,)), (sql.select_step_state, (update.step_index, update.task_id)))
+        with ctx.dialect.locked_write() as write:
+            # On PostgreSQL this locks the task row until commit: a claim by another worker waits, so the
+            # token checked here still holds when the checkpoint commits, and the message positions cannot race.
+            row, state = write.read(*reads)
             if row is None:
                 require_lease(update.task_id, None, lease_token)
                 ctx.tables.Task.insert(
@@ -69,9 +72,13 @@ class Checkpoints:
                     provider=update.provider, model=update.model, status=TaskStatus.RUNNING.value,
                     created_at=now, updated_at=now,
                 ).on_conflict_ignore().as_rowcount().execute()
-                row = db.execute_sql(sql.select_task, (update.task_id,)).fetchone()
-            task_pk, execution_count, stored_token, trace_next_sequence, highest_step = row
+                row, state = (db.execute_sql(statement, params).fetchone() for statement, params in reads)
+            task_pk, execution_count, stored_token, trace_next_sequence = row
+            step_stored, highest_step = state
             require_lease(update.task_id, stored_token, lease_token)
+            if step_stored:
+                return False  # before the sequence check: a repeated step is a no-op, not an error
+            self.traces.check_sequence(update.task_id, traces, trace_next_sequence)  # raising rolls all back
             # Text a tool item or trace event shares with this step's messages is stored once, in the message.
             first_position = execution_count if journal is None else journal.answer_position
             positions = positions_by_text(update.new_messages, first_position)
@@ -80,14 +87,12 @@ class Checkpoints:
             # the step loop) keeps its events in a row of their own.
             in_step_order = bool(traces) and (highest_step is None or highest_step < update.step_index)
             trace = traces.encode_with_header(positions)[0] if in_step_order else None
-            inserted = db.execute_sql(
+            # Writes from here on: none needs an answer (on PostgreSQL they go with COMMIT, `locked_writes.py`).
+            db.execute_sql(
                 sql.insert_checkpoint,
                 (task_pk, update.step_index, update.checkpoint_note, items_json(update.items, positions), now,
                  traces.first_sequence if in_step_order else None, trace),
-            ).rowcount
-            if inserted == 0:
-                return False  # before the sequence check: a repeated step is a no-op, not an error
-            self.traces.check_sequence(update.task_id, traces, trace_next_sequence)  # raising rolls all back
+            )
             if traces and not in_step_order:
                 self.traces.insert(task_pk, traces, positions)
             if journal is None:
@@ -121,12 +126,12 @@ class Checkpoints:
         ctx = self.ctx
         db, sql = ctx.db, ctx.sql
         calls = list(answer.tool_calls or ())
-        with db.atomic():
-            row = db.execute_sql(sql.select_task, (task_id,)).fetchone()
+        with ctx.dialect.locked_write() as write:
+            (row,) = write.read((sql.select_task, (task_id,)))
             require_lease(task_id, None if row is None else row[2], lease_token)
             if row is None:
                 raise TaskNotFound(task_id)
-            task_pk, position, _token, trace_next_sequence, _highest = row
+            task_pk, position, _token, trace_next_sequence = row
             self.traces.check_sequence(task_id, traces, trace_next_sequence)
             ctx.insert_messages(message_rows(task_pk, EXECUTION, position, [answer], step_index))
             self.traces.insert(task_pk, traces, positions_by_text([answer], position))
@@ -142,8 +147,8 @@ class Checkpoints:
                        lease_token: Optional[str], success: Optional[bool] = None) -> OpenStep:
         """Store one tool result of an open step in its reserved position; returns the step with it."""
         ctx = self.ctx
-        with ctx.db.atomic():
-            row = ctx.db.execute_sql(ctx.sql.select_lease_token, (step.task_id,)).fetchone()
+        with ctx.dialect.locked_write() as write:
+            (row,) = write.read((ctx.sql.select_lease_token, (step.task_id,)))
             require_lease(step.task_id, None if row is None else row[1], lease_token)
             if row is None:
                 raise TaskNotFound(step.task_id)

@@ -29,7 +29,7 @@ from peewee import Database, InterfaceError, OperationalError
 from playhouse.pool import MaxConnectionsExceeded, PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from .codec import escape_nul, unescape_nul
-from .drivers import load_psycopg
+from .drivers import load_psycopg, loaded_psycopg
 from .errors import InvalidDatabaseUrl, InvalidInput
 from .fork_safety import track
 
@@ -431,12 +431,23 @@ class PostgresStore(_PoolRepairs, PooledPostgresqlDatabase):
         return super().cursor(named_cursor)
 
     def begin(self, isolation_level: Optional[str] = None) -> None:
+        if self.pipelined():
+            super().begin(isolation_level)  # queued: `PipelinedWrite.read` repeats it with its reads
+            return
         try:
             super().begin(isolation_level)
         except (OperationalError, InterfaceError):
-            if not self._replace_broken_connection():
+            if not self.replace_broken_connection():
                 raise
             super().begin(isolation_level)
+
+    def pipelined(self) -> bool:
+        """Whether this thread's connection is in psycopg's pipeline mode (a `locked_writes.PipelinedWrite`)."""
+        if self.is_closed():
+            return False
+        psycopg = loaded_psycopg()  # imported: this is a PostgreSQL connection
+        assert psycopg is not None
+        return bool(self._state.conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF)
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         if self.in_transaction() or not sql.lstrip()[:6].upper() == "SELECT":
@@ -444,17 +455,33 @@ class PostgresStore(_PoolRepairs, PooledPostgresqlDatabase):
         try:
             return super().execute_sql(sql, params)
         except (OperationalError, InterfaceError):
-            if not self._replace_broken_connection():
+            if not self.replace_broken_connection():
                 raise
             return super().execute_sql(sql, params)
 
-    def _replace_broken_connection(self) -> bool:
+    def replace_broken_connection(self) -> bool:
         """If this thread's connection is broken, discard it (a fresh one opens on next use); whether it was."""
         conn = None if self.is_closed() else self._state.conn
         if conn is None or not (conn.closed or getattr(conn, "broken", False)):
             return False
         self.close()  # the pool sees the broken connection and discards it
         return True
+
+    def _is_closed(self, conn: Any) -> bool:
+        """At checkout: whether to discard `conn`, without peewee's liveness ping (a ``SELECT 1`` per borrow).
+
+        Every store call borrows a connection, so the ping was a round trip
+        per call; a dead connection is replaced when its first statement
+        fails instead (see the class docstring). One left in a transaction
+        is still rolled back here, or discarded.
+        """
+        if conn.closed or conn.broken:
+            return True
+        psycopg = loaded_psycopg()
+        assert psycopg is not None
+        if conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            return False
+        return bool(super()._is_closed(conn))
 
     def _connect(self) -> Any:
         conn = super()._connect()

@@ -15,6 +15,9 @@
 - Advisory locks: schema creation on PostgreSQL is serialised across hosts
   by a transaction-scoped advisory lock, and so are new tasks on one thread
   (`lock_thread`); SQLite's ``BEGIN IMMEDIATE`` file lock does both there.
+- Step writes: a locked read, then writes that need no answer; on
+  PostgreSQL they go in two round trips (psycopg's pipeline mode), on
+  SQLite statement by statement (`locked_writes.py`, `locked_write`).
 - Driver errors: `StoreFailures` turns peewee's, sqlite3's and psycopg's
   errors into longhaul's, so nothing above the store sees a driver class.
 """
@@ -31,6 +34,7 @@ from peewee import DatabaseError, DataError, InterfaceError, OperationalError, S
 
 from .drivers import loaded_psycopg
 from .errors import StoreUnavailable, StoreUnusable, UnstorableValue
+from .locked_writes import LockedWrite, PipelinedWrite
 
 #: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
 MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
@@ -197,6 +201,16 @@ class Dialect:
     def locked(self, query: Any) -> Any:
         """`query` locking the rows it reads until the transaction ends (PostgreSQL; SQLite's writer lock covers it)."""
         return query.for_update() if self.db.for_update else query
+
+    def locked_write(self) -> LockedWrite:
+        """A step's write transaction: its locked reads (`LockedWrite.read`) first, then writes needing no answer.
+
+        PostgreSQL: two round trips (`PipelinedWrite`); inside a transaction
+        opened outside (a savepoint then), and on SQLite, statement by statement.
+        """
+        if self.is_sqlite or self.db.in_transaction():
+            return LockedWrite(self.db)
+        return PipelinedWrite(self.db)
 
     def limit_lock_wait(self, timeout_ms: int = ROW_LOCK_TIMEOUT_MS) -> None:
         """Inside a transaction on PostgreSQL: give up (`StoreUnavailable`) on a row lock held past `timeout_ms`.

@@ -31,12 +31,18 @@ class Statements:
 
     def __init__(self, dialect: Dialect, tables: Tables) -> None:
         Task, Message, Checkpoint = tables.Task, tables.Message, tables.Checkpoint
-        # The highest stored step comes along: where the checkpoint's trace goes depends on it.
-        highest_step = Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == Task.id)
         # Locked for the checkpoint's transaction: a claim by another worker waits for it.
         self.select_task = render_sql(dialect.locked(
-            Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence, highest_step)
+            Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence)
             .where(Task.task_id == "")))
+        # Read after `select_task`, in a statement of its own: one that starts once the row lock is held
+        # sees every checkpoint committed before (a subquery of the locking statement reads the snapshot
+        # from before its wait). Whether the step is stored (a repeat is a no-op), and the highest stored
+        # step (where the checkpoint's trace goes depends on it); parameters (step_index, task_id).
+        steps = Checkpoint.select(Checkpoint.step_index).where(Checkpoint.task == Task.id)
+        highest_step = Checkpoint.select(fn.MAX(Checkpoint.step_index)).where(Checkpoint.task == Task.id)
+        self.select_step_state = render_sql(
+            Task.select(fn.EXISTS(steps.where(Checkpoint.step_index == 0)), highest_step).where(Task.task_id == ""))
         last_step = highest_step.alias(LAST_STEP_COLUMN)
         # A whole task row and its highest stored step: what a resume, `load` and a claim's read-back need.
         self.select_task_row = render_sql(Task.select(*Task._meta.sorted_fields, last_step).where(Task.task_id == ""))
@@ -52,7 +58,7 @@ class Statements:
         self.insert_checkpoint = render_sql(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
                               trace_first_sequence=0, trace="")
-            .on_conflict_ignore().returning()  # rowcount says whether it was new; no implicit RETURNING "id"
+            .returning()  # no implicit RETURNING "id"; a stored step is found before (`select_step_state`)
         )
         # One history per statement: a column fewer per row is measurable at 5,000 rows.
         self.select_history = render_sql(

@@ -7,6 +7,7 @@ tasks built on longhaul against real processes rather than mocks.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import pwd
 import shutil
@@ -320,6 +321,41 @@ class PostgresServer:
             except RuntimeError:
                 pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RoundTrips:
+    """Counts the round trips a psycopg 3 connection makes to its server, from libpq's trace of the wire.
+
+    A round trip is the client sending messages, then reading the server's
+    answer: each turn from frontend (``F``) to backend (``B``) messages in
+    the trace counts one. Statements sent together in pipeline mode and
+    answered together count once; a statement sent and waited for alone
+    counts once. Use it around calls on one connection::
+
+        with RoundTrips(conn) as trips:
+            ...
+        trips.count
+    """
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.count = 0
+        self._file: Any = None
+
+    def __enter__(self) -> RoundTrips:
+        from psycopg import pq
+
+        self._file = tempfile.TemporaryFile("w+")
+        self.conn.pgconn.trace(self._file.fileno())
+        self.conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.conn.pgconn.untrace()  # flushes libpq's buffered trace into the file
+        self._file.seek(0)
+        directions = [line[:1] for line in self._file.read().splitlines() if line[:1] in ("F", "B")]
+        self._file.close()
+        self.count = sum(1 for sent, then in itertools.pairwise(directions) if sent == "F" and then == "B")
 
 
 class WorkerProcess:

@@ -1,0 +1,138 @@
+"""PostgreSQL step writes in two round trips (`models/locked_writes.py`), counted from libpq's trace of the wire.
+
+Each test holds this thread's pooled connection open around the calls, so
+every statement they send goes over the one connection the trace watches.
+What the pipelined transaction must keep (the lease fence, a repeated step,
+a sequence clash, a refused statement, a dead connection) is tested on both
+backends in test_store*.py, test_journal.py and test_database.py; here,
+what only a pipeline can get wrong.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import pytest
+
+from longhaul.models import ChatMessage, StoreUnavailable, TaskStore, ToolCall
+from longhaul.worker.testing import RoundTrips, wait_until
+
+pytestmark = pytest.mark.backends("postgres")
+
+#: What one step write may cost: BEGIN with the locked reads, then the writes with COMMIT.
+STEP_WRITE_ROUND_TRIPS = 2
+
+
+def round_trips(store: TaskStore, call: Callable[[], Any]) -> int:
+    """The round trips `call` makes on this thread's connection (held open, so store calls use it)."""
+    store.db.connect(reuse_if_open=True)
+    with RoundTrips(store.db.connection()) as trips:
+        call()
+    return trips.count
+
+
+def an_answer(step: int, calls: int) -> ChatMessage:
+    return ChatMessage.assistant(f"step {step}", tool_calls=[ToolCall(id=f"c{step}-{n}", name="shell",
+                                                                      arguments={"n": n}) for n in range(calls)])
+
+
+def a_result(step: int, call: int) -> ChatMessage:
+    return ChatMessage(role="tool", content=f"result {step}.{call}", tool_call_id=f"c{step}-{call}", name="shell")
+
+
+def test_a_checkpoint_is_two_round_trips(store, make_update):
+    store.record_checkpoint(make_update(1))  # the task exists: the common case
+
+    assert round_trips(store, lambda: store.record_checkpoint(make_update(2))) == STEP_WRITE_ROUND_TRIPS
+    assert store.summary("task-1").checkpoint_count == 2
+
+
+def test_a_repeated_step_is_two_round_trips_and_writes_nothing(store, make_update, count_rows):
+    store.record_checkpoint(make_update(1))
+    results: list[bool] = []
+
+    assert round_trips(store, lambda: results.append(store.record_checkpoint(make_update(1)))) <= 2
+    assert results == [False]
+    assert count_rows(store, "message", task_id="task-1") == 2
+
+
+def test_a_journaled_step_is_two_round_trips_per_write(store, make_update):
+    store.record_checkpoint(make_update(1))
+    answer, first, second = an_answer(2, 2), a_result(2, 0), a_result(2, 1)
+    opened: list[Any] = []
+
+    trips = {
+        "answer": round_trips(store, lambda: opened.append(store.journal_answer("task-1", 2, answer))),
+        "result": round_trips(store, lambda: opened.append(store.journal_result(opened[0], 0, first))),
+        "checkpoint": round_trips(store, lambda: store.record_checkpoint(
+            make_update(2, new_messages=[answer, first, second]), journal=opened[1])),
+    }
+
+    assert trips == {"answer": STEP_WRITE_ROUND_TRIPS, "result": STEP_WRITE_ROUND_TRIPS,
+                     "checkpoint": STEP_WRITE_ROUND_TRIPS}
+    assert store.get("task-1").execution_history[-3:] == [answer, first, second]
+    assert store.open_step("task-1") is None
+
+
+def test_a_call_borrowing_its_connection_from_the_pool_sends_no_ping(store, make_update):
+    store.record_checkpoint(make_update(1))
+    store.db.connect(reuse_if_open=True)
+    conn = store.db.connection()
+    store.db.close()  # back to the pool: the calls below borrow it (the only one there) and give it back
+
+    with RoundTrips(conn) as trips:
+        store.summary("task-1")
+        store.record_checkpoint(make_update(2))
+
+    assert trips.count == 1 + STEP_WRITE_ROUND_TRIPS  # a SELECT 1 at each checkout was a round trip per call
+    assert store.db.is_closed()  # given back
+
+
+def test_a_refused_write_rolls_back_and_leaves_the_connection_idle(store, make_update, refuse_messages):
+    store.record_checkpoint(make_update(1))
+    refuse_messages(store, "boom")
+    store.db.connect(reuse_if_open=True)
+    conn = store.db.connection()
+
+    # The trigger fails the message insert, which is only answered at the commit's sync.
+    with pytest.raises(StoreUnavailable, match="IntegrityError: injected failure"):
+        store.record_checkpoint(make_update(2, new_messages=[ChatMessage.assistant("boom")]))
+
+    from psycopg.pq import PipelineStatus, TransactionStatus
+
+    assert conn.pgconn.transaction_status == TransactionStatus.IDLE  # rolled back, not left aborted
+    assert conn.pgconn.pipeline_status == PipelineStatus.OFF
+    assert not store.db.in_transaction()
+    assert store.db.connection() is conn  # kept, usable: the next write goes through it
+    assert store.record_checkpoint(make_update(2)) is True
+    assert store.summary("task-1").checkpoint_count == 2
+
+
+def test_a_step_committed_while_its_repeat_waited_for_the_row_lock_is_found(store, db_url, make_update, count_rows):
+    # Another writer holds the task row locked and stores step 2; the repeat, waiting on the lock, must then
+    # see that step. A check inside the locking statement would not: it reads the snapshot from before the wait.
+    import psycopg
+
+    store.record_checkpoint(make_update(1))
+    results: list[bool] = []
+    with psycopg.connect(db_url, autocommit=True) as other:
+        other.execute("BEGIN")
+        other.execute('SELECT 1 FROM "task" WHERE "task_id" = %s FOR UPDATE', ("task-1",))
+        repeat = threading.Thread(target=lambda: results.append(store.record_checkpoint(make_update(2))))
+        repeat.start()
+        wait_until(lambda: _waiting_for_a_lock(other), timeout_s=30, what="the repeat to wait for the row lock")
+        other.execute('INSERT INTO "checkpoint" ("task_id", "step_index", "checkpoint_note", "items", "created_at") '
+                      'SELECT "id", 2, %s, %s, 0 FROM "task" WHERE "task_id" = %s', ("the other's", "[]", "task-1"))
+        other.execute("COMMIT")
+        repeat.join(timeout=30)
+
+    assert results == [False]  # a repeat: a no-op, its messages not written
+    assert count_rows(store, "checkpoint", task_id="task-1") == 2
+    assert count_rows(store, "message", task_id="task-1") == 2
+
+
+def _waiting_for_a_lock(conn: Any) -> bool:
+    (count,) = conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND datname = current_database()").fetchone()
+    return int(count) > 0
