@@ -19,6 +19,7 @@ SQLite's single writer made a read-then-write safe.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 from pathlib import Path
@@ -229,6 +230,15 @@ class _PoolRepairs:
       `OperationalError` (transient: `StoreUnavailable`, retried) naming
       LONGHAUL_DB_POOL_SIZE, not a bare ``ValueError``.
 
+    - Connections are handed out in arrival order. peewee's pool lets a
+      thread that just arrived take a freed connection ahead of threads
+      already waiting for one, so with a thousand threads some waited out
+      the whole `POOL_WAIT_S` (seen when 1,000 redelivered messages arrived
+      at once after a restart). A thread that finds the pool full, or
+      others already waiting, queues here; each connection given back
+      wakes the longest waiter, and the slot stays promised to it until it
+      takes it.
+
     Store calls borrow a connection only for their duration
     (`dialect.StoreFailures`), so the pool bounds connections, not threads.
     """
@@ -239,6 +249,8 @@ class _PoolRepairs:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._owners: dict[int, threading.Thread] = {}  # checked-out connection -> the thread holding it
+        self._waiting: collections.deque[threading.Event] = collections.deque()  # threads queued for a turn
+        self._promised = 0  # free slots handed to woken waiters that have not taken them yet
         super().__init__(*args, **kwargs)
 
     def _connect(self) -> Any:
@@ -251,6 +263,32 @@ class _PoolRepairs:
         with self._pool_lock:
             self._owners.pop(self.conn_key(conn), None)  # type: ignore[attr-defined]
             super()._close(conn, close_conn)  # type: ignore[misc]
+            self._wake_next_waiter()
+
+    def _wake_next_waiter(self) -> None:
+        """With `_pool_lock` held: give a free slot, if there is one, to the thread waiting longest."""
+        while self._waiting and len(self._in_use) + self._promised < self._max_connections:
+            self._promised += 1
+            self._waiting.popleft().set()
+
+    def _wait_for_turn(self) -> bool:
+        """Queue behind the threads already waiting when the pool is full or has waiters (see the class).
+
+        Returns whether this thread waited and was handed a promised slot
+        (which its connect then takes); False when a slot was free at once.
+        """
+        with self._pool_lock:
+            if not self._waiting and len(self._in_use) + self._promised < self._max_connections:
+                return False
+            turn = threading.Event()
+            self._waiting.append(turn)
+        if not turn.wait(POOL_WAIT_S):
+            with self._pool_lock:
+                if turn in self._waiting:  # not woken: give up
+                    self._waiting.remove(turn)
+                    raise MaxConnectionsExceeded(f"no connection for {POOL_WAIT_S} s")
+            # Woken just as the wait ran out: the slot is this thread's.
+        return True
 
     def close_all(self) -> None:
         super().close_all()  # type: ignore[misc]
@@ -265,12 +303,21 @@ class _PoolRepairs:
                     held = self._in_use.pop(key, None)
                     if held is not None:
                         self._close_raw(held.connection)  # type: ignore[attr-defined]
+            self._wake_next_waiter()
 
     def connect(self, reuse_if_open: bool = False) -> bool:
         if len(self._in_use) >= self._max_connections:  # only a full pool needs them back (a scan per call costs)
             self._reclaim_from_finished_threads()
         try:
-            return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
+            if not self.is_closed():  # type: ignore[attr-defined]
+                return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]  # reuse, or peewee's error
+            promised = self._wait_for_turn()
+            try:
+                return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
+            finally:
+                with self._pool_lock:
+                    self._promised -= promised  # taken (or, if connecting failed, free for the next waiter)
+                    self._wake_next_waiter()
         except MaxConnectionsExceeded:
             raise OperationalError(
                 f"all {self._max_connections} pooled database connections of this process are in use "

@@ -366,3 +366,28 @@ def test_sqlite_writers_waiting_their_turn_hold_no_pooled_connection(tmp_path: P
 
         assert failures == []
         assert [store.summary(f"queued-{i}").checkpoint_count for i in range(3)] == [1, 1, 1]
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_pooled_connections_go_to_the_threads_waiting_longest(db_url, make_update):
+    # peewee's pool let a thread that had just arrived take a freed connection ahead of the threads waiting for
+    # one: with 1,000 threads some waited out the whole 30 s pool wait, and Dramatiq retried them with backoff.
+    with TaskStore(db_url, pool_size=1) as store:
+        store.record_checkpoint(make_update(1))
+        db, order = store.db, []
+        db.connect()  # this thread holds the only connection
+
+        def borrow() -> None:
+            with store.context.call():
+                order.append("waiting first")
+
+        waiter = threading.Thread(target=borrow)
+        waiter.start()
+        wait_until(lambda: _parked_in_the_store(waiter), timeout_s=10, what="the other thread to wait")
+        db.close()  # given back, and asked for again at once: the waiting thread's turn comes first
+        db.connect()
+        order.append("arrived later")
+        db.close()
+        waiter.join(timeout=60)
+
+        assert order == ["waiting first", "arrived later"]
