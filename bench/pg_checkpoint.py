@@ -156,7 +156,7 @@ def floor_checkpoint(store: TaskStore, update: Any, traces: PendingTraces, *, jo
     new = update.new_messages[1:] if journaled else update.new_messages
     rows = _rows(new, update.step_index, success=True if journaled else None)
     positions = positions_by_text(update.new_messages, PRIOR_MESSAGES)
-    items, (trace, _refers) = items_json(update.items, positions), traces.encode_with_header(positions)
+    items, trace = items_json(update.items, positions), traces.encode_with_header(positions)[0]
     added, turns, calls = (0, 0, 0) if journaled else (len(new), 1, 1)
 
     def statements(task_pk: int, position: int) -> list[tuple[str, Any, bool]]:

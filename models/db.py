@@ -313,11 +313,16 @@ class _PoolRepairs:
                 return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]  # reuse, or peewee's error
             promised = self._wait_for_turn()
             try:
-                return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]
-            finally:
-                with self._pool_lock:
-                    self._promised -= promised  # taken (or, if connecting failed, free for the next waiter)
+                opened: bool = super().connect(reuse_if_open)  # type: ignore[misc]
+            except BaseException:
+                with self._pool_lock:  # the slot this thread would have taken is free: the next waiter's
+                    self._promised -= promised
                     self._wake_next_waiter()
+                raise
+            if promised:  # taken: no longer promised (a call that waited for nothing takes no lock here)
+                with self._pool_lock:
+                    self._promised -= 1
+            return opened
         except MaxConnectionsExceeded:
             raise OperationalError(
                 f"all {self._max_connections} pooled database connections of this process are in use "

@@ -9,6 +9,7 @@ rebuilding a 5,000-message task cheap.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any, Optional, Union
 
@@ -61,9 +62,8 @@ class TaskReads:
         Only the histories are read (in one snapshot), and only if the task
         has any: the start of a new task makes no query here.
         """
-        if not (row.execution_count or row.resumable_count):
-            return self._record_from_row(row, with_checkpoints=False, latest=None, with_histories=True)
-        with self.ctx.dialect.read_snapshot():
+        has_histories = bool(row.execution_count or row.resumable_count)
+        with self.ctx.dialect.read_snapshot() if has_histories else contextlib.nullcontext():
             return self._record_from_row(row, with_checkpoints=False, latest=None, with_histories=True)
 
     def _record_from_row(self, row: Any, *, with_checkpoints: bool, latest: Optional[int],
