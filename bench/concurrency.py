@@ -68,6 +68,8 @@ TOOL_TURNS = 5
 TURNS_PER_TASK = TOOL_TURNS + 1
 #: How often the sampler reads the store and the worker processes.
 SAMPLE_INTERVAL_S = 0.25
+#: The sampling period until all tasks are in flight (admission).
+ADMISSION_SAMPLE_INTERVAL_S = 0.05
 
 
 # -- the slow model: an OpenAI-compatible server on loopback -------------------------------------
@@ -170,6 +172,8 @@ class Figures:
     db_connections_max: int
     enqueue_per_s: float
     admitted_per_s: Optional[float] = None  # tasks / seconds from the host's resume until all were in flight
+    admission_cores: Optional[float] = None  # the host's CPU from its resume until all were in flight, in cores
+    claims_began_s: Optional[tuple[float, float]] = None  # from the resume: the first and last claim's start
     locked_mentions: int = 0  # "database is locked" in the worker host's log (each a retried call)
     ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
     kill: Optional[KillFigures] = None  # with --kill-after-s: the host SIGKILLed with all N in flight, restarted
@@ -216,6 +220,14 @@ class StatusCounts:
                                           '"execution_count" FROM "task"').fetchall()
         return {task_id: (status, token, steps, messages) for task_id, status, token, steps, messages in rows}
 
+    def claim_times(self, prefix: str) -> list[float]:
+        """When each task whose id starts with `prefix` was first claimed (its ``started_at``, Unix time), sorted."""
+        mark = "%s" if self.postgres else "?"
+        sql = (f'SELECT "started_at" FROM "task" WHERE "task_id" LIKE {mark} AND "started_at" IS NOT NULL '
+               'ORDER BY "started_at"')
+        rows = self._connection().execute(sql, (prefix + "%",)).fetchall()
+        return [started_at for (started_at,) in rows]
+
     def connections(self, database: str) -> int:
         """PostgreSQL backends serving `database`, this reader's own connection left out."""
         assert self.postgres
@@ -258,10 +270,12 @@ class HostSampler(threading.Thread):
         self.cpu_seen: dict[int, float] = {}  # pid -> last CPU seconds (children that exit keep their share)
         self.latest: dict[str, int] = {}
         self.all_in_flight_at: Optional[float] = None
+        self.cpu_at_all_in: Optional[float] = None  # the tree's CPU seconds when all were first in flight
         self.total = 0
 
     def run(self) -> None:
-        while not self.stop.wait(SAMPLE_INTERVAL_S):
+        # Finer until all are in flight: admission takes a few seconds, and its end is what "all in" reports.
+        while not self.stop.wait(ADMISSION_SAMPLE_INTERVAL_S if self.all_in_flight_at is None else SAMPLE_INTERVAL_S):
             self.sample()
 
     def sample(self) -> None:
@@ -289,6 +303,7 @@ class HostSampler(threading.Thread):
         started = sum(n for status, n in self.latest.items() if status != "queued")
         if self.total and self.all_in_flight_at is None and started >= self.total:
             self.all_in_flight_at = time.monotonic()
+            self.cpu_at_all_in = self.cpu_s()
 
     def cpu_s(self) -> float:
         return sum(self.cpu_seen.values())
@@ -352,7 +367,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                 for i in range(tasks):
                     api.enqueue(f"bench task {i}", provider="openai", model="fake-slow", task_id=f"bench-{i:05d}")
             finally:
-                last_enqueue = time.monotonic()
+                last_enqueue, resumed_wall = time.monotonic(), time.time()
                 os.killpg(host.pid, signal.SIGCONT)
             deadline = last_enqueue + 60 + 20 * TURNS_PER_TASK * latency_s
             if kill_after_s is not None:
@@ -369,6 +384,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
             sampler.sample()
             cpu_s = sampler.cpu_s() - cpu_before
             final = sampler.latest
+            claimed = counts.claim_times("bench-")  # the store's own clock: finer than the sampler's
             if kill is not None:
                 kill.repeated_steps = _repeated_steps(counts.progress(), reference="warm-up")
         finally:
@@ -396,7 +412,11 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
         enqueue_per_s=tasks / max(last_enqueue - first_enqueue, 1e-9),
         locked_mentions=locked,
         admitted_per_s=(None if sampler.all_in_flight_at is None
-                        else tasks / max(sampler.all_in_flight_at - last_enqueue, SAMPLE_INTERVAL_S)),
+                        else tasks / max(sampler.all_in_flight_at - last_enqueue, ADMISSION_SAMPLE_INTERVAL_S)),
+        admission_cores=(None if sampler.cpu_at_all_in is None or sampler.all_in_flight_at is None
+                         else (sampler.cpu_at_all_in - cpu_before) / max(sampler.all_in_flight_at - last_enqueue,
+                                                                         ADMISSION_SAMPLE_INTERVAL_S)),
+        claims_began_s=None if len(claimed) < tasks else (claimed[0] - resumed_wall, claimed[-1] - resumed_wall),
         kill=kill,
     )
 
@@ -661,7 +681,7 @@ class Skipped(Exception):
 
 
 def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: list[str], with_dbos: bool = True,
-            skipped: Optional[list[str]] = None, kill_after_s: Optional[float] = None) -> list[Figures]:
+            with_ceiling: bool = True, skipped: Optional[list[str]] = None, kill_after_s: Optional[float] = None) -> list[Figures]:
     """Each backend's longhaul run, then the ceiling's and DBOS's; a peer that cannot run is noted in `skipped`."""
     results: list[Figures] = []
     skipped = [] if skipped is None else skipped
@@ -687,14 +707,18 @@ def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: l
                                         pg_database=pg_database, kill_after_s=kill_after_s)
                 finally:
                     redis.stop()
-                ceiling = run_ceiling(db_url=urls[1], tasks=tasks, latency_s=latency_s)
-                ours.ratio = ours.cpu_ms_per_turn / ceiling.cpu_ms_per_turn
-                rows = [ours, ceiling]
+                rows = [ours]
+                ceiling: Optional[Figures] = None
+                if with_ceiling:
+                    ceiling = run_ceiling(db_url=urls[1], tasks=tasks, latency_s=latency_s)
+                    ours.ratio = ours.cpu_ms_per_turn / ceiling.cpu_ms_per_turn
+                    rows.append(ceiling)
                 if with_dbos:
                     try:
                         peer = run_dbos(db_url=urls[2], tasks=tasks, latency_s=latency_s,
                                         pg_database="bench_dbos" if pg_database else None)
-                        peer.ratio = peer.cpu_ms_per_turn / ceiling.cpu_ms_per_turn
+                        if ceiling is not None:
+                            peer.ratio = peer.cpu_ms_per_turn / ceiling.cpu_ms_per_turn
                         rows.append(peer)
                     except Skipped as skip:
                         skipped.append(f"{backend}: DBOS async workflows skipped: {skip}")
@@ -731,10 +755,16 @@ def print_table(results: list[Figures], skipped: list[str]) -> None:
                   f"{k.steps_at_kill} steps stored): all resumed {resumed} after the restart, all stored a new step "
                   f"{stepped} after it; {k.repeated_steps} completed task(s) with a step stored twice or missing")
     for f in results:
+        if f.claims_began_s is not None and f.admission_cores is not None:
+            first, last = f.claims_began_s
+            print(f"{f.run}: admission: the first claim began {first:.2f} s after the resume, the last "
+                  f"{last:.2f} s after it (the store's claim times), all in flight {f.tasks / f.admitted_per_s:.2f} s "
+                  f"after it, at {f.admission_cores:.2f} cores meanwhile")
+    for f in results:
         if f.locked_mentions:
             print(f"{f.run}: {f.locked_mentions} log mentions of `database is locked` (each a retried call)")
     print("The host is paused while the N tasks are enqueued: makespan and all in count from its resume; "
-          "admit/s: N over all in (at most N / the sampling interval).")
+          "admit/s: N over all in.")
     print("all in: seconds from the last enqueue until every task was in flight or done; failed: +N? = unfinished "
           "at the deadline; ratio: CPU per turn over the asyncio ceiling's on the same backend.")
 
@@ -750,6 +780,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="arguments of `longhaul worker` (the host under test)")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "LATENCY_S"), help=argparse.SUPPRESS)
     parser.add_argument("--no-dbos", action="store_true", help="leave out the DBOS peer")
+    parser.add_argument("--no-ceiling", action="store_true",
+                        help="leave out the plain-asyncio ceiling (a quicker look at longhaul alone; no ratio column)")
     parser.add_argument("--kill-after-s", type=float, metavar="S",
                         help="SIGKILL the host S seconds after all tasks are in flight, start a fresh one, and "
                              "print how soon every interrupted task resumed and stored a new step")
@@ -770,7 +802,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     skipped: list[str] = []
     results = measure(backends=backends, tasks=args.tasks, latency_s=args.latency_s,
-                      worker_args=shlex.split(args.worker_args), with_dbos=not args.no_dbos, skipped=skipped,
+                      worker_args=shlex.split(args.worker_args), with_dbos=not args.no_dbos,
+                      with_ceiling=not args.no_ceiling, skipped=skipped,
                       kill_after_s=args.kill_after_s)
     if args.json:
         print(json.dumps({"runs": [asdict(f) for f in results], "skipped": skipped}, indent=2))
