@@ -29,7 +29,7 @@ from longhaul.models import (
     ToolCall,
     load_resumable_state,
 )
-from longhaul.worker import Runtime
+from longhaul.worker import Runtime, identity
 from longhaul.worker.execute import execute_task
 from longhaul.worker.providers import (
     AssistantTurn,
@@ -580,6 +580,35 @@ def test_find_interrupted_lists_exactly_the_tasks_nobody_runs_and_no_message_is_
     assert str(dead_pid) in found[dead_local]
     for row, reason in find_interrupted(rt):
         assert interruption(row, host=here, now=clock(), grace_s=60) == reason
+
+
+def test_a_recovery_pass_asks_the_os_once_per_holding_process_not_once_per_task(
+    clocked_runtime, dead_pid, monkeypatch
+):
+    rt = clocked_runtime(lease_s=3600)
+    here = rt.claimant.host
+    live = Claimant(owner="me", host=here, pid=os.getpid(), pid_started_at=rt.claimant.pid_started_at)
+    dead = Claimant(owner="dead", host=here, pid=dead_pid)
+    held = {}
+    for i in range(30):
+        task_id = worker.submit(rt, f"held {i}", task_id=f"held-{i}")
+        held[task_id] = dead if i % 3 == 0 else live
+        assert rt.leases.claim(task_id, held[task_id], lease_s=3600)
+    asked: list[tuple[int, Optional[float]]] = []
+    real = identity.is_process_alive
+
+    def counted(pid: int, started_at: Optional[float]) -> bool:
+        asked.append((pid, started_at))
+        return real(pid, started_at)
+
+    monkeypatch.setattr(identity, "is_process_alive", counted)
+
+    found = {row.task_id for row, _ in find_interrupted(rt)}
+
+    assert found == {task_id for task_id, holder in held.items() if holder is dead}
+    assert sorted(asked) == sorted({(live.pid, live.pid_started_at), (dead_pid, None)})  # 2 checks, not 30
+    find_interrupted(rt)
+    assert len(asked) == 4  # the next pass asks again: a process may have died meanwhile
 
 
 def test_resend_interrupted_sends_each_interrupted_task_once_even_when_called_twice(

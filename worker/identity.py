@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
@@ -38,14 +38,40 @@ def is_process_alive(pid: int, started_at: Optional[float]) -> bool:
     return started_at is None or abs(created - started_at) < 0.5
 
 
-def holder_is_dead(row: LeaseRow, *, host: str) -> bool:
+#: Answers whether a process (pid, start time) is alive: `is_process_alive`, or a `LivenessView` of it.
+Liveness = Callable[[int, Optional[float]], bool]
+
+
+class LivenessView:
+    """`is_process_alive`, each (pid, start time) asked of the OS once: what one recovery pass knows.
+
+    A pass looks at every unfinished task, and a thousand tasks in flight
+    are held by a handful of processes; asking the OS once per task cost a
+    `psutil.Process` (several /proc reads) each. A view lives for one pass
+    only: a process that dies meanwhile is seen dead by the next one.
+    """
+
+    def __init__(self) -> None:
+        self._alive: dict[tuple[int, Optional[float]], bool] = {}
+
+    def __call__(self, pid: int, started_at: Optional[float]) -> bool:
+        key = (pid, started_at)
+        alive = self._alive.get(key)
+        if alive is None:
+            alive = self._alive[key] = is_process_alive(pid, started_at)
+        return alive
+
+
+def holder_is_dead(row: LeaseRow, *, host: str, alive: Optional[Liveness] = None) -> bool:
     """True if a process of `host` (this one's) holds the task's lease and that process is gone.
 
     Only this host's processes can be checked; a lease held on another host
-    is given up by waiting for it to expire.
+    is given up by waiting for it to expire. `alive` answers for the OS (a
+    `LivenessView` shared by one pass), `is_process_alive` by default.
     """
-    return (row.token is not None and row.host == host and row.pid is not None
-            and not is_process_alive(row.pid, row.pid_started_at))
+    if row.token is None or row.host != host or row.pid is None:
+        return False
+    return not (alive or is_process_alive)(row.pid, row.pid_started_at)
 
 
 def current_claimant(host: str) -> Claimant:

@@ -17,7 +17,7 @@ from longhaul.models import LeaseRow, LonghaulError, StoreUnavailable, TaskStatu
 from .broker_errors import BROKER_ERRORS
 from .context import WorkerContext
 from .errors import BrokerUnavailable
-from .identity import holder_is_dead
+from .identity import Liveness, LivenessView, holder_is_dead
 from .threads import send_next_on_thread
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Interruption(str):
 
 
 def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float,
-                 message_held: Optional[bool] = None) -> Optional[Interruption]:
+                 message_held: Optional[bool] = None, alive: Optional[Liveness] = None) -> Optional[Interruption]:
     """Why the task needs a new delivery now, or None if it does not.
 
     Without a lease, a task waits for a message: none is due (a graceful
@@ -49,7 +49,8 @@ def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float,
     one gone was lost with Redis's data. Unknown, the message counts as
     lost once it is overdue by `grace_s` (lost with the broker, or
     stranded in a dead worker's prefetch). With a lease, its holder must be alive: not
-    expired, and on this host a live process.
+    expired, and on this host a live process (`alive` asks the OS; see
+    `holder_is_dead`).
     """
     if row.token is None:
         if row.delivery_due_at is None:
@@ -64,7 +65,7 @@ def interruption(row: LeaseRow, *, host: str, now: float, grace_s: float,
         return None
     if row.expires_at is not None and row.expires_at <= now:
         return Interruption("lease_expired", "its lease expired")
-    if holder_is_dead(row, host=host):
+    if holder_is_dead(row, host=host, alive=alive):
         return Interruption("holder_dead", f"its worker process {row.pid} on this host is gone")
     return None
 
@@ -74,9 +75,10 @@ def find_interrupted(rt: WorkerContext) -> list[tuple[LeaseRow, Interruption]]:
     now, host, grace_s = rt.store.clock(), rt.claimant.host, rt.settings.redelivery_grace_s
     rows = rt.leases.unfinished()
     held = _held_messages(rt, rows)
+    alive = LivenessView()  # the OS asked once per holding process, not once per task
     found = []
     for row in rows:
-        reason = interruption(row, host=host, now=now, grace_s=grace_s,
+        reason = interruption(row, host=host, now=now, grace_s=grace_s, alive=alive,
                               message_held=held.get(row.message_id) if row.message_id is not None else None)
         if reason is not None:
             found.append((row, reason))
