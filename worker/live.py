@@ -19,15 +19,24 @@ task whose stream is gone (expired, Redis restarted empty, or run without
 Redis) is followed from its stored trace, step by step, with cursors
 ``0-N`` that sort before every live one.
 
-Publishing never fails a task: if Redis cannot take an event, live output
-pauses for `PAUSE_AFTER_FAILURE_S` (one warning) and the trace still has
-the events.
+Publishing never fails a task and never makes it wait on Redis: an event
+is queued in memory and the process's one sender thread sends whatever is
+queued, from every task, in one pipelined round trip (a stream's expiry is
+renewed once per round trip, not once per event). With a thousand tasks in
+flight, a round trip per event was about a sixth of a worker's CPU. Only a
+task's ``done`` waits until it is sent (`LivePublisher.publish_done`), so a
+run that returns has published its end. If Redis cannot take a batch,
+live output pauses for `PAUSE_AFTER_FAILURE_S` (one warning; what is queued
+meanwhile is dropped) and the trace still has the events.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
+from collections import deque
 from typing import Any, Callable, Iterator, Optional
 
 import orjson
@@ -40,6 +49,10 @@ logger = logging.getLogger(__name__)
 PAUSE_AFTER_FAILURE_S = 5.0
 #: Socket timeout of the live-output client: a slow Redis must not stall a model's stream.
 SOCKET_TIMEOUT_S = 1.0
+#: Events queued for the sender at most; past it (Redis slower than the tasks), new events are dropped.
+MAX_QUEUED_EVENTS = 100_000
+#: Events sent in one pipelined round trip at most.
+MAX_BATCH_EVENTS = 2_000
 
 #: One followed event: its cursor and its fields (``type``, ``task_id``, and the type's own).
 FollowedEvent = tuple[str, dict[str, Any]]
@@ -92,25 +105,91 @@ class LiveOutput:
         self.retention_ms = int(retention_s * 1000)
         self.max_events = max_events
         self._paused_until = 0.0
+        # Queued for the sender: (task id, stream keys, encoded event) or a `threading.Event` to set once
+        # everything queued before it is sent. deque's append and popleft are atomic: no lock needed.
+        self._queued: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._sender: Optional[threading.Thread] = None
+        self._sender_pid = 0
+        self._start_lock = threading.Lock()
+        self._closed = False
+        self._dropping = False  # whether the queue overflowed (one warning per overflow)
 
     def publisher(self, task_id: str, thread_id: str) -> LivePublisher:
         """A trace listener (`TraceWriter.on_event`) that publishes one task's events as they happen."""
         return LivePublisher(self, task_id, (task_key(task_id), thread_key(thread_id)))
 
     def _publish(self, task_id: str, keys: tuple[str, ...], event: dict[str, Any]) -> None:
-        if time.monotonic() < self._paused_until:
+        """Queue `event` for `keys` (sent by the sender thread, after every event queued before it)."""
+        if self._closed or time.monotonic() < self._paused_until:
             return
-        fields = {"e": orjson.dumps(event, default=str)}
+        if len(self._queued) >= MAX_QUEUED_EVENTS:
+            if not self._dropping:
+                self._dropping = True
+                logger.warning("task %r: live output is dropping events: %d wait for Redis", task_id,
+                               len(self._queued))
+            return
+        self._dropping = False
+        self._enqueue((task_id, keys, orjson.dumps(event, default=str)))
+
+    def flush(self, timeout_s: float = 2 * SOCKET_TIMEOUT_S) -> bool:
+        """Wait until every event queued so far is sent (or dropped by a failure); False past `timeout_s`."""
+        if not self._queued:
+            return True
+        sent = threading.Event()
+        self._enqueue(sent)
+        return sent.wait(timeout_s)
+
+    def _enqueue(self, item: Any) -> None:
+        if self._sender is None or self._sender_pid != os.getpid() or not self._sender.is_alive():
+            self._start_sender()
+        self._queued.append(item)
+        self._wake.set()
+
+    def _start_sender(self) -> None:
+        """Start this process's sender thread (again in a forked child: threads do not survive fork)."""
+        with self._start_lock:
+            if self._sender is not None and self._sender_pid == os.getpid() and self._sender.is_alive():
+                return
+            self._sender_pid = os.getpid()
+            self._sender = threading.Thread(target=self._send_forever, name="longhaul-live-output", daemon=True)
+            self._sender.start()
+
+    def _send_forever(self) -> None:
+        while not self._closed:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while self._queued:
+                self._send_batch()
+
+    def _send_batch(self) -> None:
+        """Send what is queued (up to `MAX_BATCH_EVENTS`) in one round trip; then wake its flush waiters."""
+        events: list[tuple[str, tuple[str, ...], bytes]] = []
+        waiters: list[threading.Event] = []
+        while self._queued and len(events) < MAX_BATCH_EVENTS:
+            item = self._queued.popleft()
+            (waiters if isinstance(item, threading.Event) else events).append(item)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for key in keys:
-                pipe.xadd(key, fields, maxlen=self.max_events, approximate=True)
-                pipe.pexpire(key, self.retention_ms)
-            pipe.execute()
+            if events and time.monotonic() >= self._paused_until:
+                self._send(events)
         except Exception as exc:  # live output is a convenience: the trace keeps the events
             self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
             logger.warning("task %r: live output paused for %.0f s: Redis refused an event (%s: %s)",
-                           task_id, PAUSE_AFTER_FAILURE_S, type(exc).__name__, exc)
+                           events[0][0], PAUSE_AFTER_FAILURE_S, type(exc).__name__, exc)
+        finally:
+            for waiter in waiters:
+                waiter.set()
+
+    def _send(self, events: list[tuple[str, tuple[str, ...], bytes]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        streams: dict[str, None] = {}  # in order of first use
+        for _task_id, keys, encoded in events:
+            for key in keys:
+                pipe.xadd(key, {"e": encoded}, maxlen=self.max_events, approximate=True)
+                streams[key] = None
+        for key in streams:
+            pipe.pexpire(key, self.retention_ms)
+        pipe.execute()
 
     def exists(self, key: str) -> bool:
         return bool(self.client.exists(key))
@@ -125,6 +204,10 @@ class LiveOutput:
         return events
 
     def close(self) -> None:
+        """Send what is queued (waiting at most a few seconds), stop the sender, close the client."""
+        self.flush()
+        self._closed = True
+        self._wake.set()
         self.client.close()
 
 
@@ -155,10 +238,15 @@ class LivePublisher:
         self.live._publish(self.task_id, self.keys, event)
 
     def publish_done(self) -> None:
-        """The task's end is committed: publish its held ``done`` event."""
+        """The task's end is committed: publish its held ``done`` event, and wait until it is sent.
+
+        Waiting makes a run that returns one whose end its followers can
+        see; it costs a round trip per task, not per event.
+        """
         if self._held_done is not None:
             event, self._held_done = self._held_done, None
             self.live._publish(self.task_id, self.keys, event)
+            self.live.flush()
 
 
 #: How long a task's live stream may stay quiet before its follower asks the store whether the task ended.

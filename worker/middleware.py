@@ -62,6 +62,8 @@ class LonghaulMiddleware(Middleware):
 
     def after_worker_shutdown(self, broker: Broker, worker: Worker) -> None:
         self.rt.stop_maintenance()
+        if self.rt.live is not None:  # what the last steps streamed reaches followers before the process exits
+            self.rt.live.flush()
 
     def after_process_message(
         self, broker: Broker, message: Message, *, result: Any = None, exception: Optional[BaseException] = None
