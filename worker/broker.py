@@ -57,9 +57,9 @@ def build_broker(rt: WorkerContext) -> tuple[Broker, Actor]:
     if rt.embedded:
         broker = StubBroker(middleware=middleware)
     else:
-        from .redis_broker import LonghaulRedisBroker
+        from .redis_broker import LonghaulRedisBroker, connection_pool
 
-        broker = LonghaulRedisBroker(url=settings.redis_url, middleware=middleware)
+        broker = LonghaulRedisBroker(connection_pool=connection_pool(settings.redis_url), middleware=middleware)
     return broker, declare_run_task(broker, rt)
 
 

@@ -69,6 +69,27 @@ return moved
 """
 
 
+#: Redis connections the broker of one process holds at most; more callers at once wait for one.
+MAX_BROKER_CONNECTIONS = 64
+#: How long a caller waits for a free broker connection before the call fails (a broker error, retried).
+BROKER_CONNECTION_WAIT_S = 30.0
+
+
+def connection_pool(url: str) -> Any:
+    """The broker's Redis connections: a pool that makes a caller wait for a free one, never refuses it.
+
+    redis-py's default pool holds 100 connections and raises ``Too many
+    connections`` to the 101st caller at once; with hundreds of tasks in
+    flight, as many may send a message in the same instant (a thread's
+    next task, a retry), and a refused send is a task left for recovery.
+    A blocking pool queues them instead, on fewer connections.
+    """
+    import redis
+
+    return redis.BlockingConnectionPool.from_url(url, max_connections=MAX_BROKER_CONNECTIONS,
+                                                 timeout=BROKER_CONNECTION_WAIT_S)
+
+
 #: How often the offset from Redis's clock is measured again, in seconds.
 CLOCK_SYNC_EVERY_S = 30.0
 
