@@ -175,6 +175,7 @@ class Figures:
     admission_cores: Optional[float] = None  # the host's CPU from its resume until all were in flight, in cores
     claims_began_s: Optional[tuple[float, float]] = None  # from the resume: the first and last claim's start
     locked_mentions: int = 0  # "database is locked" in the worker host's log (each a retried call)
+    live_paused_mentions: int = 0  # "live output paused" in the log (followers missed events)
     ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
     kill: Optional[KillFigures] = None  # with --kill-after-s: the host SIGKILLed with all N in flight, restarted
 
@@ -398,7 +399,8 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                 os.killpg(host.pid, signal.SIGKILL)
                 host.wait()
             log.close()
-    locked = (workdir / f"worker-{backend}.log").read_text(errors="replace").count("database is locked")
+    host_log = (workdir / f"worker-{backend}.log").read_text(errors="replace")
+    locked, live_paused = host_log.count("database is locked"), host_log.count("live output paused")
     makespan_s = finished_at - last_enqueue  # from the moment all N are queued and the host resumes
     return Figures(
         run=f"longhaul worker {' '.join(worker_args)}", tasks=tasks, latency_s=latency_s,
@@ -410,7 +412,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
         cpu_ms_per_turn=1000 * cpu_s / (tasks * TURNS_PER_TASK), cpu_cores=cpu_s / makespan_s,
         rss_mb_max=sampler.rss_max / 2**20, db_connections_max=sampler.connections_max,
         enqueue_per_s=tasks / max(last_enqueue - first_enqueue, 1e-9),
-        locked_mentions=locked,
+        locked_mentions=locked, live_paused_mentions=live_paused,
         admitted_per_s=(None if sampler.all_in_flight_at is None
                         else tasks / max(sampler.all_in_flight_at - last_enqueue, ADMISSION_SAMPLE_INTERVAL_S)),
         admission_cores=(None if sampler.cpu_at_all_in is None or sampler.all_in_flight_at is None
@@ -763,6 +765,8 @@ def print_table(results: list[Figures], skipped: list[str]) -> None:
     for f in results:
         if f.locked_mentions:
             print(f"{f.run}: {f.locked_mentions} log mentions of `database is locked` (each a retried call)")
+        if f.live_paused_mentions:
+            print(f"{f.run}: live output paused {f.live_paused_mentions} time(s) (Redis refused events)")
     print("The host is paused while the N tasks are enqueued: makespan and all in count from its resume; "
           "admit/s: N over all in.")
     print("all in: seconds from the last enqueue until every task was in flight or done; failed: +N? = unfinished "
