@@ -13,8 +13,10 @@ resume all N were in flight (or done) and that as tasks admitted per
 second, the enqueue rate, the makespan (resume to last finish; the ideal is
 6 x L), failed tasks, the worker host's CPU per model
 turn (ms) and on average (cores), its largest worker process (RSS, MB), and
-the most database connections it held (PostgreSQL: ``pg_stat_activity``;
-SQLite: open descriptors of the database file).
+the most database connections one of its processes held (PostgreSQL: its
+TCP connections to the server's port; SQLite: open descriptors of the
+database file). The peers' connections are counted from
+``pg_stat_activity``.
 
 Next to it, in the same invocation, the **plain-asyncio ceiling**: one
 process, one event loop, one shared ``httpx.AsyncClient``, and each turn's
@@ -58,6 +60,7 @@ from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 import psutil
 
@@ -263,9 +266,10 @@ class HostSampler(threading.Thread):
     """Samples a process tree every SAMPLE_INTERVAL_S: CPU, largest RSS, database connections, task counts."""
 
     def __init__(self, root: psutil.Process, counts: StatusCounts, *, db_file: Optional[str],
-                 pg_database: Optional[str]) -> None:
+                 pg_port: Optional[int]) -> None:
         super().__init__(daemon=True)
-        self.root, self.counts, self.db_file, self.pg_database = root, counts, db_file, pg_database
+        self.root, self.counts, self.db_file, self.pg_port = root, counts, db_file, pg_port
+        self._connections_counted_at = float("-inf")
         self.stop = threading.Event()
         self.in_flight_max = self.rss_max = self.connections_max = 0
         self.cpu_seen: dict[int, float] = {}  # pid -> last CPU seconds (children that exit keep their share)
@@ -288,16 +292,9 @@ class HostSampler(threading.Thread):
                 self.rss_max = max(self.rss_max, process.memory_info().rss)
             except psutil.NoSuchProcess:
                 continue
-        if self.pg_database is not None:
-            self.connections_max = max(self.connections_max, self.counts.connections(self.pg_database))
-        elif self.db_file is not None:
-            held = 0
-            for process in processes:
-                try:
-                    held += sum(1 for f in process.open_files() if f.path == self.db_file)
-                except psutil.NoSuchProcess:
-                    continue
-            self.connections_max = max(self.connections_max, held)
+        if time.monotonic() - self._connections_counted_at >= SAMPLE_INTERVAL_S:  # a walk of every descriptor
+            self._connections_counted_at = time.monotonic()
+            self.connections_max = max(self.connections_max, self.connections_per_process(processes))
         self.latest = self.counts()
         running = self.latest.get("running", 0)
         self.in_flight_max = max(self.in_flight_max, running)
@@ -305,6 +302,22 @@ class HostSampler(threading.Thread):
         if self.total and self.all_in_flight_at is None and started >= self.total:
             self.all_in_flight_at = time.monotonic()
             self.cpu_at_all_in = self.cpu_s()
+
+    def connections_per_process(self, processes: list[psutil.Process]) -> int:
+        """The most database connections one process of the host holds: TCP connections to PostgreSQL's
+        port, or open descriptors of the SQLite file."""
+        most = 0
+        for process in processes:
+            try:
+                if self.pg_port is not None:
+                    held = sum(1 for c in process.net_connections(kind="tcp")
+                               if c.raddr and c.raddr.port == self.pg_port)
+                else:
+                    held = sum(1 for f in process.open_files() if f.path == self.db_file)
+            except psutil.NoSuchProcess:
+                continue
+            most = max(most, held)
+        return most
 
     def cpu_s(self) -> float:
         return sum(self.cpu_seen.values())
@@ -355,7 +368,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                        what="the warm-up task")
             sampler = HostSampler(psutil.Process(host.pid), counts,
                                   db_file=None if pg_database else db_url.removeprefix("sqlite:///"),
-                                  pg_database=pg_database)
+                                  pg_port=urlsplit(db_url).port if pg_database else None)
             sampler.sample()
             cpu_before = sampler.cpu_s()
             sampler.total = tasks + 1  # the warm-up task counts as started
@@ -683,7 +696,8 @@ class Skipped(Exception):
 
 
 def measure(*, backends: list[str], tasks: int, latency_s: float, worker_args: list[str], with_dbos: bool = True,
-            with_ceiling: bool = True, skipped: Optional[list[str]] = None, kill_after_s: Optional[float] = None) -> list[Figures]:
+            with_ceiling: bool = True, skipped: Optional[list[str]] = None,
+            kill_after_s: Optional[float] = None) -> list[Figures]:
     """Each backend's longhaul run, then the ceiling's and DBOS's; a peer that cannot run is noted in `skipped`."""
     results: list[Figures] = []
     skipped = [] if skipped is None else skipped
