@@ -14,6 +14,11 @@ on what it read, and commits. Nothing it writes needs a result back.
   Statement by statement it was six (``BEGIN``, the locked read, the
   checkpoint, the messages, the task update, ``COMMIT``).
 
+Callers write through the transaction object (`LockedWrite.execute`,
+`LockedWrite.execute_many`), never `db.execute_sql`: on PostgreSQL each
+peewee statement was a cursor of its own, peewee's wrapper and a pooled
+connection check, more client time than the server spent on the row.
+
 What a pipelined write must keep, and how:
 
 - The decisions are made on the first round trip's answers, before any
@@ -37,14 +42,29 @@ What a pipelined write must keep, and how:
   have been written. A later failure, the commit's included, is never
   repeated here (a lost ``COMMIT``'s outcome is unknown): it surfaces as
   `StoreUnavailable`, retried from stored state.
-- peewee's bookkeeping is its own: the transaction is a `db.atomic()`
-  (``in_transaction()`` holds inside), entered inside the pipeline so its
-  ``BEGIN`` and ``COMMIT`` are queued with the other statements. Commit
-  callbacks (``db.after_commit``) would run before the sync: none is used.
+- peewee's bookkeeping holds: the transaction is on peewee's stack while
+  it is open (``in_transaction()`` holds inside, a nested ``atomic()`` is
+  a savepoint), ``BEGIN`` and ``COMMIT`` are sent on the write cursor, in
+  the pipeline with the other statements, and commit callbacks
+  (``db.after_commit``) run once the commit's sync has answered.
+- One cursor per read (each holds its own answer) and one for ``BEGIN``,
+  every write and ``COMMIT``: their results are never read, only their
+  errors, which the sync raises.
+- The writes are held until the commit, then sent as one statement (up to
+  `MERGED_WRITES` of them): each but the last as a data-modifying ``WITH``
+  member, which PostgreSQL runs once and to completion whether or not
+  anything reads it. psycopg's client work is per statement (a dump, a
+  send, a result to match), so four writes in one cost about one. The
+  writes of a step touch different rows and none reads another's, which
+  is what makes one statement the same as several: every one still runs,
+  its triggers and constraints with it, and a refusal fails the statement
+  and the transaction as before. A statement sent directly inside the
+  block (not through `execute`) goes ahead of the held writes.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from types import TracebackType
 from typing import Any, Optional, Sequence
 
@@ -54,14 +74,17 @@ from .drivers import loaded_psycopg
 
 #: (SQL, parameters) of one read.
 Read = tuple[str, Sequence[Any]]
+#: Most writes `PipelinedWrite` sends as one statement (more go in further statements, a bound on its size).
+MERGED_WRITES = 8
 
 
 class LockedWrite:
-    """SQLite's locked write: a ``BEGIN IMMEDIATE`` transaction; `read` runs each statement in turn.
+    """SQLite's locked write: a ``BEGIN IMMEDIATE`` transaction; each statement runs in turn.
 
     Use it as ``with dialect.locked_write() as write: rows = write.read(...)``,
-    then write with `db.execute_sql` as in any transaction; it commits on
-    leaving, or rolls back if the block raises.
+    then `execute` and `execute_many` the writes; it commits on leaving, or
+    rolls back if the block raises. Also used on PostgreSQL inside a
+    transaction opened outside (a savepoint then).
     """
 
     def __init__(self, db: Any) -> None:
@@ -77,6 +100,16 @@ class LockedWrite:
         """The first row of each read (None where it found none), in order; call it once, first."""
         return [self.db.execute_sql(sql, params).fetchone() for sql, params in reads]
 
+    def execute(self, sql: str, params: Sequence[Any]) -> None:
+        """Run one write (its answer is never read)."""
+        self.db.execute_sql(sql, params)
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one write per row of `rows` (``executemany``); nothing for no rows."""
+        if rows:
+            with __exception_wrapper__:  # psycopg's or sqlite3's errors as peewee's, as `execute_sql` gives them
+                self.db.cursor().executemany(sql, rows)
+
     def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
                  traceback: Optional[TracebackType]) -> None:
         self._atomic.__exit__(kind, exc, traceback)
@@ -89,6 +122,9 @@ class PipelinedWrite(LockedWrite):
         super().__init__(db)
         self._conn: Any = None
         self._pipeline: Any = None
+        self._cursor: Any = None  # BEGIN, the writes and COMMIT
+        self._transaction: Any = None  # what stands for this transaction on peewee's stack
+        self._writes: list[tuple[str, Sequence[Any]]] = []  # held until the commit (`_send_writes`)
         self._depth = 0  # peewee's transaction depth before this one
 
     def __enter__(self) -> PipelinedWrite:
@@ -96,14 +132,17 @@ class PipelinedWrite(LockedWrite):
 
     def read(self, *reads: Read) -> list[Optional[tuple[Any, ...]]]:
         """BEGIN and `reads` in one round trip; the first row of each (None where it found none)."""
-        assert self._atomic is None, "read() comes first, once"
+        assert self._pipeline is None, "read() comes first, once"
         psycopg = loaded_psycopg()
         connection_lost = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
         for attempt in (1, 2):
             try:
-                self._begin()
-                cursors = [self.db.execute_sql(sql, params) for sql, params in reads]
-                return [cursor.fetchone() for cursor in cursors]  # the first fetch sends them all, one flush
+                with __exception_wrapper__:  # psycopg's errors as peewee's, as `execute_sql` gives them
+                    self._begin()
+                    cursors = [self._conn.cursor() for _ in reads]
+                    for cursor, (sql, params) in zip(cursors, reads, strict=True):
+                        cursor.execute(sql, params)
+                    return [cursor.fetchone() for cursor in cursors]  # the first fetch sends them all, one flush
             except connection_lost as error:
                 if attempt == 2 or not self._session_ended(error):
                     raise
@@ -112,16 +151,40 @@ class PipelinedWrite(LockedWrite):
                 self.db.replace_broken_connection()
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def execute(self, sql: str, params: Sequence[Any]) -> None:
+        """Hold one write until the commit (a refusal by the server is raised at the commit's sync)."""
+        self._writes.append((sql, params))
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Hold one write per row of `rows` until the commit."""
+        self._writes.extend((sql, row) for row in rows)
+
+    def _send_writes(self, cursor: Any) -> None:
+        """Queue the held writes on `cursor`, `MERGED_WRITES` at a time as one statement (see the module)."""
+        writes, self._writes = self._writes, []
+        for start in range(0, len(writes), MERGED_WRITES):
+            group = writes[start:start + MERGED_WRITES]
+            if len(group) == 1:
+                cursor.execute(*group[0])
+                continue
+            params: list[Any] = []
+            for _sql, values in group:
+                params.extend(values)
+            cursor.execute(merged_statement(tuple(sql for sql, _values in group)), params)
+
     def _begin(self) -> None:
-        conn = self.db.connection()
+        db = self.db
+        conn = db.connection()
         if conn.closed:  # known dead: replaced before anything is sent, so every statement goes to one connection
-            self.db.replace_broken_connection()
-            conn = self.db.connection()
-        self._conn, self._depth = conn, self.db.transaction_depth()
+            db.replace_broken_connection()
+            conn = db.connection()
+        self._conn, self._depth = conn, db.transaction_depth()
         self._pipeline = conn.pipeline()
         self._pipeline.__enter__()
-        self._atomic = self.db.atomic()
-        self._atomic.__enter__()  # queues BEGIN (`PostgresStore.begin` leaves a pipelined one to `read`)
+        self._cursor = conn.cursor()
+        self._transaction = db.transaction()
+        db.push_transaction(self._transaction)  # peewee's stack, as `atomic()` would leave it (see the module)
+        self._cursor.execute("BEGIN")  # queued: sent with the reads
 
     def _session_ended(self, error: BaseException) -> bool:
         """Whether `error` means the connection is gone: closed, broken, or the server ending the session.
@@ -139,11 +202,17 @@ class PipelinedWrite(LockedWrite):
         conn = self._conn
         return conn is not None and bool(conn.closed or conn.broken)
 
-    def _abandon(self) -> None:
-        """Forget a transaction whose connection died: peewee's stack popped, the pipeline left with it."""
-        self._atomic = self._pipeline = None
+    def _end_transaction(self) -> None:
+        """Take this transaction (and anything left above it) off peewee's stack."""
+        self._transaction = None
         while self.db.transaction_depth() > self._depth:
             self.db.pop_transaction()
+
+    def _abandon(self) -> None:
+        """Forget a transaction whose connection died: peewee's stack popped, the pipeline left with it."""
+        self._pipeline = self._cursor = None
+        self._writes = []
+        self._end_transaction()
         self.db._clear_commit_callbacks()
 
     def __exit__(self, kind: Optional[type[BaseException]], exc: Optional[BaseException],
@@ -155,11 +224,15 @@ class PipelinedWrite(LockedWrite):
             if kind is None:  # never a silent success: the commit was not even sent
                 raise OperationalError("the connection to PostgreSQL was lost before the commit")
             return
-        atomic, pipeline, self._atomic, self._pipeline = self._atomic, self._pipeline, None, None
+        pipeline, cursor, self._pipeline, self._cursor = self._pipeline, self._cursor, None, None
+        self._end_transaction()
         error: Optional[BaseException] = exc
         try:
             try:
-                atomic.__exit__(kind, exc, traceback)  # queues COMMIT (or ROLLBACK)
+                with __exception_wrapper__:  # a value psycopg cannot send raises here, as peewee's class
+                    if kind is None:
+                        self._send_writes(cursor)
+                    cursor.execute("COMMIT" if kind is None else "ROLLBACK")
             except BaseException as raised:  # a refused statement's error, met while queuing COMMIT
                 error = raised
             try:
@@ -170,7 +243,11 @@ class PipelinedWrite(LockedWrite):
                 error = raised
         finally:
             self._settle()
-        if kind is None and error is not None:
+        if error is None:
+            self.db._run_commit_callbacks()
+            return
+        self.db._clear_commit_callbacks()
+        if kind is None:
             with __exception_wrapper__:  # psycopg's errors as peewee's, as each statement's are
                 raise error
 
@@ -193,3 +270,14 @@ class PipelinedWrite(LockedWrite):
                 conn.rollback()
         except psycopg.Error:
             conn.close()
+
+
+@lru_cache(maxsize=256)
+def merged_statement(statements: tuple[str, ...]) -> str:
+    """`statements` (writes without ``RETURNING``) as one: each but the last a ``WITH`` member, in order.
+
+    Their ``%s`` parameters keep their order, so the statement takes the
+    writes' parameters one after another.
+    """
+    members = ", ".join(f'"write_{index}" AS ({sql})' for index, sql in enumerate(statements[:-1]))
+    return f"WITH {members} {statements[-1]}"
