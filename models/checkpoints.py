@@ -58,7 +58,7 @@ class Checkpoints:
         if not isinstance(update, CheckpointUpdate):
             update = CheckpointUpdate.model_validate(update)
         ctx = self.ctx
-        db, sql = ctx.db, ctx.sql
+        sql = ctx.sql
         now = ctx.clock()
         reads = ((sql.select_task, (update.task_id,)), (sql.select_step_state, (update.step_index, update.task_id)))
         with ctx.dialect.locked_write() as write:
@@ -67,12 +67,12 @@ class Checkpoints:
             row, state = write.read(*reads)
             if row is None:
                 require_lease(update.task_id, None, lease_token)
-                ctx.tables.Task.insert(
+                write.execute_now(*ctx.tables.Task.insert(
                     task_id=update.task_id, thread_id=update.thread_id, channel=update.channel,
                     provider=update.provider, model=update.model, status=TaskStatus.RUNNING.value,
                     created_at=now, updated_at=now,
-                ).on_conflict_ignore().as_rowcount().execute()
-                row, state = (db.execute_sql(statement, params).fetchone() for statement, params in reads)
+                ).on_conflict_ignore().sql())
+                row, state = write.read(*reads)
             task_pk, execution_count, stored_token, trace_next_sequence = row
             step_stored, highest_step = state
             require_lease(update.task_id, stored_token, lease_token)
