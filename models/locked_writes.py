@@ -60,9 +60,9 @@ What a pipelined write must keep, and how:
   it is open (``in_transaction()`` holds inside), as a manual-commit
   block, so a nested ``db.atomic()`` or ``db.after_commit`` (a savepoint
   needs ``BEGIN``) fails loudly in the client instead of being sent.
-- psycopg's cursors: one per read (each holds its own answer) and one for
-  the writes, whose results are never read, only their errors, which the
-  sync raises.
+- psycopg's cursors: one per read (each holds its own answer); the first
+  read's, once its answer is in, takes the writes, whose results are never
+  read, only their errors, which the sync raises.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class PipelinedWrite(LockedWrite):
         super().__init__(db)
         self._conn: Any = None
         self._pipeline: Any = None
-        self._cursor: Any = None  # the writes'
+        self._cursor: Any = None  # the writes': the first read's, once its answer is in
         self._writes: list[tuple[str, Sequence[Any]]] = []  # held until the commit (`_send_writes`)
         self._wrote_now = False  # whether an `execute_now` write went ahead of the decisions
         self._depth = 0  # peewee's transaction depth before this one
@@ -164,7 +164,10 @@ class PipelinedWrite(LockedWrite):
             cursors = [self._conn.cursor() for _ in reads]
             for cursor, (sql, params) in zip(cursors, reads, strict=True):
                 cursor.execute(sql, params)
-            return [cursor.fetchone() for cursor in cursors]  # the first fetch flushes them all, one round trip
+            rows = [cursor.fetchone() for cursor in cursors]  # the first fetch flushes them all, one round trip
+        if self._cursor is None:
+            self._cursor = cursors[0]  # its answer is read: the writes need no cursor of their own
+        return rows
 
     def execute(self, sql: str, params: Sequence[Any]) -> None:
         """Hold one write until the commit (a refusal by the server is raised at the sync)."""
@@ -203,7 +206,6 @@ class PipelinedWrite(LockedWrite):
         self._conn, self._depth = conn, db.transaction_depth()
         self._pipeline = conn.pipeline()
         self._pipeline.__enter__()
-        self._cursor = conn.cursor()
         db.push_transaction(db.manual_commit())  # peewee's stack: in a transaction, no savepoint (see the module)
 
     def _session_ended(self, error: BaseException) -> bool:
@@ -242,7 +244,7 @@ class PipelinedWrite(LockedWrite):
             if kind is None:  # never a silent success: the commit was not even sent
                 raise OperationalError("the connection to PostgreSQL was lost before the commit")
             return
-        pipeline, cursor, self._pipeline, self._cursor = self._pipeline, self._cursor, None, None
+        pipeline, cursor, self._pipeline, self._cursor = self._pipeline, self._cursor or self._conn.cursor(), None, None
         self._end_transaction()
         error: Optional[BaseException] = exc
         try:
