@@ -87,7 +87,7 @@ class Checkpoints:
             # the step loop) keeps its events in a row of their own.
             in_step_order = bool(traces) and (highest_step is None or highest_step < update.step_index)
             trace = traces.encode_with_header(positions)[0] if in_step_order else None
-            # Writes from here on: none needs an answer (on PostgreSQL they go with COMMIT, `locked_writes.py`).
+            # Writes from here on: none needs an answer (on PostgreSQL they go with the sync, `locked_writes.py`).
             write.execute(
                 sql.insert_checkpoint,
                 (task_pk, update.step_index, update.checkpoint_note, items_json(update.items, positions), now,
