@@ -58,7 +58,7 @@ class Checkpoints:
         if not isinstance(update, CheckpointUpdate):
             update = CheckpointUpdate.model_validate(update)
         ctx = self.ctx
-        db, sql = ctx.db, ctx.sql
+        sql = ctx.sql
         now = ctx.clock()
         reads = ((sql.select_task, (update.task_id,)), (sql.select_step_state, (update.step_index, update.task_id)))
         with ctx.dialect.locked_write() as write:
@@ -67,12 +67,12 @@ class Checkpoints:
             row, state = write.read(*reads)
             if row is None:
                 require_lease(update.task_id, None, lease_token)
-                ctx.tables.Task.insert(
+                write.execute_now(*ctx.tables.Task.insert(
                     task_id=update.task_id, thread_id=update.thread_id, channel=update.channel,
                     provider=update.provider, model=update.model, status=TaskStatus.RUNNING.value,
                     created_at=now, updated_at=now,
-                ).on_conflict_ignore().as_rowcount().execute()
-                row, state = (db.execute_sql(statement, params).fetchone() for statement, params in reads)
+                ).on_conflict_ignore().sql())
+                row, state = write.read(*reads)
             task_pk, execution_count, stored_token, trace_next_sequence = row
             step_stored, highest_step = state
             require_lease(update.task_id, stored_token, lease_token)
@@ -87,20 +87,20 @@ class Checkpoints:
             # the step loop) keeps its events in a row of their own.
             in_step_order = bool(traces) and (highest_step is None or highest_step < update.step_index)
             trace = traces.encode_with_header(positions)[0] if in_step_order else None
-            # Writes from here on: none needs an answer (on PostgreSQL they go with COMMIT, `locked_writes.py`).
-            db.execute_sql(
+            # Writes from here on: none needs an answer (on PostgreSQL they go with the sync, `locked_writes.py`).
+            write.execute(
                 sql.insert_checkpoint,
                 (task_pk, update.step_index, update.checkpoint_note, items_json(update.items, positions), now,
                  traces.first_sequence if in_step_order else None, trace),
             )
             if traces and not in_step_order:
-                self.traces.insert(task_pk, traces, positions)
+                self.traces.insert(task_pk, traces, positions, write=write)
             if journal is None:
-                ctx.insert_messages(message_rows(task_pk, EXECUTION, execution_count, update.new_messages,
-                                                 update.step_index))
+                write.execute_many(sql.insert_message, message_rows(task_pk, EXECUTION, execution_count,
+                                                                    update.new_messages, update.step_index))
                 added, (turns, tool_calls) = len(update.new_messages), counters(update.new_messages)
             else:
-                ctx.insert_messages([
+                write.execute_many(sql.insert_message, [
                     row for index, stored in enumerate(journal.results) if stored is None
                     for row in message_rows(task_pk, EXECUTION, journal.result_position(index),
                                             [update.new_messages[1 + index]], update.step_index,
@@ -108,7 +108,7 @@ class Checkpoints:
                 added, turns, tool_calls = 0, 0, 0
             if lease_s is not None:  # read the clock now: the row lock above may have been waited for
                 lease_expires_at = ctx.clock() + lease_s
-            db.execute_sql(
+            write.execute(
                 sql.update_task_after_checkpoint,
                 (
                     update.thread_id, update.channel, update.provider, update.model,
@@ -124,7 +124,7 @@ class Checkpoints:
                        usage: Optional[Usage] = None) -> OpenStep:
         """Store a model's answer before any of its tool calls runs; returns the step, open (see `TaskStore`)."""
         ctx = self.ctx
-        db, sql = ctx.db, ctx.sql
+        sql = ctx.sql
         calls = list(answer.tool_calls or ())
         with ctx.dialect.locked_write() as write:
             (row,) = write.read((sql.select_task, (task_id,)))
@@ -133,9 +133,9 @@ class Checkpoints:
                 raise TaskNotFound(task_id)
             task_pk, position, _token, trace_next_sequence = row
             self.traces.check_sequence(task_id, traces, trace_next_sequence)
-            ctx.insert_messages(message_rows(task_pk, EXECUTION, position, [answer], step_index))
-            self.traces.insert(task_pk, traces, positions_by_text([answer], position))
-            db.execute_sql(sql.update_task_after_answer, (
+            write.execute_many(sql.insert_message, message_rows(task_pk, EXECUTION, position, [answer], step_index))
+            self.traces.insert(task_pk, traces, positions_by_text([answer], position), write=write)
+            write.execute(sql.update_task_after_answer, (
                 1 + len(calls), len(calls), *usage_params(usage), ctx.clock(),
                 None if lease_s is None else ctx.clock() + lease_s,
                 traces.last_sequence + 1 if traces else trace_next_sequence, task_pk,
@@ -152,8 +152,9 @@ class Checkpoints:
             require_lease(step.task_id, None if row is None else row[1], lease_token)
             if row is None:
                 raise TaskNotFound(step.task_id)
-            ctx.insert_messages(message_rows(row[0], EXECUTION, step.result_position(call_index), [result],
-                                             step.step_index, tool_succeeded=success))
+            write.execute_many(ctx.sql.insert_message, message_rows(
+                row[0], EXECUTION, step.result_position(call_index), [result], step.step_index,
+                tool_succeeded=success))
         return step.with_result(call_index, result, succeeded=success)
 
     def open_step(self, task_id: str) -> Optional[OpenStep]:

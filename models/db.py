@@ -483,23 +483,12 @@ class PostgresStore(_PoolRepairs, PooledPostgresqlDatabase):
         return super().cursor(named_cursor)
 
     def begin(self, isolation_level: Optional[str] = None) -> None:
-        if self.pipelined():
-            super().begin(isolation_level)  # queued: `PipelinedWrite.read` repeats it with its reads
-            return
         try:
             super().begin(isolation_level)
         except (OperationalError, InterfaceError):
             if not self.replace_broken_connection():
                 raise
             super().begin(isolation_level)
-
-    def pipelined(self) -> bool:
-        """Whether this thread's connection is in psycopg's pipeline mode (a `locked_writes.PipelinedWrite`)."""
-        if self.is_closed():
-            return False
-        psycopg = loaded_psycopg()  # imported: this is a PostgreSQL connection
-        assert psycopg is not None
-        return bool(self._state.conn.pgconn.pipeline_status != psycopg.pq.PipelineStatus.OFF)
 
     def execute_sql(self, sql: str, params: Any = None) -> Any:
         if self.in_transaction() or not sql.lstrip()[:6].upper() == "SELECT":

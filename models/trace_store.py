@@ -25,6 +25,7 @@ from .codec import (
 from .context import StoreContext, StoredTexts
 from .errors import TaskNotFound, TraceSequenceClash
 from .leases import require_lease
+from .locked_writes import LockedWrite
 from .traces import PendingTraces, StoredBatch, StoredEvent, TraceEventRecord, step_trace_json
 
 
@@ -42,15 +43,24 @@ class TraceStore:
         if traces and traces.first_sequence < next_sequence:
             raise TraceSequenceClash(task_id, traces.first_sequence, next_sequence)
 
-    def insert(self, task_pk: int, traces: Optional[PendingTraces], positions: dict[str, int]) -> None:
-        """Store a writer's events as one `trace_batch` row (checked by `check_sequence` first)."""
+    def insert(self, task_pk: int, traces: Optional[PendingTraces], positions: dict[str, int], *,
+               write: Optional[LockedWrite] = None) -> None:
+        """Store a writer's events as one `trace_batch` row (checked by `check_sequence` first).
+
+        `write`: the step write (`Dialect.locked_write`) the row goes with; else a statement of the caller's
+        transaction.
+        """
         if not traces:
             return
         events, refers = traces.encode(positions)
-        self.ctx.db.execute_sql(self.ctx.sql.insert_trace_batch, (
+        row = (
             task_pk, traces.first_sequence, traces.last_sequence, traces.started_at, traces.agent, traces.model,
             traces.job_type, events, refers,
-        ))
+        )
+        if write is None:
+            self.ctx.db.execute_sql(self.ctx.sql.insert_trace_batch, row)
+        else:
+            write.execute(self.ctx.sql.insert_trace_batch, row)
 
     def append(self, task_id: str, traces: PendingTraces, *, lease_token: Optional[str] = None) -> None:
         """Write trace events outside a checkpoint (a resume, a shutdown) in a transaction; fenced like checkpoints."""

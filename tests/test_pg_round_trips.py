@@ -136,3 +136,87 @@ def _waiting_for_a_lock(conn: Any) -> bool:
     (count,) = conn.execute("SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                             "AND datname = current_database()").fetchone()
     return int(count) > 0
+
+
+# -- what the pipelined write may never lose: the fence, the repeat, a refusal after a write sent early ---------
+
+
+def _lease(store: TaskStore, token: str) -> None:
+    """Give task-1 a lease held by `token` (as a claim would), for the fenced writes below."""
+    store.db.execute_sql('UPDATE "task" SET "lease_token" = %s, "lease_expires_at" = %s WHERE "task_id" = %s',
+                         (token, 4_000_000_000.0, "task-1"))
+
+
+def _stored(store: TaskStore, count_rows: Callable[..., int]) -> tuple[Any, ...]:
+    """Everything a step write could change: its rows, and the task row's counters and times."""
+    row = store.db.execute_sql(
+        'SELECT "checkpoint_count", "execution_count", "turn_count", "trace_next_sequence", "updated_at", '
+        '"lease_expires_at" FROM "task" WHERE "task_id" = %s', ("task-1",)).fetchone()
+    return (*row, *(count_rows(store, table, task_id="task-1") for table in ("checkpoint", "message", "trace_batch")))
+
+
+def _assert_connection_idle(store: TaskStore) -> None:
+    from psycopg.pq import PipelineStatus, TransactionStatus
+
+    conn = store.db.connection()
+    assert (conn.pgconn.transaction_status, conn.pgconn.pipeline_status) == (TransactionStatus.IDLE,
+                                                                             PipelineStatus.OFF)
+    assert not store.db.in_transaction()
+
+
+def test_step_writes_under_a_lost_lease_are_refused_and_write_nothing(store, make_update, count_rows):
+    # The writes are held until the sync that commits them: a refusal decided on the reads must send none.
+    from longhaul.models import LeaseLost
+
+    store.record_checkpoint(make_update(1))
+    _lease(store, "held")
+    opened = store.journal_answer("task-1", 2, an_answer(2, 1), lease_token="held")
+    before = _stored(store, count_rows)
+
+    refused = {
+        "checkpoint": lambda: store.record_checkpoint(make_update(3), lease_token="stale", lease_s=60),
+        "answer": lambda: store.journal_answer("task-1", 3, an_answer(3, 1), lease_token="stale", lease_s=60),
+        "result": lambda: store.journal_result(opened, 0, a_result(2, 0), lease_token="stale"),
+    }
+    for write, call in refused.items():
+        store.db.connect(reuse_if_open=True)
+        with pytest.raises(LeaseLost):
+            call()
+        _assert_connection_idle(store)
+        assert _stored(store, count_rows) == before, write
+
+    assert store.journal_result(opened, 0, a_result(2, 0), lease_token="held").is_complete  # the holder still can
+
+
+def test_a_repeated_step_changes_nothing_on_the_task_row(store, make_update, count_rows):
+    store.record_checkpoint(make_update(1))
+    _lease(store, "held")
+    before = _stored(store, count_rows)
+
+    assert store.record_checkpoint(make_update(1), lease_token="held", lease_s=60) is False
+
+    assert _stored(store, count_rows) == before  # not even the lease renewal: a no-op
+    _assert_connection_idle(store)
+
+
+def test_a_new_task_whose_checkpoint_is_refused_after_its_row_was_written_is_not_created(
+        store, make_update, count_rows, monkeypatch):
+    # A missing task's row is written ahead of the decisions (`LockedWrite.execute_now`); a refusal after it
+    # must roll it back, not leave it for the commit's sync.
+    from longhaul.models import TraceSequenceClash
+    from longhaul.models.trace_store import TraceStore
+
+    def clash(task_id: str, traces: Any, next_sequence: int) -> None:
+        raise TraceSequenceClash(task_id, 0, next_sequence)
+
+    monkeypatch.setattr(TraceStore, "check_sequence", staticmethod(clash))
+    store.db.connect(reuse_if_open=True)
+
+    with pytest.raises(TraceSequenceClash):
+        store.record_checkpoint(make_update(1))
+
+    _assert_connection_idle(store)
+    assert count_rows(store, "task") == 0
+    monkeypatch.undo()
+    assert store.record_checkpoint(make_update(1)) is True  # and the task is created when nothing refuses
+    assert count_rows(store, "task") == 1
