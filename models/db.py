@@ -20,10 +20,11 @@ SQLite's single writer made a read-then-write safe.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 from urllib.parse import urlparse
 
 from peewee import Database, InterfaceError, OperationalError
@@ -239,6 +240,14 @@ class _PoolRepairs:
       wakes the longest waiter, and the slot stays promised to it until it
       takes it.
 
+    - A task's start goes first (`first_in_line`): its claim is served
+      ahead of every other waiting call, in arrival order among claims.
+      A thousand tasks delivered at once each make a claim and then a few
+      more calls before their first model request; served in plain
+      arrival order, the started tasks' later calls queued ahead of the
+      claims still waiting, and the last task was claimed only as the
+      last start finished (5-6 s on PostgreSQL, against under 2 s).
+
     Store calls borrow a connection only for their duration
     (`dialect.StoreFailures`), so the pool bounds connections, not threads.
     """
@@ -250,6 +259,8 @@ class _PoolRepairs:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._owners: dict[int, threading.Thread] = {}  # checked-out connection -> the thread holding it
         self._waiting: collections.deque[threading.Event] = collections.deque()  # threads queued for a turn
+        self._waiting_first: collections.deque[threading.Event] = collections.deque()  # ... that go first
+        self._goes_first = threading.local()  # .on: this thread's calls go first (`first_in_line`)
         self._promised = 0  # free slots handed to woken waiters that have not taken them yet
         super().__init__(*args, **kwargs)
 
@@ -265,11 +276,24 @@ class _PoolRepairs:
             super()._close(conn, close_conn)  # type: ignore[misc]
             self._wake_next_waiter()
 
+    @contextlib.contextmanager
+    def first_in_line(self) -> Iterator[None]:
+        """The calls of this thread inside the block are served ahead of other waiting calls (see the class)."""
+        outer = getattr(self._goes_first, "on", False)
+        self._goes_first.on = True
+        try:
+            yield
+        finally:
+            self._goes_first.on = outer
+
     def _wake_next_waiter(self) -> None:
-        """With `_pool_lock` held: give a free slot, if there is one, to the thread waiting longest."""
-        while self._waiting and len(self._in_use) + self._promised < self._max_connections:
+        """With `_pool_lock` held: give a free slot, if there is one, to the first waiter in line."""
+        while len(self._in_use) + self._promised < self._max_connections:
+            queue = self._waiting_first or self._waiting
+            if not queue:
+                return
             self._promised += 1
-            self._waiting.popleft().set()
+            queue.popleft().set()
 
     def _wait_for_turn(self) -> bool:
         """Queue behind the threads already waiting when the pool is full or has waiters (see the class).
@@ -277,15 +301,18 @@ class _PoolRepairs:
         Returns whether this thread waited and was handed a promised slot
         (which its connect then takes); False when a slot was free at once.
         """
+        first = getattr(self._goes_first, "on", False)
+        line = self._waiting_first if first else self._waiting
         with self._pool_lock:
-            if not self._waiting and len(self._in_use) + self._promised < self._max_connections:
+            ahead = self._waiting_first if first else (self._waiting_first or self._waiting)
+            if not ahead and len(self._in_use) + self._promised < self._max_connections:
                 return False
             turn = threading.Event()
-            self._waiting.append(turn)
+            line.append(turn)
         if not turn.wait(POOL_WAIT_S):
             with self._pool_lock:
-                if turn in self._waiting:  # not woken: give up
-                    self._waiting.remove(turn)
+                if turn in line:  # not woken: give up
+                    line.remove(turn)
                     raise MaxConnectionsExceeded(f"no connection for {POOL_WAIT_S} s")
             # Woken just as the wait ran out: the slot is this thread's.
         return True

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Iterable, Optional, Sequence
 
 from peewee import __exception_wrapper__
@@ -133,21 +134,30 @@ class LeaseBook:
         params = prepared.params(now=now, token=token, owner=claimant.owner, host=claimant.host, pid=claimant.pid,
                                  pid_started_at=claimant.pid_started_at, expires_at=now + lease_s, task_id=task_id,
                                  steal_token=steal_token)
-        with ctx.call(task_id), self.db.atomic():
-            # Who held it before (read locked: the update below is what releases the row): a takeover or not.
-            held = self.db.execute_sql(sql.select_lease_token, (task_id,)).fetchone()
-            cursor = self.db.execute_sql(prepared.sql, params)
-            if ctx.dialect.returning:
-                values = cursor.fetchone()
-            elif cursor.rowcount > 0:
+        if ctx.dialect.returning:
+            # PostgreSQL: the locked read of who held it and the UPDATE ... RETURNING go in one round trip,
+            # and the sync that commits them in a second (`dialect.locked_write`); statement by statement
+            # with BEGIN and COMMIT it was four, each holding a pooled connection while a thousand threads
+            # queue for one. The UPDATE starts once the read holds the row lock: its snapshot sees every
+            # commit made before.
+            with ctx.call(task_id), ctx.dialect.locked_write() as write:
+                held, values = write.read((sql.select_lease_token, (task_id,)), (prepared.sql, params))
+            if values is None:
+                return None, None
+            row = SimpleNamespace(**dict(zip(sql.claimed_columns, values, strict=True)))
+        else:
+            with ctx.call(task_id), self.db.atomic():
+                # Who held it before (read locked: the update below is what releases the row): a takeover or not.
+                held = self.db.execute_sql(sql.select_lease_token, (task_id,)).fetchone()
+                cursor = self.db.execute_sql(prepared.sql, params)
+                if cursor.rowcount <= 0:
+                    return None, None
                 # SQLite: peewee leaves RETURNING off (it needs 3.35+); BEGIN IMMEDIATE keeps this read consistent.
                 cursor = self.db.execute_sql(sql.select_task_row, (task_id,))
                 values = cursor.fetchone()
-            else:
-                values = None
-            if values is None:
-                return None, None
-            row = named_row(cursor, values)
+                if values is None:
+                    return None, None
+                row = named_row(cursor, values)
         # It ran before if it was interrupted, stored a step, or opened its histories.
         claim = Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=row.recovery_count,
                       resumed=row.recovery_count > 0 or row.checkpoint_count > 0 or row.execution_count > 0,

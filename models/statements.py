@@ -52,6 +52,8 @@ class Statements:
         claimed_row = (*Task._meta.sorted_fields, last_step) if dialect.returning else ()
         self.claim = prepare(lambda slot: _claim_update(Task, slot, stealing=False, returning=claimed_row))
         self.claim_stealing = prepare(lambda slot: _claim_update(Task, slot, stealing=True, returning=claimed_row))
+        # The names of the columns the claim hands back, in order (PostgreSQL's RETURNING).
+        self.claimed_columns = (*(field.column_name for field in Task._meta.sorted_fields), LAST_STEP_COLUMN)
         self.select_cancel_requested = render_sql(
             Task.select(Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
             .where(Task.task_id == ""))

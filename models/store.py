@@ -21,7 +21,7 @@ callers handle longhaul's errors only.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -457,7 +457,8 @@ class TaskStore:
         still stands with `record` None: the run reads it with `get`, which
         raises where the run handles it.
         """
-        with self.context.call(task_id):
+        first_in_line = getattr(self.db, "first_in_line", nullcontext)  # pooled stores: see `db`
+        with first_in_line(), self.context.call(task_id):
             claim, row = self._leases.claim_row(task_id, claimant, lease_s=lease_s, steal_token=steal_token)
             if claim is None:
                 return None

@@ -12,7 +12,7 @@ from typing import Iterator
 
 import pytest
 
-from longhaul.models import ChatMessage, StoreUnavailable, TaskSpec, TaskStatus, TaskStore, ToolCall
+from longhaul.models import ChatMessage, Claimant, StoreUnavailable, TaskSpec, TaskStatus, TaskStore, ToolCall
 from longhaul.models.tables import SCHEMA_VERSION
 from longhaul.worker.testing import free_port, wait_until
 
@@ -391,3 +391,32 @@ def test_pooled_connections_go_to_the_threads_waiting_longest(db_url, make_updat
         waiter.join(timeout=60)
 
         assert order == ["waiting first", "arrived later"]
+
+
+def test_a_task_s_start_is_served_ahead_of_the_other_calls_waiting_for_a_connection(db_url):
+    # A thousand tasks delivered at once: in plain arrival order the started tasks' next calls queued ahead of
+    # the claims still waiting, and the last task was claimed only as the last start finished.
+    with TaskStore(db_url, pool_size=1) as store:
+        assert store.create_task(task_id="claimed", thread_id="t", channel="c", provider="p", model="m",
+                                 spec=TaskSpec(prompt="go"))
+        db, order = store.db, []
+        db.connect()  # this thread holds the only connection
+
+        def other_call() -> None:
+            store.summary("claimed")
+            order.append("other call")
+
+        def start() -> None:
+            assert store.start("claimed", Claimant(owner="w:1:x", host="w", pid=1), lease_s=30) is not None
+            order.append("start")
+
+        waiting = []
+        for target in (other_call, other_call, start):  # the start arrives last
+            waiting.append(threading.Thread(target=target))
+            waiting[-1].start()
+            wait_until(lambda: _parked_in_the_store(waiting[-1]), timeout_s=10, what="the thread to wait")
+        db.close()
+        for thread in waiting:
+            thread.join(timeout=60)
+
+        assert order == ["start", "other call", "other call"]

@@ -75,6 +75,24 @@ def test_a_journaled_step_is_two_round_trips_per_write(store, make_update):
     assert store.open_step("task-1") is None
 
 
+def test_a_claim_is_two_round_trips_and_a_refused_one_changes_nothing(store):
+    """The locked read and the UPDATE ... RETURNING go together, then the sync: four round trips before."""
+    from longhaul.models import Claimant, TaskSpec
+
+    worker, other = (Claimant(owner=f"{name}:1:x", host=name, pid=1) for name in ("host-a", "host-b"))
+    assert store.create_task(task_id="queued", thread_id="t", channel="c", provider="p", model="m",
+                             spec=TaskSpec(prompt="go"))
+    claims: list[Any] = []
+
+    assert round_trips(store, lambda: claims.append(store.start("queued", worker, lease_s=30))) == 2
+    assert claims[0] is not None and claims[0].record.lease.owner == worker.owner and not claims[0].took_over
+    assert round_trips(store, lambda: claims.append(store.start("queued", other, lease_s=30))) == 2
+    assert claims[1] is None  # the live lease stands
+    held = store.summary("queued")
+    assert (held.status.value, held.lease.owner) == ("running", worker.owner)
+    assert store.db.connection().pgconn.transaction_status == 0  # idle: the refused claim's transaction ended
+
+
 def test_a_call_borrowing_its_connection_from_the_pool_sends_no_ping(store, make_update):
     store.record_checkpoint(make_update(1))
     store.db.connect(reuse_if_open=True)

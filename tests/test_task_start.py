@@ -15,6 +15,7 @@ import peewee
 import pytest
 
 from longhaul.models import Claimant, LeaseBook, TaskSpec, TaskStatus, TaskStore
+from longhaul.models.locked_writes import PipelinedWrite
 
 pytestmark = pytest.mark.backends("sqlite", "postgres")
 
@@ -35,7 +36,8 @@ def watched(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, list
 
     A peewee query is rendered when it is executed (`Database.execute`) or
     asked for its SQL (`BaseQuery.sql`); SQL rendered once per store is run
-    as text (`Database.execute_sql`).
+    as text (`Database.execute_sql`), or on PostgreSQL read on raw psycopg
+    cursors by a pipelined write (`PipelinedWrite._read`).
     """
     seen: dict[str, list[str]] = {"statements": [], "rendered": []}
     execute_sql, execute, render = store.db.execute_sql, store.db.execute, peewee.BaseQuery.sql
@@ -53,6 +55,13 @@ def watched(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> dict[str, list
         seen["rendered"].append(type(query).__name__)
         return execute(query, *args, **kwargs)
 
+    pipelined_read = PipelinedWrite._read
+
+    def counting_pipelined_read(write, reads):  # type: ignore[no-untyped-def]
+        seen["statements"].extend(sql for sql, _params in reads)
+        return pipelined_read(write, reads)
+
+    monkeypatch.setattr(PipelinedWrite, "_read", counting_pipelined_read)
     monkeypatch.setattr(store.db, "execute_sql", counting_execute)
     monkeypatch.setattr(store.db, "execute", counting_query)
     monkeypatch.setattr(peewee.BaseQuery, "sql", counting_render)
