@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Iterable, Optional, Protocol, Sequence, Union
 
 from peewee import Database, __exception_wrapper__
 
@@ -42,7 +42,8 @@ class StoreContext:
 
     def locked_task_row(self, task_id: str) -> Any:
         """The task's row or None, locked until the transaction ends (see `Dialect.locked`)."""
-        # Rendered once (`Statements.select_task_locked`): rendering a select of every column costs more than running it.
+        # Rendered once (`Statements.select_task_locked`): rendering a select of every column costs more than
+        # running it.
         return next(iter(self.tables.Task.raw(self.sql.select_task_locked, task_id)), None)
 
     def task_row(self, task_id: str, *, for_update: bool = False) -> Any:
@@ -79,7 +80,12 @@ class StoreContext:
 
 def named_row(cursor: Any, values: tuple[Any, ...]) -> SimpleNamespace:
     """A fetched row's columns by name (the cursor's description), without building a peewee model instance."""
-    return SimpleNamespace(**dict(zip((column[0] for column in cursor.description), values, strict=True)))
+    return row_by_name((column[0] for column in cursor.description), values)
+
+
+def row_by_name(names: Iterable[str], values: Sequence[Any]) -> SimpleNamespace:
+    """A row's `values` as attributes named `names` (in the same order)."""
+    return SimpleNamespace(**dict(zip(names, values, strict=True)))
 
 
 class HasContext(Protocol):

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Iterable, Optional, Sequence
 
 from peewee import __exception_wrapper__
 
-from .context import HasContext, named_row
+from .context import HasContext, named_row, row_by_name
 from .errors import LeaseLost
 from .schemas import TaskRecord, TaskStatus
 from .statements import CLAIMABLE as _CLAIMABLE
@@ -144,7 +143,7 @@ class LeaseBook:
                 held, values = write.read((sql.select_lease_token, (task_id,)), (prepared.sql, params))
             if values is None:
                 return None, None
-            row = SimpleNamespace(**dict(zip(sql.claimed_columns, values, strict=True)))
+            row = row_by_name(sql.claimed_columns, values)
         else:
             with ctx.call(task_id), self.db.atomic():
                 # Who held it before (read locked: the update below is what releases the row): a takeover or not.

@@ -21,7 +21,7 @@ callers handle longhaul's errors only.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -457,8 +457,7 @@ class TaskStore:
         still stands with `record` None: the run reads it with `get`, which
         raises where the run handles it.
         """
-        first_in_line = getattr(self.db, "first_in_line", nullcontext)  # pooled stores: see `db`
-        with first_in_line(), self.context.call(task_id):
+        with self.db.first_in_line(), self.context.call(task_id):  # served ahead of other calls (`db._PoolRepairs`)
             claim, row = self._leases.claim_row(task_id, claimant, lease_s=lease_s, steal_token=steal_token)
             if claim is None:
                 return None

@@ -22,8 +22,10 @@ Redis) is followed from its stored trace, step by step, with cursors
 Publishing never fails a task and never makes it wait on Redis: an event
 is queued in memory and the process's one sender thread sends whatever is
 queued, from every task, in one pipelined round trip (a stream's expiry is
-renewed once per round trip, not once per event). With a thousand tasks in
-flight, a round trip per event was about a sixth of a worker's CPU. Only a
+renewed once per round trip, not once per event), on one connection. A
+round trip per event from each task's own thread ran redis-py's pool (100
+connections) dry with hundreds of tasks in flight, which paused live output
+and dropped events. Only a
 task's ``done`` waits until it is sent (`LivePublisher.publish_done`), so a
 run that returns has published its end. If Redis cannot take a batch,
 live output pauses for `PAUSE_AFTER_FAILURE_S` (one warning; what is queued
