@@ -104,16 +104,27 @@ def _completion(request: dict[str, Any]) -> tuple[bytes, str]:
     return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n", "text/event-stream"
 
 
+#: The server's own count of first turns (requests with no assistant message yet), read by `SlowModel.first_turns`.
+_first_turns = {"count": 0, "last_at": 0.0}
+
+
 async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency_s: float) -> None:
-    """HTTP/1.1 with keep-alive: each request answered `latency_s` after it arrived."""
+    """HTTP/1.1 with keep-alive: each request answered `latency_s` after it arrived; ``GET /first-turns`` at once."""
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
-            headers = dict(line.split(":", 1) for line in head.decode("latin-1").split("\r\n")[1:] if ":" in line)
+            lines = head.decode("latin-1").split("\r\n")
+            headers = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
             length = int(next((v for k, v in headers.items() if k.strip().lower() == "content-length"), "0"))
             request = json.loads(await reader.readexactly(length)) if length else {}
-            await asyncio.sleep(latency_s)
-            body, content_type = _completion(request)
+            if lines[0].startswith("GET /first-turns"):
+                body, content_type = json.dumps(_first_turns).encode(), "application/json"
+            else:
+                if not any(message.get("role") == "assistant" for message in request.get("messages", [])):
+                    _first_turns["count"] += 1  # a task's first model request (CLOCK_MONOTONIC: system-wide)
+                    _first_turns["last_at"] = time.monotonic()
+                await asyncio.sleep(latency_s)
+                body, content_type = _completion(request)
             writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                          "Connection: keep-alive\r\n\r\n".encode() + body)
             await writer.drain()
@@ -148,6 +159,15 @@ class SlowModel:
         wait_until(listening, timeout_s=30, what="the fake model server")
         return self
 
+    def first_turns(self) -> tuple[int, float]:
+        """How many first model requests the server has seen, and when the latest arrived (`time.monotonic`)."""
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback, never a proxy
+        with opener.open(f"http://127.0.0.1:{self.port}/first-turns", timeout=10) as answer:
+            seen = json.loads(answer.read())
+        return seen["count"], seen["last_at"]
+
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
@@ -177,6 +197,7 @@ class Figures:
     admitted_per_s: Optional[float] = None  # tasks / seconds from the host's resume until all were in flight
     admission_cores: Optional[float] = None  # the host's CPU from its resume until all were in flight, in cores
     claims_began_s: Optional[tuple[float, float]] = None  # from the resume: the first and last claim's start
+    first_requests_s: Optional[float] = None  # from the resume until the model had every task's first request
     locked_mentions: int = 0  # "database is locked" in the worker host's log (each a retried call)
     live_paused_mentions: int = 0  # "live output paused" in the log (followers missed events)
     ratio: Optional[float] = None  # cpu_ms_per_turn / the asyncio ceiling's, same backend
@@ -399,6 +420,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
             cpu_s = sampler.cpu_s() - cpu_before
             final = sampler.latest
             claimed = counts.claim_times("bench-")  # the store's own clock: finer than the sampler's
+            first_turns, last_first_turn_at = model.first_turns()  # the warm-up task's included
             if kill is not None:
                 kill.repeated_steps = _repeated_steps(counts.progress(), reference="warm-up")
         finally:
@@ -432,6 +454,7 @@ def run_longhaul(*, backend: str, db_url: str, redis: RedisServer, tasks: int, l
                          else (sampler.cpu_at_all_in - cpu_before) / max(sampler.all_in_flight_at - last_enqueue,
                                                                          ADMISSION_SAMPLE_INTERVAL_S)),
         claims_began_s=None if len(claimed) < tasks else (claimed[0] - resumed_wall, claimed[-1] - resumed_wall),
+        first_requests_s=(last_first_turn_at - last_enqueue if first_turns >= tasks + 1 and kill is None else None),
         kill=kill,
     )
 
@@ -775,7 +798,9 @@ def print_table(results: list[Figures], skipped: list[str]) -> None:
             first, last = f.claims_began_s
             print(f"{f.run}: admission: the first claim began {first:.2f} s after the resume, the last "
                   f"{last:.2f} s after it (the store's claim times), all in flight {f.tasks / f.admitted_per_s:.2f} s "
-                  f"after it, at {f.admission_cores:.2f} cores meanwhile")
+                  f"after it, at {f.admission_cores:.2f} cores meanwhile"
+                  + ("" if f.first_requests_s is None else
+                     f"; the model had every task's first request {f.first_requests_s:.2f} s after it"))
     for f in results:
         if f.locked_mentions:
             print(f"{f.run}: {f.locked_mentions} log mentions of `database is locked` (each a retried call)")

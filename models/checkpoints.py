@@ -166,20 +166,28 @@ class Checkpoints:
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
                          resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None,
                          traces: Optional[PendingTraces] = None) -> None:
-        """Append messages to a task's execution and resumable histories, and `traces`, in one transaction."""
+        """Append messages to a task's execution and resumable histories, and `traces`, in one transaction.
+
+        A locked write (`Dialect.locked_write`) like a step's: a new task's
+        opening histories are one of the two writes of its start, so on
+        PostgreSQL they take two round trips, not six.
+        """
         ctx = self.ctx
-        Task = ctx.tables.Task
-        with ctx.db.atomic():
-            row = ctx.task_row(task_id, for_update=True)
-            require_lease(task_id, row.lease_token, lease_token)
-            self.traces.check_sequence(task_id, traces, row.trace_next_sequence)
-            ctx.insert_messages(message_rows(row.id, EXECUTION, row.execution_count, list(execution), None)
-                                + message_rows(row.id, RESUMABLE, row.resumable_count, list(resumable), None))
-            self.traces.insert(row.id, traces, {})
-            Task.update(execution_count=Task.execution_count + len(execution),
-                        resumable_count=Task.resumable_count + len(resumable),
-                        trace_next_sequence=traces.last_sequence + 1 if traces else Task.trace_next_sequence,
-                        updated_at=ctx.clock()).where(Task.id == row.id).execute()
+        sql = ctx.sql
+        with ctx.dialect.locked_write() as write:
+            (row,) = write.read((sql.select_task_histories, (task_id,)))
+            if row is None:
+                raise TaskNotFound(task_id)
+            task_pk, execution_count, resumable_count, stored_token, trace_next_sequence = row
+            require_lease(task_id, stored_token, lease_token)
+            self.traces.check_sequence(task_id, traces, trace_next_sequence)
+            write.execute_many(sql.insert_message,
+                               message_rows(task_pk, EXECUTION, execution_count, list(execution), None)
+                               + message_rows(task_pk, RESUMABLE, resumable_count, list(resumable), None))
+            self.traces.insert(task_pk, traces, {}, write=write)
+            write.execute(sql.update_task_after_histories, (
+                len(execution), len(resumable), traces.last_sequence + 1 if traces else trace_next_sequence,
+                ctx.clock(), task_pk))
 
     def finish(
         self,

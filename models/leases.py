@@ -33,6 +33,7 @@ from .context import HasContext, named_row, row_by_name
 from .errors import LeaseLost
 from .schemas import TaskRecord, TaskStatus
 from .statements import CLAIMABLE as _CLAIMABLE
+from .statements import STORY_BEFORE_COLUMN
 from .tables import NO_LEASE
 from .thread_rule import startable
 
@@ -62,6 +63,11 @@ class Claim:
     took_over: bool = False
     #: The task as claimed, without checkpoints (`TaskStore.start`); None: not read, ask `TaskStore.get`.
     record: Optional[TaskRecord] = field(default=None, compare=False, repr=False)
+    #: What `TaskStore.step_boundary` would have said in the claim's own transaction (the cancel reason or
+    #: None, and whether steering waits): the run's first step boundary, one read fewer per start.
+    boundary: Optional[tuple[Optional[str], bool]] = None
+    #: Whether the task's thread has a finished task before it (False: its story before it is empty, not read).
+    story_before: bool = True
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class LeaseBook:
                 if cursor.rowcount <= 0:
                     return None, None
                 # SQLite: peewee leaves RETURNING off (it needs 3.35+); BEGIN IMMEDIATE keeps this read consistent.
-                cursor = self.db.execute_sql(sql.select_task_row, (task_id,))
+                cursor = self.db.execute_sql(sql.select_claimed_row.sql, sql.select_claimed_row.params(task_id=task_id))
                 values = cursor.fetchone()
                 if values is None:
                     return None, None
@@ -161,7 +167,10 @@ class LeaseBook:
         claim = Claim(task_id=task_id, token=token, expires_at=now + lease_s, recovery_count=row.recovery_count,
                       resumed=row.recovery_count > 0 or row.checkpoint_count > 0 or row.execution_count > 0,
                       trace_next_sequence=row.trace_next_sequence or 0,
-                      took_over=held is not None and held[1] is not None)
+                      took_over=held is not None and held[1] is not None,
+                      boundary=((row.cancel_reason or "cancelled") if row.cancel_requested else None,
+                                row.steering is not None),
+                      story_before=bool(getattr(row, STORY_BEFORE_COLUMN)))
         return claim, row
 
     def renew(self, tokens: Iterable[str], *, lease_s: float) -> int:

@@ -24,6 +24,10 @@ from .thread_rule import startable
 CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
 #: The name a task row read carries its highest stored step under (`select_task_row`, the claim's read-back).
 LAST_STEP_COLUMN = "last_step_index"
+#: The name the claim's read-back carries "its thread has a finished task before it" under (`select_claimed_row`).
+STORY_BEFORE_COLUMN = "story_before"
+#: The statuses of the tasks a thread's story is made of (`threads.py`).
+FINISHED = tuple(status.value for status in TaskStatus if status.is_terminal)
 
 
 class Statements:
@@ -48,12 +52,21 @@ class Statements:
         self.select_task_row = render_sql(Task.select(*Task._meta.sorted_fields, last_step).where(Task.task_id == ""))
         # The row every fenced write reads first, locked for its transaction (`StoreContext.locked_task_row`).
         self.select_task_locked = render_sql(dialect.locked(Task.select().where(Task.task_id == "")))
-        # PostgreSQL hands the claimed row back with the UPDATE; SQLite reads it next (`select_task_row`).
-        claimed_row = (*Task._meta.sorted_fields, last_step) if dialect.returning else ()
+        # What a claim reads back: the row, its highest step, and whether its thread's story before it has any
+        # task (the story's own condition, `threads._story_query`): a new task with none skips reading it.
+        Earlier = Task.alias("earlier")
+        story_before = fn.EXISTS(Earlier.select(Earlier.id).where(
+            (Earlier.thread_id == Task.thread_id) & Earlier.status.in_(FINISHED) & (Earlier.id < Task.id)))
+        claimed = (*Task._meta.sorted_fields, last_step, story_before.alias(STORY_BEFORE_COLUMN))
+        # PostgreSQL hands the claimed row back with the UPDATE; SQLite reads it next (`select_claimed_row`).
+        self.select_claimed_row = prepare(
+            lambda slot: Task.select(*claimed).where(Task.task_id == slot("task_id", str)))
+        claimed_row = claimed if dialect.returning else ()
         self.claim = prepare(lambda slot: _claim_update(Task, slot, stealing=False, returning=claimed_row))
         self.claim_stealing = prepare(lambda slot: _claim_update(Task, slot, stealing=True, returning=claimed_row))
         # The names of the columns the claim hands back, in order (PostgreSQL's RETURNING).
-        self.claimed_columns = (*(field.column_name for field in Task._meta.sorted_fields), LAST_STEP_COLUMN)
+        self.claimed_columns = (*(field.column_name for field in Task._meta.sorted_fields), LAST_STEP_COLUMN,
+                                STORY_BEFORE_COLUMN)
         self.select_cancel_requested = render_sql(
             Task.select(Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
             .where(Task.task_id == ""))
@@ -84,6 +97,15 @@ class Statements:
             + "".join(f'"{name}" = "{name}" + {p}, ' for name in USAGE_FIELDS) +
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
+        )
+        # `Checkpoints.append_histories`: the row it appends after, locked; then its counters and trace sequence.
+        self.select_task_histories = render_sql(dialect.locked(
+            Task.select(Task.id, Task.execution_count, Task.resumable_count, Task.lease_token,
+                        Task.trace_next_sequence).where(Task.task_id == "")))
+        self.update_task_after_histories = (
+            f'UPDATE "task" SET "execution_count" = "execution_count" + {p}, '
+            f'"resumable_count" = "resumable_count" + {p}, "trace_next_sequence" = {p}, "updated_at" = {p} '
+            f'WHERE "id" = {p}'
         )
         self.select_lease_token = render_sql(dialect.locked(
             Task.select(Task.id, Task.lease_token).where(Task.task_id == "")))

@@ -93,6 +93,27 @@ def test_a_claim_is_two_round_trips_and_a_refused_one_changes_nothing(store):
     assert store.db.connection().pgconn.transaction_status == 0  # idle: the refused claim's transaction ended
 
 
+def test_a_new_task_s_opening_histories_are_two_round_trips_with_their_traces(store):
+    """The second write of a start (`TaskRun._open_histories`): six round trips before, statement by statement."""
+    from longhaul.models import Claimant, TaskSpec
+    from longhaul.models.traces import TraceWriter
+
+    assert store.create_task(task_id="new", thread_id="t", channel="c", provider="p", model="m",
+                             spec=TaskSpec(prompt="go"))
+    claim = store.start("new", Claimant(owner="host-a:1:x", host="host-a", pid=1), lease_s=30)
+    tracer = TraceWriter(agent="p", model="m", job_type="agent_task", next_sequence=claim.trace_next_sequence,
+                         started_at=0.0, clock=store.clock)
+    tracer.emit("session_started", {"prompt": "go"})
+    opening = [ChatMessage.system("be brief"), ChatMessage.user("go")]
+
+    assert round_trips(store, lambda: store.append_histories(
+        "new", execution=opening, resumable=opening[1:], lease_token=claim.token, traces=tracer.take())) == 2
+    record = store.get("new")
+    assert (record.execution_history, record.resumable_history) == (opening, opening[1:])
+    assert [event.event_type for event in store.traces("new")] == ["session_started"]
+    assert store.db.connection().pgconn.transaction_status == 0  # committed by the sync, nothing left open
+
+
 def test_a_call_borrowing_its_connection_from_the_pool_sends_no_ping(store, make_update):
     store.record_checkpoint(make_update(1))
     store.db.connect(reuse_if_open=True)

@@ -96,6 +96,35 @@ def test_a_resumed_task_starts_from_its_stored_histories(store, make_snapshot, m
     assert expected.execution_history and expected.last_step_index == 1
 
 
+def test_a_claim_carries_the_first_step_boundary_as_its_transaction_read_it(store):
+    create_queued(store)
+    fresh = store.start("task-1", WORKER, lease_s=LEASE_S)
+    assert fresh.boundary == store.step_boundary("task-1") == (None, False)
+
+    assert store.request_cancel("task-1", reason="the user gave up") is TaskStatus.RUNNING  # a running task
+    store.db.execute_sql(f'UPDATE "task" SET "steering" = {store.db.param} WHERE "task_id" = {store.db.param}',
+                         ('["one more thing"]', "task-1"))
+    LeaseBook(store).release("task-1", fresh.token)
+
+    resumed = store.start("task-1", WORKER, lease_s=LEASE_S)
+
+    assert resumed.boundary == store.step_boundary("task-1") == ("the user gave up", True)
+
+
+def test_a_claim_says_whether_its_thread_has_a_story_before_the_task(store):
+    create_queued(store, "task-1")
+    first = store.start("task-1", WORKER, lease_s=LEASE_S)
+    assert not first.story_before  # nothing before it on its thread: the run reads no story
+    store.finish("task-1", TaskStatus.FAILED, last_error="out of ideas", lease_token=first.token)
+    create_queued(store, "task-2")
+    create_queued(store, "task-3", thread_id="thread-2")
+
+    second, elsewhere = store.start("task-2", WORKER, lease_s=LEASE_S), store.start("task-3", WORKER, lease_s=LEASE_S)
+
+    assert second.story_before and store.thread_story("thread-1", before_task_id="task-2").turns
+    assert not elsewhere.story_before and not store.thread_story("thread-2", before_task_id="task-3").turns
+
+
 def test_a_start_refused_by_a_live_lease_claims_nothing(store):
     create_queued(store)
     held = store.start("task-1", WORKER, lease_s=LEASE_S)

@@ -262,7 +262,9 @@ class TaskRun:
         history. A thread's turns hold only user and assistant messages, so
         the instructions of an earlier task on the thread are not repeated.
         """
-        prior = load_resumable_state(self.store, record.thread_id, before_task_id=record.task_id)
+        # Read only if the claim saw a finished task before this one on its thread (else the story is empty).
+        prior = (load_resumable_state(self.store, record.thread_id, before_task_id=record.task_id)
+                 if self.claim.story_before else None)
         turns, note = prior if prior is not None else ([], None)
         instructions = spec.agent.instructions if spec.agent is not None else None
         execution = [ChatMessage.system(instructions)] if instructions else []
@@ -289,12 +291,15 @@ class TaskRun:
         self.totals, self.spend = record.usage, Spend.stored(record)
         step = self._reopen_step(record, history)
         index = record.last_step_index if step is None else step.step_index
+        boundary = self.claim.boundary  # the first boundary as the claim read it: no read of its own
         while True:
             if self.rt.stopping.is_set():
                 logger.info("task %r: worker shutting down; stopping after step %d", task_id, index)
                 self._release(redeliver_at=None)
                 return TaskStatus.RUNNING
-            stop_reason, steered = self.store.step_boundary(task_id)  # one read: cancel, if_busy interrupt/steer
+            # One read: cancel, if_busy interrupt/steer.
+            stop_reason, steered = boundary if boundary is not None else self.store.step_boundary(task_id)
+            boundary = None
             if stop_reason is not None:
                 done = index if step is None else index - 1  # a reopened step is not done yet
                 return self._finish(TaskStatus.CANCELLED, last_error=f"{stop_reason} after step {done}")
