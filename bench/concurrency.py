@@ -104,7 +104,9 @@ def _completion(request: dict[str, Any]) -> tuple[bytes, str]:
     return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n", "text/event-stream"
 
 
-#: The server's own count of first turns (requests with no assistant message yet), read by `SlowModel.first_turns`.
+#: The server's own record of first turns (requests with no assistant message yet), read by `SlowModel.first_turns`:
+#: the distinct prompts asked (a retried request counts once) and when the latest new one arrived.
+_first_prompts: set[str] = set()
 _first_turns = {"count": 0, "last_at": 0.0}
 
 
@@ -120,9 +122,11 @@ async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
             if lines[0].startswith("GET /first-turns"):
                 body, content_type = json.dumps(_first_turns).encode(), "application/json"
             else:
-                if not any(message.get("role") == "assistant" for message in request.get("messages", [])):
-                    _first_turns["count"] += 1  # a task's first model request (CLOCK_MONOTONIC: system-wide)
-                    _first_turns["last_at"] = time.monotonic()
+                messages = request.get("messages", [])
+                prompt = next((str(m.get("content")) for m in messages if m.get("role") == "user"), "")
+                if prompt not in _first_prompts and not any(m.get("role") == "assistant" for m in messages):
+                    _first_prompts.add(prompt)  # a task's first model request (CLOCK_MONOTONIC: system-wide)
+                    _first_turns.update(count=len(_first_prompts), last_at=time.monotonic())
                 await asyncio.sleep(latency_s)
                 body, content_type = _completion(request)
             writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"

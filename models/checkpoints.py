@@ -20,7 +20,7 @@ from .codec import USAGE_FIELDS, counters, items_json, message_rows, positions_b
 from .context import StoreContext
 from .errors import TaskNotFound
 from .journal import OpenStep, close_open_step, load_open_step
-from .leases import require_lease
+from .leases import StepBoundary, require_lease, step_boundary
 from .redact import redact_text
 from .schemas import ChatMessage, CheckpointUpdate, TaskStatus, Usage
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
@@ -165,12 +165,14 @@ class Checkpoints:
 
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
                          resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None,
-                         traces: Optional[PendingTraces] = None) -> None:
+                         traces: Optional[PendingTraces] = None) -> StepBoundary:
         """Append messages to a task's execution and resumable histories, and `traces`, in one transaction.
 
         A locked write (`Dialect.locked_write`) like a step's: a new task's
         opening histories are one of the two writes of its start, so on
-        PostgreSQL they take two round trips, not six.
+        PostgreSQL they take two round trips, not six. Returns the step
+        boundary (`TaskStore.step_boundary`) its locked read saw: what a new
+        task's first step starts from, read as late as a read of its own.
         """
         ctx = self.ctx
         sql = ctx.sql
@@ -178,7 +180,7 @@ class Checkpoints:
             (row,) = write.read((sql.select_task_histories, (task_id,)))
             if row is None:
                 raise TaskNotFound(task_id)
-            task_pk, execution_count, resumable_count, stored_token, trace_next_sequence = row
+            task_pk, execution_count, resumable_count, stored_token, trace_next_sequence, *boundary = row
             require_lease(task_id, stored_token, lease_token)
             self.traces.check_sequence(task_id, traces, trace_next_sequence)
             write.execute_many(sql.insert_message,
@@ -188,6 +190,7 @@ class Checkpoints:
             write.execute(sql.update_task_after_histories, (
                 len(execution), len(resumable), traces.last_sequence + 1 if traces else trace_next_sequence,
                 ctx.clock(), task_pk))
+        return step_boundary(*boundary)
 
     def finish(
         self,

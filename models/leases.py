@@ -48,6 +48,15 @@ class Claimant:
     pid_started_at: Optional[float] = None  # guards against a recycled pid
 
 
+#: What the step loop reads between steps: the cancel reason (None: no cancel asked), and whether steering waits.
+StepBoundary = tuple[Optional[str], bool]
+
+
+def step_boundary(cancel_requested: Any, cancel_reason: Optional[str], steering_waits: Any) -> StepBoundary:
+    """A `StepBoundary` from a task row's ``cancel_requested``, ``cancel_reason`` and "steering is not null"."""
+    return (cancel_reason or "cancelled") if cancel_requested else None, bool(steering_waits)
+
+
 @dataclass(frozen=True)
 class Claim:
     """A lease this process now holds."""
@@ -63,9 +72,9 @@ class Claim:
     took_over: bool = False
     #: The task as claimed, without checkpoints (`TaskStore.start`); None: not read, ask `TaskStore.get`.
     record: Optional[TaskRecord] = field(default=None, compare=False, repr=False)
-    #: What `TaskStore.step_boundary` would have said in the claim's own transaction (the cancel reason or
-    #: None, and whether steering waits): the run's first step boundary, one read fewer per start.
-    boundary: Optional[tuple[Optional[str], bool]] = None
+    #: The step boundary (`TaskStore.step_boundary`) as the claim's own transaction read it: a resumed
+    #: run's first (a new task's comes with its opening histories, `TaskStore.append_histories`).
+    first_boundary: Optional[StepBoundary] = None
     #: Whether the task's thread has a finished task before it (False: its story before it is empty, not read).
     story_before: bool = True
 
@@ -127,7 +136,8 @@ class LeaseBook:
         """`claim`, and the task's row as the claim left it (None if not claimed).
 
         The row is a namespace of the task's columns by name with its highest
-        stored step (``last_step_index``): what a start reads, from the
+        stored step (``last_step_index``) and whether its thread has a
+        finished task before it (``story_before``): what a start reads, from the
         claim's own transaction (PostgreSQL: the UPDATE's ``RETURNING``).
         Both statements are rendered once per store (`Statements.claim`).
         """
@@ -168,8 +178,7 @@ class LeaseBook:
                       resumed=row.recovery_count > 0 or row.checkpoint_count > 0 or row.execution_count > 0,
                       trace_next_sequence=row.trace_next_sequence or 0,
                       took_over=held is not None and held[1] is not None,
-                      boundary=((row.cancel_reason or "cancelled") if row.cancel_requested else None,
-                                row.steering is not None),
+                      first_boundary=step_boundary(row.cancel_requested, row.cancel_reason, row.steering is not None),
                       story_before=bool(getattr(row, STORY_BEFORE_COLUMN)))
         return claim, row
 

@@ -18,16 +18,14 @@ from .codec import USAGE_FIELDS
 from .dialect import Dialect
 from .schemas import TaskStatus
 from .tables import Tables
-from .thread_rule import startable
+from .thread_rule import in_story_before, startable
 
 #: The statuses a claim accepts: a queued task, or a running one whose lease is free (a resume).
 CLAIMABLE = (TaskStatus.QUEUED.value, TaskStatus.RUNNING.value)
-#: The name a task row read carries its highest stored step under (`select_task_row`, the claim's read-back).
+#: The name a task row read carries its highest stored step under (`select_task_row`, `select_claimed_row`).
 LAST_STEP_COLUMN = "last_step_index"
 #: The name the claim's read-back carries "its thread has a finished task before it" under (`select_claimed_row`).
 STORY_BEFORE_COLUMN = "story_before"
-#: The statuses of the tasks a thread's story is made of (`threads.py`).
-FINISHED = tuple(status.value for status in TaskStatus if status.is_terminal)
 
 
 class Statements:
@@ -53,10 +51,9 @@ class Statements:
         # The row every fenced write reads first, locked for its transaction (`StoreContext.locked_task_row`).
         self.select_task_locked = render_sql(dialect.locked(Task.select().where(Task.task_id == "")))
         # What a claim reads back: the row, its highest step, and whether its thread's story before it has any
-        # task (the story's own condition, `threads._story_query`): a new task with none skips reading it.
+        # task (`thread_rule.in_story_before`, the story's own condition): a new task with none skips reading it.
         Earlier = Task.alias("earlier")
-        story_before = fn.EXISTS(Earlier.select(Earlier.id).where(
-            (Earlier.thread_id == Task.thread_id) & Earlier.status.in_(FINISHED) & (Earlier.id < Task.id)))
+        story_before = fn.EXISTS(Earlier.select(Earlier.id).where(in_story_before(Earlier, Task.thread_id, Task.id)))
         claimed = (*Task._meta.sorted_fields, last_step, story_before.alias(STORY_BEFORE_COLUMN))
         # PostgreSQL hands the claimed row back with the UPDATE; SQLite reads it next (`select_claimed_row`).
         self.select_claimed_row = prepare(
@@ -98,10 +95,12 @@ class Statements:
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
-        # `Checkpoints.append_histories`: the row it appends after, locked; then its counters and trace sequence.
+        # `Checkpoints.append_histories`: the row it appends after, locked, with the step boundary's columns
+        # (`select_cancel_requested`); then its counters and trace sequence.
         self.select_task_histories = render_sql(dialect.locked(
             Task.select(Task.id, Task.execution_count, Task.resumable_count, Task.lease_token,
-                        Task.trace_next_sequence).where(Task.task_id == "")))
+                        Task.trace_next_sequence, Task.cancel_requested, Task.cancel_reason,
+                        Task.steering.is_null(False)).where(Task.task_id == "")))
         self.update_task_after_histories = (
             f'UPDATE "task" SET "execution_count" = "execution_count" + {p}, '
             f'"resumable_count" = "resumable_count" + {p}, "trace_next_sequence" = {p}, "updated_at" = {p} '

@@ -42,7 +42,7 @@ from .dialect import Dialect, StoreFailures
 from .errors import CorruptRecord, InvalidInput, StoreUnavailable
 from .forks import Forks
 from .journal import OpenStep
-from .leases import Claim, Claimant, LeaseBook
+from .leases import Claim, Claimant, LeaseBook, StepBoundary
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .paging import TaskPage
 from .reads import TaskReads
@@ -269,7 +269,7 @@ class TaskStore:
         with self.context.call(task_id):
             return self._tasks.cancel_reason(task_id)
 
-    def step_boundary(self, task_id: str) -> tuple[Optional[str], bool]:
+    def step_boundary(self, task_id: str) -> StepBoundary:
         """What the loop reads between steps, in one query: `cancel_reason`, and whether steering messages wait."""
         with self.context.call(task_id):
             return self._tasks.step_boundary(task_id)
@@ -395,14 +395,15 @@ class TaskStore:
 
     def append_histories(self, task_id: str, *, execution: Sequence[ChatMessage] = (),
                          resumable: Sequence[ChatMessage] = (), lease_token: Optional[str] = None,
-                         traces: Optional[PendingTraces] = None) -> None:
+                         traces: Optional[PendingTraces] = None) -> StepBoundary:
         """Append messages to both of a task's histories in one transaction (a task's opening turns).
 
         With `traces`, its trace events too, fenced like checkpoints: a task's
         first run writes its opening turns and its first events together.
+        Returns `step_boundary` as the write's locked read saw it.
         """
         with self.context.call(task_id):
-            self._checkpoints.append_histories(task_id, execution=execution, resumable=resumable,
+            return self._checkpoints.append_histories(task_id, execution=execution, resumable=resumable,
                                                lease_token=lease_token, traces=traces)
 
     def finish(self, task_id: str, status: TaskStatus, *, final_response: Optional[str] = None,

@@ -16,7 +16,7 @@ from .codec import message_rows
 from .context import StoreContext
 from .errors import TaskNotResumable
 from .journal import close_open_step
-from .leases import require_lease
+from .leases import StepBoundary, require_lease, step_boundary
 from .schemas import TaskSnapshot, TaskSpec, TaskStatus
 from .tables import EXECUTION, NO_LEASE, RESUMABLE
 from .task_ends import count_end
@@ -215,12 +215,10 @@ class TaskWrites:
             return None
         return row[1] or "cancelled"
 
-    def step_boundary(self, task_id: str) -> tuple[Optional[str], bool]:
+    def step_boundary(self, task_id: str) -> StepBoundary:
         """`cancel_reason`, and whether steering messages wait to be taken (`Waiting.take_steering`): one read."""
         row = self.ctx.db.execute_sql(self.ctx.sql.select_cancel_requested, (task_id,)).fetchone()
-        if not row:
-            return None, False
-        return (row[1] or "cancelled") if row[0] else None, bool(row[2])
+        return step_boundary(*row) if row else (None, False)
 
     def delete_by_thread_id(self, thread_id: str) -> int:
         """Delete every task of a thread with its checkpoints, messages and traces; returns how many tasks."""

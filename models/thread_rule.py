@@ -26,6 +26,7 @@ from .schemas import TaskStatus
 _RUNNING = TaskStatus.RUNNING.value
 _QUEUED = TaskStatus.QUEUED.value
 _WAITING = TaskStatus.WAITING.value
+_FINISHED = tuple(status.value for status in TaskStatus if status.is_terminal)
 
 
 def startable(Task: Any) -> Any:
@@ -35,3 +36,13 @@ def startable(Task: Any) -> Any:
         (Other.thread_id == Task.thread_id) & (Other.id != Task.id)
         & (Other.status.in_((_RUNNING, _WAITING)) | ((Other.status == _QUEUED) & (Other.id < Task.id))))
     return (Task.status == _RUNNING) | ~fn.EXISTS(ahead)
+
+
+def in_story_before(Task: Any, thread_id: Any, before_id: Any) -> Any:
+    """The rows a thread's story before a task is made of: its finished tasks that arrived before row `before_id`.
+
+    `threads.ThreadReads.story` reads them; a claim's read-back asks whether
+    any exists (`Statements.select_claimed_row`), so a new task with none
+    skips reading its story.
+    """
+    return (Task.thread_id == thread_id) & Task.status.in_(_FINISHED) & (Task.id < before_id)

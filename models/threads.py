@@ -35,7 +35,7 @@ from .errors import CorruptRecord
 from .schemas import ChatMessage, TaskStatus, stored_message
 from .statements import prepare
 from .tables import EXECUTION, RESUMABLE
-from .thread_rule import startable
+from .thread_rule import in_story_before, startable
 from .turns import normalize_resumable_turns, strip_tool_call_tags
 
 _RUNNING = TaskStatus.RUNNING.value
@@ -168,13 +168,14 @@ class ThreadReads:
 
 def _story_query(Task: Any, thread_id: str, *, before_task_id: Optional[str] = None) -> Any:
     """The thread's finished tasks in arrival order, with what their turns are made of (`ThreadReads.story`)."""
-    query = (Task.select(Task.id, Task.task_id, Task.status, Task.spec, Task.final_response, Task.last_error,
-                         Task.latest_checkpoint_note, Task.checkpoint_count, Task.steered)
-             .where((Task.thread_id == thread_id) & Task.status.in_(_TERMINAL_VALUES)))
-    if before_task_id is not None:
+    if before_task_id is None:
+        where = (Task.thread_id == thread_id) & Task.status.in_(_TERMINAL_VALUES)
+    else:
         asking = Task.select(Task.id).where(Task.task_id == before_task_id)
-        query = query.where(Task.id < fn.COALESCE(asking, 0))
-    return query.order_by(Task.id)
+        where = in_story_before(Task, thread_id, fn.COALESCE(asking, 0))
+    return (Task.select(Task.id, Task.task_id, Task.status, Task.spec, Task.final_response, Task.last_error,
+                        Task.latest_checkpoint_note, Task.checkpoint_count, Task.steered)
+            .where(where).order_by(Task.id))
 
 
 def _own_turns(task_id: str, status: str, spec: str, final_response: Optional[str],

@@ -289,6 +289,26 @@ def test_cancel_stops_a_running_task_between_steps(embedded_runtime, ledger):
     assert record.last_error is not None and f"step {done}" in record.last_error
 
 
+def test_a_cancel_that_comes_after_the_claim_stops_a_new_task_before_its_first_model_call(
+        embedded_runtime, ledger, monkeypatch):
+    """The first step boundary is read with the opening histories, the last store call before the model's."""
+    task_id = worker.submit(embedded_runtime, "never mind", steps=3, ledger_path=str(ledger))
+    store = embedded_runtime.store
+    append_histories = store.append_histories
+
+    def cancelled_first(*args: Any, **kwargs: Any) -> Any:
+        assert store.request_cancel(task_id, reason="changed my mind") is TaskStatus.RUNNING  # claimed by now
+        return append_histories(*args, **kwargs)
+
+    monkeypatch.setattr(store, "append_histories", cancelled_first)
+
+    assert execute_task(embedded_runtime, task_id) is TaskStatus.CANCELLED
+    record = store.get(task_id)
+    assert not ledger.exists()  # no step ran
+    assert [m.role for m in record.execution_history] == ["user"]  # the model was never asked
+    assert record.last_error == "changed my mind after step 0"
+
+
 def test_cancel_of_a_queued_task_cancels_it_at_once_and_it_never_runs(embedded_runtime, ledger):
     task_id = worker.submit(embedded_runtime, "never mind", steps=3, ledger_path=str(ledger))
 

@@ -99,7 +99,7 @@ def test_a_resumed_task_starts_from_its_stored_histories(store, make_snapshot, m
 def test_a_claim_carries_the_first_step_boundary_as_its_transaction_read_it(store):
     create_queued(store)
     fresh = store.start("task-1", WORKER, lease_s=LEASE_S)
-    assert fresh.boundary == store.step_boundary("task-1") == (None, False)
+    assert fresh.first_boundary == store.step_boundary("task-1") == (None, False)
 
     assert store.request_cancel("task-1", reason="the user gave up") is TaskStatus.RUNNING  # a running task
     store.db.execute_sql(f'UPDATE "task" SET "steering" = {store.db.param} WHERE "task_id" = {store.db.param}',
@@ -108,7 +108,7 @@ def test_a_claim_carries_the_first_step_boundary_as_its_transaction_read_it(stor
 
     resumed = store.start("task-1", WORKER, lease_s=LEASE_S)
 
-    assert resumed.boundary == store.step_boundary("task-1") == ("the user gave up", True)
+    assert resumed.first_boundary == store.step_boundary("task-1") == ("the user gave up", True)
 
 
 def test_a_claim_says_whether_its_thread_has_a_story_before_the_task(store):
@@ -123,6 +123,12 @@ def test_a_claim_says_whether_its_thread_has_a_story_before_the_task(store):
 
     assert second.story_before and store.thread_story("thread-1", before_task_id="task-2").turns
     assert not elsewhere.story_before and not store.thread_story("thread-2", before_task_id="task-3").turns
+    store.finish("task-2", TaskStatus.COMPLETED, final_response="two", lease_token=second.token)
+    store.reset_for_rerun("task-1")  # keeps its row id: task-2 finished after it, not before
+
+    rerun = store.start("task-1", WORKER, lease_s=LEASE_S)
+
+    assert not rerun.story_before and not store.thread_story("thread-1", before_task_id="task-1").turns
 
 
 def test_a_start_refused_by_a_live_lease_claims_nothing(store):

@@ -38,6 +38,7 @@ from longhaul.models import (
     with_orphans_answered,
 )
 from longhaul.models.journal import tool_result
+from longhaul.models.leases import StepBoundary
 from longhaul.models.redact import redact_text, scrub_configured
 from longhaul.models.traces import NullTraceWriter, TraceWriter
 
@@ -136,6 +137,9 @@ class TaskRun:
         #: The step in progress as stored: its answer and the results journaled so far (None between steps).
         self.open_step: Optional[OpenStep] = None
         self.reply_timeout_s: Optional[float] = None  # the spec's reply_timeout_s, for `_wait`
+        #: The first step boundary, read by the run's last store call before it (the claim, or the opening
+        #: histories' write): no read of its own. None: read it.
+        self.first_boundary: Optional[StepBoundary] = claim.first_boundary
 
     def run(self) -> TaskStatus:
         """Run until the task finishes or is interrupted (see `run_claimed_task`), observed from start to end."""
@@ -273,8 +277,9 @@ class TaskRun:
             execution.append(ChatMessage.system(f"Latest checkpoint of this thread: {note}"))
         prompt = ChatMessage.user(spec.prompt)
         execution.append(prompt)
-        self.store.append_histories(record.task_id, execution=execution, resumable=[*turns, prompt],
-                                    lease_token=self.claim.token, traces=self.tracer.take())
+        self.first_boundary = self.store.append_histories(
+            record.task_id, execution=execution, resumable=[*turns, prompt], lease_token=self.claim.token,
+            traces=self.tracer.take())
         return execution
 
     # -- the loop ------------------------------------------------------------------
@@ -291,7 +296,7 @@ class TaskRun:
         self.totals, self.spend = record.usage, Spend.stored(record)
         step = self._reopen_step(record, history)
         index = record.last_step_index if step is None else step.step_index
-        boundary = self.claim.boundary  # the first boundary as the claim read it: no read of its own
+        boundary, self.first_boundary = self.first_boundary, None
         while True:
             if self.rt.stopping.is_set():
                 logger.info("task %r: worker shutting down; stopping after step %d", task_id, index)
