@@ -14,7 +14,7 @@ is then two round trips.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from .codec import USAGE_FIELDS, counters, items_json, message_rows, positions_by_text, usage_params
 from .context import StoreContext
@@ -28,6 +28,14 @@ from .task_ends import count_end
 from .trace_store import TraceStore
 from .traces import PendingTraces
 from .waiting import queue_late_steering
+
+
+class Recorded(NamedTuple):
+    """What `Checkpoints.record` did: whether it stored the step (False: already stored), and the step boundary
+    (`TaskStore.step_boundary`) its locked read saw, the step loop's next one."""
+
+    stored: bool
+    boundary: StepBoundary
 
 
 class Checkpoints:
@@ -47,7 +55,7 @@ class Checkpoints:
         traces: Optional[PendingTraces] = None,
         usage: Optional[Usage] = None,
         journal: Optional[OpenStep] = None,
-    ) -> bool:
+    ) -> Recorded:
         """Append one step's messages and checkpoint, in one transaction (see `TaskStore.record_checkpoint`).
 
         With `journal` (the step's answer already stored by `journal_answer`),
@@ -73,11 +81,11 @@ class Checkpoints:
                     created_at=now, updated_at=now,
                 ).on_conflict_ignore().sql())
                 row, state = write.read(*reads)
-            task_pk, execution_count, stored_token, trace_next_sequence = row
+            task_pk, execution_count, stored_token, trace_next_sequence, *boundary = row
             step_stored, highest_step = state
             require_lease(update.task_id, stored_token, lease_token)
-            if step_stored:
-                return False  # before the sequence check: a repeated step is a no-op, not an error
+            if step_stored:  # before the sequence check: a repeated step is a no-op, not an error
+                return Recorded(stored=False, boundary=step_boundary(*boundary))
             self.traces.check_sequence(update.task_id, traces, trace_next_sequence)  # raising rolls all back
             # Text a tool item or trace event shares with this step's messages is stored once, in the message.
             first_position = execution_count if journal is None else journal.answer_position
@@ -117,7 +125,7 @@ class Checkpoints:
                     traces.last_sequence + 1 if traces else trace_next_sequence, task_pk,
                 ),
             )
-        return True
+        return Recorded(stored=True, boundary=step_boundary(*boundary))
 
     def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, *, lease_token: Optional[str],
                        lease_s: Optional[float] = None, traces: Optional[PendingTraces] = None,
@@ -131,7 +139,7 @@ class Checkpoints:
             require_lease(task_id, None if row is None else row[2], lease_token)
             if row is None:
                 raise TaskNotFound(task_id)
-            task_pk, position, _token, trace_next_sequence = row
+            task_pk, position, _token, trace_next_sequence, *_boundary = row
             self.traces.check_sequence(task_id, traces, trace_next_sequence)
             write.execute_many(sql.insert_message, message_rows(task_pk, EXECUTION, position, [answer], step_index))
             self.traces.insert(task_pk, traces, positions_by_text([answer], position), write=write)

@@ -33,9 +33,11 @@ class Statements:
 
     def __init__(self, dialect: Dialect, tables: Tables) -> None:
         Task, Message, Checkpoint = tables.Task, tables.Message, tables.Checkpoint
-        # Locked for the checkpoint's transaction: a claim by another worker waits for it.
+        # Locked for the checkpoint's transaction: a claim by another worker waits for it. With the step
+        # boundary's columns (`select_cancel_requested`): a checkpoint hands the loop its next boundary.
         self.select_task = render_sql(dialect.locked(
-            Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence)
+            Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence,
+                        Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
             .where(Task.task_id == "")))
         # Read after `select_task`, in a statement of its own: one that starts once the row lock is held
         # sees every checkpoint committed before (a subquery of the locking statement reads the snapshot

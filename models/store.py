@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .checkpoints import Checkpoints
+from .checkpoints import Checkpoints, Recorded
 from .clock import Clock, ServerClock
 from .codec import NUL_FREE_FIELDS, refuse_nul_identifiers
 from .context import StoreContext
@@ -343,10 +343,23 @@ class TaskStore:
         events do not come after the stored ones). Cost does not grow with
         the history already stored.
         """
+        return self._record(update, lease_token=lease_token, lease_expires_at=lease_expires_at, lease_s=lease_s,
+                            traces=traces, usage=usage, journal=journal).stored
+
+    def complete_step(self, update: CheckpointUpdate, *, journal: OpenStep, lease_token: Optional[str],
+                      lease_s: Optional[float] = None, traces: Optional[PendingTraces] = None) -> StepBoundary:
+        """`record_checkpoint` of a journaled step, returning the step boundary its locked read saw.
+
+        What the step loop completes each step with: the boundary it reads
+        before the next step (`step_boundary`) comes with the checkpoint,
+        one store call fewer per step, read no earlier than a read of its own.
+        """
+        return self._record(update, lease_token=lease_token, lease_s=lease_s, traces=traces, journal=journal).boundary
+
+    def _record(self, update: CheckpointUpdate, **kwargs: Any) -> Recorded:
         refuse_nul_identifiers(**{name: getattr(update, name, None) for name in NUL_FREE_FIELDS})
         with self.context.call(getattr(update, "task_id", None)):
-            return self._checkpoints.record(update, lease_token=lease_token, lease_expires_at=lease_expires_at,
-                                            lease_s=lease_s, traces=traces, usage=usage, journal=journal)
+            return self._checkpoints.record(update, **kwargs)
 
     def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, *,
                        lease_token: Optional[str] = None, lease_s: Optional[float] = None,

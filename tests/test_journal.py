@@ -20,7 +20,10 @@ from pydantic import BaseModel
 
 from longhaul.models import (
     ChatMessage,
+    CheckpointUpdate,
+    Claimant,
     InvalidInput,
+    LeaseBook,
     OpenStep,
     TaskStatus,
     TaskStore,
@@ -413,3 +416,29 @@ def test_no_provider_request_holds_a_tool_call_without_its_result():
     _system, blocks = anthropic_messages(history)
     results = [b["tool_use_id"] for m in blocks for b in m["content"] if b["type"] == "tool_result"]
     assert sorted(results) == ["c0", "c1"]
+
+
+def test_completing_a_step_hands_back_the_next_step_boundary_as_its_locked_read_saw_it(
+        store, make_snapshot, make_update):
+    """`TaskStore.complete_step`: the loop's next boundary comes with the checkpoint, no read of its own."""
+    store.save_snapshot(make_snapshot(TaskStatus.RUNNING))
+    lease = LeaseBook(store).claim("task-1", Claimant(owner="host-a:1:x", host="host-a", pid=1), lease_s=30)
+
+    def a_step(index: int) -> tuple[CheckpointUpdate, OpenStep]:
+        answer = ChatMessage.assistant(f"step {index}", tool_calls=[ToolCall(id=f"c{index}", name="shell",
+                                                                             arguments={})])
+        step = store.journal_answer("task-1", index, answer, lease_token=lease.token)
+        result = ChatMessage(role="tool", content=f"result {index}", tool_call_id=f"c{index}", name="shell")
+        return make_update(index, new_messages=[answer, result]), step
+
+    update, step = a_step(1)
+    assert store.complete_step(update, journal=step, lease_token=lease.token) == (None, False)
+
+    update, step = a_step(2)
+    assert store.request_cancel("task-1", reason="enough") is TaskStatus.RUNNING
+    store.db.execute_sql(f'UPDATE "task" SET "steering" = {store.db.param} WHERE "task_id" = {store.db.param}',
+                         ('["and one more"]', "task-1"))
+
+    assert store.complete_step(update, journal=step, lease_token=lease.token) == ("enough", True)
+    assert store.complete_step(update, journal=step, lease_token=lease.token) == ("enough", True)  # a repeat too
+    assert store.step_boundary("task-1") == ("enough", True) and store.summary("task-1").checkpoint_count == 2

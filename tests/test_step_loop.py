@@ -309,6 +309,20 @@ def test_a_cancel_that_comes_after_the_claim_stops_a_new_task_before_its_first_m
     assert record.last_error == "changed my mind after step 0"
 
 
+def test_a_run_reads_no_step_boundary_of_its_own_the_writes_before_each_bring_it(
+        embedded_runtime, ledger, monkeypatch):
+    """The opening histories' write brings the first boundary, each checkpoint the next: a store call fewer a step."""
+    task_id = worker.submit(embedded_runtime, "three steps", steps=3, ledger_path=str(ledger))
+    store = embedded_runtime.store
+    reads: list[str] = []
+    step_boundary = store.step_boundary
+    monkeypatch.setattr(store, "step_boundary", lambda task: reads.append(task) or step_boundary(task))
+
+    assert execute_task(embedded_runtime, task_id) is TaskStatus.COMPLETED
+    assert ledger_counts(ledger) == each_step(task_id, 3)
+    assert reads == [task_id]  # one: whether a steer came while the model wrote its final answer
+
+
 def test_cancel_of_a_queued_task_cancels_it_at_once_and_it_never_runs(embedded_runtime, ledger):
     task_id = worker.submit(embedded_runtime, "never mind", steps=3, ledger_path=str(ledger))
 

@@ -323,7 +323,7 @@ class TaskRun:
                     raise _TaskFailed(f"max_steps: the task asked for step {index} but max_steps is {spec.max_steps}")
                 step = self._journal_answer(turn, index)
             results = self._run_pending_calls(spec, step)
-            self._complete_step(record, step, results)
+            boundary = self._complete_step(record, step, results)  # the next boundary, read by the checkpoint
             history.extend(self.open_step.messages if self.open_step else ())
             step = self.open_step = None
             _reset_retries()
@@ -525,8 +525,11 @@ class TaskRun:
         return tool_result(call, result.output), checkpoint_item(call, result)
 
     def _complete_step(self, record: TaskRecord, step: OpenStep,
-                       ran: dict[int, tuple[ChatMessage, CheckpointItem]]) -> None:
-        """The checkpoint: the step's last result and its trace events, and the mark that the step is done."""
+                       ran: dict[int, tuple[ChatMessage, CheckpointItem]]) -> StepBoundary:
+        """The checkpoint: the step's last result and its trace events, and the mark that the step is done.
+
+        Returns the step boundary as the checkpoint's locked read saw it (`TaskStore.complete_step`).
+        """
         stored = self.open_step
         assert stored is not None
         complete = stored
@@ -541,14 +544,14 @@ class TaskRun:
         tracer.emit("checkpoint", {"step": step.step_index, "note": note})
         tracer.emit("turn_completed", {"step": step.step_index, "tool_calls": len(items)})
         tracer.end_turn()
-        self.store.record_checkpoint(
+        boundary = self.store.complete_step(
             CheckpointUpdate(task_id=self.task_id, thread_id=record.thread_id, channel=record.channel,
                              provider=record.provider, model=record.model, step_index=step.step_index,
                              new_messages=complete.messages, items=items, checkpoint_note=note),
-            lease_token=self.claim.token, lease_s=self.rt.settings.lease_s, traces=tracer.take(),
-            journal=stored,
+            journal=stored, lease_token=self.claim.token, lease_s=self.rt.settings.lease_s, traces=tracer.take(),
         )
         self.open_step = complete
+        return boundary
 
     # -- how a run ends --------------------------------------------------------------
 

@@ -222,7 +222,8 @@ class ObservedProvider:
 
 
 class ObservedStore:
-    """The run's view of the store: `journal_answer`, `record_checkpoint` and `finish` report what they committed.
+    """The run's view of the store: its step writes (`journal_answer`, `record_checkpoint`, `complete_step`) and
+    `finish` report what they committed.
 
     Reported only once the write returned, so a write refused (lease lost,
     store down) or a process killed before the commit counts nothing, and
@@ -236,9 +237,17 @@ class ObservedStore:
 
     def record_checkpoint(self, update: Any, **kwargs: Any) -> Any:
         result = self.inner.record_checkpoint(update, **kwargs)
-        self.run.committed(Committed(assistant_turns=_assistant_turns(update.new_messages), items=update.items,
-                                     usage=kwargs.get("usage"), status=None))
+        self._step_committed(update, kwargs.get("usage"))
         return result
+
+    def complete_step(self, update: Any, **kwargs: Any) -> Any:
+        result = self.inner.complete_step(update, **kwargs)
+        self._step_committed(update, None)  # a journaled step's usage went in (and was counted) with its answer
+        return result
+
+    def _step_committed(self, update: Any, usage: Any) -> None:
+        self.run.committed(Committed(assistant_turns=_assistant_turns(update.new_messages), items=update.items,
+                                     usage=usage, status=None))
 
     def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, **kwargs: Any) -> Any:
         # The answer's usage is stored here (its step is counted when `record_checkpoint` completes it).
