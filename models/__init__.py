@@ -21,7 +21,7 @@ from .errors import (
     UnstorableValue,
 )
 from .journal import OpenStep, orphan_result, with_orphans_answered
-from .leases import Claim, Claimant, LeaseBook, LeaseRow
+from .leases import Claim, Claimant, LeaseBook, LeaseRow, StepBoundary
 from .schemas import (
     AgentSpec,
     Budget,
@@ -68,7 +68,7 @@ __all__ = [
     # The step journal
     "OpenStep", "orphan_result", "with_orphans_answered",
     # Leases
-    "Claim", "Claimant", "LeaseBook", "LeaseRow",
+    "Claim", "Claimant", "LeaseBook", "LeaseRow", "StepBoundary",
     # Turns
     "TOOL_CALL_TAGS", "load_resumable_state", "normalize_resumable_turns", "parse_tool_call_tags",
     "resumable_turns", "resumable_turns_from_task_record", "strip_tool_call_tags",

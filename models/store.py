@@ -350,9 +350,10 @@ class TaskStore:
                       lease_s: Optional[float] = None, traces: Optional[PendingTraces] = None) -> StepBoundary:
         """`record_checkpoint` of a journaled step, returning the step boundary its locked read saw.
 
-        What the step loop completes each step with: the boundary it reads
-        before the next step (`step_boundary`) comes with the checkpoint,
-        one store call fewer per step, read no earlier than a read of its own.
+        What the step loop completes each step with: the boundary it checks
+        before the next step (`step_boundary`) comes with the checkpoint, one
+        store call fewer per step. It is as of the checkpoint's row lock: a
+        cancel or steer committed after that is seen at the boundary after.
         """
         return self._record(update, lease_token=lease_token, lease_s=lease_s, traces=traces, journal=journal).boundary
 
@@ -371,8 +372,8 @@ class TaskStore:
         count and `usage`, its `traces`, a lease renewal by `lease_s`.
         Fenced like `record_checkpoint` (`LeaseLost`). From then on a resume
         replays this answer (`open_step`) instead of asking the model again;
-        `journal_result` adds each result, and `record_checkpoint(...,
-        journal=step)` completes the step.
+        `journal_result` adds each result, and `complete_step` (or
+        `record_checkpoint(..., journal=step)`) completes the step.
         """
         with self.context.call(task_id):
             return self._checkpoints.journal_answer(task_id, step_index, answer, lease_token=lease_token,

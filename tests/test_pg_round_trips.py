@@ -65,8 +65,8 @@ def test_a_journaled_step_is_two_round_trips_per_write(store, make_update):
     trips = {
         "answer": round_trips(store, lambda: opened.append(store.journal_answer("task-1", 2, answer))),
         "result": round_trips(store, lambda: opened.append(store.journal_result(opened[0], 0, first))),
-        "checkpoint": round_trips(store, lambda: store.record_checkpoint(
-            make_update(2, new_messages=[answer, first, second]), journal=opened[1])),
+        "checkpoint": round_trips(store, lambda: store.complete_step(
+            make_update(2, new_messages=[answer, first, second]), journal=opened[1], lease_token=None)),
     }
 
     assert trips == {"answer": STEP_WRITE_ROUND_TRIPS, "result": STEP_WRITE_ROUND_TRIPS,

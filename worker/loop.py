@@ -25,6 +25,7 @@ from longhaul.models import (
     CorruptRecord,
     LeaseLost,
     OpenStep,
+    StepBoundary,
     StoreUnavailable,
     TaskRecord,
     TaskSpec,
@@ -38,7 +39,6 @@ from longhaul.models import (
     with_orphans_answered,
 )
 from longhaul.models.journal import tool_result
-from longhaul.models.leases import StepBoundary
 from longhaul.models.redact import redact_text, scrub_configured
 from longhaul.models.traces import NullTraceWriter, TraceWriter
 
@@ -302,7 +302,8 @@ class TaskRun:
                 logger.info("task %r: worker shutting down; stopping after step %d", task_id, index)
                 self._release(redeliver_at=None)
                 return TaskStatus.RUNNING
-            # One read: cancel, if_busy interrupt/steer.
+            # Cancel, if_busy interrupt/steer: brought by the write before (the claim, the opening histories,
+            # the checkpoint), or one read of its own (after a final answer a steer came during).
             stop_reason, steered = boundary if boundary is not None else self.store.step_boundary(task_id)
             boundary = None
             if stop_reason is not None:

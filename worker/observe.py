@@ -250,7 +250,7 @@ class ObservedStore:
                                      usage=usage, status=None))
 
     def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, **kwargs: Any) -> Any:
-        # The answer's usage is stored here (its step is counted when `record_checkpoint` completes it).
+        # The answer's usage is stored here (its step is counted when `complete_step` completes it).
         result = self.inner.journal_answer(task_id, step_index, answer, **kwargs)
         self.run.committed(Committed(assistant_turns=0, items=(), usage=kwargs.get("usage"), status=None))
         return result
