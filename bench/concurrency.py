@@ -107,7 +107,7 @@ def _completion(request: dict[str, Any]) -> tuple[bytes, str]:
 #: The server's own record of first turns (requests with no assistant message yet), read by `SlowModel.first_turns`:
 #: the distinct prompts asked (a retried request counts once) and when the latest new one arrived.
 _first_prompts: set[str] = set()
-_first_turns = {"count": 0, "last_at": 0.0}
+_first_turn_at = [0.0]
 
 
 async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency_s: float) -> None:
@@ -120,13 +120,14 @@ async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
             length = int(next((v for k, v in headers.items() if k.strip().lower() == "content-length"), "0"))
             request = json.loads(await reader.readexactly(length)) if length else {}
             if lines[0].startswith("GET /first-turns"):
-                body, content_type = json.dumps(_first_turns).encode(), "application/json"
+                seen = {"count": len(_first_prompts), "last_at": _first_turn_at[0]}
+                body, content_type = json.dumps(seen).encode(), "application/json"
             else:
                 messages = request.get("messages", [])
                 prompt = next((str(m.get("content")) for m in messages if m.get("role") == "user"), "")
                 if prompt not in _first_prompts and not any(m.get("role") == "assistant" for m in messages):
                     _first_prompts.add(prompt)  # a task's first model request (CLOCK_MONOTONIC: system-wide)
-                    _first_turns.update(count=len(_first_prompts), last_at=time.monotonic())
+                    _first_turn_at[0] = time.monotonic()
                 await asyncio.sleep(latency_s)
                 body, content_type = _completion(request)
             writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"

@@ -33,11 +33,13 @@ class Statements:
 
     def __init__(self, dialect: Dialect, tables: Tables) -> None:
         Task, Message, Checkpoint = tables.Task, tables.Message, tables.Checkpoint
+        # What the step loop checks between steps (`leases.step_boundary`): read on its own
+        # (`select_cancel_requested`) or at the end of the locked read of the write before the boundary.
+        boundary = (Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
         # Locked for the checkpoint's transaction: a claim by another worker waits for it. With the step
-        # boundary's columns (`select_cancel_requested`): a checkpoint hands the loop its next boundary.
+        # boundary's columns: a checkpoint hands the loop its next boundary.
         self.select_task = render_sql(dialect.locked(
-            Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence,
-                        Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
+            Task.select(Task.id, Task.execution_count, Task.lease_token, Task.trace_next_sequence, *boundary)
             .where(Task.task_id == "")))
         # Read after `select_task`, in a statement of its own: one that starts once the row lock is held
         # sees every checkpoint committed before (a subquery of the locking statement reads the snapshot
@@ -66,9 +68,7 @@ class Statements:
         # The names of the columns the claim hands back, in order (PostgreSQL's RETURNING).
         self.claimed_columns = (*(field.column_name for field in Task._meta.sorted_fields), LAST_STEP_COLUMN,
                                 STORY_BEFORE_COLUMN)
-        self.select_cancel_requested = render_sql(
-            Task.select(Task.cancel_requested, Task.cancel_reason, Task.steering.is_null(False))
-            .where(Task.task_id == ""))
+        self.select_cancel_requested = render_sql(Task.select(*boundary).where(Task.task_id == ""))
         self.insert_checkpoint = render_sql(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
                               trace_first_sequence=0, trace="")
@@ -97,12 +97,11 @@ class Statements:
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
-        # `Checkpoints.append_histories`: the row it appends after, locked, with the step boundary's columns
-        # (`select_cancel_requested`); then its counters and trace sequence.
+        # `Checkpoints.append_histories`: the row it appends after, locked, with the step boundary's columns;
+        # then its counters and trace sequence.
         self.select_task_histories = render_sql(dialect.locked(
             Task.select(Task.id, Task.execution_count, Task.resumable_count, Task.lease_token,
-                        Task.trace_next_sequence, Task.cancel_requested, Task.cancel_reason,
-                        Task.steering.is_null(False)).where(Task.task_id == "")))
+                        Task.trace_next_sequence, *boundary).where(Task.task_id == "")))
         self.update_task_after_histories = (
             f'UPDATE "task" SET "execution_count" = "execution_count" + {p}, '
             f'"resumable_count" = "resumable_count" + {p}, "trace_next_sequence" = {p}, "updated_at" = {p} '
