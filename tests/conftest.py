@@ -15,9 +15,9 @@ import pytest
 pytest_plugins = [
     "tests.fixtures.stores",
     "tests.fixtures.records",
+    "tests.fixtures.cli",  # before servers, which imports it
     "tests.fixtures.servers",
     "tests.fixtures.runtimes",
-    "tests.fixtures.cli",
     "tests.fixtures.chaos",
 ]
 

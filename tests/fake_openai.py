@@ -66,16 +66,32 @@ Responder = Callable[[Recorded], Reply]
 
 
 class LoopbackServer:
-    """A threaded HTTP server on 127.0.0.1: `routes` map a path to a responder."""
+    """A threaded HTTP server on 127.0.0.1: `routes` map a path to a responder.
 
-    def __init__(self, routes: Optional[dict[str, Responder]] = None) -> None:
+    With `keep_alive`, it speaks HTTP/1.1 as real endpoints do: a connection
+    serves request after request, and a reply of chunks is sent with chunked
+    transfer encoding (its body ends after the last chunk, as a real
+    stream's does after ``[DONE]``). `connections` counts the connections
+    it accepted.
+    """
+
+    def __init__(self, routes: Optional[dict[str, Responder]] = None, *, keep_alive: bool = False) -> None:
         self.routes: dict[str, Responder] = dict(routes or {})
+        self.keep_alive = keep_alive
+        self.connections = 0
         self.requests: list[Recorded] = []
         self._holds: list[threading.Event] = []
         self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def setup(self) -> None:
+                with server._lock:
+                    server.connections += 1
+                super().setup()
+
             def do_GET(self) -> None:
                 server._handle(self)
 
@@ -132,6 +148,12 @@ class LoopbackServer:
                 handler.send_header("Content-Length", str(len(payload)))
                 handler.end_headers()
                 handler.wfile.write(payload)
+            elif self.keep_alive:
+                handler.send_header("Transfer-Encoding", "chunked")
+                handler.end_headers()
+                for chunk in [*reply.chunks, b""]:  # the empty chunk ends the body
+                    handler.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    handler.wfile.flush()
             else:
                 handler.end_headers()
                 for chunk in reply.chunks:
@@ -210,8 +232,8 @@ def error_reply(status: int, message: str, code: str = "error") -> Reply:
 class FakeOpenAI(LoopbackServer):
     """``POST /v1/chat/completions``: queued replies first, then `script(request)`."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *, keep_alive: bool = False) -> None:
+        super().__init__(keep_alive=keep_alive)
         self.routes[CHAT_PATH] = self._chat
         self.script: Optional[Responder] = None
         self._queue: list[Union[Reply, Responder]] = []

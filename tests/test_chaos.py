@@ -136,7 +136,8 @@ def test_a_kill_storm_with_200_tasks_in_flight_on_one_process_loses_none_and_eac
     client_runtime, start_worker, db_path: Path, rng: random.Random, tmp_path: Path
 ):
     store, ledger = client_runtime.store, tmp_path / "ledger.txt"
-    host = start_worker(processes=1, threads=CROWD_TASKS, dramatiq_queue_prefetch=str(CROWD_TASKS))
+    # The host as shipped: `longhaul worker`, its process running the tasks as greenlets.
+    host = start_worker(processes=1, threads=CROWD_TASKS, supervised=True, dramatiq_queue_prefetch=str(CROWD_TASKS))
     task_ids = enqueue_tasks(CROWD_TASKS, prefix="crowd", steps=CROWD_STEPS, ledger=ledger,
                              step_delay_s=lambda: round(rng.uniform(0.4, 0.8), 3))
     kills: list[Kill] = []

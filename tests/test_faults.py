@@ -227,9 +227,10 @@ def _children(worker_process: WorkerProcess) -> list[int]:
                   if child.status() != psutil.STATUS_ZOMBIE)
 
 
-def _start_pool(worker_env: dict[str, str], tmp_path: Path, *, processes: int, threads: int) -> WorkerProcess:
+def _start_pool(worker_env: dict[str, str], tmp_path: Path, *, processes: int, threads: int,
+                worker_pool: str = "greenlets") -> WorkerProcess:
     # Each process fetches only what its threads can run, so every task starts at once.
-    worker_env = {**worker_env, "dramatiq_queue_prefetch": str(threads)}
+    worker_env = {**worker_env, "dramatiq_queue_prefetch": str(threads), "LONGHAUL_WORKER_POOL": worker_pool}
     return WorkerProcess(worker_env, processes=processes, threads=threads, log_path=tmp_path / "pool.log",
                          argv=[*LONGHAUL_WORKER, "--processes", str(processes), "--threads", str(threads)]).start()
 
@@ -244,8 +245,9 @@ def pool(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., W
     """Start `longhaul worker` pools; whatever still runs is SIGKILLed (the whole group) at teardown."""
     started: list[WorkerProcess] = []
 
-    def start(processes: int = 2, threads: int = 2) -> WorkerProcess:
-        started.append(_start_pool(worker_env, tmp_path, processes=processes, threads=threads))
+    def start(processes: int = 2, threads: int = 2, worker_pool: str = "greenlets") -> WorkerProcess:
+        started.append(_start_pool(worker_env, tmp_path, processes=processes, threads=threads,
+                                   worker_pool=worker_pool))
         return started[-1]
 
     yield start
@@ -541,6 +543,45 @@ def test_a_sigkilled_supervisor_leaves_no_worker_serving_on_and_no_lease_held(cl
         record = store.get(task_id)
         assert record.status is TaskStatus.RUNNING and record.lease is None, (task_id, record.lease)
     assert "the supervisor" in supervisor.log() and "is gone" in supervisor.log()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("worker_pool", ["greenlets", "threads"])
+def test_a_worker_process_holds_fifty_tasks_in_flight_on_greenlets_or_on_as_many_threads(
+        client_runtime, pool, tmp_path: Path, worker_pool):
+    store, ledger, steps, tasks = client_runtime.store, tmp_path / "ledger.txt", 3, 50
+    supervisor = pool(processes=1, threads=tasks, worker_pool=worker_pool)
+    (child,) = wait_until(lambda: len(now := _children(supervisor)) == 1 and now, timeout_s=30,
+                          what="the worker process")
+    wait_until(lambda: "worker process ready" in supervisor.log(), timeout_s=30, what="the process to serve")
+    task_ids = _enqueue(tasks, steps=steps, step_delay_s=1.0, ledger=ledger)
+    wait_until(lambda: store.count_tasks(TaskStatus.RUNNING) == tasks, timeout_s=60, what="all tasks in flight")
+    os_threads = psutil.Process(child).num_threads()
+    wait_until(lambda: all(store.summary(t).status.is_terminal for t in task_ids), timeout_s=120,
+               what="every task to finish")
+
+    for task_id in task_ids:
+        record = store.get(task_id)
+        assert record.status is TaskStatus.COMPLETED, (task_id, record.last_error)
+        assert [c.step_index for c in record.checkpoints] == list(range(1, steps + 1))
+    assert sum(ledger_counts(ledger).values()) == tasks * steps  # nothing ran twice
+    if worker_pool == "greenlets":
+        assert os_threads < 20, os_threads  # a task waiting (here in its tool's sleep) holds no OS thread
+    else:
+        assert os_threads > tasks, os_threads
+
+
+@pytest.mark.redis
+def test_a_greenlet_worker_process_stops_a_task_at_its_time_limit(client_runtime, pool, tmp_path: Path):
+    store = client_runtime.store
+    pool(processes=1, threads=4)
+    task_id = worker.enqueue("slow", task_id="slow", steps=50, step_delay_s=0.3, time_limit_s=2,
+                             ledger_path=str(tmp_path / "ledger.txt"))
+    record = wait_until(lambda: (r := store.get(task_id)).status.is_terminal and r, timeout_s=60,
+                        what="the task to end")
+
+    assert record.status is TaskStatus.TIMED_OUT, (record.status, record.last_error)
+    assert 1 <= record.last_step_index < 50
 
 
 @pytest.mark.redis

@@ -273,6 +273,24 @@ def test_streamed_content_and_reasoning_reach_emit_chunk_by_chunk_and_tool_call_
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
 
 
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_turn_after_turn_reuses_one_kept_alive_connection(stream):
+    # A stream read only up to [DONE] leaves the end of its chunked body unread, and the client then closes
+    # the connection: every turn would open a new one (a TLS handshake on a real endpoint).
+    server = FakeOpenAI(keep_alive=True).start()
+    try:
+        server.script = lambda request: answer(request, "Nothing to call.")
+        provider = OpenAIProvider(settings=load_settings(openai_base_url=server.base_url, openai_api_key=API_KEY,
+                                                         openai_stream=stream))
+        turns = [provider.next_turn(step_context()) for _ in range(3)]
+    finally:
+        server.stop()
+
+    assert [turn.content for turn in turns] == ["Nothing to call."] * 3
+    assert len(server.chats) == 3
+    assert server.connections == 1
+
+
 def test_a_non_streamed_answer_gives_content_tool_calls_and_usage_priced_from_the_table(make_provider, fake_openai):
     fake_openai.script = lambda request: answer(request, "Calling.",
                                                 tool_calls=[native_call("ledger", {"line": "a"}, "c9")])

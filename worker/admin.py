@@ -23,7 +23,7 @@ from longhaul.models.space import StoreSpace
 
 from . import workspaces
 from .errors import BrokerRequired
-from .settings import Settings, load_settings, threads_per_process
+from .settings import Settings, load_settings, processes_for, threads_per_process
 
 
 @dataclass(frozen=True)
@@ -164,13 +164,15 @@ def delete_thread(thread_id: str) -> int:
         return workspaces.delete_thread(store, settings.workspace_root, thread_id)
 
 
-def serve(*, processes: int, threads: Optional[int] = None, concurrency: Optional[int] = None,
+def serve(*, processes: Optional[int] = None, threads: Optional[int] = None, concurrency: Optional[int] = None,
           metrics_port: Optional[int] = None) -> int:
     """Run a supervised pool of worker processes until it is told to stop; its exit code.
 
     Each process runs `threads` tasks at once, else its share of
     `concurrency` (default: `Settings.concurrency`, LONGHAUL_CONCURRENCY),
-    else 4. The settings and the store are checked once, here, before any
+    else 4; `processes` defaults to one per `settings.TASKS_PER_PROCESS`
+    tasks of `concurrency`, at most one per core (`processes_for`). The
+    processes run their tasks on `Settings.worker_pool`. The settings and the store are checked once, here, before any
     child starts (`BrokerRequired` without Redis). The supervisor itself
     runs no task, so it lets go of its database connections. With
     `metrics_port` (default `LONGHAUL_METRICS_PORT`) it serves the pool's
@@ -184,19 +186,22 @@ def serve(*, processes: int, threads: Optional[int] = None, concurrency: Optiona
     if runtime.settings.redis_url is None:
         raise BrokerRequired("`longhaul worker`")
     runtime.store.close_all()
-    threads = threads_per_process(processes=processes, threads=threads,
-                                  concurrency=concurrency if concurrency is not None else runtime.settings.concurrency)
+    concurrency = concurrency if concurrency is not None else runtime.settings.concurrency
+    if processes is None:
+        processes = processes_for(concurrency if threads is None else None)
+    threads = threads_per_process(processes=processes, threads=threads, concurrency=concurrency)
+    pool = runtime.settings.worker_pool
     # Prefetch no more messages than the threads can run: a killed worker then
     # strands no queued message in its Redis ack set for the broker's 60 s+.
     os.environ.setdefault("dramatiq_queue_prefetch", str(threads))
     port = metrics_port or runtime.settings.metrics_port
     if port is None:
-        return supervise(processes=processes, threads=threads)
+        return supervise(processes=processes, threads=threads, pool=pool)
     endpoint = MetricsEndpoint(host=runtime.settings.metrics_host, port=port,
                                count_tasks=lambda status: runtime.store.count_tasks(status),
                                end_counts=lambda: runtime.store.task_end_counts()).start()
     try:
-        return supervise(processes=processes, threads=threads, on_child_exit=endpoint.process_exited)
+        return supervise(processes=processes, threads=threads, pool=pool, on_child_exit=endpoint.process_exited)
     finally:
         endpoint.stop()
 

@@ -150,17 +150,20 @@ def enqueue(prompt: Optional[str], task_file: Optional[Path], **options: Any) ->
 @click.option("--concurrency", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
               help="tasks this host runs at once, spread over --processes [default: LONGHAUL_CONCURRENCY, "
                    "else 4 per process]")
-@click.option("--processes", type=count(1), default=1, show_default=True)
+@click.option("--processes", type=count(1), default=None,
+              help="worker processes [default: one per 500 tasks of --concurrency, at most one per core; else 1]")
 @click.option("--threads", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
               help="tasks each process runs at once (instead of --concurrency) [default: 4]")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
               help="Serve the pool's Prometheus metrics on this port (default: LONGHAUL_METRICS_PORT; none).")
-def worker(concurrency: Optional[int], processes: int, threads: Optional[int], metrics_port: Optional[int]) -> None:
+def worker(concurrency: Optional[int], processes: Optional[int], threads: Optional[int],
+           metrics_port: Optional[int]) -> None:
     """Run a supervised pool of worker processes for longhaul (needs Redis).
 
     `--concurrency N` is the one knob for many tasks in flight: N tasks
-    waiting on their models at once on this host (1,000 fit one process
-    on two cores). A worker process that dies is replaced while the others
+    waiting on their models at once on this host (1,000 fit two cores).
+    Each process runs its tasks as greenlets (LONGHAUL_WORKER_POOL=greenlets,
+    the default; `threads` for one OS thread per task). A worker process that dies is replaced while the others
     keep serving; SIGTERM or SIGINT (to this process or its whole process
     group) stops every process after its current steps; SIGHUP restarts
     them gracefully.

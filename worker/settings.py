@@ -23,6 +23,22 @@ from .limits import MAX_CONCURRENCY
 
 #: Worker threads per process when neither --threads nor --concurrency says.
 DEFAULT_THREADS = 4
+#: Tasks in flight one greenlet process is given before `--concurrency` spreads them over another core's.
+TASKS_PER_PROCESS = 500
+
+
+def processes_for(concurrency: Optional[int], *, cpus: Optional[int] = None) -> int:
+    """Worker processes for `concurrency` tasks when --processes is not given: one per `TASKS_PER_PROCESS`.
+
+    A process runs its tasks on one core (one interpreter lock; with
+    greenlets, one OS thread), so a host with tasks for more than one
+    process spreads them over its cores, at most one process per core.
+    Without `concurrency` (4 per process), one.
+    """
+    if concurrency is None:
+        return 1
+    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    return max(1, min(cpus, -(-concurrency // TASKS_PER_PROCESS)))
 
 
 def threads_per_process(*, processes: int, threads: Optional[int], concurrency: Optional[int]) -> int:
@@ -64,9 +80,13 @@ class Settings(BaseSettings):
     # Database connections per process; a task borrows one only while it reads or writes, so 16 serve
     # a thousand tasks in flight (a thread waits for a free one at most 30 s).
     db_pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1)
-    # Tasks one `longhaul worker` host runs at once (`--concurrency`), over its --processes (default 1);
-    # unset: 4 per process (`--threads`). Tasks that mostly wait on a model take 1,000 on two cores.
+    # Tasks one `longhaul worker` host runs at once (`--concurrency`), over its --processes (default: one
+    # per 500 tasks, at most one per core); unset: 4 per process (`--threads`). Tasks that mostly wait on
+    # a model take 1,000 on two cores.
     concurrency: Optional[int] = Field(default=None, ge=1, le=MAX_CONCURRENCY)
+    # What a `longhaul worker` process runs its tasks on: "greenlets" (gevent; the default: a task waiting
+    # on its model costs no OS thread) or "threads" (one OS thread per task, no patched standard library).
+    worker_pool: Literal["greenlets", "threads"] = "greenlets"
     # Redis broker URL (LONGHAUL_REDIS_URL or REDIS_URL); unset = embedded in-process broker.
     redis_url: Optional[str] = Field(default=None, validation_alias=AliasChoices("LONGHAUL_REDIS_URL", "REDIS_URL"))
     # Log level of the CLI and the worker processes: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: the

@@ -51,6 +51,8 @@ FIRST_RESTART_DELAY_S = 0.5
 MAX_RESTART_DELAY_S = 30.0
 #: How often the supervisor looks at its children, in seconds.
 POLL_S = 0.1
+#: The module a child runs, by worker pool (`Settings.worker_pool`).
+WORKER_MODULES = {"greenlets": "longhaul.worker.greenlet_process", "threads": "longhaul.worker.worker_process"}
 
 
 @dataclass
@@ -65,13 +67,20 @@ class Slot:
 
 
 class Supervisor:
-    """Runs `processes` worker processes of `threads` threads each until asked to stop."""
+    """Runs `processes` worker processes of `threads` threads each until asked to stop.
 
-    def __init__(self, *, processes: int, threads: int, python: str = sys.executable,
+    `pool` is what a process runs its tasks on: ``greenlets``
+    (`greenlet_process`) or OS ``threads`` (`worker_process`).
+    """
+
+    def __init__(self, *, processes: int, threads: int, pool: str = "greenlets", python: str = sys.executable,
                  on_child_exit: Optional[Callable[[int], None]] = None) -> None:
         if processes < 1 or threads < 1:
             raise ValueError("processes and threads: must be at least 1")
+        if pool not in WORKER_MODULES:
+            raise ValueError(f"pool: one of {', '.join(WORKER_MODULES)}, got {pool!r}")
         self.threads = threads
+        self.module = WORKER_MODULES[pool]
         #: Told the pid of each child that exited (the metrics endpoint drops its live gauges).
         self.on_child_exit = on_child_exit
         self.python = python
@@ -96,7 +105,7 @@ class Supervisor:
         return [slot.child for slot in self.slots if slot.child is not None and slot.child.poll() is None]
 
     def _start(self, slot: Slot) -> None:
-        argv = [self.python, "-m", "longhaul.worker.worker_process", "--threads", str(self.threads),
+        argv = [self.python, "-m", self.module, "--threads", str(self.threads),
                 "--supervisor-pid", str(os.getpid())]
         slot.child = subprocess.Popen(argv)
         slot.started_at_s = time.monotonic()
@@ -166,6 +175,7 @@ class Supervisor:
         return 0
 
 
-def supervise(*, processes: int, threads: int, on_child_exit: Optional[Callable[[int], None]] = None) -> int:
+def supervise(*, processes: int, threads: int, pool: str = "greenlets",
+              on_child_exit: Optional[Callable[[int], None]] = None) -> int:
     """Run a supervised pool of worker processes in this process; returns its exit code."""
-    return Supervisor(processes=processes, threads=threads, on_child_exit=on_child_exit).run()
+    return Supervisor(processes=processes, threads=threads, pool=pool, on_child_exit=on_child_exit).run()

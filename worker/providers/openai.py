@@ -21,6 +21,7 @@ unset, as local servers want).
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Optional, Sequence, Union
 
@@ -74,6 +75,9 @@ class OpenAIOptions(BaseModel):
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
 
 
+#: Lines read after ``[DONE]`` at most, to end the body and keep the connection (see `drain`).
+MAX_LINES_AFTER_DONE = 64
+
 #: Task options passed through to the request body as they are.
 REQUEST_OPTIONS = tuple(OpenAIOptions.model_fields)
 
@@ -124,7 +128,9 @@ class OpenAIProvider(SettingsProvider):
                 with self.client.stream("POST", self.url, json=body, headers=headers) as response:
                     if response.status_code >= 300:
                         raise status_error(NAME, response, response.read(), secrets=secrets, hints=HINTS)
-                    answer = read_stream(response.iter_lines(), ctx, secrets=secrets)
+                    lines = response.iter_lines()
+                    answer = read_stream(lines, ctx, secrets=secrets)
+                    drain(lines)
             else:
                 response = self.client.post(self.url, json=body, headers=headers)
                 if response.status_code >= 300:
@@ -296,6 +302,18 @@ def read_stream(lines: Iterable[str], ctx: StepContext, *, secrets: list[str]) -
     if not done and answer.finish_reason is None:
         raise TransientProviderError(f"{NAME}: the stream ended before the answer was complete; retrying later")
     return answer
+
+
+def drain(lines: Iterator[str], *, limit: int = MAX_LINES_AFTER_DONE) -> None:
+    """Read what the body holds after ``[DONE]`` (the end of a chunked body), so the connection is kept.
+
+    A response left unread to its end is closed, not returned to the
+    client's pool: the next turn would open a new connection (a TLS
+    handshake on a real endpoint). A server that keeps sending past
+    `limit` lines has its connection closed instead.
+    """
+    for _ in itertools.islice(lines, limit):
+        pass
 
 
 def sse_json(lines: Iterable[str]) -> Iterator[Optional[dict[str, Any]]]:

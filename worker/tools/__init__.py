@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from longhaul.models import CheckpointItem, InvalidInput, ToolCall
 
 from ..errors import ToolError, UnknownTool, WaitForReply
+from ..greenlets import off_hub
 from .ask_user import ASK_USER
 from .base import Tool, ToolContext, ToolFunction, ToolResult, define_tool
 from .files import LIST_FILES, READ_FILE, WRITE_FILE
@@ -40,7 +41,7 @@ def register_tool(tool: Tool) -> None:
 
 def tool(name: Optional[str] = None, *, description: Optional[str] = None,
          options: Optional[type[BaseModel]] = None, parallel: bool = False,
-         needs_approval: bool = False) -> Callable[[ToolFunction], Tool]:
+         needs_approval: bool = False, blocking: bool = False) -> Callable[[ToolFunction], Tool]:
     """Decorate ``fn(args: SomeModel, ctx: ToolContext) -> str`` to make it a registered `Tool`.
 
     At module level of an app module (``--app`` / ``LONGHAUL_APP``) the tool
@@ -50,11 +51,13 @@ def tool(name: Optional[str] = None, *, description: Optional[str] = None,
     reads (see `Tool`); ``parallel=True`` declares it safe to run at the
     same time as the other calls of one answer; ``needs_approval=True`` makes
     each call wait (status `waiting`) for ``longhaul approve`` or ``longhaul
-    deny`` before it runs. Every parameter is keyword-only but the name, so
+    deny`` before it runs; ``blocking=True`` says it blocks in C code that does
+    not cooperate with greenlets, so a greenlet worker process runs it on a
+    native thread. Every parameter is keyword-only but the name, so
     later ones can be added freely.
     """
     make = define_tool(name, description=description, options=options, parallel=parallel,
-                       needs_approval=needs_approval)
+                       needs_approval=needs_approval, blocking=blocking)
 
     def register(fn: ToolFunction) -> Tool:
         made = make(fn)
@@ -119,7 +122,7 @@ def run_tool_call(call: ToolCall, ctx: ToolContext, tools: Optional[Mapping[str,
         )
         return ToolResult(False, f"invalid arguments for {call.name}: {problems}")
     try:
-        return ToolResult(True, tool_.run(args, ctx))
+        return ToolResult(True, off_hub(tool_.run, args, ctx) if tool_.blocking else tool_.run(args, ctx))
     except WaitForReply:
         raise  # the task waits for the user: the loop stores the wait
     except ToolError as exc:

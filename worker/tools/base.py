@@ -58,6 +58,11 @@ class Tool:
     when every call of an answer is to such a tool, they run at once.
     `needs_approval` makes each call wait for an approval before it runs
     (`longhaul approve TASK_ID`; a denial is its result instead).
+    `blocking` says the tool blocks in C code that does not cooperate with
+    a greenlet worker process (heavy CPU work, a C database driver): there
+    it runs on a native thread, so the process's other tasks go on
+    (`greenlets.off_hub`). Network and file I/O through Python's standard
+    library (httpx, requests, sockets, subprocess) cooperates as it is.
     """
 
     name: str
@@ -69,9 +74,11 @@ class Tool:
     parallel: bool = False
     #: The call waits (status `waiting`) for `longhaul approve` / `longhaul deny` before it runs.
     needs_approval: bool = False
+    #: The tool blocks without cooperating with greenlets: it runs on a native thread in a greenlet process.
+    blocking: bool = False
 
     def __post_init__(self) -> None:
-        for flag in ("parallel", "needs_approval"):
+        for flag in ("parallel", "needs_approval", "blocking"):
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidInput(f"tool {self.name}: {flag} must be True or False, got {getattr(self, flag)!r}")
 
@@ -92,18 +99,18 @@ ToolFunction = Callable[[Any, ToolContext], str]
 
 def define_tool(name: Optional[str] = None, *, description: Optional[str] = None,
                 options: Optional[type[BaseModel]] = None, parallel: bool = False,
-                needs_approval: bool = False) -> Callable[[ToolFunction], Tool]:
+                needs_approval: bool = False, blocking: bool = False) -> Callable[[ToolFunction], Tool]:
     """Make a `Tool` of a typed function ``fn(args: SomeModel, ctx: ToolContext) -> str``, unregistered.
 
     The arguments model is the first parameter's annotation (a pydantic
     model; its JSON schema is what the model sees), the name defaults to the
     function's and the description to its docstring; ``parallel=True`` lets
     calls of one answer run at once, ``needs_approval=True`` makes each call wait for an
-    approval (see `Tool`). `worker.tools.tool`
+    approval, ``blocking=True`` runs it on a native thread in a greenlet process (see `Tool`). `worker.tools.tool`
     does the same and registers the result.
     """
 
-    for flag, value in (("parallel", parallel), ("needs_approval", needs_approval)):
+    for flag, value in (("parallel", parallel), ("needs_approval", needs_approval), ("blocking", blocking)):
         if not isinstance(value, bool):
             raise InvalidInput(f"{flag}: must be True or False, got {value!r}")
 
@@ -116,6 +123,6 @@ def define_tool(name: Optional[str] = None, *, description: Optional[str] = None
         if not text:
             raise TypeError(f"tool {fn.__name__}: give it a docstring or a description; the model reads it")
         return Tool(name=name or fn.__name__, description=text, arguments=model, run=fn, options=options,
-                    parallel=parallel, needs_approval=needs_approval)
+                    parallel=parallel, needs_approval=needs_approval, blocking=blocking)
 
     return make

@@ -1,0 +1,150 @@
+"""Greenlet worker processes: the patch, httpcore's idle-connection check, blocking tools off the hub,
+and how many processes a host's --concurrency gets.
+
+The patch is process-wide and irreversible, so each patched case runs in a
+fresh interpreter (`run_patched`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from longhaul.worker import SettingsError, load_settings
+from longhaul.worker.greenlets import active
+from longhaul.worker.settings import TASKS_PER_PROCESS, processes_for
+from longhaul.worker.supervisor import WORKER_MODULES, Supervisor
+
+PATCH = "from longhaul.worker.greenlets import patch_process\npatch_process()\n"
+
+
+def run_patched(code: str, *, patched: bool = True) -> dict:
+    """Run `code` in a fresh interpreter (patched for greenlets first, or not); the JSON it printed last."""
+    source = (PATCH if patched else "") + textwrap.dedent(code)
+    done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+BLOCKING_TOOL = """
+    import json, threading, time
+    from gevent import monkey
+    from pydantic import BaseModel
+    from longhaul.models import ToolCall
+    from longhaul.worker.greenlets import active
+    from longhaul.worker.tools import Tool, ToolContext, run_tool_call
+
+    native_sleep = monkey.get_original("time", "sleep") if active() else time.sleep
+    ticks = []
+
+    def ticker():
+        for _ in range(10):
+            ticks.append(time.monotonic())
+            time.sleep(0.02)
+
+    class NoArguments(BaseModel):
+        pass
+
+    def stall(args, ctx):
+        native_sleep(0.5)  # blocks in C without the hub, like a heavy computation would
+        return json.dumps({{"ticks_meanwhile": len(ticks), "native_thread": threading.get_native_id()}})
+
+    tool = Tool(name="stall", description="Stall.", arguments=NoArguments, run=stall, blocking={blocking})
+    other = threading.Thread(target=ticker)
+    other.start()
+    time.sleep(0)  # let the ticker start
+    result = run_tool_call(ToolCall(id="c", name="stall", arguments={{}}), ToolContext("t", 1, 0), {{"stall": tool}})
+    other.join()
+    print(json.dumps({{**json.loads(result.output), "caller_thread": threading.get_native_id()}}))
+"""
+
+
+def test_a_blocking_tool_runs_on_a_native_thread_and_the_process_s_other_greenlets_go_on():
+    seen = run_patched(BLOCKING_TOOL.format(blocking=True))
+
+    assert seen["native_thread"] != seen["caller_thread"]
+    assert seen["ticks_meanwhile"] == 10  # the ticker greenlet ran to its end while the tool stalled
+
+
+def test_a_tool_not_marked_blocking_runs_on_the_hub_and_stalls_it_while_it_blocks_in_c():
+    seen = run_patched(BLOCKING_TOOL.format(blocking=True).replace("blocking=True", "blocking=False"))
+
+    assert seen["native_thread"] == seen["caller_thread"]
+    assert seen["ticks_meanwhile"] <= 1  # what `blocking=True` is for
+
+
+def test_without_the_patch_a_blocking_tool_runs_in_the_calling_thread():
+    seen = run_patched(BLOCKING_TOOL.format(blocking=True), patched=False)
+
+    assert seen["native_thread"] == seen["caller_thread"]
+    assert not active()
+
+
+def test_httpcore_s_idle_connection_check_uses_the_native_poll_and_still_sees_a_dropped_peer():
+    seen = run_patched("""
+        import json, socket
+        import httpcore._backends.sync as sync_backend
+        from gevent import select as gevent_select
+        calls = []
+        original_poll = gevent_select.poll
+        gevent_select.poll = lambda *a: calls.append(1) or original_poll(*a)  # counts patched polls, if any
+        ours, theirs = socket.socketpair()
+        idle = sync_backend.is_socket_readable(ours)
+        theirs.close()
+        dropped = sync_backend.is_socket_readable(ours)
+        print(json.dumps({"idle": idle, "dropped": dropped, "patched_polls": len(calls),
+                          "gone": sync_backend.is_socket_readable(None)}))
+    """)
+
+    assert seen == {"idle": False, "dropped": True, "patched_polls": 0, "gone": True}
+
+
+def test_the_patch_makes_the_standard_library_cooperative():
+    seen = run_patched("""
+        import json, threading, time
+        from longhaul.worker.greenlets import active
+        started = time.monotonic()
+        sleepers = [threading.Thread(target=time.sleep, args=(0.3,)) for _ in range(200)]
+        for s in sleepers: s.start()
+        for s in sleepers: s.join()
+        import psutil
+        print(json.dumps({"active": active(), "wall_s": time.monotonic() - started,
+                          "os_threads": psutil.Process().num_threads()}))
+    """)
+
+    assert seen["active"] is True
+    assert seen["wall_s"] < 5  # 200 sleeps overlapped on one OS thread
+    assert seen["os_threads"] < 10
+
+
+@pytest.mark.parametrize(("concurrency", "cpus", "processes"), [
+    (None, 8, 1),  # 4 threads in one process, as before
+    (1, 8, 1),
+    (TASKS_PER_PROCESS, 8, 1),
+    (TASKS_PER_PROCESS + 1, 8, 2),
+    (1000, 2, 2),
+    (5000, 4, 4),  # at most one per core
+    (5000, 1, 1),
+])
+def test_a_host_s_concurrency_is_spread_over_one_process_per_500_tasks_at_most_one_per_core(
+        concurrency, cpus, processes):
+    assert processes_for(concurrency, cpus=cpus) == processes
+
+
+def test_the_supervisor_starts_the_module_of_its_worker_pool():
+    assert Supervisor(processes=1, threads=1).module == WORKER_MODULES["greenlets"] == \
+        "longhaul.worker.greenlet_process"
+    assert Supervisor(processes=1, threads=1, pool="threads").module == "longhaul.worker.worker_process"
+    with pytest.raises(ValueError, match="pool: one of greenlets, threads, got 'fibers'"):
+        Supervisor(processes=1, threads=1, pool="fibers")
+
+
+def test_a_worker_pool_that_is_neither_is_refused_naming_the_setting():
+    with pytest.raises(SettingsError, match=r"LONGHAUL_WORKER_POOL: Input should be 'greenlets' or 'threads' "
+                                            r"\(got 'fibers'\)"):
+        load_settings(worker_pool="fibers")
+    assert load_settings().worker_pool == "greenlets"
