@@ -87,3 +87,38 @@ def test_a_run_handed_a_tool_table_refuses_a_registered_tool_it_was_not_handed(r
     [checkpoint] = runtime.store.get(task_id).checkpoints
     [item] = checkpoint.items
     assert item.tool_name == "ledger" and not item.success and "unknown tool 'ledger'" in item.output
+
+
+class HeldAtDone:
+    """Live output that notes which leases its process still holds when a run's `done` goes out."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.held: list[list[str]] = []
+
+    def publisher(self, task_id: str, thread_id: str) -> HeldAtDone:
+        return self
+
+    def __call__(self, event_type: str, data: dict) -> None:
+        pass
+
+    def publish_done(self) -> None:
+        self.held.append(self.rt.held_tokens())
+
+
+def test_a_finished_run_holds_no_lease_while_its_live_output_s_done_goes_out(db_url: str, clock: FakeClock):
+    # A renewal meanwhile would find the lease gone and warn that it was lost (hundreds of finished tasks
+    # waiting on Redis at once: "191 of 191 leases were lost").
+    rt = Runtime(load_settings(database_url=db_url, redis_url=None), embedded=True, clock=clock)
+    live = HeldAtDone(rt)
+    rt.live = live  # type: ignore[assignment]
+    task_id = submit(rt, "echo", provider="scripted", task_id="live-done")
+    claim = rt.leases.claim(task_id, rt.claimant, lease_s=30)
+    assert claim is not None
+    rt.track(claim)  # as `execute_task` does
+
+    status = TaskRun(rt, claim, provider=EchoTwice(), tools={"echo": echo}).run()
+    rt.store.close_all()
+
+    assert status is TaskStatus.COMPLETED
+    assert live.held == [[]]

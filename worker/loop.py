@@ -606,6 +606,9 @@ class TaskRun:
         except LeaseLost as exc:
             logger.warning("%s", exc)
             return TaskStatus.RUNNING
+        # The end gave the lease back: no longer one this process renews (waiting for the live output's
+        # `done` below, a renewal would count it as lost).
+        self.rt.untrack(self.claim)
         if self.live is not None:  # followers see `done` only once the store has the end
             self.live.publish_done()
         if status is TaskStatus.COMPLETED:
