@@ -22,7 +22,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 from urllib.parse import urlparse
@@ -309,7 +311,17 @@ class _PoolRepairs:
                 return False
             turn = threading.Event()
             line.append(turn)
-        if not turn.wait(POOL_WAIT_S):
+        try:
+            woken = turn.wait(POOL_WAIT_S)
+        except BaseException:  # raised into the wait (a time limit, a shutdown): leave the line as found
+            with self._pool_lock:
+                if turn in line:
+                    line.remove(turn)
+                else:  # woken meanwhile: the slot promised to this thread goes to the next in line
+                    self._promised -= 1
+                    self._wake_next_waiter()
+            raise
+        if not woken:
             with self._pool_lock:
                 if turn in line:  # not woken: give up
                     line.remove(turn)
@@ -355,6 +367,12 @@ class _PoolRepairs:
                 f"all {self._max_connections} pooled database connections of this process are in use "
                 f"for {POOL_WAIT_S} s; raise LONGHAUL_DB_POOL_SIZE (default {DEFAULT_POOL_SIZE})"
             ) from None
+
+
+def _greenlets_patched() -> bool:
+    """Whether this process runs its tasks as greenlets (gevent patched ``time``; see `worker.greenlets`)."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("time"))
 
 
 #: Per process and SQLite file: the lock its writers take (see `SqliteStore`).
@@ -433,11 +451,42 @@ class SqliteStore(_PoolRepairs, PooledSqliteDatabase):
         if not lock.acquire(blocking=False):
             self._wait_for_writer_turn(lock)
         try:
-            super().begin(lock_type)
+            if _greenlets_patched():
+                self._begin_cooperatively(lock_type)
+            else:
+                super().begin(lock_type)
         except BaseException:
             lock.release()
             raise
         self._writer_held.lock = lock
+
+    def _begin_cooperatively(self, lock_type: str) -> None:
+        """``BEGIN IMMEDIATE`` that waits for another process's writer without stalling this process.
+
+        In a greenlet process every task shares one OS thread, and SQLite's
+        busy handler sleeps in C: a writer of another process holding the
+        file would freeze all of this process's tasks (their reads, lease
+        renewals, model calls) for as long as it held it. So the busy timeout
+        is 0 for this one statement, and a ``database is locked`` is retried
+        after a cooperative sleep (1 ms, doubling to 50 ms) until the busy
+        timeout has passed.
+        """
+        deadline = time.monotonic() + self._writer_wait_s
+        delay_s = 0.001
+        cursor = self.cursor()
+        cursor.execute("PRAGMA busy_timeout = 0")
+        try:
+            while True:
+                try:
+                    super().begin(lock_type)
+                    return
+                except OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() + delay_s > deadline:
+                        raise
+                time.sleep(delay_s)  # patched: the process's other greenlets run meanwhile
+                delay_s = min(delay_s * 2, 0.05)
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout = {int(self._writer_wait_s * 1000)}")
 
     def _wait_for_writer_turn(self, lock: threading.Lock) -> None:
         """Queue for `lock`, holding no pooled connection while queued; `database is locked` past the busy timeout.

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 from typing import Iterator
 
@@ -391,6 +392,47 @@ def test_pooled_connections_go_to_the_threads_waiting_longest(db_url, make_updat
         waiter.join(timeout=60)
 
         assert order == ["waiting first", "arrived later"]
+
+
+class _Interrupted(BaseException):
+    """What a greenlet process's time limit is to a call: raised into it wherever it waits."""
+
+
+class _InterruptedWait(threading.Event):
+    def wait(self, timeout: float | None = None) -> bool:
+        raise _Interrupted()
+
+
+def test_a_call_interrupted_while_it_waits_for_a_connection_leaves_no_slot_promised_to_it(db_url, monkeypatch):
+    # In a greenlet process Dramatiq's time limit is thrown into the wait itself: the interrupted call's turn
+    # stayed in line, the freed connection was promised to it, and every later call waited 30 s for nothing.
+    import longhaul.models.db as db_module
+
+    with TaskStore(db_url, pool_size=1) as store:
+        db, raised = store.db, []
+        db.connect()  # this thread holds the only connection
+
+        def interrupted_call() -> None:
+            try:
+                store.count_tasks()
+            except _Interrupted:
+                raised.append(True)
+
+        monkeypatch.setattr(db_module, "threading", types.SimpleNamespace(**{**vars(threading),
+                                                                             "Event": _InterruptedWait}))
+        caller = threading.Thread(target=interrupted_call)
+        caller.start()
+        caller.join(timeout=30)
+        monkeypatch.undo()
+        db.close()  # the connection given back, to nobody waiting
+        counted: list[int] = []
+        later = threading.Thread(target=lambda: counted.append(store.count_tasks()))
+        later.start()
+        wait_until(lambda: counted == [0], timeout_s=10, what="a later call to get the free connection")
+        later.join(timeout=60)
+
+        assert raised == [True]
+        assert db._promised == 0 and not db._waiting
 
 
 def test_a_task_s_start_is_served_ahead_of_the_other_calls_waiting_for_a_connection(db_url):

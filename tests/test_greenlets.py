@@ -148,3 +148,92 @@ def test_a_worker_pool_that_is_neither_is_refused_naming_the_setting():
                                             r"\(got 'fibers'\)"):
         load_settings(worker_pool="fibers")
     assert load_settings().worker_pool == "greenlets"
+
+
+def test_a_blocking_tool_s_error_is_its_failed_result_and_nothing_reaches_stderr():
+    source = PATCH + textwrap.dedent("""
+        import json
+        from pydantic import BaseModel
+        from longhaul.models import ToolCall
+        from longhaul.worker.errors import ToolError
+        from longhaul.worker.tools import Tool, ToolContext, run_tool_call
+
+        class NoArguments(BaseModel):
+            pass
+
+        def refuse(args, ctx):
+            raise ToolError("no such record")
+
+        def leave(args, ctx):
+            raise SystemExit(3)  # argparse in a tool, say: the caller's to handle, not the process's end
+
+        tools = {"refuse": Tool(name="refuse", description="Refuse.", arguments=NoArguments, run=refuse,
+                                blocking=True),
+                 "leave": Tool(name="leave", description="Leave.", arguments=NoArguments, run=leave, blocking=True)}
+        refused = run_tool_call(ToolCall(id="c", name="refuse", arguments={}), ToolContext("t", 1, 0), tools)
+        try:
+            run_tool_call(ToolCall(id="d", name="leave", arguments={}), ToolContext("t", 1, 1), tools)
+            left = "returned"
+        except SystemExit as exc:
+            left = f"SystemExit({exc.code}) in the caller"
+        print(json.dumps({"success": refused.success, "output": refused.output, "left": left}))
+    """)
+    done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "success": False, "output": "refuse failed: no such record", "left": "SystemExit(3) in the caller"}
+    assert done.stderr == ""
+
+
+def test_a_greenlet_process_waiting_for_another_writer_of_its_sqlite_file_keeps_its_other_tasks_going(tmp_path):
+    # SQLite's busy handler sleeps in C: without the cooperative BEGIN, every greenlet of the process froze
+    # until the other writer let go (reads, lease renewals and model calls of a thousand tasks).
+    seen = run_patched(f"""
+        import json, sqlite3, threading, time
+        from gevent import monkey
+        from longhaul.models import TaskSpec, TaskStore
+        from longhaul.worker.greenlets import off_hub
+
+        path = {str(tmp_path / "tasks.db")!r}
+        store = TaskStore("sqlite:///" + path)
+        store.count_tasks()  # the schema is made
+        native_sleep = monkey.get_original("time", "sleep")
+        holding = []
+
+        def other_writer():  # another connection, as another process would be, on a native thread
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("BEGIN IMMEDIATE")
+            holding.append(True)
+            native_sleep(1.0)
+            conn.execute("COMMIT")
+            conn.close()
+
+        holder = threading.Thread(target=off_hub, args=(other_writer,))
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not holding and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ticks = []
+
+        def ticker():
+            end = time.monotonic() + 2.0
+            while time.monotonic() < end:
+                ticks.append(time.monotonic())
+                time.sleep(0.02)
+
+        other = threading.Thread(target=ticker)
+        other.start()
+        started = time.monotonic()
+        store.create_task(task_id="x", thread_id="t", channel="c", provider="p", model="m",
+                          spec=TaskSpec(prompt="go"))
+        waited = time.monotonic() - started
+        other.join()
+        holder.join()
+        print(json.dumps({{"held_first": bool(holding), "waited_s": waited, "stored": store.count_tasks(),
+                           "ticks_during": sum(1 for t in ticks if started <= t <= started + waited)}}))
+    """)
+
+    assert seen["held_first"] and seen["stored"] == 1
+    assert seen["waited_s"] >= 0.5  # it did wait for the other writer
+    assert seen["ticks_during"] >= 0.5 * seen["waited_s"] / 0.02  # and the ticker went on meanwhile

@@ -373,6 +373,20 @@ def test_a_stream_cut_off_before_the_answer_ends_is_a_transient_error(make_provi
         make_provider().next_turn(step_context())
 
 
+def test_a_body_that_breaks_off_after_done_keeps_the_whole_answer(make_provider, fake_openai):
+    # The rest of the body is read only to keep the connection: a cut there must not throw away (and pay
+    # again for) an answer that arrived whole.
+    def respond(request: Recorded) -> Reply:
+        whole = answer(request, "all of it")
+        return Reply(headers={**whole.headers, "Content-Length": "100000"}, chunks=whole.chunks)  # then it closes
+
+    fake_openai.script = respond
+
+    turn = make_provider().next_turn(step_context())
+
+    assert turn.content == "all of it" and len(fake_openai.chats) == 1
+
+
 # -- a real process, killed -------------------------------------------------------------------------
 
 

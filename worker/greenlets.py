@@ -65,7 +65,19 @@ def off_hub(work: Callable[..., T], *args: Any) -> T:
         from gevent.threadpool import ThreadPool
 
         _blocking_pool = ThreadPool(BLOCKING_TOOL_THREADS)
-    return _blocking_pool.apply(work, args)  # type: ignore[no-any-return]
+    finished, outcome = _blocking_pool.apply(_outcome_of, (work, args))
+    if not finished:
+        raise outcome
+    return outcome  # type: ignore[no-any-return]
+
+
+def _outcome_of(work: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+    """``(True, result)`` or ``(False, exception)``: gevent's pool would print a raised error to stderr
+    (past the log redaction) and hand a SystemExit to the process's main greenlet."""
+    try:
+        return True, work(*args)
+    except BaseException as exc:  # re-raised in the caller, whatever it is
+        return False, exc
 
 
 def _use_native_poll_for_idle_checks(native_poll: Callable[[], Any]) -> None:

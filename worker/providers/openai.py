@@ -310,9 +310,14 @@ def drain(lines: Iterator[str], *, limit: int = MAX_LINES_AFTER_DONE) -> None:
     A response left unread to its end is closed, not returned to the
     client's pool: the next turn would open a new connection (a TLS
     handshake on a real endpoint). A server that keeps sending past
-    `limit` lines has its connection closed instead.
+    `limit` lines has its connection closed instead, and one that breaks
+    off after ``[DONE]`` costs nothing but the connection: the answer is
+    complete (and paid for), so it is never asked for again.
     """
-    for _ in itertools.islice(lines, limit):
+    try:
+        for _ in itertools.islice(lines, limit):
+            pass
+    except httpx.HTTPError:  # the answer is whole already: a body cut short after it only costs the connection
         pass
 
 
