@@ -16,7 +16,7 @@ import pytest
 
 from longhaul.worker import SettingsError, load_settings
 from longhaul.worker.greenlets import active
-from longhaul.worker.settings import TASKS_PER_PROCESS, processes_for
+from longhaul.worker.settings import TASKS_PER_PROCESS, processes_for, usable_cpus
 from longhaul.worker.supervisor import WORKER_MODULES, Supervisor
 
 PATCH = "from longhaul.worker.greenlets import patch_process\npatch_process()\n"
@@ -237,3 +237,11 @@ def test_a_greenlet_process_waiting_for_another_writer_of_its_sqlite_file_keeps_
     assert seen["held_first"] and seen["stored"] == 1
     assert seen["waited_s"] >= 0.5  # it did wait for the other writer
     assert seen["ticks_during"] >= 0.5 * seen["waited_s"] / 0.02  # and the ticker went on meanwhile
+
+
+def test_the_cpus_a_host_counts_are_those_its_affinity_allows(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # a container pinned to one CPU of many
+    assert usable_cpus() == 1
+    assert processes_for(5000) == 1

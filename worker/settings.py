@@ -27,6 +27,14 @@ DEFAULT_THREADS = 4
 TASKS_PER_PROCESS = 500
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as a container's cpuset sets it), else the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
 def processes_for(concurrency: Optional[int], *, cpus: Optional[int] = None) -> int:
     """Worker processes for `concurrency` tasks when --processes is not given: one per `TASKS_PER_PROCESS`.
 
@@ -37,7 +45,7 @@ def processes_for(concurrency: Optional[int], *, cpus: Optional[int] = None) -> 
     """
     if concurrency is None:
         return 1
-    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
+    cpus = cpus if cpus is not None else usable_cpus()
     return max(1, min(cpus, -(-concurrency // TASKS_PER_PROCESS)))
 
 
