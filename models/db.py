@@ -369,8 +369,8 @@ class _PoolRepairs:
             ) from None
 
 
-def _greenlets_patched() -> bool:
-    """Whether this process runs its tasks as greenlets (gevent patched ``time``; see `worker.greenlets`)."""
+def greenlets_patched() -> bool:
+    """Whether this process runs its tasks as greenlets: gevent patched its standard library (`worker.greenlets`)."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and bool(monkey.is_module_patched("time"))
 
@@ -451,7 +451,7 @@ class SqliteStore(_PoolRepairs, PooledSqliteDatabase):
         if not lock.acquire(blocking=False):
             self._wait_for_writer_turn(lock)
         try:
-            if _greenlets_patched():
+            if greenlets_patched():
                 self._begin_cooperatively(lock_type)
             else:
                 super().begin(lock_type)

@@ -172,8 +172,8 @@ def serve(*, processes: Optional[int] = None, threads: Optional[int] = None, con
     `concurrency` (default: `Settings.concurrency`, LONGHAUL_CONCURRENCY),
     else 4; `processes` defaults to one per `settings.TASKS_PER_PROCESS`
     tasks of `concurrency`, at most one per core (`processes_for`). The
-    processes run their tasks on `Settings.worker_pool`. The settings and the store are checked once, here, before any
-    child starts (`BrokerRequired` without Redis). The supervisor itself
+    processes run their tasks on `Settings.worker_pool`. The settings and
+    the store are checked once, here, before any child starts (`BrokerRequired` without Redis). The supervisor itself
     runs no task, so it lets go of its database connections. With
     `metrics_port` (default `LONGHAUL_METRICS_PORT`) it serves the pool's
     Prometheus metrics there (`metrics.MetricsEndpoint`) for as long as it runs.

@@ -163,10 +163,10 @@ def worker(concurrency: Optional[int], processes: Optional[int], threads: Option
     `--concurrency N` is the one knob for many tasks in flight: N tasks
     waiting on their models at once on this host (1,000 fit two cores).
     Each process runs its tasks as greenlets (LONGHAUL_WORKER_POOL=greenlets,
-    the default; `threads` for one OS thread per task). A worker process that dies is replaced while the others
-    keep serving; SIGTERM or SIGINT (to this process or its whole process
-    group) stops every process after its current steps; SIGHUP restarts
-    them gracefully.
+    the default; `threads` for one OS thread per task). A worker process
+    that dies is replaced while the others keep serving; SIGTERM or SIGINT
+    (to this process or its whole process group) stops every process after
+    its current steps; SIGHUP restarts them gracefully.
     """
     if concurrency is not None and threads is not None:
         raise click.UsageError("--concurrency and --threads: give one (--concurrency is per host, "

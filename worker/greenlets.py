@@ -27,7 +27,6 @@ native thread.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Optional, TypeVar
 
 T = TypeVar("T")
@@ -47,9 +46,13 @@ def patch_process() -> None:
 
 
 def active() -> bool:
-    """Whether this process was patched for greenlets (`patch_process`)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
+    """Whether this process was patched for greenlets: the store's own test (it picks its SQLite waits by it).
+
+    Imported here, not at the top: `patch_process` must run before the store's modules are imported.
+    """
+    from longhaul.models.db import greenlets_patched
+
+    return greenlets_patched()
 
 
 def off_hub(work: Callable[..., T], *args: Any) -> T:
