@@ -36,6 +36,7 @@ from .codec import escape_nul, unescape_nul
 from .drivers import load_psycopg, loaded_psycopg
 from .errors import InvalidDatabaseUrl, InvalidInput
 from .fork_safety import track
+from .pg_waits import use_hub_waits
 
 #: Where a task store lives when nothing else is configured.
 DEFAULT_DATABASE_URL = "sqlite:///state/tasks.db"
@@ -170,6 +171,8 @@ def _open_postgres(text: str, pool_size: int) -> PostgresStore:
         raise InvalidDatabaseUrl(
             shown, "PostgreSQL needs the psycopg driver: pip install 'psycopg[binary]' (a longhaul dependency)"
         ) from None
+    if greenlets_patched():
+        use_hub_waits()  # psycopg's waits on a gevent watcher, not the patched poll (pg_waits.py)
     if pool_size < 1:
         raise InvalidDatabaseUrl(shown, f"the pool size must be at least 1, got {pool_size}")
     # Query parameters (sslmode=require, options=..., connect_timeout=5) go to libpq as they are.

@@ -245,3 +245,102 @@ def test_the_cpus_a_host_counts_are_those_its_affinity_allows(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})  # a container pinned to one CPU of many
     assert usable_cpus() == 1
     assert processes_for(5000) == 1
+
+
+HUB_WAIT = """
+    import json, select, socket, threading, time
+    from psycopg import errors
+    from psycopg.waiting import Ready, Wait
+    from longhaul.models.pg_waits import wait_on_hub
+
+    def waits(*answers_wanted):
+        # psycopg's generator shape: yield what it waits for, receive what is ready; returns what it saw.
+        seen = []
+        for wanted in answers_wanted:
+            seen.append(int((yield wanted)))
+        return seen
+"""
+
+
+def test_a_hub_wait_answers_what_the_socket_is_ready_for_and_the_other_greenlets_go_on():
+    seen = run_patched(HUB_WAIT + """
+    ours, theirs = socket.socketpair()
+    writable = wait_on_hub(waits(Wait.W), ours.fileno())
+    ticks = []
+
+    def ticker():
+        for _ in range(10):
+            ticks.append(time.monotonic())
+            time.sleep(0.02)
+
+    def answer_later():
+        time.sleep(0.3)
+        theirs.send(b"x")
+
+    for work in (ticker, answer_later):
+        threading.Thread(target=work).start()
+    started = time.monotonic()
+    readable = wait_on_hub(waits(Wait.R), ours.fileno(), interval=10.0)
+    waited = time.monotonic() - started
+    print(json.dumps({"writable": writable, "readable": readable, "waited_s": waited,
+                      "ticks_meanwhile": sum(1 for t in ticks if t <= started + waited)}))
+    """)
+
+    assert seen["writable"] == [2] and seen["readable"] == [1]  # Ready.W, then Ready.R
+    assert seen["waited_s"] >= 0.25
+    assert seen["ticks_meanwhile"] >= 8  # the wait was the hub's, not a blocking call
+
+
+def test_a_hub_wait_tells_the_generator_each_quiet_interval_and_raises_psycopg_s_timeout():
+    seen = run_patched(HUB_WAIT + """
+    ours, theirs = socket.socketpair()
+    quiet = wait_on_hub(waits(Wait.R, Wait.R), ours.fileno(), interval=0.05)  # nothing ever arrives
+    started = time.monotonic()
+    try:
+        wait_on_hub(waits(*[Wait.R] * 100), ours.fileno(), interval=0.05, timeout=0.2)
+        timed_out = None
+    except errors._WaitTimeout:
+        timed_out = time.monotonic() - started
+    print(json.dumps({"quiet": quiet, "timed_out_after_s": timed_out}))
+    """)
+
+    assert seen["quiet"] == [0, 0]  # Ready.NONE after each interval, as psycopg's notifies() expects
+    assert seen["timed_out_after_s"] is not None and 0.15 <= seen["timed_out_after_s"] < 2
+
+
+@pytest.mark.backends("postgres")
+def test_a_greenlet_process_s_postgresql_store_waits_on_the_hub_not_the_patched_poll(db_url):
+    code = f"""
+        import json, select, threading, time
+        import psycopg.waiting
+        from longhaul.models import TaskSpec, TaskStore
+
+        polls = []
+        patched_poll = select.poll
+        select.poll = lambda *a: polls.append(1) or patched_poll(*a)  # psycopg's wait_poll makes one per wait
+        store = TaskStore({db_url!r})
+        store.create_task(task_id="x", thread_id="t", channel="c", provider="p", model="m",
+                          spec=TaskSpec(prompt="go"))
+        ticks = []
+
+        def ticker():
+            for _ in range(20):
+                ticks.append(time.monotonic())
+                time.sleep(0.02)
+
+        other = threading.Thread(target=ticker)
+        other.start()
+        started = time.monotonic()
+        store.db.execute_sql("SELECT pg_sleep(0.4)")
+        waited = time.monotonic() - started
+        other.join()
+        print(json.dumps({{"wait": psycopg.waiting.wait.__name__, "stored": store.count_tasks(),
+                           "polls": len(polls), "ticks_meanwhile": sum(1 for t in ticks if t <= started + waited)}}))
+    """
+    seen = run_patched(code)
+    plain = run_patched(code, patched=False)
+
+    assert seen["wait"] == "wait_on_hub" and seen["stored"] == 1
+    assert seen["polls"] == 0
+    assert seen["ticks_meanwhile"] >= 15  # pg_sleep waited on the hub: the ticker went on
+    assert plain["wait"] != "wait_on_hub" and plain["stored"] == 1  # a process without gevent keeps psycopg's
