@@ -251,7 +251,8 @@ HUB_WAIT = """
     import json, select, socket, threading, time
     from psycopg import errors
     from psycopg.waiting import Ready, Wait
-    from longhaul.models.pg_waits import wait_on_hub
+    from longhaul.models.pg_waits import hub_wait
+    wait_on_hub = hub_wait()
 
     def waits(*answers_wanted):
         # psycopg's generator shape: yield what it waits for, receive what is ready; returns what it saw.
