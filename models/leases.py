@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Sequence
 
-from peewee import __exception_wrapper__
+from peewee import NodeList, __exception_wrapper__
 
 from .context import HasContext, named_row, row_by_name
 from .errors import LeaseLost
@@ -254,24 +254,60 @@ class LeaseBook:
         as a takeover by `claim` does.
         """
         Task = self.Task
-        if row.token is not None:
-            # Unchanged expiry too: a holder that renewed (or checkpointed) since the scan keeps its task.
-            expiry = (Task.lease_expires_at.is_null() if row.expires_at is None
-                      else Task.lease_expires_at == row.expires_at)
-            same = (Task.lease_token == row.token) & expiry
-        elif row.delivery_due_at is None:
-            same = Task.lease_token.is_null() & Task.delivery_due_at.is_null()
-        else:
-            same = Task.lease_token.is_null() & (Task.delivery_due_at == row.delivery_due_at)
         with self.ctx.call(row.task_id), self.db.atomic():
             self.ctx.dialect.limit_lock_wait()
             recoveries = Task.recovery_count + (0 if row.token is None else 1)
             return bool(
                 Task.update(delivery_due_at=self.ctx.clock(), delivery_message_id=None, recovery_count=recoveries,
                             **NO_LEASE)
-                .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & same)
+                .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & self._unchanged_since(row))
                 .execute()
             )
+
+    def take_all_for_redelivery(self, rows: Sequence[LeaseRow]) -> list[str]:
+        """`take_for_redelivery` for all of `rows` in one transaction; the ids of those taken, in `rows`' order.
+
+        One locked read finds the rows unchanged since the scan (the same
+        compare-and-set, row by row), then at most two updates take them. A
+        thousand tasks interrupted by a host's SIGKILL are taken in a few
+        round trips where one transaction each cost about 2 s on
+        PostgreSQL. Meant for batches of a few hundred (`worker.recovery`);
+        a row lock held past the lock timeout (a paused worker's) fails the
+        whole call with `StoreUnavailable`, and taking the batch row by row
+        then skips that row alone.
+        """
+        if not rows:
+            return []
+        Task = self.Task
+        unchanged = Task.task_id.in_([row.task_id for row in rows]) & Task.status.in_(_CLAIMABLE)
+        # One flat OR (nesting ``a | b | ...`` overflows SQLite's parser at a few hundred rows).
+        same = NodeList([(Task.task_id == row.task_id) & self._unchanged_since(row) for row in rows],
+                        glue=" OR ", parens=True)
+        with self.ctx.call(), self.db.atomic():
+            self.ctx.dialect.limit_lock_wait()
+            query = Task.select(Task.task_id, Task.lease_token).where(unchanged & same).tuples()
+            found = dict(self.ctx.dialect.locked(query))
+            now = self.ctx.clock()
+            # A lease cleared (its holder expired or died) counts as a recovery; an unsent message does not.
+            for ids, recovered in (([t for t, token in found.items() if token is not None], 1),
+                                   ([t for t, token in found.items() if token is None], 0)):
+                if ids:
+                    Task.update(delivery_due_at=now, delivery_message_id=None,
+                                recovery_count=Task.recovery_count + recovered, **NO_LEASE,
+                                ).where(Task.task_id.in_(ids)).execute()
+        return [row.task_id for row in rows if row.task_id in found]
+
+    def _unchanged_since(self, row: LeaseRow) -> Any:
+        """The condition that the task's row still holds what the recovery scan read in `row`."""
+        Task = self.Task
+        if row.token is not None:
+            # Unchanged expiry too: a holder that renewed (or checkpointed) since the scan keeps its task.
+            expiry = (Task.lease_expires_at.is_null() if row.expires_at is None
+                      else Task.lease_expires_at == row.expires_at)
+            return (Task.lease_token == row.token) & expiry
+        if row.delivery_due_at is None:
+            return Task.lease_token.is_null() & Task.delivery_due_at.is_null()
+        return Task.lease_token.is_null() & (Task.delivery_due_at == row.delivery_due_at)
 
     def note_sent(self, task_id: str, *, message_id: Optional[str] = None) -> None:
         """Record that a message (with this broker id, if known) for an unleased task was just sent.

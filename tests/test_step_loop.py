@@ -672,6 +672,83 @@ def test_resend_interrupted_sends_each_interrupted_task_once_even_when_called_tw
     assert find_interrupted(rt) == []
 
 
+@pytest.mark.backends("sqlite", "postgres")
+def test_interrupted_tasks_are_taken_in_one_transaction_unless_they_changed_since_the_scan(
+    clocked_runtime, clock
+):
+    rt = clocked_runtime(lease_s=30, redelivery_grace_s=60)
+    leased = [worker.submit(rt, f"leased {i}", task_id=f"leased-{i}") for i in range(5)]
+    for task_id in leased:
+        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
+    clock.advance(31)
+    unsent = worker.submit(rt, "unsent", task_id="unsent")  # queued, its message overdue
+    clock.advance(61)
+    rows = [row for row, _reason in find_interrupted(rt)]
+    assert {row.task_id for row in rows} == {*leased, unsent}
+    before = {t: rt.store.get(t).recovery_count for t in [*leased, unsent]}
+    # Between the scan and the take: one is claimed by another worker, one finishes, one's message is sent.
+    token_at_scan = {row.task_id: row.token for row in rows}
+    assert rt.leases.claim(leased[1], ELSEWHERE, lease_s=30, steal_token=token_at_scan[leased[1]]) is not None
+    rt.store.finish(leased[3], TaskStatus.CANCELLED, last_error="cancelled meanwhile")
+    rt.leases.note_sent(unsent)
+
+    taken = rt.leases.take_all_for_redelivery(rows)
+
+    assert taken == [row.task_id for row in rows if row.task_id in {leased[0], leased[2], leased[4]}]
+    assert rt.leases.take_all_for_redelivery(rows) == []  # what was taken changed: a second scan wins nothing
+    after = {t: rt.store.get(t).recovery_count for t in before}
+    # Cleared leases count as recoveries (as the other worker's takeover of an expired one did).
+    assert {t for t in before if after[t] != before[t]} == {*taken, leased[1]}
+    assert all(after[t] == before[t] + 1 for t in taken)
+    assert all(rt.leases.holder(t).token is None for t in taken)
+    assert rt.leases.holder(leased[1]).token is not None  # the new holder keeps it
+
+
+@pytest.mark.backends("sqlite", "postgres")
+def test_a_recovery_pass_over_hundreds_of_interrupted_tasks_takes_them_in_batches(
+    clocked_runtime, clock, monkeypatch
+):
+    rt = clocked_runtime(lease_s=30)
+    queue = rt.broker.queues[rt.settings.queue_name]
+    task_ids = [worker.submit(rt, f"job {i}", task_id=f"job-{i:03d}") for i in range(450)]
+    for task_id in task_ids:
+        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
+    clock.advance(31)
+    batches: list[int] = []
+    take_all = rt.leases.take_all_for_redelivery
+    monkeypatch.setattr(rt.leases, "take_all_for_redelivery", lambda rows: batches.append(len(rows)) or take_all(rows))
+    def one_by_one(row):
+        raise AssertionError("taken one transaction each")
+
+    monkeypatch.setattr(rt.leases, "take_for_redelivery", one_by_one)
+
+    sent = resend_interrupted(rt)
+
+    assert sorted(sent) == sorted(task_ids)
+    assert batches == [200, 200, 50]  # TAKE_BATCH at a time
+    assert queue.qsize() == len(task_ids)
+
+
+@pytest.mark.backends("postgres")
+def test_a_row_locked_past_the_lock_timeout_is_skipped_alone_and_taken_on_a_later_pass(
+    clocked_runtime, clock, db_url
+):
+    import psycopg
+
+    rt = clocked_runtime(lease_s=30)
+    task_ids = [worker.submit(rt, f"job {i}", task_id=f"job-{i}") for i in range(6)]
+    for task_id in task_ids:
+        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
+    clock.advance(31)
+    with psycopg.connect(db_url) as stuck:  # a paused worker inside its checkpoint transaction
+        stuck.execute("SELECT 1 FROM task WHERE task_id = %s FOR UPDATE", (task_ids[2],))
+
+        first = resend_interrupted(rt)
+
+    assert sorted(first) == sorted(set(task_ids) - {task_ids[2]})
+    assert resend_interrupted(rt) == [task_ids[2]]  # the lock is gone: the next pass takes it
+
+
 def test_concurrent_recovery_scans_send_each_interrupted_task_once(clocked_runtime, clock):
     rt = clocked_runtime(lease_s=30)
     queue = rt.broker.queues[rt.settings.queue_name]

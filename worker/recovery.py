@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 #: Interrupted tasks re-sent per broker round trip and store write (`Runtime.send_many`).
 RESEND_BATCH = 500
+#: Interrupted tasks taken for redelivery in one store transaction at most.
+TAKE_BATCH = 200
 
 
 class Interruption(str):
@@ -113,13 +115,10 @@ def resend_interrupted(rt: WorkerContext) -> list[str]:
         requeue(stale_after_s=rt.settings.broker_stale_consumer_s)
     end_expired_waits(rt)
     taken_ids = []
-    for row, reason in find_interrupted(rt):
-        try:
-            taken = rt.leases.take_for_redelivery(row)
-        except StoreUnavailable as exc:  # its row is locked by a writer (a paused worker?): next pass
-            logger.info("task %r: skipped this recovery pass (%s)", row.task_id, exc.problem)
-            continue
-        if taken:
+    found = find_interrupted(rt)
+    for start in range(0, len(found), TAKE_BATCH):
+        batch = found[start:start + TAKE_BATCH]
+        for row, reason in _take(rt, batch):
             logger.info("resuming task %r: %s", row.task_id, reason)
             rt.observer.recovery(reason.kind)
             if row.token is not None:  # a lease its holder still had on the row (expired, or a dead process)
@@ -137,6 +136,27 @@ def resend_interrupted(rt: WorkerContext) -> list[str]:
             continue
         sent += batch
     return sent
+
+
+def _take(rt: WorkerContext, batch: list[tuple[LeaseRow, Interruption]]) -> list[tuple[LeaseRow, Interruption]]:
+    """The interrupted tasks of `batch` this process takes for redelivery: in one transaction, else one by one.
+
+    One by one when the batch met a row lock held too long (a paused
+    worker's): every other row is still taken, that one on a later pass.
+    """
+    try:
+        taken = set(rt.leases.take_all_for_redelivery([row for row, _reason in batch]))
+        return [(row, reason) for row, reason in batch if row.task_id in taken]
+    except StoreUnavailable:
+        pass
+    won = []
+    for row, reason in batch:
+        try:
+            if rt.leases.take_for_redelivery(row):
+                won.append((row, reason))
+        except StoreUnavailable as exc:  # its row is locked by a writer (a paused worker?): next pass
+            logger.info("task %r: skipped this recovery pass (%s)", row.task_id, exc.problem)
+    return won
 
 
 def end_expired_waits(rt: WorkerContext) -> list[str]:
