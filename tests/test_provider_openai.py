@@ -524,3 +524,15 @@ def test_text_streamed_before_a_cut_is_not_traced_twice_and_the_trace_says_the_c
     [restarted] = [e for e in events if e.event_type == "model_call_restarted"]
     assert restarted.data["partial_text"] == "Alpha beta " and restarted.data["step"] == 1
     assert "stream ended" in restarted.data["reason"]
+
+
+def test_a_request_body_is_encoded_compactly_and_one_orjson_cannot_encode_falls_back_to_the_standard_library():
+    from longhaul.worker.providers.common import json_body
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "héllo ✓ \u2028"}], "seed": 2**70}
+    encoded, headers = json_body(body)
+    plain, _ = json_body({**body, "seed": 7})
+
+    assert headers == {"Content-Type": "application/json"}
+    assert json.loads(encoded) == body  # past 64 bits: the standard library's encoder
+    assert json.loads(plain) == {**body, "seed": 7} and b": " not in plain and "héllo".encode() in plain

@@ -20,6 +20,7 @@ from .base import AssistantTurn, StepContext
 from .common import (
     SettingsProvider,
     int_field,
+    json_body,
     make_tool_call,
     price_usd,
     secret_values,
@@ -71,8 +72,9 @@ class AnthropicProvider(SettingsProvider):
         if ctx.tools:
             body["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.json_schema()}
                              for t in ctx.tools]
+        content, content_type = json_body(body)
         try:
-            response = self._client.post(url, json=body, headers=headers)
+            response = self._client.post(url, content=content, headers={**headers, **content_type})
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise transport_error(NAME, url, exc, secrets=secrets) from None
         if response.status_code >= 300:

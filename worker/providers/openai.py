@@ -43,6 +43,7 @@ from .common import (
     TRANSIENT_STATUSES,
     SettingsProvider,
     int_field,
+    json_body,
     make_tool_call,
     price_usd,
     raw_arguments_of,
@@ -120,19 +121,20 @@ class OpenAIProvider(SettingsProvider):
     def next_turn(self, ctx: StepContext) -> AssistantTurn:
         """Ask the endpoint for the next turn; see the module docstring for errors."""
         stream = self.settings.openai_stream
-        body = request_body(ctx, stream=stream)
+        content, headers = json_body(request_body(ctx, stream=stream))
         secrets = secret_values(self.settings.openai_api_key)
-        headers = {"Authorization": f"Bearer {secrets[0]}"} if secrets else {}
+        if secrets:
+            headers["Authorization"] = f"Bearer {secrets[0]}"
         try:
             if stream:
-                with self.client.stream("POST", self.url, json=body, headers=headers) as response:
+                with self.client.stream("POST", self.url, content=content, headers=headers) as response:
                     if response.status_code >= 300:
                         raise status_error(NAME, response, response.read(), secrets=secrets, hints=HINTS)
                     lines = response.iter_lines()
                     answer = read_stream(lines, ctx, secrets=secrets)
                     drain(lines)
             else:
-                response = self.client.post(self.url, json=body, headers=headers)
+                response = self.client.post(self.url, content=content, headers=headers)
                 if response.status_code >= 300:
                     raise status_error(NAME, response, response.content, secrets=secrets, hints=HINTS)
                 answer = read_completion(response.content, ctx, secrets=secrets)
