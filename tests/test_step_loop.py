@@ -672,6 +672,15 @@ def test_resend_interrupted_sends_each_interrupted_task_once_even_when_called_tw
     assert find_interrupted(rt) == []
 
 
+def interrupted_elsewhere(rt: Runtime, clock: FakeClock, count: int) -> list[str]:
+    """`count` tasks leased (30 s) by a worker elsewhere that stopped renewing: their leases have expired."""
+    task_ids = [worker.submit(rt, f"job {i}", task_id=f"job-{i:03d}") for i in range(count)]
+    for task_id in task_ids:
+        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
+    clock.advance(31)
+    return task_ids
+
+
 @pytest.mark.backends("sqlite", "postgres")
 def test_interrupted_tasks_are_taken_in_one_transaction_unless_they_changed_since_the_scan(
     clocked_runtime, clock
@@ -710,13 +719,11 @@ def test_a_recovery_pass_over_hundreds_of_interrupted_tasks_takes_them_in_batche
 ):
     rt = clocked_runtime(lease_s=30)
     queue = rt.broker.queues[rt.settings.queue_name]
-    task_ids = [worker.submit(rt, f"job {i}", task_id=f"job-{i:03d}") for i in range(450)]
-    for task_id in task_ids:
-        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
-    clock.advance(31)
+    task_ids = interrupted_elsewhere(rt, clock, 450)
     batches: list[int] = []
     take_all = rt.leases.take_all_for_redelivery
     monkeypatch.setattr(rt.leases, "take_all_for_redelivery", lambda rows: batches.append(len(rows)) or take_all(rows))
+
     def one_by_one(row):
         raise AssertionError("taken one transaction each")
 
@@ -736,10 +743,7 @@ def test_a_row_locked_past_the_lock_timeout_is_skipped_alone_and_taken_on_a_late
     import psycopg
 
     rt = clocked_runtime(lease_s=30)
-    task_ids = [worker.submit(rt, f"job {i}", task_id=f"job-{i}") for i in range(6)]
-    for task_id in task_ids:
-        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
-    clock.advance(31)
+    task_ids = interrupted_elsewhere(rt, clock, 6)
     with psycopg.connect(db_url) as stuck:  # a paused worker inside its checkpoint transaction
         stuck.execute("SELECT 1 FROM task WHERE task_id = %s FOR UPDATE", (task_ids[2],))
 
@@ -752,10 +756,7 @@ def test_a_row_locked_past_the_lock_timeout_is_skipped_alone_and_taken_on_a_late
 def test_concurrent_recovery_scans_send_each_interrupted_task_once(clocked_runtime, clock):
     rt = clocked_runtime(lease_s=30)
     queue = rt.broker.queues[rt.settings.queue_name]
-    task_ids = [worker.submit(rt, f"job {i}", task_id=f"job-{i}") for i in range(6)]
-    for task_id in task_ids:
-        assert rt.leases.claim(task_id, ELSEWHERE, lease_s=30)
-    clock.advance(31)
+    task_ids = interrupted_elsewhere(rt, clock, 6)
     barrier = threading.Barrier(4)
     sent: list[str] = []
 
