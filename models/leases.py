@@ -253,16 +253,7 @@ class LeaseBook:
         still had (expired, or its process is gone) counts as a recovery,
         as a takeover by `claim` does.
         """
-        Task = self.Task
-        with self.ctx.call(row.task_id), self.db.atomic():
-            self.ctx.dialect.limit_lock_wait()
-            recoveries = Task.recovery_count + (0 if row.token is None else 1)
-            return bool(
-                Task.update(delivery_due_at=self.ctx.clock(), delivery_message_id=None, recovery_count=recoveries,
-                            **NO_LEASE)
-                .where((Task.task_id == row.task_id) & Task.status.in_(_CLAIMABLE) & self._unchanged_since(row))
-                .execute()
-            )
+        return bool(self.take_all_for_redelivery([row]))
 
     def take_all_for_redelivery(self, rows: Sequence[LeaseRow]) -> list[str]:
         """`take_for_redelivery` for all of `rows` in one transaction; the ids of those taken, in `rows`' order.

@@ -146,9 +146,13 @@ def _take(rt: WorkerContext, batch: list[tuple[LeaseRow, Interruption]]) -> list
     """
     try:
         taken = set(rt.leases.take_all_for_redelivery([row for row, _reason in batch]))
-        return [(row, reason) for row, reason in batch if row.task_id in taken]
     except StoreUnavailable:
-        pass
+        return _take_one_by_one(rt, batch)
+    return [(row, reason) for row, reason in batch if row.task_id in taken]
+
+
+def _take_one_by_one(rt: WorkerContext,
+                     batch: list[tuple[LeaseRow, Interruption]]) -> list[tuple[LeaseRow, Interruption]]:
     won = []
     for row, reason in batch:
         try:
