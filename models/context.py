@@ -8,7 +8,7 @@ one another, so each can be read, and tested, on its own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Iterable, Optional, Protocol, Sequence, Union
 
@@ -17,6 +17,7 @@ from peewee import Database, __exception_wrapper__
 from .clock import Clock
 from .dialect import Dialect, StoreFailures
 from .errors import TaskNotFound
+from .presumed_writes import KnownRows
 from .statements import Statements
 from .tables import EXECUTION, Tables
 
@@ -30,6 +31,9 @@ class StoreContext:
     dialect: Dialect
     sql: Statements
     clock: Clock
+    #: What this store's last write under a lease left in each task's row: its next step write may presume
+    #: it (one round trip on PostgreSQL, `presumed_writes.py`). Remembers nothing on SQLite.
+    known_rows: KnownRows = field(default_factory=KnownRows)
 
     @property
     def context(self) -> StoreContext:

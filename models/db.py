@@ -54,6 +54,10 @@ POSTGRES_SCHEMES = ("postgresql", "postgres")
 CONNECT_TIMEOUT_S = 10
 #: How long a thread waits for a free pooled connection before the store reports itself unavailable.
 POOL_WAIT_S = 30
+#: How often a full pool looks for connections of threads that ended holding one (`_PoolRepairs`).
+RECLAIM_EVERY_S = 0.25
+#: How long a thread waiting for a pooled connection sleeps before it looks for such threads itself.
+WAIT_SLICE_S = 1.0
 #: Pooled connections older than this are closed when they come back (servers and proxies drop idle ones).
 POOL_STALE_S = 3600
 
@@ -231,7 +235,11 @@ class _PoolRepairs:
 
     - A thread that ended without giving its connection back (peewee keeps
       one per thread until closed) gives it back when another thread needs
-      one, so a finished thread never pins a pool slot.
+      one, so a finished thread never pins a pool slot. Looking for such
+      threads goes through every connection in use: with a thousand tasks
+      on a pool of 16 the pool is full at most checkouts, so it is done at
+      most every `RECLAIM_EVERY_S`, by a checkout or by a waiter between
+      slices (`WAIT_SLICE_S`) of its wait.
     - A pool with no free connection for `POOL_WAIT_S` raises
       `OperationalError` (transient: `StoreUnavailable`, retried) naming
       LONGHAUL_DB_POOL_SIZE, not a bare ``ValueError``.
@@ -267,6 +275,7 @@ class _PoolRepairs:
         self._waiting_first: collections.deque[threading.Event] = collections.deque()  # ... that go first
         self._goes_first = threading.local()  # .on: this thread's calls go first (`first_in_line`)
         self._promised = 0  # free slots handed to woken waiters that have not taken them yet
+        self._next_reclaim = 0.0  # monotonic time from which a full pool looks for finished threads again
         super().__init__(*args, **kwargs)
 
     def _connect(self) -> Any:
@@ -315,7 +324,12 @@ class _PoolRepairs:
             turn = threading.Event()
             line.append(turn)
         try:
-            woken = turn.wait(POOL_WAIT_S)
+            deadline = time.monotonic() + POOL_WAIT_S
+            while not (woken := turn.wait(max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic())))):
+                if time.monotonic() >= deadline:
+                    break
+                if time.monotonic() >= self._next_reclaim:  # one scan per interval, however many wait
+                    self._reclaim_from_finished_threads()  # may wake this thread: a slot freed by one that ended
         except BaseException:  # raised into the wait (a time limit, a shutdown): leave the line as found
             with self._pool_lock:
                 if turn in line:
@@ -339,6 +353,7 @@ class _PoolRepairs:
 
     def _reclaim_from_finished_threads(self) -> None:
         with self._pool_lock:
+            self._next_reclaim = time.monotonic() + RECLAIM_EVERY_S
             for key, thread in list(self._owners.items()):
                 if not thread.is_alive():
                     del self._owners[key]
@@ -348,8 +363,8 @@ class _PoolRepairs:
             self._wake_next_waiter()
 
     def connect(self, reuse_if_open: bool = False) -> bool:
-        if len(self._in_use) >= self._max_connections:  # only a full pool needs them back (a scan per call costs)
-            self._reclaim_from_finished_threads()
+        if len(self._in_use) >= self._max_connections and time.monotonic() >= self._next_reclaim:
+            self._reclaim_from_finished_threads()  # only a full pool needs them back (a scan per call costs)
         try:
             if not self.is_closed():  # type: ignore[attr-defined]
                 return super().connect(reuse_if_open)  # type: ignore[misc, no-any-return]  # reuse, or peewee's error

@@ -35,6 +35,7 @@ from peewee import DatabaseError, DataError, InterfaceError, OperationalError, S
 from .drivers import loaded_psycopg
 from .errors import StoreUnavailable, StoreUnusable, UnstorableValue
 from .locked_writes import LockedWrite, PipelinedWrite
+from .presumed_writes import KnownRow, PresumedWrite, connection_quiet
 
 #: pg_advisory_xact_lock key that serialises schema creation and migration across processes and hosts.
 MIGRATION_LOCK_KEY = 0x6C6F6E67  # "long"
@@ -211,6 +212,14 @@ class Dialect:
         if self.is_sqlite or self.db.in_transaction():
             return LockedWrite(self.db)
         return PipelinedWrite(self.db)
+
+    def presumed_write(self, known: Optional[KnownRow]) -> Optional[PresumedWrite]:
+        """A step write in one round trip, fenced on `known` (`presumed_writes.py`); None where it cannot be:
+        nothing known, SQLite (no round trip to save), a transaction opened outside, or a connection that
+        is not idle and quiet (the locked write deals with it)."""
+        if known is None or self.is_sqlite or self.db.in_transaction() or not connection_quiet(self.db.connection()):
+            return None
+        return PresumedWrite(self.db, known)
 
     def limit_lock_wait(self, timeout_ms: int = ROW_LOCK_TIMEOUT_MS) -> None:
         """Inside a transaction on PostgreSQL: give up (`StoreUnavailable`) on a row lock held past `timeout_ms`.

@@ -31,9 +31,10 @@ from peewee import NodeList, __exception_wrapper__
 
 from .context import HasContext, named_row, row_by_name
 from .errors import LeaseLost
+from .presumed_writes import KnownRow
 from .schemas import TaskRecord, TaskStatus
 from .statements import CLAIMABLE as _CLAIMABLE
-from .statements import STORY_BEFORE_COLUMN
+from .statements import LAST_STEP_COLUMN, STORY_BEFORE_COLUMN
 from .tables import NO_LEASE
 from .thread_rule import startable
 
@@ -160,6 +161,9 @@ class LeaseBook:
             if values is None:
                 return None, None
             row = row_by_name(sql.claimed_columns, values)
+            last_step = getattr(row, LAST_STEP_COLUMN)
+            ctx.known_rows.remember(task_id, KnownRow(token, row.id, row.execution_count, row.trace_next_sequence or 0,
+                                                      -1 if last_step is None else last_step))
         else:
             with ctx.call(task_id), self.db.atomic():
                 # Who held it before (read locked: the update below is what releases the row): a takeover or not.

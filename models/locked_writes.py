@@ -13,6 +13,10 @@ on what it read, and commits. Nothing it writes needs a result back.
   commits them. Statement by statement it was six (``BEGIN``, the locked
   read, the checkpoint, the messages, the task update, ``COMMIT``).
 
+A lease holder's later step writes need no read at all: they go as one
+fenced statement (`presumed_writes.py`), and come here only when the fence
+finds the row changed.
+
 Every statement of the block goes through the transaction object:
 `LockedWrite.read`, `LockedWrite.execute` and `LockedWrite.execute_many`
 (the writes, held until the commit on PostgreSQL) and

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from peewee import Case, fn
+from peewee import SQL, Case, fn
 
 from .codec import USAGE_FIELDS
 from .dialect import Dialect
 from .schemas import TaskStatus
-from .tables import Tables
+from .tables import EXECUTION, NO_LEASE, Tables
 from .thread_rule import in_story_before, startable
 
 #: The statuses a claim accepts: a queued task, or a running one whose lease is free (a resume).
@@ -68,6 +68,14 @@ class Statements:
         # The names of the columns the claim hands back, in order (PostgreSQL's RETURNING).
         self.claimed_columns = (*(field.column_name for field in Task._meta.sorted_fields), LAST_STEP_COLUMN,
                                 STORY_BEFORE_COLUMN)
+        # What ends a task without another read (`Checkpoints.finish`): whether any execution message was
+        # stored after its highest checkpoint (an open step's answer or results would be). Read after the
+        # locked row, in a statement of its own (see `select_step_state`); parameter task_id.
+        after_last_step = Message.select(Message.id).where(
+            (Message.task == Task.id) & (Message.history == SQL(str(EXECUTION)))
+            & (Message.step_index > fn.COALESCE(highest_step, SQL("0"))))
+        self.select_messages_after_last_step = render_sql(
+            Task.select(fn.EXISTS(after_last_step)).where(Task.task_id == ""))
         self.select_cancel_requested = render_sql(Task.select(*boundary).where(Task.task_id == ""))
         self.insert_checkpoint = render_sql(
             Checkpoint.insert(task=0, step_index=0, checkpoint_note="", items="", created_at=0.0,
@@ -122,6 +130,18 @@ class Statements:
             f'"updated_at" = {p}, "lease_expires_at" = COALESCE({p}, "lease_expires_at"), '
             f'"trace_next_sequence" = {p} WHERE "id" = {p}'
         )
+        # `Checkpoints.finish`: the ended row, its lease released; parameters in `Checkpoints._end_writes` order.
+        self.update_task_at_end = (
+            f'UPDATE "task" SET "status" = {p}, "final_response" = {p}, "last_error" = {p}, "updated_at" = {p}, '
+            f'"completed_at" = {p}, "execution_count" = {p}, "resumable_count" = {p}, '
+            f'"turn_count" = "turn_count" + {p}, "tool_call_count" = "tool_call_count" + {p}, '
+            f'"trace_next_sequence" = {p}, '
+            + "".join(f'"{name}" = "{name}" + {p}, ' for name in USAGE_FIELDS)
+            + ", ".join(f'"{column}" = NULL' for column in NO_LEASE) + f' WHERE "id" = {p}'
+        )
+        # `task_ends.count_end`: one more task of (status, agent) ended.
+        self.count_end = (f'INSERT INTO "task_end_count" ("status", "agent", "count") VALUES ({p}, {p}, 1) '
+                          'ON CONFLICT ("status", "agent") DO UPDATE SET "count" = "task_end_count"."count" + 1')
         # `TaskWrites.create_many`: a new task's every column but the id, defaults filled in (the DDL
         # has none: peewee fills them), values in `new_task_columns` order. ON CONFLICT DO NOTHING is
         # what `create` gets from peewee on PostgreSQL, and SQLite (3.24+) reads it the same way.

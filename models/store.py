@@ -45,6 +45,7 @@ from .journal import OpenStep
 from .leases import Claim, Claimant, LeaseBook, StepBoundary
 from .migrations import SchemaMigration, migrate_waiting_for_writers, schema_version
 from .paging import TaskPage
+from .presumed_writes import MAX_KNOWN_ROWS, KnownRows
 from .reads import TaskReads
 from .schemas import (
     ChatMessage,
@@ -101,7 +102,8 @@ class TaskStore:
         self.server_clock: Optional[ServerClock] = ServerClock() if clock is None else None
         #: What every part of this store shares.
         self.context = StoreContext(db=self.db, tables=self.tables, dialect=dialect,
-                                    sql=Statements(dialect, self.tables), clock=clock or self.server_clock)
+                                    sql=Statements(dialect, self.tables), clock=clock or self.server_clock,
+                                    known_rows=KnownRows(limit=0 if dialect.is_sqlite else MAX_KNOWN_ROWS))
         if not dialect.is_sqlite:
             connect_or_explain(self.db, self.url)
             self.sync_clock()

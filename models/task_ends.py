@@ -32,13 +32,16 @@ def agent_label(spec_json: Optional[str], provider: str) -> str:
     return str(name) if name else provider
 
 
-def count_end(ctx: StoreContext, row: Any, status: str) -> None:
-    """Add one to (status, agent) for the task `row` (inside the transaction that wrote `status`)."""
-    TaskEndCount = ctx.tables.TaskEndCount
-    (TaskEndCount.insert(status=status, agent=agent_label(row.spec, row.provider), count=1)
-     .on_conflict(conflict_target=[TaskEndCount.status, TaskEndCount.agent],
-                  update={TaskEndCount.count: TaskEndCount.count + 1})
-     .execute())
+def count_end(ctx: StoreContext, row: Any, status: str, *, write: Optional[Any] = None) -> None:
+    """Add one to (status, agent) for the task `row` (inside the transaction that wrote `status`).
+
+    `write`: the locked write (`Dialect.locked_write`) it goes with; else a statement of the caller's transaction.
+    """
+    params = (status, agent_label(row.spec, row.provider))
+    if write is None:
+        ctx.db.execute_sql(ctx.sql.count_end, params)
+    else:
+        write.execute(ctx.sql.count_end, params)
 
 
 def end_counts(ctx: StoreContext) -> dict[tuple[str, str], int]:

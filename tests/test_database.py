@@ -249,6 +249,19 @@ def test_threads_that_ended_give_their_pooled_connections_back(db_url, make_upda
         assert failures == []
 
 
+def test_a_connection_a_thread_ended_holding_goes_to_the_next_thread_that_needs_one(db_url, make_update):
+    # The pool is full (one slot, held by a thread gone): the next call takes that slot, it does not wait out
+    # POOL_WAIT_S and fail. Twice: the second comes right after the first, within a reclaim interval.
+    with TaskStore(db_url, pool_size=1) as store:
+        store.record_checkpoint(make_update(1))
+        for _ in range(2):
+            holder = threading.Thread(target=lambda: store.db.connect(reuse_if_open=True))
+            holder.start()
+            holder.join()
+
+            assert store.summary("task-1").checkpoint_count == 1
+
+
 @postgres_only
 def test_a_pool_too_small_for_the_threads_names_the_setting(make_runtime, make_update, monkeypatch):
     monkeypatch.setattr("longhaul.models.db.POOL_WAIT_S", 1)

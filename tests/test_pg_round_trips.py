@@ -259,3 +259,206 @@ def test_a_new_task_whose_checkpoint_is_refused_after_its_row_was_written_is_not
     monkeypatch.undo()
     assert store.record_checkpoint(make_update(1)) is True  # and the task is created when nothing refuses
     assert count_rows(store, "task") == 1
+
+
+# -- a lease holder's step writes after its first: one round trip, fenced on what its row holds -----------------
+
+HELD = dict(lease_token="held", lease_s=60)
+
+
+def _a_step(store: TaskStore, index: int, *, calls: int = 1, traces: Any = None) -> tuple[Any, Any]:
+    """Step `index` as the step loop writes it under the lease "held": the answer, then the checkpoint."""
+    answer = an_answer(index, calls)
+    opened = store.journal_answer("task-1", index, answer, **HELD)
+    results = [a_result(index, call) for call in range(calls)]
+    update = make_update_for(index, [answer, *results])
+    return opened, store.complete_step(update, journal=opened, traces=traces, **HELD)
+
+
+def make_update_for(index: int, messages: list[ChatMessage]) -> Any:
+    from longhaul.models import CheckpointUpdate
+
+    return CheckpointUpdate(task_id="task-1", thread_id="thread-1", channel="cli", provider="scripted", model="m",
+                            step_index=index, new_messages=messages, checkpoint_note=f"after step {index}")
+
+
+@pytest.fixture
+def leased(store, make_update):
+    """task-1 with one stored step, leased to "held", and one step written under that lease (the row learnt)."""
+    store.record_checkpoint(make_update(1))
+    _lease(store, "held")
+    _a_step(store, 2)
+    return store
+
+
+def _history(store: TaskStore) -> list[ChatMessage]:
+    return store.get("task-1").execution_history
+
+
+def test_a_lease_holder_s_next_step_writes_are_one_round_trip_each(leased):
+    store = leased
+    answer = an_answer(3, 1)
+    opened: list[Any] = []
+
+    trips = {
+        "answer": round_trips(store, lambda: opened.append(store.journal_answer("task-1", 3, answer, **HELD))),
+        "checkpoint": round_trips(store, lambda: opened.append(store.complete_step(
+            make_update_for(3, [answer, a_result(3, 0)]), journal=opened[0], **HELD))),
+    }
+
+    assert trips == {"answer": 1, "checkpoint": 1}
+    assert opened[1] == (None, False)  # the step boundary came back with the write
+    assert _history(store)[-4:] == [an_answer(2, 1), a_result(2, 0), answer, a_result(3, 0)]
+    summary = store.summary("task-1")
+    assert (summary.checkpoint_count, summary.turn_count) == (3, 3)
+    assert store.open_step("task-1") is None
+    _assert_connection_idle(store)
+
+
+def test_a_write_by_someone_else_between_steps_fails_the_fence_and_the_step_is_written_after_it(leased, db_url):
+    # Another store (another process) appends to the history: the presumed positions are taken, so the fenced
+    # write must write nothing, and the locked write put the step after what the other wrote.
+    store = leased
+    other = TaskStore(db_url)
+    try:
+        other.append_histories("task-1", execution=[ChatMessage.user("from elsewhere")], lease_token="held")
+    finally:
+        other.close()
+
+    answer = an_answer(3, 1)
+    trips = round_trips(store, lambda: store.journal_answer("task-1", 3, answer, **HELD))
+
+    assert trips == 1 + STEP_WRITE_ROUND_TRIPS  # the fenced statement, then the locked write
+    assert _history(store)[-3:] == [a_result(2, 0), ChatMessage.user("from elsewhere"), answer]
+    opened = store.open_step("task-1")
+    store.complete_step(make_update_for(3, [answer, a_result(3, 0)]), journal=opened, **HELD)  # learns it again
+    assert _history(store)[-1] == a_result(3, 0)
+    assert round_trips(store, lambda: _a_step(store, 4)) == 2  # and presumes again from there
+    assert _history(store)[-2:] == [an_answer(4, 1), a_result(4, 0)]
+
+
+def test_a_lease_taken_over_between_steps_refuses_the_presumed_write_and_writes_nothing(leased, count_rows):
+    from longhaul.models import LeaseLost
+
+    store = leased
+    _lease(store, "the new holder's")  # a takeover: the row's token changed behind this store's back
+    before = _stored(store, count_rows)
+
+    with pytest.raises(LeaseLost):
+        store.journal_answer("task-1", 3, an_answer(3, 1), **HELD)
+
+    assert _stored(store, count_rows) == before
+    _assert_connection_idle(store)
+
+
+def test_a_step_stored_by_a_presumed_write_is_not_stored_twice(leased, count_rows):
+    store = leased
+    answer = an_answer(3, 1)
+    opened = store.journal_answer("task-1", 3, answer, **HELD)
+    update = make_update_for(3, [answer, a_result(3, 0)])
+    store.complete_step(update, journal=opened, **HELD)
+    before = _stored(store, count_rows)
+
+    assert store.record_checkpoint(update, journal=opened, **HELD) is False  # the step was stored: a no-op
+
+    assert _stored(store, count_rows) == before
+    _assert_connection_idle(store)
+
+
+def test_a_cancel_between_steps_comes_back_with_the_presumed_checkpoint(leased, db_url):
+    # A cancel changes none of the fenced values: the fence holds, and the update returns the boundary.
+    store = leased
+    answer = an_answer(3, 1)
+    opened = store.journal_answer("task-1", 3, answer, **HELD)
+    other = TaskStore(db_url)
+    try:
+        other.request_cancel("task-1", reason="enough")
+    finally:
+        other.close()
+
+    boundaries: list[Any] = []
+    trips = round_trips(store, lambda: boundaries.append(store.complete_step(
+        make_update_for(3, [answer, a_result(3, 0)]), journal=opened, **HELD)))
+
+    assert (trips, boundaries) == (1, [("enough", False)])
+
+
+def test_presumed_checkpoints_keep_their_trace_events_in_order(leased):
+    from longhaul.models.traces import TraceWriter
+
+    store = leased
+    tracer = TraceWriter(agent="p", model="m", job_type="agent_task", next_sequence=store.next_trace_sequence("task-1"),
+                         started_at=0.0, clock=store.clock)
+    for index in (3, 4):
+        tracer.emit("tool_output", {"step": index})
+        answer = an_answer(index, 1)
+        opened = store.journal_answer("task-1", index, answer, **HELD)
+        tracer.emit("step_done", {"step": index})
+        store.complete_step(make_update_for(index, [answer, a_result(index, 0)]), journal=opened,
+                            traces=tracer.take(), **HELD)
+
+    assert [(event.event_type, event.data.get("step")) for event in store.traces("task-1")][-4:] == [
+        ("tool_output", 3), ("step_done", 3), ("tool_output", 4), ("step_done", 4)]
+
+
+def test_a_connection_the_server_ended_while_idle_is_not_used_for_a_presumed_write(leased, db_url):
+    # The server ends the session of the pooled connection (as a restart does): the goodbye waits on its
+    # socket. The next write must not send on it (its outcome would be unknown) but replace it and succeed.
+    import psycopg
+
+    store = leased
+    store.db.connect(reuse_if_open=True)
+    pid = store.db.connection().info.backend_pid
+    store.db.close()
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+    answer = an_answer(3, 1)
+    opened = store.journal_answer("task-1", 3, answer, **HELD)
+    store.complete_step(make_update_for(3, [answer, a_result(3, 0)]), journal=opened, **HELD)
+
+    assert _history(store)[-2:] == [answer, a_result(3, 0)]
+    store.db.connect(reuse_if_open=True)
+    assert store.db.connection().info.backend_pid != pid
+
+
+def test_a_task_s_end_after_its_last_checkpoint_is_two_round_trips(leased, count_rows):
+    """The step loop's final answer: nine round trips before (BEGIN, the row, the open step's two reads,
+    the messages, the trace, the row's update, the end's count, COMMIT)."""
+    from longhaul.models import TaskStatus
+
+    store = leased
+    final = ChatMessage.assistant("all done")
+
+    assert round_trips(store, lambda: store.finish("task-1", TaskStatus.COMPLETED, final_response="all done",
+                                                   new_messages=[final], lease_token="held")) == 2
+
+    record = store.get("task-1")
+    assert (record.status, record.final_response, record.execution_history[-1]) == (
+        TaskStatus.COMPLETED, "all done", final)
+    assert record.lease is None
+    assert store.task_end_counts()[("completed", "scripted")] == 1
+    _assert_connection_idle(store)
+
+
+def test_a_claimed_task_s_first_step_writes_are_one_round_trip_each(store):
+    # The claim's RETURNING and the opening histories' write leave the row known: no step write reads it.
+    from longhaul.models import Claimant, TaskSpec
+
+    assert store.create_task(task_id="task-1", thread_id="thread-1", channel="cli", provider="scripted",
+                             model="m", spec=TaskSpec(prompt="go"))
+    claim = store.start("task-1", Claimant(owner="host-a:1:x", host="host-a", pid=1), lease_s=30)
+    store.append_histories("task-1", execution=[ChatMessage.user("go")], lease_token=claim.token)
+    answer = an_answer(1, 1)
+    steps: list[Any] = []
+
+    trips = {
+        "answer": round_trips(store, lambda: steps.append(store.journal_answer(
+            "task-1", 1, answer, lease_token=claim.token, lease_s=30))),
+        "checkpoint": round_trips(store, lambda: store.complete_step(
+            make_update_for(1, [answer, a_result(1, 0)]), journal=steps[0], lease_token=claim.token, lease_s=30)),
+    }
+
+    assert trips == {"answer": 1, "checkpoint": 1}
+    assert store.get("task-1").execution_history == [ChatMessage.user("go"), answer, a_result(1, 0)]
+    assert store.summary("task-1").checkpoint_count == 1

@@ -536,3 +536,30 @@ def test_a_request_body_is_encoded_compactly_and_one_orjson_cannot_encode_falls_
     assert headers == {"Content-Type": "application/json"}
     assert json.loads(encoded) == body  # past 64 bits: the standard library's encoder
     assert json.loads(plain) == {**body, "seed": 7} and b": " not in plain and "héllo".encode() in plain
+
+
+def test_threads_spread_over_a_few_shared_clients_each_thread_keeping_its_own():
+    """A pool looks through every connection it holds per request: each client serves a few threads' only."""
+    import threading
+
+    from longhaul.worker.providers import http_clients
+
+    base_url = "http://127.0.0.1:9/v1"  # never requested: building a client opens nothing
+    clients: list[Any] = []
+
+    def take() -> None:
+        first = http_clients.shared_client(base_url, timeout_s=5)
+        clients.append((first, http_clients.shared_client(base_url, timeout_s=5)))
+
+    threads = [threading.Thread(target=take) for _ in range(2 * http_clients.MAX_SHARDS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert all(first is again for first, again in clients)  # a thread keeps its client
+    per_client: dict[int, int] = {}
+    for first, _again in clients:
+        per_client[id(first)] = per_client.get(id(first), 0) + 1
+    assert sorted(per_client.values()) == [2] * http_clients.MAX_SHARDS  # round-robin over every shard
+    assert http_clients.shared_client(base_url, timeout_s=7) is not http_clients.shared_client(base_url, timeout_s=5)
