@@ -295,6 +295,17 @@ def _history(store: TaskStore) -> list[ChatMessage]:
     return store.get("task-1").execution_history
 
 
+def _answered(store: TaskStore, index: int) -> tuple[ChatMessage, Any]:
+    """Step `index`'s answer (one tool call), journaled under the lease "held": the answer and its open step."""
+    answer = an_answer(index, 1)
+    return answer, store.journal_answer("task-1", index, answer, **HELD)
+
+
+def _assert_nothing_written_since(store: TaskStore, count_rows: Callable[..., int], before: tuple[Any, ...]) -> None:
+    assert _stored(store, count_rows) == before
+    _assert_connection_idle(store)
+
+
 def test_a_lease_holder_s_next_step_writes_are_one_round_trip_each(leased):
     store = leased
     answer = an_answer(3, 1)
@@ -345,31 +356,27 @@ def test_a_lease_taken_over_between_steps_refuses_the_presumed_write_and_writes_
     before = _stored(store, count_rows)
 
     with pytest.raises(LeaseLost):
-        store.journal_answer("task-1", 3, an_answer(3, 1), **HELD)
+        _answered(store, 3)
 
-    assert _stored(store, count_rows) == before
-    _assert_connection_idle(store)
+    _assert_nothing_written_since(store, count_rows, before)
 
 
 def test_a_step_stored_by_a_presumed_write_is_not_stored_twice(leased, count_rows):
     store = leased
-    answer = an_answer(3, 1)
-    opened = store.journal_answer("task-1", 3, answer, **HELD)
+    answer, opened = _answered(store, 3)
     update = make_update_for(3, [answer, a_result(3, 0)])
     store.complete_step(update, journal=opened, **HELD)
     before = _stored(store, count_rows)
 
     assert store.record_checkpoint(update, journal=opened, **HELD) is False  # the step was stored: a no-op
 
-    assert _stored(store, count_rows) == before
-    _assert_connection_idle(store)
+    _assert_nothing_written_since(store, count_rows, before)
 
 
 def test_a_cancel_between_steps_comes_back_with_the_presumed_checkpoint(leased, db_url):
     # A cancel changes none of the fenced values: the fence holds, and the update returns the boundary.
     store = leased
-    answer = an_answer(3, 1)
-    opened = store.journal_answer("task-1", 3, answer, **HELD)
+    answer, opened = _answered(store, 3)
     other = TaskStore(db_url)
     try:
         other.request_cancel("task-1", reason="enough")
