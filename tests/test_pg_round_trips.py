@@ -397,10 +397,10 @@ def test_presumed_checkpoints_keep_their_trace_events_in_order(leased):
     tracer = TraceWriter(agent="p", model="m", job_type="agent_task", next_sequence=store.next_trace_sequence("task-1"),
                          started_at=0.0, clock=store.clock)
     for index in (3, 4):
-        tracer.emit("tool_output", {"step": index})
+        tracer.emit("tool_output", {"step": index})  # with the answer: a trace batch row of its own
         answer = an_answer(index, 1)
-        opened = store.journal_answer("task-1", index, answer, **HELD)
-        tracer.emit("step_done", {"step": index})
+        opened = store.journal_answer("task-1", index, answer, traces=tracer.take(), **HELD)
+        tracer.emit("step_done", {"step": index})  # with the checkpoint: in its row
         store.complete_step(make_update_for(index, [answer, a_result(index, 0)]), journal=opened,
                             traces=tracer.take(), **HELD)
 
