@@ -18,7 +18,7 @@ is a locked write too (`finish`).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from .codec import counters, items_json, message_rows, positions_by_text, usage_params
 from .context import StoreContext, row_by_name
@@ -75,18 +75,17 @@ class Checkpoints:
         now = ctx.clock()
         step = dict(update=update, traces=traces, usage=usage, journal=journal, lease_s=lease_s,
                     lease_expires_at=lease_expires_at, now=now)
-        known = self.ctx.known_rows.get(update.task_id, lease_token)
-        if known is not None and known.highest_step is not None and known.highest_step < update.step_index \
-                and _in_sequence(traces, known.trace_next_sequence):
-            presumed = ctx.dialect.presumed_write(known)
-            if presumed is not None:
-                after = self._step_writes(presumed, task_pk=known.task_pk, execution_count=known.execution_count,
-                                          trace_next_sequence=known.trace_next_sequence, in_step_order=True, **step)
-                boundary = self._sent(update.task_id, presumed)
-                if boundary is not None:
-                    self.ctx.known_rows.remember(update.task_id, known._replace(
-                        execution_count=after[0], trace_next_sequence=after[1], highest_step=update.step_index))
-                    return Recorded(stored=True, boundary=step_boundary(*boundary))
+        known = ctx.known_rows.get(update.task_id, lease_token)
+        if known is not None and known.highest_step is not None and known.highest_step < update.step_index:
+            sent = self._presumed(update.task_id, known, traces, lambda write: self._step_writes(
+                write, task_pk=known.task_pk, execution_count=known.execution_count,
+                trace_next_sequence=known.trace_next_sequence, in_step_order=True, **step))
+            if sent is not None:
+                boundary, (execution_count, trace_next_sequence) = sent
+                ctx.known_rows.remember(update.task_id, known._replace(
+                    execution_count=execution_count, trace_next_sequence=trace_next_sequence,
+                    highest_step=update.step_index))
+                return Recorded(stored=True, boundary=step_boundary(*boundary))
         reads = ((sql.select_task, (update.task_id,)), (sql.select_step_state, (update.step_index, update.task_id)))
         with ctx.dialect.locked_write() as write:
             # On PostgreSQL this locks the task row until commit: a claim by another worker waits, so the
@@ -112,7 +111,7 @@ class Checkpoints:
             after = self._step_writes(write, task_pk=task_pk, execution_count=execution_count,
                                       trace_next_sequence=trace_next_sequence, in_step_order=in_step_order, **step)
         if lease_token is not None:  # committed: the next step write of this lease may presume it
-            self.ctx.known_rows.remember(update.task_id, KnownRow(
+            ctx.known_rows.remember(update.task_id, KnownRow(
                 lease_token, task_pk, *after, highest_step=max(update.step_index, -1 if highest_step is None
                                                                else highest_step)))
         return Recorded(stored=True, boundary=step_boundary(*boundary))
@@ -163,16 +162,32 @@ class Checkpoints:
         )
         return execution_count + added, next_sequence
 
-    def _sent(self, task_id: str, presumed: PresumedWrite) -> Optional[tuple[Any, ...]]:
-        """`presumed` sent: the boundary columns it returned, or None (forgotten: the locked write goes next)."""
+    def _presumed(self, task_id: str, known: KnownRow, traces: Optional[PendingTraces],
+                  queue_writes: Callable[[PresumedWrite], tuple[int, int]]
+                  ) -> Optional[tuple[tuple[Any, ...], tuple[int, int]]]:
+        """A step write in one fenced statement (`presumed_writes.py`), its writes queued from `known` by
+        `queue_writes`: (the step boundary's columns it returned, what the row holds after it).
+
+        None where it was not sent (traces out of sequence with `known`,
+        or `Dialect.presumed_write` declined) or the fence refused it
+        (nothing written, `known` forgotten): the locked write goes next.
+        """
+        ctx = self.ctx
+        if not _in_sequence(traces, known.trace_next_sequence):
+            return None
+        presumed = ctx.dialect.presumed_write(known)
+        if presumed is None:
+            return None
+        after = queue_writes(presumed)
         try:
             boundary = presumed.send()
         except BaseException:
-            self.ctx.known_rows.forget(task_id)
+            ctx.known_rows.forget(task_id)  # the outcome is unknown: the next write reads the row
             raise
         if boundary is None:
-            self.ctx.known_rows.forget(task_id)
-        return boundary
+            ctx.known_rows.forget(task_id)
+            return None
+        return boundary, after
 
     def journal_answer(self, task_id: str, step_index: int, answer: ChatMessage, *, lease_token: Optional[str],
                        lease_s: Optional[float] = None, traces: Optional[PendingTraces] = None,
@@ -181,17 +196,17 @@ class Checkpoints:
         ctx = self.ctx
         calls = list(answer.tool_calls or ())
         answer_step = dict(step_index=step_index, answer=answer, lease_s=lease_s, traces=traces, usage=usage)
-        known = self.ctx.known_rows.get(task_id, lease_token)
-        if known is not None and _in_sequence(traces, known.trace_next_sequence):
-            presumed = ctx.dialect.presumed_write(known)
-            if presumed is not None:
-                after = self._answer_writes(presumed, task_pk=known.task_pk, position=known.execution_count,
-                                            trace_next_sequence=known.trace_next_sequence, **answer_step)
-                if self._sent(task_id, presumed) is not None:
-                    self.ctx.known_rows.remember(task_id, known._replace(execution_count=after[0],
-                                                                     trace_next_sequence=after[1]))
-                    return OpenStep(task_id=task_id, step_index=step_index, answer=answer,
-                                    answer_position=known.execution_count, results=(None,) * len(calls))
+        known = ctx.known_rows.get(task_id, lease_token)
+        if known is not None:
+            sent = self._presumed(task_id, known, traces, lambda write: self._answer_writes(
+                write, task_pk=known.task_pk, position=known.execution_count,
+                trace_next_sequence=known.trace_next_sequence, **answer_step))
+            if sent is not None:
+                _boundary, (execution_count, trace_next_sequence) = sent
+                ctx.known_rows.remember(task_id, known._replace(execution_count=execution_count,
+                                                                trace_next_sequence=trace_next_sequence))
+                return OpenStep(task_id=task_id, step_index=step_index, answer=answer,
+                                answer_position=known.execution_count, results=(None,) * len(calls))
         with ctx.dialect.locked_write() as write:
             (row,) = write.read((ctx.sql.select_task, (task_id,)))
             require_lease(task_id, None if row is None else row[2], lease_token)
@@ -202,8 +217,8 @@ class Checkpoints:
             after = self._answer_writes(write, task_pk=task_pk, position=position,
                                         trace_next_sequence=trace_next_sequence, **answer_step)
         if lease_token is not None:  # committed: the next step write of this lease may presume it
-            known = self.ctx.known_rows.get(task_id, lease_token)
-            self.ctx.known_rows.remember(task_id, KnownRow(lease_token, task_pk, *after,
+            known = ctx.known_rows.get(task_id, lease_token)
+            ctx.known_rows.remember(task_id, KnownRow(lease_token, task_pk, *after,
                                                        highest_step=None if known is None else known.highest_step))
         return OpenStep(task_id=task_id, step_index=step_index, answer=answer, answer_position=position,
                         results=(None,) * len(calls))
@@ -297,7 +312,7 @@ class Checkpoints:
         ctx = self.ctx
         Task = ctx.tables.Task
         now = ctx.clock()
-        self.ctx.known_rows.forget(task_id)  # no step of it comes after its end
+        ctx.known_rows.forget(task_id)  # no step of it comes after its end
         ending = dict(status=status, final_response=final_response, last_error=last_error,
                       new_messages=new_messages, resumable_messages=resumable_messages, traces=traces,
                       usage=usage, now=now)

@@ -325,10 +325,11 @@ class _PoolRepairs:
             line.append(turn)
         try:
             deadline = time.monotonic() + POOL_WAIT_S
-            while not (woken := turn.wait(max(0.0, min(WAIT_SLICE_S, deadline - time.monotonic())))):
-                if time.monotonic() >= deadline:
+            while not (woken := turn.wait(min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic())))):
+                now = time.monotonic()
+                if now >= deadline:
                     break
-                if time.monotonic() >= self._next_reclaim:  # one scan per interval, however many wait
+                if now >= self._next_reclaim:  # one scan per interval, however many wait
                     self._reclaim_from_finished_threads()  # may wake this thread: a slot freed by one that ended
         except BaseException:  # raised into the wait (a time limit, a shutdown): leave the line as found
             with self._pool_lock:

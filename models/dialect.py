@@ -213,11 +213,11 @@ class Dialect:
             return LockedWrite(self.db)
         return PipelinedWrite(self.db)
 
-    def presumed_write(self, known: Optional[KnownRow]) -> Optional[PresumedWrite]:
+    def presumed_write(self, known: KnownRow) -> Optional[PresumedWrite]:
         """A step write in one round trip, fenced on `known` (`presumed_writes.py`); None where it cannot be:
-        nothing known, SQLite (no round trip to save), a transaction opened outside, or a connection that
-        is not idle and quiet (the locked write deals with it)."""
-        if known is None or self.is_sqlite or self.db.in_transaction() or not connection_quiet(self.db.connection()):
+        SQLite (no round trip to save), a transaction opened outside, or a connection that is not idle and
+        quiet (the locked write deals with it)."""
+        if self.is_sqlite or self.db.in_transaction() or not connection_quiet(self.db.connection()):
             return None
         return PresumedWrite(self.db, known)
 

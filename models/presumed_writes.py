@@ -100,9 +100,6 @@ class KnownRows:
         with self._lock:
             self._rows.pop(task_id, None)
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
 
 class PresumedWrite:
     """A step's writes, decided from a `KnownRow`, sent as one fenced statement (see the module docstring).
